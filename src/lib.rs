@@ -1,0 +1,5 @@
+#![forbid(unsafe_code)]
+pub mod id;
+pub mod wire;
+pub use id::ObjectId;
+pub use wire::is_udpferry_datagram;
