@@ -129,8 +129,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_text() {
-        for bad in ["", "abc", "zz1d8cd98f00b204e9800998ecf8427e", "d41d8cd98f00b204e9800998ecf8427e0"] {
-            assert_eq!(bad.parse::<ObjectId>(), Err(ParseIdError::BadFormat), "{bad}");
+        for bad in [
+            "",
+            "abc",
+            "zz1d8cd98f00b204e9800998ecf8427e",
+            "d41d8cd98f00b204e9800998ecf8427e0",
+        ] {
+            assert_eq!(
+                bad.parse::<ObjectId>(),
+                Err(ParseIdError::BadFormat),
+                "{bad}"
+            );
         }
     }
 }

@@ -246,12 +246,12 @@ impl AckRanges<'_> {
     /// The ranges, ascending.
     pub fn iter(&self) -> AckRangeIter<'_> {
         match *self {
-            AckRanges::Wire { count, base, bytes } => AckRangeIter::Wire {
+            AckRanges::Wire { count, base, bytes } => AckRangeIter(RangeIterInner::Wire {
                 reader: Reader::new(bytes, "ack"),
                 left: count,
                 prev_end: u64::from(base),
-            },
-            AckRanges::List(l) => AckRangeIter::List(l.iter()),
+            }),
+            AckRanges::List(l) => AckRangeIter(RangeIterInner::List(l.iter())),
         }
     }
 
@@ -277,14 +277,14 @@ impl PartialEq for AckRanges<'_> {
 impl Eq for AckRanges<'_> {}
 
 /// Iterator over [`AckRanges`].
-pub enum AckRangeIter<'a> {
-    #[doc(hidden)]
+pub struct AckRangeIter<'a>(RangeIterInner<'a>);
+
+enum RangeIterInner<'a> {
     Wire {
         reader: Reader<'a>,
         left: u8,
         prev_end: u64,
     },
-    #[doc(hidden)]
     List(std::slice::Iter<'a, Range<u64>>),
 }
 
@@ -292,9 +292,9 @@ impl Iterator for AckRangeIter<'_> {
     type Item = Range<u64>;
 
     fn next(&mut self) -> Option<Range<u64>> {
-        match self {
-            AckRangeIter::List(it) => it.next().cloned(),
-            AckRangeIter::Wire {
+        match &mut self.0 {
+            RangeIterInner::List(it) => it.next().cloned(),
+            RangeIterInner::Wire {
                 reader,
                 left,
                 prev_end,
@@ -331,8 +331,10 @@ impl Datagram<'_> {
                 write_id(&mut w, &r.object)?;
                 w.u16(r.max_datagram_size)?;
                 w.u64(r.max_rate_bytes_per_sec)?;
-                let count = u16::try_from(r.have.len())
-                    .map_err(|_| EncodeError::ValueTooLarge { field: "have_count" })?;
+                let count =
+                    u16::try_from(r.have.len()).map_err(|_| EncodeError::ValueTooLarge {
+                        field: "have_count",
+                    })?;
                 w.u16(count)?;
                 for range in r.have.iter() {
                     w.u64(range.start)?;
@@ -358,8 +360,10 @@ impl Datagram<'_> {
                 w.u32(a.owd_us)?;
                 w.u32(a.window_end)?;
                 w.u32(a.cumulative)?;
-                let count = u8::try_from(a.ranges.len())
-                    .map_err(|_| EncodeError::ValueTooLarge { field: "range_count" })?;
+                let count =
+                    u8::try_from(a.ranges.len()).map_err(|_| EncodeError::ValueTooLarge {
+                        field: "range_count",
+                    })?;
                 w.u8(count)?;
                 let mut prev_end = u64::from(a.cumulative);
                 for r in a.ranges.iter() {
@@ -529,9 +533,11 @@ fn decode_request(body: &[u8]) -> Result<Request<'_>, DecodeError> {
     }
     let max_rate_bytes_per_sec = r.u64()?;
     let count = usize::from(r.u16()?);
-    let ranges = r.bytes(count.checked_mul(16).ok_or(DecodeError::Truncated {
-        kind: "request",
-    })?)?;
+    let ranges = r.bytes(
+        count
+            .checked_mul(16)
+            .ok_or(DecodeError::Truncated { kind: "request" })?,
+    )?;
     let mut prev_end = 0u64;
     for c in ranges.chunks_exact(16) {
         let (start, end) = (be_u64(&c[..8]), be_u64(&c[8..]));

@@ -19,8 +19,8 @@ mod cursor;
 mod frames;
 
 pub use frames::{
-    ack_range_len, encode_data_in_place, AckRangeIter, ACK_BASE_LEN, DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
-    Ack, AckRanges, Data, Datagram, ErrorCode, ErrorFrame, Frame, HaveRanges, Offer, Request,
+    ack_range_len, encode_data_in_place, Ack, AckRangeIter, AckRanges, Data, Datagram, ErrorCode,
+    ErrorFrame, Frame, HaveRanges, Offer, Request, ACK_BASE_LEN, DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
 };
 
 /// The first four bytes of every udpferry datagram.

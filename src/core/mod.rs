@@ -1,0 +1,269 @@
+//! The sans-IO transfer engine: state machines that move one object as sequenced, acknowledged,
+//! paced and verified datagrams.
+//!
+//! Nothing in here opens a socket, reads a clock, starts a thread or touches a file. Time comes in
+//! as `now: Instant` on every call, datagrams go in and out as byte slices, and object bytes are
+//! read and written through the [`ChunkSource`] and [`ChunkSink`] traits.
+//!
+//! # Call order (both [`Sender`] and [`Receiver`])
+//!
+//! 1. Feed every datagram that arrives for the transfer to `handle_datagram(now, bytes)`.
+//! 2. Then drain `poll_transmit(now, buf)` until it returns `None`, sending each datagram.
+//! 3. Drain `poll_event()` and act on what it reports.
+//! 4. Sleep until `poll_timeout()` (or until the next datagram arrives, whichever is first);
+//!    when the timeout passes, call `handle_timeout(now)` and go back to 2.
+//!
+//! A transfer is over when `poll_event` has returned [`Event::Completed`] or [`Event::Failed`];
+//! `is_finished` then returns true. A finished receiver may still have datagrams to send (it
+//! answers a sender that missed its `Done`), so keep driving it until `poll_timeout` returns
+//! `None` if you can.
+
+mod config;
+mod congestion;
+mod pacer;
+mod ranges;
+mod receiver;
+mod rtt;
+mod sender;
+mod stats;
+
+use std::io;
+use std::time::Duration;
+
+pub use config::TransferConfig;
+pub use congestion::NewReno;
+pub use pacer::Pacer;
+pub use ranges::RangeSet;
+pub use receiver::Receiver;
+pub use rtt::RttEstimator;
+pub use sender::Sender;
+pub use stats::{DropStats, Stats};
+
+use crate::id::ObjectId;
+use crate::wire::ErrorCode;
+
+/// Where a [`Sender`] reads the object's bytes from.
+///
+/// Implemented by the file store and by in-memory buffers (`Vec<u8>`, `&[u8]`).
+pub trait ChunkSource {
+    /// Fills `buf` with the object's bytes starting at `offset`. `offset + buf.len()` never
+    /// exceeds the object's size. An error ends the transfer with [`TransferError::Storage`].
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+/// Where a [`Receiver`] writes the object's bytes to.
+///
+/// Chunks arrive in any order and may be written more than once with the same bytes.
+pub trait ChunkSink {
+    /// Stores `data` at `offset` of the object.
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// Reads back bytes previously written (the receiver hashes out-of-order chunks once the
+    /// in-order prefix reaches them).
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+}
+
+impl ChunkSource for &[u8] {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_slice(self, offset, buf)
+    }
+}
+
+impl ChunkSource for Vec<u8> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_slice(self, offset, buf)
+    }
+}
+
+impl ChunkSource for std::sync::Arc<[u8]> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_slice(self, offset, buf)
+    }
+}
+
+impl ChunkSink for Vec<u8> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let end = start + data.len();
+        if self.len() < end {
+            self.resize(end, 0);
+        }
+        self.get_mut(start..end)
+            .ok_or(io::ErrorKind::InvalidInput)?
+            .copy_from_slice(data);
+        Ok(())
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_slice(self, offset, buf)
+    }
+}
+
+impl<T: ChunkSource + ?Sized> ChunkSource for Box<T> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
+    }
+}
+
+impl<T: ChunkSink + ?Sized> ChunkSink for Box<T> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        (**self).write_at(offset, data)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(offset, buf)
+    }
+}
+
+fn read_slice(data: &[u8], offset: u64, buf: &mut [u8]) -> io::Result<()> {
+    let src = usize::try_from(offset)
+        .ok()
+        .and_then(|start| data.get(start..start.checked_add(buf.len())?))
+        .ok_or_else(|| {
+            io::Error::new(io::ErrorKind::UnexpectedEof, "read past the object's end")
+        })?;
+    buf.copy_from_slice(src);
+    Ok(())
+}
+
+/// Something a transfer reports to its user, from `poll_event`.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// The receiver learnt the object's size (the offer arrived). Sent once.
+    Started {
+        /// Object size in bytes.
+        size: u64,
+    },
+    /// More of the object is done. Reported at most once per `progress_interval`.
+    Progress {
+        /// Bytes the receiver holds (receiver) or the receiver acknowledged (sender).
+        bytes_done: u64,
+        /// Object size.
+        total: u64,
+    },
+    /// The object arrived whole and its digest matched. Final.
+    Completed(Completion),
+    /// The transfer ended without success. Final.
+    Failed(TransferError),
+}
+
+/// The summary of a finished transfer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    /// The object, whose digest was verified.
+    pub object: ObjectId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// From the transfer's creation to completion.
+    pub duration: Duration,
+    /// Counters at completion.
+    pub stats: Stats,
+}
+
+/// Why a transfer failed. Every variant is final for that transfer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// Nothing arrived from the peer for the whole idle timeout; the peer is gone or the path is
+    /// broken. A receiver keeps what it stored, so the download can resume.
+    #[error("timed out: nothing heard from the peer for {0:?}")]
+    TimedOut(Duration),
+    /// The server does not have the object.
+    #[error("object not found on the server")]
+    NotFound,
+    /// The server has no room for another transfer now; retry later.
+    #[error("server busy, try again later")]
+    Busy,
+    /// The object is larger than this receiver accepts (`max_object_size`).
+    #[error("object of {size} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Size the server offered.
+        size: u64,
+        /// The configured limit.
+        max: u64,
+    },
+    /// All bytes arrived but they do not hash to the requested id. Nothing was reported as done.
+    #[error("digest mismatch: expected {expected}, received bytes hash to {actual}")]
+    DigestMismatch {
+        /// The id that was requested.
+        expected: ObjectId,
+        /// The id of what arrived.
+        actual: ObjectId,
+    },
+    /// The peer ended the transfer with an error frame.
+    #[error("peer ended the transfer: {code:?}: {reason}")]
+    Peer {
+        /// Its code.
+        code: ErrorCode,
+        /// Its reason text.
+        reason: String,
+    },
+    /// The peer sent something the protocol forbids in this state (and it cannot be ignored).
+    #[error("protocol violation: {0}")]
+    ProtocolViolation(&'static str),
+    /// Reading or writing the object's bytes failed; for a receiver, what was stored is kept.
+    #[error("storage error during {op}: {message}")]
+    Storage {
+        /// "read" or "write".
+        op: &'static str,
+        /// The kind of I/O error.
+        kind: io::ErrorKind,
+        /// The I/O error's text.
+        message: String,
+    },
+    /// The local user cancelled the transfer.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl TransferError {
+    pub(crate) fn storage(op: &'static str, e: &io::Error) -> Self {
+        TransferError::Storage {
+            op,
+            kind: e.kind(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The error code to tell the peer, or None when the peer should not be told (it is the one
+    /// that failed, or it is unreachable).
+    pub(crate) fn code_for_peer(&self) -> Option<ErrorCode> {
+        match self {
+            TransferError::TimedOut(_) | TransferError::Peer { .. } => None,
+            TransferError::NotFound => Some(ErrorCode::NotFound),
+            TransferError::Busy => Some(ErrorCode::Busy),
+            TransferError::TooLarge { .. } => Some(ErrorCode::TooLarge),
+            TransferError::DigestMismatch { .. } => Some(ErrorCode::DigestMismatch),
+            TransferError::ProtocolViolation(_) => Some(ErrorCode::ProtocolViolation),
+            TransferError::Storage { .. } => Some(ErrorCode::Internal),
+            TransferError::Cancelled => Some(ErrorCode::Cancelled),
+        }
+    }
+
+    /// The error a peer's error frame stands for.
+    pub(crate) fn from_peer(code: ErrorCode, reason: &str) -> Self {
+        match code {
+            ErrorCode::NotFound => TransferError::NotFound,
+            ErrorCode::Busy => TransferError::Busy,
+            _ => TransferError::Peer {
+                code,
+                reason: reason.to_owned(),
+            },
+        }
+    }
+}
+
+/// Number of chunks of `chunk_size` bytes an object of `size` bytes has.
+pub(crate) fn chunk_count(size: u64, chunk_size: u64) -> u64 {
+    size.div_ceil(chunk_size)
+}
+
+/// Byte range of chunk `index`.
+pub(crate) fn chunk_bytes(index: u64, chunk_size: u64, size: u64) -> std::ops::Range<u64> {
+    let start = index.saturating_mul(chunk_size).min(size);
+    start..start.saturating_add(chunk_size).min(size)
+}
+
+/// Microseconds since `epoch`, wrapping at 2^32 (about 71 minutes), as carried on the wire.
+pub(crate) fn wire_micros(now: std::time::Instant, epoch: std::time::Instant) -> u32 {
+    now.saturating_duration_since(epoch).as_micros() as u32
+}

@@ -1,0 +1,642 @@
+//! One incoming transfer: the client's side of a download.
+
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+
+use super::ranges::RangeSet;
+use super::rtt::RttEstimator;
+use super::{
+    chunk_bytes, chunk_count, wire_micros, ChunkSink, Completion, Event, Stats, TransferConfig,
+    TransferError,
+};
+use crate::id::ObjectId;
+use crate::wire::{
+    self, ack_range_len, Ack, AckRanges, ConnectionId, Data, Datagram, ErrorFrame, Frame,
+    HaveRanges, Offer, Request, ACK_BASE_LEN, HEADER_LEN, MAX_CHUNKS, MIN_CHUNK_SIZE, TRAILER_LEN,
+};
+
+/// Largest number of have-ranges one request carries.
+fn max_have_ranges(datagram_size: usize) -> usize {
+    // Request: header, id (17), datagram size (2), rate (8), count (2), ranges, trailer.
+    (datagram_size - HEADER_LEN - 17 - 2 - 8 - 2 - TRAILER_LEN) / 16
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Request sent, waiting for the offer.
+    Requesting,
+    /// Start sent, waiting for the first data.
+    Starting,
+    /// Receiving data.
+    Receiving,
+    /// Completed; answering a sender that missed our `Done` until `until`.
+    Lingering { until: Instant },
+    /// Over; nothing more to send.
+    Closed,
+}
+
+/// What the receiver learnt from the offer.
+#[derive(Debug, Clone, Copy)]
+struct Object {
+    size: u64,
+    chunk_size: u64,
+    chunks: u64,
+    nonce: u64,
+}
+
+/// The receiving side of one transfer.
+///
+/// Create it with [`Receiver::new`], then follow the call order in the [module docs](super). It
+/// requests the object, checks the offer against its limits, echoes the offer's nonce, stores
+/// chunks through its [`ChunkSink`] as they arrive in any order, acknowledges them, hashes the
+/// object's in-order prefix as it grows, and reports [`Event::Completed`] only after the digest
+/// of all bytes matched the requested id.
+#[derive(Debug)]
+pub struct Receiver<K> {
+    conn_id: ConnectionId,
+    config: TransferConfig,
+    sink: K,
+    id: ObjectId,
+    have: Vec<Range<u64>>,
+    state: State,
+    created: Instant,
+    object: Option<Object>,
+
+    received: RangeSet,
+    hasher: Md5,
+    hashed_chunks: u64,
+    scratch: Vec<u8>,
+
+    largest_seq: Option<u64>,
+    largest_seq_at: Instant,
+    largest_seq_owd: u32,
+    unacked: u32,
+    ack_now: bool,
+    ack_deadline: Option<Instant>,
+    recent: Vec<u64>,
+    ack_ranges: Vec<Range<u64>>,
+    done_pending: bool,
+    error_pending: Option<TransferError>,
+
+    rtt: RttEstimator,
+    handshake_sent: Option<Instant>,
+    handshake_retries: u32,
+    handshake_pending: bool,
+    last_heard: Instant,
+    last_progress: Option<Instant>,
+
+    events: VecDeque<Event>,
+    stats: Stats,
+    finished: bool,
+}
+
+impl<K: ChunkSink> Receiver<K> {
+    /// Starts downloading object `id` into `sink`, on connection `conn_id` (choose it at random:
+    /// it is what keeps off-path senders out).
+    ///
+    /// `have` lists byte ranges already present in `sink` (from an earlier, interrupted run):
+    /// only the rest is fetched, and the present bytes are read back for hashing. Pass an empty
+    /// set for a fresh download. Next, drain [`poll_transmit`](Self::poll_transmit): the first
+    /// datagram is the request.
+    pub fn new(
+        now: Instant,
+        conn_id: ConnectionId,
+        id: ObjectId,
+        have: &RangeSet,
+        sink: K,
+        config: TransferConfig,
+    ) -> Self {
+        let limit = max_have_ranges(config.datagram_size());
+        let have = have.iter().take(limit).collect();
+        Receiver {
+            conn_id,
+            sink,
+            id,
+            have,
+            state: State::Requesting,
+            created: now,
+            object: None,
+            received: RangeSet::new(),
+            hasher: Md5::new(),
+            hashed_chunks: 0,
+            scratch: Vec::new(),
+            largest_seq: None,
+            largest_seq_at: now,
+            largest_seq_owd: 0,
+            unacked: 0,
+            ack_now: false,
+            ack_deadline: None,
+            recent: Vec::new(),
+            ack_ranges: Vec::new(),
+            done_pending: false,
+            error_pending: None,
+            rtt: RttEstimator::new(config.initial_rtt),
+            handshake_sent: None,
+            handshake_retries: 0,
+            handshake_pending: true,
+            last_heard: now,
+            last_progress: None,
+            events: VecDeque::new(),
+            stats: Stats::default(),
+            finished: false,
+            config,
+        }
+    }
+
+    /// The connection id of this transfer.
+    pub fn connection_id(&self) -> ConnectionId {
+        self.conn_id
+    }
+
+    /// The object being fetched.
+    pub fn object(&self) -> ObjectId {
+        self.id
+    }
+
+    /// The sink, to read what arrived (complete only after [`Event::Completed`]).
+    pub fn sink(&self) -> &K {
+        &self.sink
+    }
+
+    /// Takes the sink out, ending the transfer's use of it.
+    pub fn into_sink(self) -> K {
+        self.sink
+    }
+
+    /// Object size, once the offer arrived.
+    pub fn size(&self) -> Option<u64> {
+        self.object.map(|o| o.size)
+    }
+
+    /// Byte ranges of the object stored so far (for a resume journal).
+    pub fn received_bytes(&self) -> RangeSet {
+        let mut out = RangeSet::new();
+        if let Some(o) = self.object {
+            for r in self.received.iter() {
+                out.insert(r.start * o.chunk_size..(r.end * o.chunk_size).min(o.size));
+            }
+        }
+        out
+    }
+
+    /// Bytes stored so far.
+    pub fn bytes_received(&self) -> u64 {
+        self.object.map_or(0, |o| {
+            let full = self.received.covered() * o.chunk_size;
+            if o.chunks > 0 && self.received.contains(o.chunks - 1) {
+                full - (o.chunks * o.chunk_size - o.size)
+            } else {
+                full
+            }
+        })
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.smoothed_rtt = self.rtt.smoothed();
+        s
+    }
+
+    /// True once the transfer completed or failed (its final event is queued). A completed
+    /// receiver may still answer a sender that missed its `Done`: keep calling `poll_transmit`
+    /// and `handle_timeout` until `poll_timeout` returns `None`.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Gives up the transfer: tells the sender and reports [`TransferError::Cancelled`]. Drain
+    /// `poll_transmit` afterwards to send the notice.
+    pub fn cancel(&mut self) {
+        self.fail(TransferError::Cancelled);
+    }
+
+    /// Feeds a datagram that arrived for this transfer. Undecodable or unexpected datagrams are
+    /// counted in `stats().dropped` and otherwise ignored.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        match wire::decode(datagram) {
+            Ok(d) => self.handle_decoded(now, &d, datagram.len()),
+            Err(e) => self.stats.dropped.count_decode_error(&e),
+        }
+    }
+
+    /// Like [`handle_datagram`](Self::handle_datagram) for a datagram the caller already decoded.
+    /// `len` is its size on the wire.
+    pub fn handle_decoded(&mut self, now: Instant, datagram: &Datagram<'_>, len: usize) {
+        if datagram.conn_id != self.conn_id {
+            self.stats.dropped.wrong_connection += 1;
+            return;
+        }
+        match self.state {
+            State::Closed => {
+                self.stats.dropped.unexpected += 1;
+                return;
+            }
+            State::Lingering { .. } => {
+                // The sender is still sending: it missed our Done. Repeat it (one per datagram
+                // received, so this can never amplify).
+                if matches!(datagram.frame, Frame::Data(_)) {
+                    self.done_pending = true;
+                }
+                return;
+            }
+            _ => {}
+        }
+        self.stats.datagrams_received += 1;
+        self.stats.bytes_received += len as u64;
+        self.last_heard = now;
+        match &datagram.frame {
+            Frame::Offer(offer) if self.state != State::Receiving => self.on_offer(now, offer),
+            Frame::Data(data) if matches!(self.state, State::Starting | State::Receiving) => {
+                self.state = State::Receiving;
+                self.on_data(now, data);
+            }
+            Frame::Error(e) => {
+                self.state = State::Closed;
+                self.finish(Event::Failed(TransferError::from_peer(e.code, e.reason)));
+            }
+            _ => self.stats.dropped.unexpected += 1,
+        }
+    }
+
+    fn on_offer(&mut self, now: Instant, offer: &Offer) {
+        if offer.object != self.id {
+            self.stats.dropped.unexpected += 1;
+            return;
+        }
+        if let Some(known) = self.object {
+            // A repeated offer: our start was lost.
+            if known.size == offer.size && u64::from(offer.chunk_size) == known.chunk_size {
+                self.handshake_pending = true;
+            } else {
+                self.stats.dropped.unexpected += 1;
+            }
+            return;
+        }
+        if let Some(sent) = self.handshake_sent {
+            if self.handshake_retries == 0 {
+                self.rtt
+                    .update(now.saturating_duration_since(sent), Duration::ZERO);
+            }
+        }
+        let chunk_size = u64::from(offer.chunk_size);
+        if offer.size > self.config.max_object_size {
+            self.fail(TransferError::TooLarge {
+                size: offer.size,
+                max: self.config.max_object_size,
+            });
+            return;
+        }
+        if (offer.chunk_size as usize) < MIN_CHUNK_SIZE
+            || offer.chunk_size as usize > self.config.chunk_size()
+            || chunk_count(offer.size, chunk_size) > MAX_CHUNKS
+        {
+            self.fail(TransferError::ProtocolViolation(
+                "offer's chunk size does not fit the requested datagram size",
+            ));
+            return;
+        }
+        let object = Object {
+            size: offer.size,
+            chunk_size,
+            chunks: chunk_count(offer.size, chunk_size),
+            nonce: offer.nonce,
+        };
+        self.object = Some(object);
+        self.scratch = vec![0; chunk_size as usize];
+        // Chunks wholly inside the have-set are already here (the sender applies the same rule).
+        for have in std::mem::take(&mut self.have) {
+            let first = have.start.div_ceil(chunk_size);
+            let last = if have.end >= object.size {
+                object.chunks
+            } else {
+                have.end / chunk_size
+            };
+            if first < last {
+                self.received.insert(first..last.min(object.chunks));
+            }
+        }
+        self.events.push_back(Event::Started { size: offer.size });
+        self.state = State::Starting;
+        self.handshake_pending = true;
+        self.handshake_retries = 0;
+        if self.received.covered() == object.chunks {
+            // Empty object, or everything was already here: verify and finish without data.
+            self.advance_hash(None);
+            self.verify(now);
+        }
+    }
+
+    fn on_data(&mut self, now: Instant, data: &Data<'_>) {
+        let Some(object) = self.object else {
+            return;
+        };
+        let chunk = u64::from(data.chunk);
+        let range = chunk_bytes(chunk, object.chunk_size, object.size);
+        if chunk >= object.chunks || data.payload.len() as u64 != range.end - range.start {
+            self.stats.dropped.invalid += 1;
+            return;
+        }
+        if self.largest_seq.is_none_or(|l| data.seq > l) {
+            self.largest_seq = Some(data.seq);
+            self.largest_seq_at = now;
+            self.largest_seq_owd = wire_micros(now, self.created).wrapping_sub(data.send_time_us);
+        }
+        self.unacked += 1;
+        if self.received.contains(chunk) {
+            self.stats.duplicate_chunks += 1;
+            self.ack_now = true;
+            return;
+        }
+        if let Err(e) = self.sink.write_at(range.start, data.payload) {
+            self.fail(TransferError::storage("write", &e));
+            return;
+        }
+        let in_order = self.received.max().is_none_or(|m| chunk == m + 1);
+        self.received.insert(chunk..chunk + 1);
+        self.recent.push(chunk);
+        self.advance_hash(Some((chunk, data.payload)));
+        if self.finished {
+            return;
+        }
+        if self.received.covered() == object.chunks {
+            self.verify(now);
+            return;
+        }
+        if !in_order || self.unacked >= self.config.ack_every {
+            self.ack_now = true;
+        } else if self.ack_deadline.is_none() {
+            self.ack_deadline = Some(now + self.config.max_ack_delay);
+        }
+        self.report_progress(now);
+    }
+
+    /// Hashes every chunk that now continues the hashed prefix: `fresh` straight from the
+    /// datagram, the rest read back from the sink.
+    fn advance_hash(&mut self, fresh: Option<(u64, &[u8])>) {
+        let Some(object) = self.object else {
+            return;
+        };
+        if let Some((chunk, payload)) = fresh {
+            if chunk != self.hashed_chunks {
+                return;
+            }
+            self.hasher.update(payload);
+            self.hashed_chunks += 1;
+        }
+        while self.hashed_chunks < object.chunks && self.received.contains(self.hashed_chunks) {
+            let range = chunk_bytes(self.hashed_chunks, object.chunk_size, object.size);
+            let buf = &mut self.scratch[..(range.end - range.start) as usize];
+            if let Err(e) = self.sink.read_at(range.start, buf) {
+                self.fail(TransferError::storage("read", &e));
+                return;
+            }
+            self.hasher.update(&*buf);
+            self.hashed_chunks += 1;
+        }
+    }
+
+    fn verify(&mut self, now: Instant) {
+        let actual = ObjectId::Md5(std::mem::take(&mut self.hasher).finalize().into());
+        if actual != self.id {
+            self.fail(TransferError::DigestMismatch {
+                expected: self.id,
+                actual,
+            });
+            return;
+        }
+        self.done_pending = true;
+        let linger = self
+            .config
+            .linger
+            .max(self.rtt.pto(self.config.max_ack_delay) * 4);
+        self.state = State::Lingering {
+            until: now + linger,
+        };
+        let completion = Completion {
+            object: self.id,
+            size: self.object.map_or(0, |o| o.size),
+            duration: now.saturating_duration_since(self.created),
+            stats: self.stats(),
+        };
+        self.finish(Event::Completed(completion));
+    }
+
+    fn fail(&mut self, error: TransferError) {
+        if self.finished {
+            return;
+        }
+        self.state = State::Closed;
+        if error.code_for_peer().is_some() {
+            self.error_pending = Some(error.clone());
+        }
+        self.finish(Event::Failed(error));
+    }
+
+    fn finish(&mut self, event: Event) {
+        self.finished = true;
+        self.events.push_back(event);
+    }
+
+    fn report_progress(&mut self, now: Instant) {
+        if self
+            .last_progress
+            .is_some_and(|t| now < t + self.config.progress_interval)
+        {
+            return;
+        }
+        self.last_progress = Some(now);
+        self.events.push_back(Event::Progress {
+            bytes_done: self.bytes_received(),
+            total: self.object.map_or(0, |o| o.size),
+        });
+    }
+
+    /// Writes the next datagram to send into `buf` (at least `max_datagram_size` bytes) and
+    /// returns its length, or `None` when nothing is due now.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        if let Some(error) = self.error_pending.take() {
+            let reason = error.to_string();
+            let mut end = reason.len().min(255);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            let code = error.code_for_peer()?;
+            return self.emit(
+                buf,
+                Frame::Error(ErrorFrame {
+                    code,
+                    reason: &reason[..end],
+                }),
+            );
+        }
+        if self.done_pending {
+            self.done_pending = false;
+            return self.emit(buf, Frame::Done);
+        }
+        match self.state {
+            State::Requesting | State::Starting if self.handshake_pending => {
+                self.handshake_pending = false;
+                self.handshake_sent = Some(now);
+                match self.object {
+                    None => {
+                        let have = std::mem::take(&mut self.have);
+                        let request = Request {
+                            object: self.id,
+                            max_datagram_size: self.config.datagram_size() as u16,
+                            max_rate_bytes_per_sec: 0,
+                            have: HaveRanges::List(&have),
+                        };
+                        let n = self.emit(buf, Frame::Request(request));
+                        self.have = have;
+                        n
+                    }
+                    Some(o) => self.emit(buf, Frame::Start { nonce: o.nonce }),
+                }
+            }
+            State::Receiving if self.ack_now || self.ack_deadline.is_some_and(|t| t <= now) => {
+                self.build_ack(now, buf)
+            }
+            _ => None,
+        }
+    }
+
+    fn build_ack(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let object = self.object?;
+        let largest_seq = self.largest_seq?;
+        let cumulative = self.received.first_missing_from(0);
+        // Ranges holding the chunks that arrived since the last ack come first (the sender
+        // needs them to settle its newest datagrams), then the highest ranges.
+        let mut chosen = std::mem::take(&mut self.ack_ranges);
+        chosen.clear();
+        let budget = self.config.datagram_size() - ACK_BASE_LEN;
+        let max_ranges = self.config.max_ack_ranges.min(255);
+        let mut bytes = 0;
+        let recent = std::mem::take(&mut self.recent);
+        let highest = self.received.iter().rev();
+        let candidates = recent
+            .iter()
+            .rev()
+            .filter_map(|&c| self.received.range_containing(c))
+            .chain(highest);
+        for r in candidates {
+            if chosen.len() >= max_ranges || r.start <= cumulative {
+                if r.start <= cumulative {
+                    continue;
+                }
+                break;
+            }
+            if chosen.contains(&r) {
+                continue;
+            }
+            // Worst case: a 4-byte gap and a 4-byte length.
+            if bytes + 8 > budget {
+                break;
+            }
+            bytes += ack_range_len(cumulative, &r);
+            chosen.push(r);
+        }
+        chosen.sort_unstable_by_key(|r| r.start);
+        self.recent = recent;
+        self.recent.clear();
+        let window_end = cumulative
+            .saturating_add(self.config.receive_window_bytes / object.chunk_size)
+            .min(object.chunks)
+            .min(u64::from(u32::MAX));
+        let ack = Ack {
+            largest_seq,
+            ack_delay_us: now
+                .saturating_duration_since(self.largest_seq_at)
+                .as_micros()
+                .min(u128::from(u32::MAX)) as u32,
+            owd_us: self.largest_seq_owd,
+            window_end: window_end as u32,
+            cumulative: cumulative as u32,
+            ranges: AckRanges::List(&chosen),
+        };
+        let n = self.emit(buf, Frame::Ack(ack));
+        self.ack_ranges = chosen;
+        self.unacked = 0;
+        self.ack_now = false;
+        self.ack_deadline = None;
+        n
+    }
+
+    fn emit(&mut self, buf: &mut [u8], frame: Frame<'_>) -> Option<usize> {
+        let n = Datagram {
+            conn_id: self.conn_id,
+            frame,
+        }
+        .encode(buf)
+        .ok()?;
+        self.stats.datagrams_sent += 1;
+        self.stats.bytes_sent += n as u64;
+        Some(n)
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called, or `None` when there
+    /// is nothing left to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.state {
+            State::Closed => None,
+            State::Lingering { until } => Some(until),
+            State::Requesting | State::Starting | State::Receiving => {
+                let idle = self.last_heard + self.config.idle_timeout;
+                let handshake = match (self.state, self.handshake_sent) {
+                    (State::Requesting | State::Starting, Some(sent)) => {
+                        Some(sent + self.handshake_timeout())
+                    }
+                    _ => None,
+                };
+                [Some(idle), handshake, self.ack_deadline]
+                    .into_iter()
+                    .flatten()
+                    .min()
+            }
+        }
+    }
+
+    fn handshake_timeout(&self) -> Duration {
+        let pto = self.rtt.pto(Duration::ZERO) * (1 << self.handshake_retries.min(6));
+        pto.min(Duration::from_secs(3))
+    }
+
+    /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed, then drain
+    /// `poll_transmit` and `poll_event`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            State::Closed => {}
+            State::Lingering { until } => {
+                if now >= until {
+                    self.state = State::Closed;
+                }
+            }
+            State::Requesting | State::Starting | State::Receiving => {
+                if now >= self.last_heard + self.config.idle_timeout {
+                    self.state = State::Closed;
+                    self.finish(Event::Failed(TransferError::TimedOut(
+                        self.config.idle_timeout,
+                    )));
+                    return;
+                }
+                if self.state != State::Receiving {
+                    if let Some(sent) = self.handshake_sent {
+                        if now >= sent + self.handshake_timeout() {
+                            self.handshake_retries += 1;
+                            self.handshake_pending = true;
+                            self.handshake_sent = None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next event for the user, if any. Drain after every call that feeds the transfer.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}

@@ -1,0 +1,633 @@
+//! One outgoing transfer: the server's side of a download.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use super::congestion::NewReno;
+use super::pacer::Pacer;
+use super::ranges::RangeSet;
+use super::rtt::RttEstimator;
+use super::{
+    chunk_bytes, chunk_count, wire_micros, ChunkSource, Completion, Event, Stats, TransferConfig,
+    TransferError,
+};
+use crate::id::ObjectId;
+use crate::wire::{
+    self, encode_data_in_place, Ack, ConnectionId, Datagram, ErrorFrame, Frame, Offer, Request,
+    DATA_OVERHEAD, DATA_PAYLOAD_OFFSET,
+};
+
+/// A datagram is lost once this many later ones were acknowledged (RFC 9002 kPacketThreshold).
+const PACKET_THRESHOLD: u64 = 3;
+/// Most doublings of the probe timeout.
+const MAX_PTO_BACKOFF: u32 = 6;
+/// The probe timeout never exceeds this, so a path that comes back is noticed quickly.
+const MAX_PTO: Duration = Duration::from_secs(3);
+/// Probe timeouts in a row that count as persistent congestion.
+const PERSISTENT_CONGESTION_PTOS: u32 = 3;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Offer sent, waiting for the client's start.
+    Offering,
+    /// Sending data.
+    Sending,
+    /// Finished (done received) or failed; nothing more to send but a pending error.
+    Closed,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SentPacket {
+    chunk: u32,
+    sent: Instant,
+    bytes: u32,
+    /// Acknowledged or declared lost: no longer counts as in flight.
+    settled: bool,
+}
+
+/// The sending side of one transfer.
+///
+/// Create it with [`Sender::accept`] when a request arrives, then follow the call order in the
+/// [module docs](super). It sends an offer, waits for the client to echo the offer's nonce
+/// (proving its address), then sends chunks paced and windowed by the congestion controller,
+/// recovering losses from acknowledgements and from its probe timer. It completes when the client
+/// reports the digest verified.
+#[derive(Debug)]
+pub struct Sender<S> {
+    conn_id: ConnectionId,
+    config: TransferConfig,
+    source: S,
+    object: ObjectId,
+    size: u64,
+    chunk_size: u64,
+    chunks: u64,
+    nonce: u64,
+    state: State,
+    created: Instant,
+    offer_pending: bool,
+    error_pending: Option<TransferError>,
+
+    next_seq: u64,
+    next_new_chunk: u64,
+    /// One past the highest chunk ever sent.
+    sent_frontier: u64,
+    acked: RangeSet,
+    lost: RangeSet,
+    /// Sent data datagrams by sequence number; the front is the oldest not yet popped.
+    sent: VecDeque<SentPacket>,
+    first_seq: u64,
+    /// Latest sequence number carrying each chunk still in flight.
+    chunk_seq: HashMap<u32, u64>,
+    bytes_in_flight: u64,
+    largest_acked_seq: Option<u64>,
+    loss_time: Option<Instant>,
+    last_data_sent: Option<Instant>,
+    pto_count: u32,
+    probes_pending: u32,
+    window_end: u64,
+
+    rtt: RttEstimator,
+    congestion: NewReno,
+    pacer: Pacer,
+    rate_cap: u64,
+    pacing_wait: Option<Instant>,
+    last_heard: Instant,
+    last_progress: Option<Instant>,
+
+    events: VecDeque<Event>,
+    stats: Stats,
+    finished: bool,
+}
+
+impl<S: ChunkSource> Sender<S> {
+    /// Starts serving `request` (already decoded, from connection `conn_id`) with an object of
+    /// `size` bytes readable from `source`.
+    ///
+    /// The caller has looked the object up (answering "not found" itself otherwise) and chosen
+    /// `nonce` unpredictably (it is the address-validation token the client must echo). Next,
+    /// drain [`poll_transmit`](Self::poll_transmit): the first datagram is the offer.
+    pub fn accept(
+        now: Instant,
+        conn_id: ConnectionId,
+        request: &Request<'_>,
+        size: u64,
+        source: S,
+        nonce: u64,
+        config: TransferConfig,
+    ) -> Self {
+        let datagram_size = config
+            .datagram_size()
+            .min(usize::from(request.max_datagram_size));
+        let chunk_size = (datagram_size - DATA_OVERHEAD) as u64;
+        let chunks = chunk_count(size, chunk_size);
+        let mut acked = RangeSet::new();
+        for have in request.have.iter() {
+            // A chunk counts as held only when the have-set covers all of its bytes; the
+            // receiver applies the same rule.
+            let first = have.start.div_ceil(chunk_size);
+            let last = if have.end >= size {
+                chunks
+            } else {
+                have.end / chunk_size
+            };
+            if first < last {
+                acked.insert(first..last.min(chunks));
+            }
+        }
+        let rate_cap = match (
+            config.max_rate_bytes_per_sec,
+            request.max_rate_bytes_per_sec,
+        ) {
+            (0, r) | (r, 0) => r,
+            (a, b) => a.min(b),
+        };
+        let burst = u64::from(config.burst_datagrams.max(1)) * datagram_size as u64;
+        let window_end = config.receive_window_bytes / chunk_size;
+        Sender {
+            conn_id,
+            source,
+            object: request.object,
+            size,
+            chunk_size,
+            chunks,
+            nonce,
+            state: State::Offering,
+            created: now,
+            offer_pending: true,
+            error_pending: None,
+            next_seq: 0,
+            next_new_chunk: acked.first_missing_from(0),
+            sent_frontier: 0,
+            acked,
+            lost: RangeSet::new(),
+            sent: VecDeque::new(),
+            first_seq: 0,
+            chunk_seq: HashMap::new(),
+            bytes_in_flight: 0,
+            largest_acked_seq: None,
+            loss_time: None,
+            last_data_sent: None,
+            pto_count: 0,
+            probes_pending: 0,
+            window_end: window_end.max(1),
+            rtt: RttEstimator::new(config.initial_rtt),
+            congestion: NewReno::new(datagram_size as u64),
+            pacer: Pacer::new(0, burst),
+            rate_cap,
+            pacing_wait: None,
+            last_heard: now,
+            last_progress: None,
+            events: VecDeque::new(),
+            stats: Stats::default(),
+            finished: false,
+            config,
+        }
+    }
+
+    /// The connection id this transfer answers to.
+    pub fn connection_id(&self) -> ConnectionId {
+        self.conn_id
+    }
+
+    /// The object being sent.
+    pub fn object(&self) -> ObjectId {
+        self.object
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.smoothed_rtt = self.rtt.smoothed();
+        s.congestion_window = self.congestion.window();
+        s.bytes_in_flight = self.bytes_in_flight;
+        s
+    }
+
+    /// True once the transfer completed or failed (its final event is queued).
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// The bytes the receiver has acknowledged so far.
+    pub fn bytes_acked(&self) -> u64 {
+        let full = self.acked.covered() * self.chunk_size;
+        // The last chunk may be short.
+        if self.chunks > 0 && self.acked.contains(self.chunks - 1) {
+            full - (self.chunks * self.chunk_size - self.size)
+        } else {
+            full
+        }
+    }
+
+    /// Gives up the transfer: tells the receiver it was cancelled and reports
+    /// [`TransferError::Cancelled`]. Drain `poll_transmit` afterwards to send the notice.
+    pub fn cancel(&mut self) {
+        self.fail(TransferError::Cancelled);
+    }
+
+    /// Feeds a datagram that arrived for this transfer. Undecodable or unexpected datagrams are
+    /// counted in `stats().dropped` and otherwise ignored.
+    pub fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        match wire::decode(datagram) {
+            Ok(d) => self.handle_decoded(now, &d, datagram.len()),
+            Err(e) => self.stats.dropped.count_decode_error(&e),
+        }
+    }
+
+    /// Like [`handle_datagram`](Self::handle_datagram) for a datagram the caller already decoded
+    /// (an endpoint decodes once to find the connection). `len` is its size on the wire.
+    pub fn handle_decoded(&mut self, now: Instant, datagram: &Datagram<'_>, len: usize) {
+        if datagram.conn_id != self.conn_id {
+            self.stats.dropped.wrong_connection += 1;
+            return;
+        }
+        if self.finished {
+            self.stats.dropped.unexpected += 1;
+            return;
+        }
+        self.stats.datagrams_received += 1;
+        self.stats.bytes_received += len as u64;
+        self.last_heard = now;
+        match &datagram.frame {
+            Frame::Request(r) if self.state == State::Offering && r.object == self.object => {
+                // The offer was lost; send it again.
+                self.offer_pending = true;
+            }
+            Frame::Start { nonce } if *nonce == self.nonce => {
+                if self.state == State::Offering {
+                    self.state = State::Sending;
+                }
+            }
+            Frame::Ack(ack) if self.state == State::Sending => self.on_ack(now, ack),
+            Frame::Done if self.state != State::Closed => self.complete(now),
+            Frame::Error(e) => {
+                self.state = State::Closed;
+                self.finish(Event::Failed(TransferError::from_peer(e.code, e.reason)));
+            }
+            _ => self.stats.dropped.unexpected += 1,
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, ack: &Ack<'_>) {
+        if ack.largest_seq >= self.next_seq {
+            // Acknowledges a datagram never sent: a confused or lying peer. Ignore it whole.
+            self.stats.dropped.invalid += 1;
+            return;
+        }
+        let mut newly_acked = false;
+        let cumulative = u64::from(ack.cumulative).min(self.chunks);
+        let ranges = std::iter::once(0..cumulative).chain(
+            ack.ranges
+                .iter()
+                .map(|r| r.start.min(self.chunks)..r.end.min(self.chunks)),
+        );
+        for range in ranges {
+            let Self {
+                acked,
+                chunk_seq,
+                sent,
+                first_seq,
+                bytes_in_flight,
+                congestion,
+                ..
+            } = self;
+            acked.insert_with(range, |new| {
+                for chunk in new {
+                    let Some(seq) = chunk_seq.remove(&(chunk as u32)) else {
+                        continue;
+                    };
+                    let Some(p) = sent.get_mut((seq - *first_seq) as usize) else {
+                        continue;
+                    };
+                    if !p.settled {
+                        p.settled = true;
+                        *bytes_in_flight -= u64::from(p.bytes);
+                        congestion.on_ack(p.sent, u64::from(p.bytes));
+                        newly_acked = true;
+                    }
+                }
+            });
+        }
+        if self.largest_acked_seq.is_none_or(|l| ack.largest_seq > l) {
+            self.largest_acked_seq = Some(ack.largest_seq);
+            if let Some(p) = self.sent.get((ack.largest_seq - self.first_seq) as usize) {
+                let sample = now.saturating_duration_since(p.sent);
+                let ack_delay = Duration::from_micros(u64::from(ack.ack_delay_us))
+                    .min(self.config.max_ack_delay);
+                self.rtt.update(sample, ack_delay);
+            }
+        }
+        if newly_acked {
+            self.pto_count = 0;
+        }
+        self.window_end = self.window_end.max(u64::from(ack.window_end));
+        self.detect_losses(now);
+        self.report_progress(now);
+    }
+
+    /// Declares lost every in-flight datagram that later acknowledgements outran (RFC 9002
+    /// section 6.1: packet and time thresholds) and pops settled datagrams off the front.
+    fn detect_losses(&mut self, now: Instant) {
+        self.loss_time = None;
+        let Some(largest) = self.largest_acked_seq else {
+            return;
+        };
+        let loss_delay = self.rtt.loss_delay();
+        while let Some(&p) = self.sent.front() {
+            let seq = self.first_seq;
+            if !p.settled {
+                if seq >= largest {
+                    break;
+                }
+                let by_count = seq + PACKET_THRESHOLD <= largest;
+                let by_time = p.sent + loss_delay <= now;
+                if !(by_count || by_time) {
+                    self.loss_time = Some(p.sent + loss_delay);
+                    break;
+                }
+                self.bytes_in_flight -= u64::from(p.bytes);
+                if self.chunk_seq.get(&p.chunk) == Some(&seq) {
+                    self.chunk_seq.remove(&p.chunk);
+                }
+                if !self.acked.contains(u64::from(p.chunk)) {
+                    self.lost.insert(u64::from(p.chunk)..u64::from(p.chunk) + 1);
+                    self.congestion.on_loss(p.sent, now);
+                }
+            }
+            self.sent.pop_front();
+            self.first_seq += 1;
+        }
+    }
+
+    fn complete(&mut self, now: Instant) {
+        self.state = State::Closed;
+        self.acked.insert(0..self.chunks);
+        let completion = Completion {
+            object: self.object,
+            size: self.size,
+            duration: now.saturating_duration_since(self.created),
+            stats: self.stats(),
+        };
+        self.finish(Event::Completed(completion));
+    }
+
+    fn fail(&mut self, error: TransferError) {
+        if self.finished {
+            return;
+        }
+        self.state = State::Closed;
+        if error.code_for_peer().is_some() {
+            self.error_pending = Some(error.clone());
+        }
+        self.finish(Event::Failed(error));
+    }
+
+    fn finish(&mut self, event: Event) {
+        self.finished = true;
+        self.events.push_back(event);
+    }
+
+    fn report_progress(&mut self, now: Instant) {
+        if self
+            .last_progress
+            .is_some_and(|t| now < t + self.config.progress_interval)
+        {
+            return;
+        }
+        self.last_progress = Some(now);
+        self.events.push_back(Event::Progress {
+            bytes_done: self.bytes_acked(),
+            total: self.size,
+        });
+    }
+
+    /// Writes the next datagram to send into `buf` (at least `max_datagram_size` bytes) and
+    /// returns its length, or `None` when nothing may be sent now (see
+    /// [`poll_timeout`](Self::poll_timeout) for when to ask again).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        self.pacing_wait = None;
+        if let Some(error) = self.error_pending.take() {
+            let reason = error.to_string();
+            let reason = truncate_utf8(&reason, 255);
+            let code = error.code_for_peer()?;
+            return self.emit(buf, Frame::Error(ErrorFrame { code, reason }));
+        }
+        match self.state {
+            State::Closed => None,
+            State::Offering => {
+                if !self.offer_pending {
+                    return None;
+                }
+                self.offer_pending = false;
+                let offer = Offer {
+                    object: self.object,
+                    size: self.size,
+                    chunk_size: self.chunk_size as u16,
+                    nonce: self.nonce,
+                };
+                self.emit(buf, Frame::Offer(offer))
+            }
+            State::Sending => self.poll_data(now, buf),
+        }
+    }
+
+    fn emit(&mut self, buf: &mut [u8], frame: Frame<'_>) -> Option<usize> {
+        let n = Datagram {
+            conn_id: self.conn_id,
+            frame,
+        }
+        .encode(buf)
+        .ok()?;
+        self.stats.datagrams_sent += 1;
+        self.stats.bytes_sent += n as u64;
+        Some(n)
+    }
+
+    fn poll_data(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let probe = self.probes_pending > 0;
+        let chunk = if probe {
+            self.probe_chunk()?
+        } else {
+            let datagram_size = DATA_OVERHEAD as u64 + self.chunk_size;
+            if self.bytes_in_flight + datagram_size > self.congestion.window() {
+                return None;
+            }
+            let chunk = self.next_chunk()?;
+            self.update_pacing_rate(now);
+            if !self.pacer.try_take(datagram_size, now) {
+                self.pacing_wait = Some(self.pacer.ready_at(datagram_size, now));
+                return None;
+            }
+            self.take_chunk(chunk);
+            chunk
+        };
+        let range = chunk_bytes(chunk, self.chunk_size, self.size);
+        let len = (range.end - range.start) as usize;
+        let payload = buf.get_mut(DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + len)?;
+        if let Err(e) = self.source.read_at(range.start, payload) {
+            self.fail(TransferError::storage("read", &e));
+            return self.poll_transmit(now, buf);
+        }
+        let seq = self.next_seq;
+        let n = encode_data_in_place(
+            buf,
+            self.conn_id,
+            seq,
+            wire_micros(now, self.created),
+            chunk as u32,
+            len,
+        )
+        .ok()?;
+        if probe {
+            self.probes_pending -= 1;
+            self.pacer.take(n as u64, now);
+        }
+        self.next_seq += 1;
+        self.chunk_seq.insert(chunk as u32, seq);
+        if chunk < self.sent_frontier {
+            // New chunks go out in increasing order, so anything below the frontier is a repeat.
+            self.stats.chunks_retransmitted += 1;
+            self.stats.bytes_retransmitted += n as u64;
+        } else {
+            self.sent_frontier = chunk + 1;
+        }
+        self.sent.push_back(SentPacket {
+            chunk: chunk as u32,
+            sent: now,
+            bytes: n as u32,
+            settled: false,
+        });
+        self.bytes_in_flight += n as u64;
+        self.last_data_sent = Some(now);
+        self.stats.chunks_sent += 1;
+        self.stats.datagrams_sent += 1;
+        self.stats.bytes_sent += n as u64;
+        Some(n)
+    }
+
+    /// The next chunk to send under flow control: a lost one first, else a new one.
+    fn next_chunk(&mut self) -> Option<u64> {
+        while let Some(chunk) = self.lost.min() {
+            if self.acked.contains(chunk) {
+                self.lost.pop_min();
+                continue;
+            }
+            return Some(chunk);
+        }
+        let limit = self.chunks.min(self.window_end);
+        let next = self.acked.first_missing_from(self.next_new_chunk);
+        (next < limit).then_some(next)
+    }
+
+    /// Removes `chunk` (returned by `next_chunk`) from the queues it came from.
+    fn take_chunk(&mut self, chunk: u64) {
+        if self.lost.min() == Some(chunk) {
+            self.lost.pop_min();
+        } else {
+            self.next_new_chunk = chunk + 1;
+        }
+    }
+
+    /// What a probe carries. New data when there is some: its acknowledgement tells what became
+    /// of everything sent before it, without repeating chunks that may well have arrived (RFC 9002
+    /// section 6.2.4). Otherwise the oldest chunk still unacknowledged, or (everything
+    /// acknowledged but no `Done` heard) the last chunk, to make the receiver repeat its `Done`.
+    fn probe_chunk(&mut self) -> Option<u64> {
+        if let Some(chunk) = self.next_chunk() {
+            self.take_chunk(chunk);
+            return Some(chunk);
+        }
+        let oldest = self
+            .sent
+            .iter()
+            .find(|p| !p.settled && !self.acked.contains(u64::from(p.chunk)))
+            .map(|p| u64::from(p.chunk));
+        oldest.or(self.chunks.checked_sub(1))
+    }
+
+    fn update_pacing_rate(&mut self, now: Instant) {
+        // Pace at 1.25 windows per round trip (as quinn and Linux do), under the rate cap.
+        let rtt = self.rtt.smoothed().max(Duration::from_micros(100));
+        let window_rate =
+            (u128::from(self.congestion.window()) * 5 * 1_000_000 / 4 / rtt.as_micros()) as u64;
+        let rate = match self.rate_cap {
+            0 => window_rate,
+            cap => window_rate.min(cap),
+        };
+        if rate != self.pacer.rate() {
+            self.pacer.set_rate(rate.max(1), now);
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called, or `None` when the
+    /// transfer is over.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        let idle = self.last_heard + self.config.idle_timeout;
+        [
+            Some(idle),
+            self.loss_time,
+            self.pto_deadline(),
+            self.pacing_wait,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn pto_deadline(&self) -> Option<Instant> {
+        if self.state != State::Sending || self.probes_pending > 0 {
+            return None;
+        }
+        let last = self.last_data_sent?;
+        let nothing_outstanding = self.bytes_in_flight == 0 && self.acked.covered() < self.chunks;
+        if nothing_outstanding {
+            // Waiting on flow control or the pacer, not on the network.
+            return None;
+        }
+        let pto =
+            self.rtt.pto(self.config.max_ack_delay) * (1 << self.pto_count.min(MAX_PTO_BACKOFF));
+        Some(last + pto.min(MAX_PTO))
+    }
+
+    /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed, then drain
+    /// `poll_transmit` and `poll_event`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.finished {
+            return;
+        }
+        if now >= self.last_heard + self.config.idle_timeout {
+            self.state = State::Closed;
+            self.finish(Event::Failed(TransferError::TimedOut(
+                self.config.idle_timeout,
+            )));
+            return;
+        }
+        if self.loss_time.is_some_and(|t| t <= now) {
+            self.detect_losses(now);
+        }
+        if self.pto_deadline().is_some_and(|t| t <= now) {
+            self.pto_count += 1;
+            self.stats.probe_timeouts += 1;
+            self.probes_pending = 2;
+            if self.pto_count >= PERSISTENT_CONGESTION_PTOS {
+                self.congestion.on_persistent_congestion();
+            }
+        }
+    }
+
+    /// The next event for the user, if any. Drain after every call that feeds the transfer.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}

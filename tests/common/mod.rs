@@ -1,0 +1,127 @@
+//! Shared harness: one download through the simulator.
+#![allow(dead_code)]
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use udpferry::core::{Event, RangeSet, Receiver, TransferConfig, TransferError};
+use udpferry::sim::{Direction, LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
+use udpferry::wire::ConnectionId;
+use udpferry::ObjectId;
+
+/// What one simulated download produced.
+pub struct Outcome {
+    pub seed: u64,
+    pub run: RunOutcome,
+    pub data: Vec<u8>,
+    pub receiver_events: Vec<Event>,
+    pub sender_events: Vec<Event>,
+    /// UDP payload bytes the server put on the wire, headers included.
+    pub server_bytes_sent: u64,
+    pub client_bytes_sent: u64,
+    pub elapsed: Duration,
+    pub steps: u64,
+    pub retransmitted_bytes: u64,
+}
+
+impl Outcome {
+    pub fn completed(&self) -> bool {
+        self.receiver_events
+            .iter()
+            .any(|e| matches!(e, Event::Completed(_)))
+    }
+
+    pub fn failure(&self) -> Option<&TransferError> {
+        self.receiver_events.iter().find_map(|e| match e {
+            Event::Failed(err) => Some(err),
+            _ => None,
+        })
+    }
+
+    /// Bytes the server sent per byte of object.
+    pub fn overhead(&self, size: usize) -> f64 {
+        self.server_bytes_sent as f64 / size.max(1) as f64
+    }
+}
+
+/// Deterministic pseudo-random object bytes.
+pub fn object(size: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size];
+    Rng::new(seed ^ 0x000b_1ec7).fill_bytes(&mut data);
+    data
+}
+
+/// Downloads `data` from a simulated server over the given links.
+pub fn download(
+    seed: u64,
+    data: &[u8],
+    to_client: LinkConfig,
+    to_server: LinkConfig,
+    config: TransferConfig,
+) -> Outcome {
+    download_with(
+        seed,
+        data,
+        ObjectId::md5_of(data),
+        to_client,
+        to_server,
+        config,
+        5_000_000,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn download_with(
+    seed: u64,
+    data: &[u8],
+    id: ObjectId,
+    to_client: LinkConfig,
+    to_server: LinkConfig,
+    config: TransferConfig,
+    max_steps: u64,
+) -> Outcome {
+    let start = Instant::now();
+    let mut rng = Rng::new(seed);
+    let server = OneShotServer::new(
+        ObjectId::md5_of(data),
+        data.len() as u64,
+        data.to_vec(),
+        config.clone(),
+        rng.next_u64(),
+    );
+    let receiver = Receiver::new(
+        start,
+        ConnectionId(rng.next_u64()),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        config,
+    );
+    let mut pair = Pair::new(seed, start, server, receiver, to_client, to_server);
+    let server_bytes = Rc::new(Cell::new(0u64));
+    let client_bytes = Rc::new(Cell::new(0u64));
+    let (sb, cb) = (server_bytes.clone(), client_bytes.clone());
+    pair.set_observer(Box::new(move |_, dir, d| match dir {
+        Direction::AtoB => sb.set(sb.get() + d.len() as u64),
+        Direction::BtoA => cb.set(cb.get() + d.len() as u64),
+    }));
+    let run = pair.run(max_steps, start + Duration::from_secs(24 * 3600));
+    let mut receiver_events = Vec::new();
+    while let Some(e) = pair.b.poll_event() {
+        receiver_events.push(e);
+    }
+    let retransmitted_bytes = pair.a.sender().map_or(0, |s| s.stats().bytes_retransmitted);
+    Outcome {
+        seed,
+        run,
+        data: pair.b.sink().clone(),
+        receiver_events,
+        sender_events: std::mem::take(&mut pair.a.events),
+        server_bytes_sent: server_bytes.get(),
+        client_bytes_sent: client_bytes.get(),
+        elapsed: pair.now - start,
+        steps: pair.steps(),
+        retransmitted_bytes,
+    }
+}
