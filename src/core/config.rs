@@ -9,8 +9,9 @@ use crate::wire::{DATA_OVERHEAD, DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE, M
 /// `TransferConfig::default()` suits a game on the public internet: 1200-byte datagrams (safe for
 /// any IPv6 path), a 15 s idle timeout, and no rate cap. Build one, adjust fields, and pass it to
 /// the constructor; a transfer copies it and never changes it.
+///
+/// Set fields with struct update syntax: `TransferConfig { idle_timeout, ..Default::default() }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
 pub struct TransferConfig {
     /// Largest datagram this side sends or accepts, headers and checksum included. The chunk size
     /// follows from it: `max_datagram_size - 34`. Clamped to `290..=65_507`.

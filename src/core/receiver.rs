@@ -18,6 +18,9 @@ use crate::wire::{
     HaveRanges, Offer, Request, ACK_BASE_LEN, HEADER_LEN, MAX_CHUNKS, MIN_CHUNK_SIZE, TRAILER_LEN,
 };
 
+/// Longest wait between keep-alive acknowledgements while data is missing.
+const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Largest number of have-ranges one request carries.
 fn max_have_ranges(datagram_size: usize) -> usize {
     // Request: header, id (17), datagram size (2), rate (8), count (2), ranges, trailer.
@@ -86,6 +89,9 @@ pub struct Receiver<K> {
     handshake_retries: u32,
     handshake_pending: bool,
     last_heard: Instant,
+    /// When to send a keep-alive acknowledgement, and how many were sent since data last arrived.
+    keepalive_due: Instant,
+    keepalives: u32,
     last_progress: Option<Instant>,
 
     events: VecDeque<Event>,
@@ -138,6 +144,8 @@ impl<K: ChunkSink> Receiver<K> {
             handshake_retries: 0,
             handshake_pending: true,
             last_heard: now,
+            keepalive_due: now,
+            keepalives: 0,
             last_progress: None,
             events: VecDeque::new(),
             stats: Stats::default(),
@@ -238,7 +246,7 @@ impl<K: ChunkSink> Receiver<K> {
             State::Lingering { .. } => {
                 // The sender is still sending: it missed our Done. Repeat it (one per datagram
                 // received, so this can never amplify).
-                if matches!(datagram.frame, Frame::Data(_)) {
+                if matches!(datagram.frame, Frame::Data(_) | Frame::Offer(_)) {
                     self.done_pending = true;
                 }
                 return;
@@ -334,6 +342,8 @@ impl<K: ChunkSink> Receiver<K> {
         let Some(object) = self.object else {
             return;
         };
+        self.keepalives = 0;
+        self.keepalive_due = now + self.keepalive_interval();
         let chunk = u64::from(data.chunk);
         let range = chunk_bytes(chunk, object.chunk_size, object.size);
         if chunk >= object.chunks || data.payload.len() as u64 != range.end - range.start {
@@ -380,12 +390,14 @@ impl<K: ChunkSink> Receiver<K> {
         let Some(object) = self.object else {
             return;
         };
-        if let Some((chunk, payload)) = fresh {
-            if chunk != self.hashed_chunks {
-                return;
+        match fresh {
+            Some((chunk, payload)) if chunk == self.hashed_chunks => {
+                self.hasher.update(payload);
+                self.hashed_chunks += 1;
             }
-            self.hasher.update(payload);
-            self.hashed_chunks += 1;
+            // Out of order: the prefix cannot have reached it, and nothing else changed.
+            Some(_) if !self.received.contains(self.hashed_chunks) => return,
+            _ => {}
         }
         while self.hashed_chunks < object.chunks && self.received.contains(self.hashed_chunks) {
             let range = chunk_bytes(self.hashed_chunks, object.chunk_size, object.size);
@@ -591,7 +603,8 @@ impl<K: ChunkSink> Receiver<K> {
                     }
                     _ => None,
                 };
-                [Some(idle), handshake, self.ack_deadline]
+                let keepalive = (self.state == State::Receiving).then_some(self.keepalive_due);
+                [Some(idle), handshake, self.ack_deadline, keepalive]
                     .into_iter()
                     .flatten()
                     .min()
@@ -599,9 +612,17 @@ impl<K: ChunkSink> Receiver<K> {
         }
     }
 
+    /// When to repeat the last acknowledgement because data stopped arriving. On a path that
+    /// loses most acks this keeps the sender informed (and its idle timer fed) while it waits on
+    /// its probe timer.
+    fn keepalive_interval(&self) -> Duration {
+        let interval = self.rtt.pto(self.config.max_ack_delay) * (1 << self.keepalives.min(6));
+        interval.min(MAX_KEEPALIVE_INTERVAL)
+    }
+
     fn handshake_timeout(&self) -> Duration {
         let pto = self.rtt.pto(Duration::ZERO) * (1 << self.handshake_retries.min(6));
-        pto.min(Duration::from_secs(3))
+        pto.min(MAX_KEEPALIVE_INTERVAL)
     }
 
     /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed, then drain
@@ -621,6 +642,11 @@ impl<K: ChunkSink> Receiver<K> {
                         self.config.idle_timeout,
                     )));
                     return;
+                }
+                if self.state == State::Receiving && now >= self.keepalive_due {
+                    self.keepalives += 1;
+                    self.keepalive_due = now + self.keepalive_interval();
+                    self.ack_now = true;
                 }
                 if self.state != State::Receiving {
                     if let Some(sent) = self.handshake_sent {

@@ -22,7 +22,9 @@ const PACKET_THRESHOLD: u64 = 3;
 /// Most doublings of the probe timeout.
 const MAX_PTO_BACKOFF: u32 = 6;
 /// The probe timeout never exceeds this, so a path that comes back is noticed quickly.
-const MAX_PTO: Duration = Duration::from_secs(3);
+const MAX_PTO: Duration = Duration::from_secs(2);
+/// Offers repeated without a new request (each is smaller than the request that caused it).
+const MAX_OFFER_REPEATS: u32 = 2;
 /// Probe timeouts in a row that count as persistent congestion.
 const PERSISTENT_CONGESTION_PTOS: u32 = 3;
 
@@ -65,6 +67,9 @@ pub struct Sender<S> {
     state: State,
     created: Instant,
     offer_pending: bool,
+    /// When the offer last went out, and how many times it was repeated without being asked.
+    offer_sent: Option<Instant>,
+    offer_repeats: u32,
     error_pending: Option<TransferError>,
 
     next_seq: u64,
@@ -154,6 +159,8 @@ impl<S: ChunkSource> Sender<S> {
             state: State::Offering,
             created: now,
             offer_pending: true,
+            offer_sent: None,
+            offer_repeats: 0,
             error_pending: None,
             next_seq: 0,
             next_new_chunk: acked.first_missing_from(0),
@@ -296,7 +303,10 @@ impl<S: ChunkSource> Sender<S> {
                     let Some(seq) = chunk_seq.remove(&(chunk as u32)) else {
                         continue;
                     };
-                    let Some(p) = sent.get_mut((seq - *first_seq) as usize) else {
+                    let Some(p) = seq
+                        .checked_sub(*first_seq)
+                        .and_then(|i| sent.get_mut(i as usize))
+                    else {
                         continue;
                     };
                     if !p.settled {
@@ -310,7 +320,10 @@ impl<S: ChunkSource> Sender<S> {
         }
         if self.largest_acked_seq.is_none_or(|l| ack.largest_seq > l) {
             self.largest_acked_seq = Some(ack.largest_seq);
-            if let Some(p) = self.sent.get((ack.largest_seq - self.first_seq) as usize) {
+            // The datagram may already be gone from the front (settled by an earlier ack that
+            // arrived out of order); then this ack gives no RTT sample.
+            let index = ack.largest_seq.checked_sub(self.first_seq);
+            if let Some(p) = index.and_then(|i| self.sent.get(i as usize)) {
                 let sample = now.saturating_duration_since(p.sent);
                 let ack_delay = Duration::from_micros(u64::from(ack.ack_delay_us))
                     .min(self.config.max_ack_delay);
@@ -419,6 +432,7 @@ impl<S: ChunkSource> Sender<S> {
                     return None;
                 }
                 self.offer_pending = false;
+                self.offer_sent = Some(now);
                 let offer = Offer {
                     object: self.object,
                     size: self.size,
@@ -537,11 +551,19 @@ impl<S: ChunkSource> Sender<S> {
             self.take_chunk(chunk);
             return Some(chunk);
         }
+        // Skip datagrams whose chunk went out again later, so successive probes walk through
+        // the unacknowledged chunks instead of repeating one whose acks keep getting lost.
+        let first_seq = self.first_seq;
         let oldest = self
             .sent
             .iter()
-            .find(|p| !p.settled && !self.acked.contains(u64::from(p.chunk)))
-            .map(|p| u64::from(p.chunk));
+            .zip(first_seq..)
+            .find(|(p, seq)| {
+                !p.settled
+                    && !self.acked.contains(u64::from(p.chunk))
+                    && self.chunk_seq.get(&p.chunk) == Some(seq)
+            })
+            .map(|(p, _)| u64::from(p.chunk));
         oldest.or(self.chunks.checked_sub(1))
     }
 
@@ -577,6 +599,17 @@ impl<S: ChunkSource> Sender<S> {
         .min()
     }
 
+    /// When to repeat the offer unasked: the client's start (or, for an object it already holds,
+    /// its done) may have been lost. Bounded, so an unvalidated address never receives more than
+    /// a few offers per request (anti-amplification).
+    fn offer_deadline(&self) -> Option<Instant> {
+        if self.state != State::Offering || self.offer_repeats >= MAX_OFFER_REPEATS {
+            return None;
+        }
+        let pto = self.rtt.pto(self.config.max_ack_delay) * (1 << self.offer_repeats);
+        Some(self.offer_sent? + pto.min(MAX_PTO))
+    }
+
     fn pto_deadline(&self) -> Option<Instant> {
         if self.state != State::Sending || self.probes_pending > 0 {
             return None;
@@ -607,6 +640,10 @@ impl<S: ChunkSource> Sender<S> {
         }
         if self.loss_time.is_some_and(|t| t <= now) {
             self.detect_losses(now);
+        }
+        if self.offer_deadline().is_some_and(|t| t <= now) {
+            self.offer_repeats += 1;
+            self.offer_pending = true;
         }
         if self.pto_deadline().is_some_and(|t| t <= now) {
             self.pto_count += 1;

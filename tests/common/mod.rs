@@ -68,6 +68,23 @@ pub fn download(
         to_server,
         config,
         5_000_000,
+        None,
+    )
+}
+
+/// Like [`download`] over a clean 10 ms path that loses everything from `after` on.
+pub fn download_cut(seed: u64, data: &[u8], after: Duration, config: TransferConfig) -> Outcome {
+    let link = LinkConfig::clean(Duration::from_millis(10));
+    let id = ObjectId::md5_of(data);
+    download_with(
+        seed,
+        data,
+        id,
+        link.clone(),
+        link,
+        config,
+        5_000_000,
+        Some(after),
     )
 }
 
@@ -80,6 +97,7 @@ pub fn download_with(
     to_server: LinkConfig,
     config: TransferConfig,
     max_steps: u64,
+    cut: Option<Duration>,
 ) -> Outcome {
     let start = Instant::now();
     let mut rng = Rng::new(seed);
@@ -106,7 +124,19 @@ pub fn download_with(
         Direction::AtoB => sb.set(sb.get() + d.len() as u64),
         Direction::BtoA => cb.set(cb.get() + d.len() as u64),
     }));
-    let run = pair.run(max_steps, start + Duration::from_secs(24 * 3600));
+    let run = match cut {
+        None => pair.run(max_steps, start + Duration::from_secs(24 * 3600)),
+        Some(after) => {
+            let first = pair.run(max_steps, start + after);
+            if first == RunOutcome::BothFinished {
+                first
+            } else {
+                pair.a_to_b.set_config(LinkConfig::default().with_loss(1.0));
+                pair.b_to_a.set_config(LinkConfig::default().with_loss(1.0));
+                pair.run(max_steps, start + Duration::from_secs(24 * 3600))
+            }
+        }
+    };
     let mut receiver_events = Vec::new();
     while let Some(e) = pair.b.poll_event() {
         receiver_events.push(e);

@@ -1,0 +1,449 @@
+//! Handshake, errors, timeouts and the end of a transfer.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use udpferry::core::{Event, RangeSet, Receiver, TransferConfig, TransferError};
+use udpferry::sim::{LinkConfig, OneShotServer, Pair, Peer, RunOutcome};
+use udpferry::wire::{self, ConnectionId, Datagram, Frame, Offer};
+use udpferry::ObjectId;
+
+fn link() -> LinkConfig {
+    LinkConfig::clean(Duration::from_millis(10))
+}
+
+fn receiver_events<K: udpferry::core::ChunkSink>(r: &mut Receiver<K>) -> Vec<Event> {
+    std::iter::from_fn(|| r.poll_event()).collect()
+}
+
+#[test]
+fn unknown_object_is_not_found() {
+    let data = object(5000, 1);
+    let other = ObjectId::md5_of(b"some other map");
+    let start = Instant::now();
+    let server = OneShotServer::new(
+        ObjectId::md5_of(&data),
+        5000,
+        data,
+        TransferConfig::default(),
+        1,
+    );
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        other,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    );
+    let mut pair = Pair::new(1, start, server, rx, link(), link());
+    pair.run(1000, start + Duration::from_secs(60));
+    let events = receiver_events(&mut pair.b);
+    assert_eq!(events.last(), Some(&Event::Failed(TransferError::NotFound)));
+    assert!(pair.b.is_finished());
+}
+
+#[test]
+fn wrong_bytes_under_the_requested_name_never_complete() {
+    let data = object(100_000, 2);
+    let claimed = ObjectId::md5_of(b"what the client asked for");
+    let start = Instant::now();
+    let server = OneShotServer::new(
+        claimed,
+        data.len() as u64,
+        data,
+        TransferConfig::default(),
+        1,
+    );
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        claimed,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    );
+    let mut pair = Pair::new(2, start, server, rx, link(), link());
+    pair.run(100_000, start + Duration::from_secs(60));
+    let events = receiver_events(&mut pair.b);
+    assert!(!events.iter().any(|e| matches!(e, Event::Completed(_))));
+    match events.last() {
+        Some(Event::Failed(TransferError::DigestMismatch { expected, .. })) => {
+            assert_eq!(*expected, claimed)
+        }
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+    // The server is told, and does not report success either.
+    assert!(
+        matches!(
+            pair.a.events.last(),
+            Some(Event::Failed(TransferError::Peer { .. }))
+        ),
+        "{:?}",
+        pair.a.events.last()
+    );
+}
+
+#[test]
+fn silent_server_times_out_without_spinning() {
+    let config = TransferConfig {
+        idle_timeout: Duration::from_secs(5),
+        ..TransferConfig::default()
+    };
+    let start = Instant::now();
+    let server = OneShotServer::new(ObjectId::md5_of(b"x"), 1, b"x".to_vec(), config.clone(), 1);
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        ObjectId::md5_of(b"x"),
+        &RangeSet::new(),
+        Vec::new(),
+        config,
+    );
+    let mut pair = Pair::new(
+        3,
+        start,
+        server,
+        rx,
+        link().with_loss(1.0),
+        link().with_loss(1.0),
+    );
+    let outcome = pair.run(10_000, start + Duration::from_secs(3600));
+    assert_eq!(
+        outcome,
+        RunOutcome::Stalled,
+        "the receiver gave up, so nothing is left to happen"
+    );
+    let events = receiver_events(&mut pair.b);
+    assert_eq!(
+        events.last(),
+        Some(&Event::Failed(TransferError::TimedOut(
+            Duration::from_secs(5)
+        )))
+    );
+    let elapsed = pair.now - start;
+    assert!(
+        elapsed >= Duration::from_secs(5) && elapsed < Duration::from_secs(6),
+        "{elapsed:?}"
+    );
+    // Requests are retried with backoff, not in a tight loop.
+    let sent = pair.b.stats().datagrams_sent;
+    assert!((2..=12).contains(&sent), "{sent} requests in 5 s");
+}
+
+#[test]
+fn server_vanishing_mid_transfer_times_out_both_sides_and_keeps_the_partial() {
+    let config = TransferConfig {
+        idle_timeout: Duration::from_secs(4),
+        ..TransferConfig::default()
+    };
+    let data = object(4 << 20, 4);
+    let id = ObjectId::md5_of(&data);
+    let start = Instant::now();
+    let server = OneShotServer::new(id, data.len() as u64, data.clone(), config.clone(), 1);
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        config,
+    );
+    let mut pair = Pair::new(4, start, server, rx, link(), link());
+    while pair.b.bytes_received() < 1 << 20 {
+        assert!(pair.step());
+    }
+    pair.a_to_b.set_config(link().with_loss(1.0));
+    pair.b_to_a.set_config(link().with_loss(1.0));
+    let cut = pair.now;
+    pair.run(1_000_000, start + Duration::from_secs(3600));
+    assert!(matches!(
+        receiver_events(&mut pair.b).last(),
+        Some(Event::Failed(TransferError::TimedOut(_)))
+    ));
+    assert!(matches!(
+        pair.a.events.last(),
+        Some(Event::Failed(TransferError::TimedOut(_)))
+    ));
+    assert!(pair.now - cut < Duration::from_secs(6));
+    // What arrived is kept and correct, ready for a resume.
+    let have = pair.b.received_bytes();
+    assert!(have.covered() >= 1 << 20);
+    for r in have.iter() {
+        let (s, e) = (r.start as usize, r.end as usize);
+        assert!(pair.b.sink()[s..e] == data[s..e]);
+    }
+}
+
+/// Drops the first `Done` the receiver sends.
+struct LoseFirstDone<K> {
+    inner: Receiver<K>,
+    dropped: bool,
+}
+
+impl<K: udpferry::core::ChunkSink> Peer for LoseFirstDone<K> {
+    fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
+        self.inner.handle_datagram(now, d)
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        let n = self.inner.poll_transmit(now, buf)?;
+        if !self.dropped
+            && matches!(
+                wire::decode(&buf[..n]),
+                Ok(Datagram {
+                    frame: Frame::Done,
+                    ..
+                })
+            )
+        {
+            self.dropped = true;
+            return self.inner.poll_transmit(now, buf);
+        }
+        Some(n)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.inner.handle_timeout(now)
+    }
+    fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+}
+
+#[test]
+fn a_lost_done_is_repeated_and_the_sender_stops() {
+    let data = object(200_000, 5);
+    let id = ObjectId::md5_of(&data);
+    let start = Instant::now();
+    let server = OneShotServer::new(
+        id,
+        data.len() as u64,
+        data.clone(),
+        TransferConfig::default(),
+        1,
+    );
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    );
+    let mut pair = Pair::new(
+        5,
+        start,
+        server,
+        LoseFirstDone {
+            inner: rx,
+            dropped: false,
+        },
+        link(),
+        link(),
+    );
+    assert_eq!(
+        pair.run(100_000, start + Duration::from_secs(60)),
+        RunOutcome::BothFinished
+    );
+    assert!(pair.b.dropped);
+    assert!(
+        matches!(pair.a.events.last(), Some(Event::Completed(_))),
+        "{:?}",
+        pair.a.events.last()
+    );
+    let stats = pair.a.sender().unwrap().stats();
+    // One probe (or two) recovered the Done; the sender did not keep transmitting.
+    assert!(stats.chunks_retransmitted <= 2, "{stats:?}");
+    // And once both sides are finished, nothing keeps running: the sender has no timer and the
+    // receiver's linger ends.
+    assert_eq!(pair.a.poll_timeout(), None);
+    let linger_end = pair.b.poll_timeout().expect("receiver lingers");
+    assert!(linger_end - pair.now <= Duration::from_secs(3));
+}
+
+#[test]
+fn resume_fetches_only_what_is_missing() {
+    let data = object(1 << 20, 6);
+    let id = ObjectId::md5_of(&data);
+    let half = data.len() / 2 + 123;
+    let mut partial = vec![0u8; data.len()];
+    partial[..half].copy_from_slice(&data[..half]);
+    let mut have = RangeSet::new();
+    have.insert(0..half as u64);
+    let start = Instant::now();
+    let server = OneShotServer::new(
+        id,
+        data.len() as u64,
+        data.clone(),
+        TransferConfig::default(),
+        1,
+    );
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &have,
+        partial,
+        TransferConfig::default(),
+    );
+    let mut pair = Pair::new(6, start, server, rx, link(), link());
+    assert_eq!(
+        pair.run(100_000, start + Duration::from_secs(60)),
+        RunOutcome::BothFinished
+    );
+    let events = receiver_events(&mut pair.b);
+    assert!(
+        matches!(events.last(), Some(Event::Completed(_))),
+        "{events:?}"
+    );
+    assert!(pair.b.sink() == &data);
+    let sent = pair.a.sender().unwrap().stats().bytes_sent as f64;
+    let ratio = sent / data.len() as f64;
+    assert!(
+        (0.45..0.55).contains(&ratio),
+        "resumed download sent {ratio:.3} of the object"
+    );
+}
+
+#[test]
+fn a_lying_resume_claim_fails_the_digest_instead_of_succeeding() {
+    // The have-set claims bytes that are in fact zeros: the digest check must catch it.
+    let data = object(100_000, 7);
+    let id = ObjectId::md5_of(&data);
+    let mut have = RangeSet::new();
+    have.insert(0..50_000);
+    let start = Instant::now();
+    let server = OneShotServer::new(
+        id,
+        data.len() as u64,
+        data.clone(),
+        TransferConfig::default(),
+        1,
+    );
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &have,
+        vec![0u8; data.len()],
+        TransferConfig::default(),
+    );
+    let mut pair = Pair::new(7, start, server, rx, link(), link());
+    pair.run(100_000, start + Duration::from_secs(60));
+    // Whole chunks inside the have-set were trusted (42 chunks of 1166 bytes), the rest fetched.
+    let mut what_it_holds = data.clone();
+    what_it_holds[..42 * 1166].fill(0);
+    match receiver_events(&mut pair.b).last() {
+        Some(Event::Failed(TransferError::DigestMismatch { expected, actual })) => {
+            assert_eq!(*expected, id);
+            assert_eq!(*actual, ObjectId::md5_of(&what_it_holds));
+        }
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+}
+
+fn offer_to(rx: &mut Receiver<Vec<u8>>, now: Instant, size: u64) -> Vec<Event> {
+    let mut buf = [0u8; 1500];
+    let n = rx.poll_transmit(now, &mut buf).expect("request");
+    let Ok(Datagram {
+        conn_id,
+        frame: Frame::Request(req),
+    }) = wire::decode(&buf[..n])
+    else {
+        panic!("first datagram must be a request")
+    };
+    let offer = Datagram {
+        conn_id,
+        frame: Frame::Offer(Offer {
+            object: req.object,
+            size,
+            chunk_size: 1166,
+            nonce: 77,
+        }),
+    };
+    let n = offer.encode(&mut buf).unwrap();
+    rx.handle_datagram(now, &buf[..n]);
+    receiver_events(rx)
+}
+
+#[test]
+fn offers_up_to_two_to_the_forty_bytes_are_representable_and_limits_apply() {
+    let now = Instant::now();
+    let id = ObjectId::md5_of(b"huge");
+    let config = TransferConfig {
+        max_object_size: u64::MAX,
+        ..TransferConfig::default()
+    };
+    let mut rx = Receiver::new(
+        now,
+        ConnectionId(1),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        config,
+    );
+    assert_eq!(
+        offer_to(&mut rx, now, 1 << 40),
+        vec![Event::Started { size: 1 << 40 }]
+    );
+    // The default limit (4 GiB) refuses a larger offer with a typed error and tells the server.
+    let mut rx = Receiver::new(
+        now,
+        ConnectionId(1),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    );
+    let events = offer_to(&mut rx, now, 5 << 30);
+    assert_eq!(
+        events,
+        vec![Event::Failed(TransferError::TooLarge {
+            size: 5 << 30,
+            max: 4 << 30
+        })]
+    );
+    let mut buf = [0u8; 1500];
+    let n = rx.poll_transmit(now, &mut buf).expect("error frame");
+    assert!(matches!(
+        wire::decode(&buf[..n]),
+        Ok(Datagram {
+            frame: Frame::Error(_),
+            ..
+        })
+    ));
+}
+
+#[test]
+fn cancel_tells_the_peer() {
+    let data = object(1 << 20, 8);
+    let id = ObjectId::md5_of(&data);
+    let start = Instant::now();
+    let server = OneShotServer::new(id, data.len() as u64, data, TransferConfig::default(), 1);
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    );
+    let mut pair = Pair::new(8, start, server, rx, link(), link());
+    while pair.b.bytes_received() < 100_000 {
+        assert!(pair.step());
+    }
+    pair.b.cancel();
+    pair.run(100_000, start + Duration::from_secs(60));
+    assert_eq!(
+        receiver_events(&mut pair.b).last(),
+        Some(&Event::Failed(TransferError::Cancelled))
+    );
+    assert!(matches!(
+        pair.a.events.last(),
+        Some(Event::Failed(TransferError::Peer { .. }))
+    ));
+}
