@@ -310,6 +310,51 @@ fn resume_fetches_only_what_is_missing() {
 }
 
 #[test]
+fn resuming_a_partial_larger_than_the_flow_control_window_does_not_stall() {
+    // 20 MiB already held, more than the 16 MiB receive window: the window must count from the
+    // first missing chunk, not from zero.
+    let data = object(24 << 20, 9);
+    let id = ObjectId::md5_of(&data);
+    let held = 20 << 20;
+    let mut partial = data.clone();
+    partial[held..].fill(0);
+    // Two touching ranges: they count together.
+    let have_list = [0..1000u64, 1000..held as u64];
+    let mut have = RangeSet::new();
+    for r in have_list {
+        have.insert(r);
+    }
+    let start = Instant::now();
+    let server = OneShotServer::new(
+        id,
+        data.len() as u64,
+        data.clone(),
+        TransferConfig::default(),
+        1,
+    );
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &have,
+        partial,
+        TransferConfig::default(),
+    );
+    let mut pair = Pair::new(9, start, server, rx, link(), link());
+    assert_eq!(
+        pair.run(1_000_000, start + Duration::from_secs(600)),
+        RunOutcome::BothFinished
+    );
+    assert!(matches!(
+        receiver_events(&mut pair.b).last(),
+        Some(Event::Completed(_))
+    ));
+    assert!(pair.b.sink() == &data);
+    let sent = pair.a.sender().unwrap().stats().bytes_sent;
+    assert!(sent < (data.len() - held) as u64 * 11 / 10, "sent {sent}");
+}
+
+#[test]
 fn a_lying_resume_claim_fails_the_digest_instead_of_succeeding() {
     // The have-set claims bytes that are in fact zeros: the digest check must catch it.
     let data = object(100_000, 7);

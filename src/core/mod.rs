@@ -263,6 +263,33 @@ pub(crate) fn chunk_bytes(index: u64, chunk_size: u64, size: u64) -> std::ops::R
     start..start.saturating_add(chunk_size).min(size)
 }
 
+/// The chunks wholly covered by the byte ranges `have` (merged first, so touching ranges count
+/// together). Both sides apply this rule to a request's have-set, so they agree on what is held.
+pub(crate) fn held_chunks(
+    have: impl Iterator<Item = std::ops::Range<u64>>,
+    size: u64,
+    chunk_size: u64,
+) -> RangeSet {
+    let mut bytes = RangeSet::new();
+    for r in have {
+        bytes.insert(r.start.min(size)..r.end.min(size));
+    }
+    let chunks = chunk_count(size, chunk_size);
+    let mut held = RangeSet::new();
+    for r in bytes.iter() {
+        let first = r.start.div_ceil(chunk_size);
+        let last = if r.end >= size {
+            chunks
+        } else {
+            r.end / chunk_size
+        };
+        if first < last {
+            held.insert(first..last);
+        }
+    }
+    held
+}
+
 /// Microseconds since `epoch`, wrapping at 2^32 (about 71 minutes), as carried on the wire.
 pub(crate) fn wire_micros(now: std::time::Instant, epoch: std::time::Instant) -> u32 {
     now.saturating_duration_since(epoch).as_micros() as u32

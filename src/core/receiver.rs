@@ -9,13 +9,13 @@ use md5::{Digest, Md5};
 use super::ranges::RangeSet;
 use super::rtt::RttEstimator;
 use super::{
-    chunk_bytes, chunk_count, wire_micros, ChunkSink, Completion, Event, Stats, TransferConfig,
-    TransferError,
+    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSink, Completion, Event, Stats,
+    TransferConfig, TransferError,
 };
 use crate::id::ObjectId;
 use crate::wire::{
-    self, ack_range_len, Ack, AckRanges, ConnectionId, Data, Datagram, ErrorFrame, Frame,
-    HaveRanges, Offer, Request, ACK_BASE_LEN, HEADER_LEN, MAX_CHUNKS, MIN_CHUNK_SIZE, TRAILER_LEN,
+    self, Ack, AckRanges, ConnectionId, Data, Datagram, ErrorFrame, Frame, HaveRanges, Offer,
+    Request, ACK_BASE_LEN, HEADER_LEN, MAX_CHUNKS, MIN_CHUNK_SIZE, TRAILER_LEN,
 };
 
 /// Longest wait between keep-alive acknowledgements while data is missing.
@@ -259,8 +259,7 @@ impl<K: ChunkSink> Receiver<K> {
         match &datagram.frame {
             Frame::Offer(offer) if self.state != State::Receiving => self.on_offer(now, offer),
             Frame::Data(data) if matches!(self.state, State::Starting | State::Receiving) => {
-                self.state = State::Receiving;
-                self.on_data(now, data);
+                self.on_data(now, data)
             }
             Frame::Error(e) => {
                 self.state = State::Closed;
@@ -316,17 +315,8 @@ impl<K: ChunkSink> Receiver<K> {
         self.object = Some(object);
         self.scratch = vec![0; chunk_size as usize];
         // Chunks wholly inside the have-set are already here (the sender applies the same rule).
-        for have in std::mem::take(&mut self.have) {
-            let first = have.start.div_ceil(chunk_size);
-            let last = if have.end >= object.size {
-                object.chunks
-            } else {
-                have.end / chunk_size
-            };
-            if first < last {
-                self.received.insert(first..last.min(object.chunks));
-            }
-        }
+        let have = std::mem::take(&mut self.have);
+        self.received = held_chunks(have.into_iter(), object.size, chunk_size);
         self.events.push_back(Event::Started { size: offer.size });
         self.state = State::Starting;
         self.handshake_pending = true;
@@ -350,6 +340,7 @@ impl<K: ChunkSink> Receiver<K> {
             self.stats.dropped.invalid += 1;
             return;
         }
+        self.state = State::Receiving;
         if self.largest_seq.is_none_or(|l| data.seq > l) {
             self.largest_seq = Some(data.seq);
             self.largest_seq_at = now;
@@ -544,11 +535,12 @@ impl<K: ChunkSink> Receiver<K> {
             if chosen.contains(&r) {
                 continue;
             }
-            // Worst case: a 4-byte gap and a 4-byte length.
-            if bytes + 8 > budget {
+            // Ranges are sorted only after choosing, so budget each at the worst case: an
+            // 8-byte gap and an 8-byte length.
+            if bytes + 16 > budget {
                 break;
             }
-            bytes += ack_range_len(cumulative, &r);
+            bytes += 16;
             chosen.push(r);
         }
         chosen.sort_unstable_by_key(|r| r.start);

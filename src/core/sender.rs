@@ -8,13 +8,13 @@ use super::pacer::Pacer;
 use super::ranges::RangeSet;
 use super::rtt::RttEstimator;
 use super::{
-    chunk_bytes, chunk_count, wire_micros, ChunkSource, Completion, Event, Stats, TransferConfig,
-    TransferError,
+    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSource, Completion, Event, Stats,
+    TransferConfig, TransferError,
 };
 use crate::id::ObjectId;
 use crate::wire::{
     self, encode_data_in_place, Ack, ConnectionId, Datagram, ErrorFrame, Frame, Offer, Request,
-    DATA_OVERHEAD, DATA_PAYLOAD_OFFSET,
+    DATA_OVERHEAD, DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
 };
 
 /// A datagram is lost once this many later ones were acknowledged (RFC 9002 kPacketThreshold).
@@ -111,6 +111,9 @@ impl<S: ChunkSource> Sender<S> {
     /// The caller has looked the object up (answering "not found" itself otherwise) and chosen
     /// `nonce` unpredictably (it is the address-validation token the client must echo). Next,
     /// drain [`poll_transmit`](Self::poll_transmit): the first datagram is the offer.
+    ///
+    /// Fails with [`TransferError::TooLarge`] when the object has more chunks than 32-bit chunk
+    /// indices can name at the negotiated datagram size; answer the client with an error frame.
     pub fn accept(
         now: Instant,
         conn_id: ConnectionId,
@@ -119,26 +122,19 @@ impl<S: ChunkSource> Sender<S> {
         source: S,
         nonce: u64,
         config: TransferConfig,
-    ) -> Self {
+    ) -> Result<Self, TransferError> {
         let datagram_size = config
             .datagram_size()
             .min(usize::from(request.max_datagram_size));
         let chunk_size = (datagram_size - DATA_OVERHEAD) as u64;
         let chunks = chunk_count(size, chunk_size);
-        let mut acked = RangeSet::new();
-        for have in request.have.iter() {
-            // A chunk counts as held only when the have-set covers all of its bytes; the
-            // receiver applies the same rule.
-            let first = have.start.div_ceil(chunk_size);
-            let last = if have.end >= size {
-                chunks
-            } else {
-                have.end / chunk_size
-            };
-            if first < last {
-                acked.insert(first..last.min(chunks));
-            }
+        if chunks > MAX_CHUNKS {
+            return Err(TransferError::TooLarge {
+                size,
+                max: MAX_CHUNKS * chunk_size,
+            });
         }
+        let acked = held_chunks(request.have.iter(), size, chunk_size);
         let rate_cap = match (
             config.max_rate_bytes_per_sec,
             request.max_rate_bytes_per_sec,
@@ -147,8 +143,10 @@ impl<S: ChunkSource> Sender<S> {
             (a, b) => a.min(b),
         };
         let burst = u64::from(config.burst_datagrams.max(1)) * datagram_size as u64;
-        let window_end = config.receive_window_bytes / chunk_size;
-        Sender {
+        // Flow control starts from the first chunk the client lacks, so resuming a large
+        // partial is not stuck behind a window measured from zero.
+        let window_end = acked.first_missing_from(0) + config.receive_window_bytes / chunk_size;
+        Ok(Sender {
             conn_id,
             source,
             object: request.object,
@@ -188,7 +186,7 @@ impl<S: ChunkSource> Sender<S> {
             stats: Stats::default(),
             finished: false,
             config,
-        }
+        })
     }
 
     /// The connection id this transfer answers to.

@@ -50,8 +50,8 @@ pub struct DropStats {
     /// Well-formed but not expected in the transfer's state (a stray offer, a start with the wrong
     /// nonce, data before the start).
     pub unexpected: u64,
-    /// Data whose chunk index or length does not fit the object, or acks naming chunks that do
-    /// not exist.
+    /// Data whose chunk index or length does not fit the object, or acks of a sequence number
+    /// never sent. (Ack ranges past the object's end are clipped, not counted.)
     pub invalid: u64,
 }
 

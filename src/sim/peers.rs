@@ -91,7 +91,7 @@ impl<S: ChunkSource> Peer for OneShotServer<S> {
         let Some(source) = self.source.take() else {
             return;
         };
-        self.sender = Some(Sender::accept(
+        self.sender = Sender::accept(
             now,
             conn_id,
             &request,
@@ -99,7 +99,8 @@ impl<S: ChunkSource> Peer for OneShotServer<S> {
             source,
             self.nonce,
             self.config.clone(),
-        ));
+        )
+        .ok();
     }
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {

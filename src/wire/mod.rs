@@ -37,8 +37,9 @@ pub const MIN_DATAGRAM_LEN: usize = HEADER_LEN + TRAILER_LEN;
 pub const DATA_OVERHEAD: usize = HEADER_LEN + frames::DATA_FIELDS_LEN + TRAILER_LEN;
 /// Default datagram size: fits the IPv6 minimum MTU (1280) minus IPv6 and UDP headers.
 pub const DEFAULT_MAX_DATAGRAM_SIZE: usize = 1200;
-/// The smallest chunk (payload) size a peer may offer. Together with 32-bit chunk indices it makes
-/// objects of at least 2^40 bytes representable.
+/// The smallest chunk (payload) size a peer may offer. With 32-bit chunk indices (at most
+/// 2^32 - 1 chunks) even the smallest chunk size represents objects of 2^40 - 256 bytes; the
+/// default 1166-byte chunks reach about 5 TB.
 pub const MIN_CHUNK_SIZE: usize = 256;
 /// The largest datagram this implementation builds or accepts (the largest UDP payload over IPv4).
 pub const MAX_DATAGRAM_SIZE: usize = 65_507;
