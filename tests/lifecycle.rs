@@ -492,3 +492,51 @@ fn cancel_tells_the_peer() {
         Some(Event::Failed(TransferError::Peer { .. }))
     ));
 }
+
+/// Drops every `Done` until `allow` is reached.
+struct DropDones<K> {
+    inner: Receiver<K>,
+    dropped: u32,
+    allow_after: u32,
+}
+
+impl<K: udpferry::core::ChunkSink> Peer for DropDones<K> {
+    fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
+        self.inner.handle_datagram(now, d)
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        loop {
+            let n = self.inner.poll_transmit(now, buf)?;
+            let done = matches!(wire::decode(&buf[..n]), Ok(Datagram { frame: Frame::Done, .. }));
+            if done && self.dropped < self.allow_after {
+                self.dropped += 1;
+                continue;
+            }
+            return Some(n);
+        }
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.inner.poll_timeout()
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.inner.handle_timeout(now)
+    }
+    fn is_finished(&self) -> bool {
+        self.inner.is_finished()
+    }
+}
+
+#[test]
+fn an_empty_object_whose_done_is_lost_still_completes_on_the_server() {
+    // No data phase: the server's own offer repeat makes the lingering client repeat Done.
+    let id = ObjectId::md5_of(b"");
+    let start = Instant::now();
+    let server = OneShotServer::new(id, 0, Vec::new(), TransferConfig::default(), 1);
+    let rx = Receiver::new(start, ConnectionId(9), id, &RangeSet::new(), Vec::new(), TransferConfig::default());
+    let peer = DropDones { inner: rx, dropped: 0, allow_after: 1 };
+    let mut pair = Pair::new(10, start, server, peer, link(), link());
+    assert_eq!(pair.run(10_000, start + Duration::from_secs(60)), RunOutcome::BothFinished);
+    assert_eq!(pair.b.dropped, 1);
+    assert!(matches!(pair.a.events.last(), Some(Event::Completed(_))), "{:?}", pair.a.events);
+    assert!(pair.now - start < Duration::from_secs(3));
+}

@@ -23,8 +23,10 @@ const PACKET_THRESHOLD: u64 = 3;
 const MAX_PTO_BACKOFF: u32 = 6;
 /// The probe timeout never exceeds this, so a path that comes back is noticed quickly.
 const MAX_PTO: Duration = Duration::from_secs(2);
-/// Offers repeated without a new request (each is smaller than the request that caused it).
-const MAX_OFFER_REPEATS: u32 = 2;
+/// Offers repeated without a new request. An offer (53 bytes) is a little larger than the
+/// smallest request (47 bytes), so two offers per request stay under the 3x anti-amplification
+/// bound.
+const MAX_OFFER_REPEATS: u32 = 1;
 /// Probe timeouts in a row that count as persistent congestion.
 const PERSISTENT_CONGESTION_PTOS: u32 = 3;
 
@@ -456,6 +458,11 @@ impl<S: ChunkSource> Sender<S> {
     }
 
     fn poll_data(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        if buf.len() < DATA_OVERHEAD + self.chunk_size as usize {
+            // The caller's buffer is smaller than the datagram size: send nothing rather than
+            // take a chunk off the queues and fail to write it.
+            return None;
+        }
         let probe = self.probes_pending > 0;
         let chunk = if probe {
             self.probe_chunk()?
@@ -591,6 +598,7 @@ impl<S: ChunkSource> Sender<S> {
             self.loss_time,
             self.pto_deadline(),
             self.pacing_wait,
+            self.offer_deadline(),
         ]
         .into_iter()
         .flatten()
