@@ -507,7 +507,13 @@ impl<K: udpferry::core::ChunkSink> Peer for DropDones<K> {
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         loop {
             let n = self.inner.poll_transmit(now, buf)?;
-            let done = matches!(wire::decode(&buf[..n]), Ok(Datagram { frame: Frame::Done, .. }));
+            let done = matches!(
+                wire::decode(&buf[..n]),
+                Ok(Datagram {
+                    frame: Frame::Done,
+                    ..
+                })
+            );
             if done && self.dropped < self.allow_after {
                 self.dropped += 1;
                 continue;
@@ -532,11 +538,29 @@ fn an_empty_object_whose_done_is_lost_still_completes_on_the_server() {
     let id = ObjectId::md5_of(b"");
     let start = Instant::now();
     let server = OneShotServer::new(id, 0, Vec::new(), TransferConfig::default(), 1);
-    let rx = Receiver::new(start, ConnectionId(9), id, &RangeSet::new(), Vec::new(), TransferConfig::default());
-    let peer = DropDones { inner: rx, dropped: 0, allow_after: 1 };
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    );
+    let peer = DropDones {
+        inner: rx,
+        dropped: 0,
+        allow_after: 1,
+    };
     let mut pair = Pair::new(10, start, server, peer, link(), link());
-    assert_eq!(pair.run(10_000, start + Duration::from_secs(60)), RunOutcome::BothFinished);
+    assert_eq!(
+        pair.run(10_000, start + Duration::from_secs(60)),
+        RunOutcome::BothFinished
+    );
     assert_eq!(pair.b.dropped, 1);
-    assert!(matches!(pair.a.events.last(), Some(Event::Completed(_))), "{:?}", pair.a.events);
+    assert!(
+        matches!(pair.a.events.last(), Some(Event::Completed(_))),
+        "{:?}",
+        pair.a.events
+    );
     assert!(pair.now - start < Duration::from_secs(3));
 }
