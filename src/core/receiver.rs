@@ -332,8 +332,6 @@ impl<K: ChunkSink> Receiver<K> {
         let Some(object) = self.object else {
             return;
         };
-        self.keepalives = 0;
-        self.keepalive_due = now + self.keepalive_interval();
         let chunk = u64::from(data.chunk);
         let range = chunk_bytes(chunk, object.chunk_size, object.size);
         if chunk >= object.chunks || data.payload.len() as u64 != range.end - range.start {
@@ -341,6 +339,8 @@ impl<K: ChunkSink> Receiver<K> {
             return;
         }
         self.state = State::Receiving;
+        self.keepalives = 0;
+        self.keepalive_due = now + self.keepalive_interval();
         if self.largest_seq.is_none_or(|l| data.seq > l) {
             self.largest_seq = Some(data.seq);
             self.largest_seq_at = now;
