@@ -46,7 +46,9 @@
 
 pub mod core;
 pub mod id;
+pub mod net;
 pub mod sim;
+pub mod store;
 pub mod wire;
 
 pub use id::ObjectId;

@@ -1,15 +1,19 @@
-//! The `udpferry` command-line tool.
-//!
-//! `udpferry demo` runs the README's main job: a generated 32 MiB map sent from an in-process
-//! sender to an in-process receiver through the deterministic network simulator (2% loss), and a
-//! summary of what it cost. Real sockets (`serve`, `get`) arrive with the endpoint and driver.
+//! The `udpferry` command-line tool: `serve` a directory of maps, `get` one by its MD5, or run the
+//! `demo` (a 32 MiB map over real loopback sockets; `--simulated` for the network simulator).
 
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use udpferry::core::{Event, RangeSet, Receiver, TransferConfig};
+use udpferry::net::{Client, FetchError, FetchOptions, Report, Server, ServerConfig};
 use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
+use udpferry::store::{Cache, ContentStore};
 use udpferry::wire::ConnectionId;
 use udpferry::ObjectId;
 
@@ -26,15 +30,57 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Send a generated map through a simulated lossy network and print what it cost.
+    /// Serve every file under DIR, addressed by the MD5 of its bytes, until SIGINT or SIGTERM.
+    Serve {
+        /// Directory to serve.
+        dir: PathBuf,
+        /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+        #[arg(long, default_value = "0.0.0.0:7878")]
+        listen: SocketAddr,
+        /// Cap on all sending together, bytes per second (e.g. 1MiB, 512K, 2000000, 1M/s).
+        #[arg(long, value_parser = parse_rate)]
+        rate: Option<u64>,
+        /// Cap on each client, bytes per second (same units as --rate).
+        #[arg(long, value_parser = parse_rate)]
+        client_rate: Option<u64>,
+        /// Print one line per object before listening: `object <md5hex> <bytes> <path>`.
+        #[arg(long)]
+        list: bool,
+        /// Report transfers on stderr.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Download one object by its MD5, verify it, and store it in the cache and/or PATH.
+    Get {
+        /// Server address (host:port).
+        server: String,
+        /// The object's MD5 (32 hex digits, optionally prefixed with `md5:`).
+        md5: ObjectId,
+        /// Also write the verified object to this path (atomically).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Cache directory (default: the platform cache directory, e.g. $XDG_CACHE_HOME/udpferry).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Give up after this many seconds in total.
+        #[arg(long)]
+        timeout: Option<f64>,
+        /// Report the transfer's counters on stderr.
+        #[arg(short, long)]
+        verbose: bool,
+    },
+    /// Send a generated map from a server to a client in this process and print what it cost.
     Demo {
         /// Map size in MiB.
         #[arg(long, default_value_t = 32)]
         size_mib: u64,
-        /// Random loss on each direction, in percent.
+        /// Use the deterministic network simulator instead of loopback sockets.
+        #[arg(long)]
+        simulated: bool,
+        /// Random loss on each direction, in percent (simulated only).
         #[arg(long, default_value_t = 2.0)]
         loss_percent: f64,
-        /// One-way latency in milliseconds.
+        /// One-way latency in milliseconds (simulated only).
         #[arg(long, default_value_t = 15)]
         latency_ms: u64,
         /// Seed for the map's bytes and the simulated network.
@@ -45,16 +91,293 @@ enum Command {
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Serve {
+            dir,
+            listen,
+            rate,
+            client_rate,
+            list,
+            verbose,
+        } => serve(dir, listen, rate, client_rate, list, verbose),
+        Command::Get {
+            server,
+            md5,
+            output,
+            cache,
+            timeout,
+            verbose,
+        } => get(&server, md5, output, cache, timeout, verbose),
         Command::Demo {
             size_mib,
+            simulated: true,
             loss_percent,
             latency_ms,
             seed,
-        } => demo(size_mib, loss_percent / 100.0, latency_ms, seed),
+        } => simulated_demo(size_mib, loss_percent / 100.0, latency_ms, seed),
+        Command::Demo { size_mib, seed, .. } => loopback_demo(size_mib, seed),
     }
 }
 
-fn demo(size_mib: u64, loss: f64, latency_ms: u64, seed: u64) -> ExitCode {
+/// Parses a rate: a plain integer or one with a suffix K, M, G, KiB, MiB, GiB (all binary:
+/// K and KiB both mean 1024), optionally followed by `/s`.
+fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("/s").unwrap_or(t);
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a rate (examples: 1MiB, 512K, 2000000)"))?;
+    let multiplier: u64 = match unit {
+        "" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "unknown unit in `{text}` (use K, M, G, KiB, MiB or GiB)"
+            ))
+        }
+    };
+    let rate = value
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("`{text}` is too large"))?;
+    if rate == 0 {
+        return Err("a rate must be above zero".into());
+    }
+    Ok(rate)
+}
+
+fn serve(
+    dir: PathBuf,
+    listen: SocketAddr,
+    rate: Option<u64>,
+    client_rate: Option<u64>,
+    list: bool,
+    verbose: bool,
+) -> ExitCode {
+    let store = match ContentStore::open(&dir) {
+        Ok(s) => s,
+        Err(e) => return fail("serve", &e.to_string()),
+    };
+    let mut stdout = std::io::stdout().lock();
+    if list {
+        for o in store.objects() {
+            let _ = writeln!(stdout, "object {} {} {}", o.id, o.size, o.path.display());
+        }
+    }
+    let mut config = ServerConfig::default();
+    config.endpoint.rate_limit_bytes_per_sec = rate.unwrap_or(0);
+    config.endpoint.transfer.max_rate_bytes_per_sec = client_rate.unwrap_or(0);
+    let mut server = match Server::bind(listen, store, config) {
+        Ok(s) => s,
+        Err(e) => return fail("serve", &format!("cannot listen on {listen}: {e}")),
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(signal, stop.clone()) {
+            return fail("serve", &format!("cannot handle signals: {e}"));
+        }
+    }
+    match server.local_addr() {
+        Ok(addr) => {
+            let _ = writeln!(stdout, "listening on {addr}");
+            let _ = stdout.flush();
+        }
+        Err(e) => return fail("serve", &e.to_string()),
+    }
+    drop(stdout);
+    let result = server.run_until(&stop, |e| {
+        if !verbose {
+            return;
+        }
+        match &e.event {
+            Event::Completed(c) => eprintln!(
+                "sent {} to {}: {} bytes in {:.2} s, {} bytes retransmitted",
+                e.object,
+                e.peer,
+                c.size,
+                c.duration.as_secs_f64(),
+                c.stats.bytes_retransmitted
+            ),
+            Event::Failed(err) => eprintln!("transfer of {} to {} failed: {err}", e.object, e.peer),
+            _ => {}
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail("serve", &format!("socket error: {e}")),
+    }
+}
+
+fn get(
+    server: &str,
+    id: ObjectId,
+    output: Option<PathBuf>,
+    cache: Option<PathBuf>,
+    timeout: Option<f64>,
+    verbose: bool,
+) -> ExitCode {
+    let Some(cache_dir) = cache.or_else(Cache::default_dir) else {
+        return fail(
+            "get",
+            "no cache directory: pass --cache DIR (or set XDG_CACHE_HOME or HOME)",
+        );
+    };
+    let mut options = FetchOptions::new(cache_dir);
+    options.output = output;
+    options.timeout = match timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(_) => return fail("get", "--timeout must be a positive number of seconds"),
+        None => None,
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let result = Client::fetch(server, id, &options, |done, total| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    match result {
+        Ok(report) => {
+            eprintln!("{}", summary(&report));
+            if verbose {
+                eprintln!("{:?}", report.stats);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("get", &describe(&e)),
+    }
+}
+
+fn describe(e: &FetchError) -> String {
+    use udpferry::core::TransferError as T;
+    match e {
+        FetchError::Transfer(T::TimedOut(d)) => {
+            format!(
+                "timed out: no answer from the server for {:.0} s",
+                d.as_secs_f64()
+            )
+        }
+        FetchError::Transfer(T::NotFound) => {
+            "not found: the server does not have this object".into()
+        }
+        FetchError::Transfer(T::Busy) => "server busy: try again later".into(),
+        FetchError::Transfer(T::DigestMismatch { actual, .. }) => {
+            format!(
+                "digest mismatch: the received bytes hash to {actual}; nothing was saved as done"
+            )
+        }
+        FetchError::Transfer(T::Storage { message, .. }) => {
+            format!("disk error: {message} (the partial download is kept)")
+        }
+        FetchError::Store(s) => format!("disk error: {s}"),
+        other => other.to_string(),
+    }
+}
+
+fn summary(r: &Report) -> String {
+    if r.from_cache {
+        return format!(
+            "{}: {} bytes, already in the cache ({})",
+            r.object,
+            r.size,
+            r.path.display()
+        );
+    }
+    let secs = r.duration.as_secs_f64().max(1e-9);
+    format!(
+        "{}: {} bytes in {:.2} s ({:.2} MB/s), {} bytes retransmitted{}",
+        r.object,
+        r.size,
+        secs,
+        (r.size - r.resumed_bytes.min(r.size)) as f64 / secs / 1e6,
+        r.stats.bytes_retransmitted,
+        if r.resumed_bytes > 0 {
+            format!(", resumed from {} bytes", r.resumed_bytes)
+        } else {
+            String::new()
+        }
+    )
+}
+
+fn fail(command: &str, message: &str) -> ExitCode {
+    eprintln!("udpferry {command}: {message}");
+    ExitCode::FAILURE
+}
+
+fn loopback_demo(size_mib: u64, seed: u64) -> ExitCode {
+    let dir = std::env::temp_dir().join(format!("udpferry-demo-{}", std::process::id()));
+    let result = run_loopback_demo(&dir, size_mib, seed);
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => fail("demo", &message),
+    }
+}
+
+fn run_loopback_demo(dir: &std::path::Path, size_mib: u64, seed: u64) -> Result<(), String> {
+    let maps = dir.join("maps");
+    std::fs::create_dir_all(&maps).map_err(|e| e.to_string())?;
+    let mut map = vec![0u8; (size_mib << 20) as usize];
+    Rng::new(seed).fill_bytes(&mut map);
+    let id = ObjectId::md5_of(&map);
+    std::fs::write(maps.join("demo.map"), &map).map_err(|e| e.to_string())?;
+    drop(map);
+    println!("map: {} bytes, md5 {id}", size_mib << 20);
+    let store = ContentStore::open(&maps).map_err(|e| e.to_string())?;
+    let mut server = Server::bind(
+        "127.0.0.1:0".parse().map_err(|_| "address")?,
+        store,
+        ServerConfig::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    println!("server: listening on {addr} (loopback, real UDP sockets)");
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let thread = std::thread::spawn(move || server.run_until(&stop2, |_| {}));
+    let options = FetchOptions::new(dir.join("cache"));
+    let result = Client::fetch(addr, id, &options, |_, _| {});
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = thread.join();
+    let report = result.map_err(|e| describe(&e))?;
+    let secs = report.duration.as_secs_f64();
+    println!(
+        "verified: md5 {} matches ({})",
+        report.object,
+        report.path.display()
+    );
+    println!("size:            {} bytes", report.size);
+    println!("duration:        {secs:.2} s");
+    println!(
+        "goodput:         {:.1} MB/s",
+        report.size as f64 / secs.max(1e-9) / 1e6
+    );
+    println!(
+        "received:        {} datagrams",
+        report.stats.datagrams_received
+    );
+    println!(
+        "retransmissions: {} duplicate chunks arrived",
+        report.stats.duplicate_chunks
+    );
+    Ok(())
+}
+
+fn simulated_demo(size_mib: u64, loss: f64, latency_ms: u64, seed: u64) -> ExitCode {
     let size = (size_mib << 20) as usize;
     let mut rng = Rng::new(seed);
     let mut map = vec![0u8; size];
@@ -122,6 +445,38 @@ fn demo(size_mib: u64, loss: f64, latency_ms: u64, seed: u64) -> ExitCode {
         (outcome, _) => {
             eprintln!("udpferry demo: simulation ended without a result ({outcome:?})");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn rates_parse_with_binary_suffixes_and_per_second() {
+        assert_eq!(parse_rate("2000000"), Ok(2_000_000));
+        assert_eq!(parse_rate("512K"), Ok(512 * 1024));
+        assert_eq!(parse_rate("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_rate("1MiB"), Ok(1 << 20));
+        assert_eq!(parse_rate("1M/s"), Ok(1 << 20));
+        assert_eq!(parse_rate("2G"), Ok(2 << 30));
+        assert_eq!(parse_rate("3GiB/s"), Ok(3 << 30));
+    }
+
+    #[test]
+    fn bad_rates_are_refused_with_a_reason() {
+        for bad in [
+            "",
+            "fast",
+            "1T",
+            "0",
+            "1.5M",
+            "-1",
+            "99999999999999999999",
+            "17179869184G",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad}");
         }
     }
 }

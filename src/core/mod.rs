@@ -20,6 +20,7 @@
 
 mod config;
 mod congestion;
+mod endpoint;
 mod pacer;
 mod ranges;
 mod receiver;
@@ -32,6 +33,10 @@ use std::time::Duration;
 
 pub use config::TransferConfig;
 pub use congestion::NewReno;
+pub use endpoint::{
+    Endpoint, EndpointConfig, EndpointEvent, EndpointStats, NoObjects, ObjectProvider, Role,
+    TransferId, Transmit,
+};
 pub use pacer::Pacer;
 pub use ranges::RangeSet;
 pub use receiver::Receiver;

@@ -169,6 +169,12 @@ impl<K: ChunkSink> Receiver<K> {
         &self.sink
     }
 
+    /// The sink, mutably: for an owner that must flush or close it (for example once the transfer
+    /// finished). Writing object bytes into it behind the receiver's back voids the digest check.
+    pub fn sink_mut(&mut self) -> &mut K {
+        &mut self.sink
+    }
+
     /// Takes the sink out, ending the transfer's use of it.
     pub fn into_sink(self) -> K {
         self.sink

@@ -1,0 +1,618 @@
+//! Many transfers behind one socket: demultiplexing, accepting requests, limits, a shared
+//! uplink budget, and reaping.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use super::pacer::Pacer;
+use super::ranges::RangeSet;
+use super::{ChunkSink, ChunkSource, Event, Receiver, Sender, TransferConfig};
+use crate::id::ObjectId;
+use crate::wire::{self, ConnectionId, Datagram, ErrorCode, ErrorFrame, Frame};
+
+/// Where a serving endpoint finds objects.
+///
+/// Implemented by the file store (`store::ContentStore`) and by in-memory maps in tests. An
+/// endpoint that only downloads uses [`NoObjects`].
+pub trait ObjectProvider {
+    /// How the bytes of one object are read.
+    type Source: ChunkSource;
+    /// Opens object `id` for one transfer: its size and a reader, or `Ok(None)` when this
+    /// provider does not have it (the client is told "not found"). An error is answered with an
+    /// internal-error frame.
+    fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>>;
+}
+
+/// A provider with no objects, for endpoints that only download.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoObjects;
+
+impl ObjectProvider for NoObjects {
+    type Source = &'static [u8];
+    fn open(&mut self, _id: &ObjectId) -> io::Result<Option<(u64, &'static [u8])>> {
+        Ok(None)
+    }
+}
+
+impl ObjectProvider for HashMap<ObjectId, std::sync::Arc<[u8]>> {
+    type Source = std::sync::Arc<[u8]>;
+    fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>> {
+        Ok(self.get(id).map(|d| (d.len() as u64, d.clone())))
+    }
+}
+
+/// Settings of an [`Endpoint`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    /// Settings every transfer of this endpoint uses.
+    pub transfer: TransferConfig,
+    /// Most transfers at once, both roles together. Requests beyond it are answered "busy".
+    pub max_transfers: usize,
+    /// Most transfers at once with one peer address.
+    pub max_transfers_per_address: usize,
+    /// Uplink budget for all transfers together, bytes per second (0: none). Each transfer's own
+    /// cap is `transfer.max_rate_bytes_per_sec`.
+    pub rate_limit_bytes_per_sec: u64,
+    /// Most error replies (not found, busy) queued at once; more requests are dropped unanswered.
+    pub max_pending_replies: usize,
+    /// Seed for connection ids and address-validation nonces. A driver seeds it from the
+    /// operating system's randomness; tests pass a fixed value.
+    pub seed: u64,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            transfer: TransferConfig::default(),
+            max_transfers: 256,
+            max_transfers_per_address: 8,
+            rate_limit_bytes_per_sec: 0,
+            max_pending_replies: 64,
+            seed: 0,
+        }
+    }
+}
+
+/// A transfer's handle within its endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransferId(pub u64);
+
+/// Which side of a transfer this endpoint is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// This endpoint sends the object (it accepted a request).
+    Serving,
+    /// This endpoint receives the object (it called [`Endpoint::fetch`]).
+    Fetching,
+}
+
+/// An event of one of the endpoint's transfers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointEvent {
+    /// The transfer.
+    pub transfer: TransferId,
+    /// Its side.
+    pub role: Role,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The object.
+    pub object: ObjectId,
+    /// What happened.
+    pub event: Event,
+}
+
+/// A datagram to send, written into the caller's buffer by [`Endpoint::poll_transmit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub destination: SocketAddr,
+    /// Its length at the start of the buffer.
+    pub len: usize,
+}
+
+/// Counters of an endpoint (its transfers keep their own, see [`Endpoint::transfer_stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct EndpointStats {
+    /// Datagrams handed to `handle_datagram`.
+    pub datagrams_received: u64,
+    /// Datagrams sent, all transfers.
+    pub datagrams_sent: u64,
+    /// Bytes sent, all transfers.
+    pub bytes_sent: u64,
+    /// Dropped: failed to decode (including bad checksums).
+    pub malformed: u64,
+    /// Dropped: not a request, and no transfer with that address and connection id.
+    pub unknown_connection: u64,
+    /// Requests answered "not found".
+    pub not_found: u64,
+    /// Requests answered "busy" (a limit was reached).
+    pub busy: u64,
+    /// Requests dropped unanswered because too many replies were queued.
+    pub replies_dropped: u64,
+    /// Transfers accepted (serving).
+    pub accepted: u64,
+    /// Transfers removed after they finished.
+    pub reaped: u64,
+}
+
+enum Transfer<S, K> {
+    Serving(Box<Sender<S>>),
+    Fetching(Box<Receiver<SinkSlot<K>>>),
+}
+
+struct Slot<S, K> {
+    peer: SocketAddr,
+    conn_id: ConnectionId,
+    object: ObjectId,
+    transfer: Transfer<S, K>,
+}
+
+/// Holds a fetching transfer's sink so the owner can take it out once the transfer finished,
+/// while the receiver lingers to answer a sender that missed its `Done`.
+struct SinkSlot<K>(Option<K>);
+
+impl<K: ChunkSink> ChunkSink for SinkSlot<K> {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        match &mut self.0 {
+            Some(k) => k.write_at(offset, data),
+            None => Err(io::Error::other("sink already taken")),
+        }
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match &mut self.0 {
+            Some(k) => k.read_at(offset, buf),
+            None => Err(io::Error::other("sink already taken")),
+        }
+    }
+}
+
+/// Many transfers, both roles, behind one socket. Still sans-IO: the caller owns the socket.
+///
+/// Call order, as for a single transfer (see the [module docs](super)):
+/// 1. for every datagram the socket receives for which
+///    [`is_udpferry_datagram`](crate::is_udpferry_datagram) is true, call
+///    [`handle_datagram`](Self::handle_datagram) with its source address;
+/// 2. drain [`poll_transmit`](Self::poll_transmit) and send each datagram to its destination;
+/// 3. drain [`poll_event`](Self::poll_event);
+/// 4. wake at [`poll_timeout`](Self::poll_timeout) and call
+///    [`handle_timeout`](Self::handle_timeout), then go back to 2.
+///
+/// Requests for objects are answered from the [`ObjectProvider`]; downloads are started with
+/// [`fetch`](Self::fetch). A game calls steps 1-4 once per tick with its own socket.
+pub struct Endpoint<P: ObjectProvider, K> {
+    config: EndpointConfig,
+    provider: P,
+    transfers: BTreeMap<TransferId, Slot<P::Source, K>>,
+    by_connection: HashMap<(SocketAddr, ConnectionId), TransferId>,
+    per_address: HashMap<std::net::IpAddr, usize>,
+    next_id: u64,
+    cursor: TransferId,
+    replies: VecDeque<(SocketAddr, ConnectionId, ErrorCode, &'static str)>,
+    events: VecDeque<EndpointEvent>,
+    uplink: Pacer,
+    uplink_wait: Option<Instant>,
+    rng: SplitMix64,
+    stats: EndpointStats,
+}
+
+impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
+    /// An endpoint serving from `provider` (use [`NoObjects`] to only download).
+    pub fn new(config: EndpointConfig, provider: P) -> Self {
+        let burst = u64::from(config.transfer.burst_datagrams.max(1))
+            * config.transfer.datagram_size() as u64;
+        Endpoint {
+            uplink: Pacer::new(config.rate_limit_bytes_per_sec, burst),
+            uplink_wait: None,
+            rng: SplitMix64(config.seed),
+            provider,
+            transfers: BTreeMap::new(),
+            by_connection: HashMap::new(),
+            per_address: HashMap::new(),
+            next_id: 0,
+            cursor: TransferId(0),
+            replies: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: EndpointStats::default(),
+            config,
+        }
+    }
+
+    /// The provider, for example to rescan a store.
+    pub fn provider_mut(&mut self) -> &mut P {
+        &mut self.provider
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> &EndpointStats {
+        &self.stats
+    }
+
+    /// Transfers in progress (or lingering after their end).
+    pub fn transfer_count(&self) -> usize {
+        self.transfers.len()
+    }
+
+    /// Counters of one transfer, while the endpoint still holds it.
+    pub fn transfer_stats(&self, id: TransferId) -> Option<super::Stats> {
+        self.transfers.get(&id).map(|slot| match &slot.transfer {
+            Transfer::Serving(s) => s.stats(),
+            Transfer::Fetching(r) => r.stats(),
+        })
+    }
+
+    /// Bytes received so far by a fetching transfer, as byte ranges (for a resume journal).
+    pub fn received_bytes(&self, id: TransferId) -> Option<RangeSet> {
+        match &self.transfers.get(&id)?.transfer {
+            Transfer::Fetching(r) => Some(r.received_bytes()),
+            Transfer::Serving(_) => None,
+        }
+    }
+
+    /// Starts downloading object `id` from `server` into `sink`; `have` lists byte ranges
+    /// already in `sink` (resume). Drain [`poll_transmit`](Self::poll_transmit) next. The
+    /// transfer ends with [`Event::Completed`] or [`Event::Failed`]; then take the sink back with
+    /// [`take_sink`](Self::take_sink).
+    pub fn fetch(
+        &mut self,
+        now: Instant,
+        server: SocketAddr,
+        id: ObjectId,
+        have: &RangeSet,
+        sink: K,
+    ) -> TransferId {
+        let conn_id = loop {
+            let c = ConnectionId(self.rng.next());
+            if !self.by_connection.contains_key(&(server, c)) {
+                break c;
+            }
+        };
+        let receiver = Receiver::new(
+            now,
+            conn_id,
+            id,
+            have,
+            SinkSlot(Some(sink)),
+            self.config.transfer.clone(),
+        );
+        self.insert(server, conn_id, id, Transfer::Fetching(Box::new(receiver)))
+    }
+
+    /// Takes back the sink of a fetching transfer that has finished (completed: it holds the
+    /// verified object; failed: it holds what arrived, for a resume). `None` while the transfer
+    /// runs, for a serving transfer, or if already taken.
+    ///
+    /// Call it after the transfer's final event: a finished download is removed from the
+    /// endpoint only once its sink was taken.
+    pub fn take_sink(&mut self, id: TransferId) -> Option<K> {
+        match &mut self.transfers.get_mut(&id)?.transfer {
+            Transfer::Fetching(r) if r.is_finished() => r.sink_mut().0.take(),
+            _ => None,
+        }
+    }
+
+    /// The sink of a fetching transfer, while the endpoint holds it: for owner bookkeeping such
+    /// as recording the object's size once [`Event::Started`] arrives. Writing object bytes into
+    /// it voids the digest check.
+    pub fn sink_mut(&mut self, id: TransferId) -> Option<&mut K> {
+        match &mut self.transfers.get_mut(&id)?.transfer {
+            Transfer::Fetching(r) => r.sink_mut().0.as_mut(),
+            Transfer::Serving(_) => None,
+        }
+    }
+
+    /// Cancels a transfer: the peer is told, and the transfer reports
+    /// [`TransferError::Cancelled`](super::TransferError::Cancelled).
+    pub fn cancel(&mut self, id: TransferId) {
+        if let Some(slot) = self.transfers.get_mut(&id) {
+            match &mut slot.transfer {
+                Transfer::Serving(s) => s.cancel(),
+                Transfer::Fetching(r) => r.cancel(),
+            }
+            self.collect_events(id);
+        }
+    }
+
+    fn insert(
+        &mut self,
+        peer: SocketAddr,
+        conn_id: ConnectionId,
+        object: ObjectId,
+        transfer: Transfer<P::Source, K>,
+    ) -> TransferId {
+        let id = TransferId(self.next_id);
+        self.next_id += 1;
+        self.by_connection.insert((peer, conn_id), id);
+        *self.per_address.entry(peer.ip()).or_default() += 1;
+        self.transfers.insert(
+            id,
+            Slot {
+                peer,
+                conn_id,
+                object,
+                transfer,
+            },
+        );
+        id
+    }
+
+    fn remove(&mut self, id: TransferId) {
+        if let Some(slot) = self.transfers.remove(&id) {
+            self.by_connection.remove(&(slot.peer, slot.conn_id));
+            if let Some(n) = self.per_address.get_mut(&slot.peer.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_address.remove(&slot.peer.ip());
+                }
+            }
+            self.stats.reaped += 1;
+        }
+    }
+
+    /// Feeds one datagram received from `from`. Malformed datagrams and datagrams for unknown
+    /// connections are counted and dropped without creating state; requests are accepted,
+    /// answered "not found", or answered "busy" at a limit.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.stats.datagrams_received += 1;
+        let datagram = match wire::decode(data) {
+            Ok(d) => d,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        if let Some(&id) = self.by_connection.get(&(from, datagram.conn_id)) {
+            if let Some(slot) = self.transfers.get_mut(&id) {
+                match &mut slot.transfer {
+                    Transfer::Serving(s) => s.handle_decoded(now, &datagram, data.len()),
+                    Transfer::Fetching(r) => r.handle_decoded(now, &datagram, data.len()),
+                }
+                self.collect_events(id);
+            }
+            return;
+        }
+        match &datagram.frame {
+            Frame::Request(_) => self.accept(now, from, &datagram),
+            _ => self.stats.unknown_connection += 1,
+        }
+    }
+
+    fn accept(&mut self, now: Instant, from: SocketAddr, datagram: &Datagram<'_>) {
+        let Frame::Request(request) = &datagram.frame else {
+            return;
+        };
+        let at_address = self.per_address.get(&from.ip()).copied().unwrap_or(0);
+        if self.transfers.len() >= self.config.max_transfers
+            || at_address >= self.config.max_transfers_per_address
+        {
+            self.stats.busy += 1;
+            self.reply(from, datagram.conn_id, ErrorCode::Busy, "server busy");
+            return;
+        }
+        let (size, source) = match self.provider.open(&request.object) {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                self.stats.not_found += 1;
+                self.reply(
+                    from,
+                    datagram.conn_id,
+                    ErrorCode::NotFound,
+                    "no such object",
+                );
+                return;
+            }
+            Err(_) => {
+                self.reply(
+                    from,
+                    datagram.conn_id,
+                    ErrorCode::Internal,
+                    "cannot read object",
+                );
+                return;
+            }
+        };
+        let nonce = self.rng.next();
+        match Sender::accept(
+            now,
+            datagram.conn_id,
+            request,
+            size,
+            source,
+            nonce,
+            self.config.transfer.clone(),
+        ) {
+            Ok(sender) => {
+                self.stats.accepted += 1;
+                let id = self.insert(
+                    from,
+                    datagram.conn_id,
+                    request.object,
+                    Transfer::Serving(Box::new(sender)),
+                );
+                self.collect_events(id);
+            }
+            Err(_) => self.reply(
+                from,
+                datagram.conn_id,
+                ErrorCode::TooLarge,
+                "object too large",
+            ),
+        }
+    }
+
+    fn reply(&mut self, to: SocketAddr, conn_id: ConnectionId, code: ErrorCode, why: &'static str) {
+        if self.replies.len() >= self.config.max_pending_replies {
+            self.stats.replies_dropped += 1;
+            return;
+        }
+        self.replies.push_back((to, conn_id, code, why));
+    }
+
+    fn collect_events(&mut self, id: TransferId) {
+        let Some(slot) = self.transfers.get_mut(&id) else {
+            return;
+        };
+        let (role, peer, object) = match &slot.transfer {
+            Transfer::Serving(_) => (Role::Serving, slot.peer, slot.object),
+            Transfer::Fetching(_) => (Role::Fetching, slot.peer, slot.object),
+        };
+        loop {
+            let event = match &mut slot.transfer {
+                Transfer::Serving(s) => s.poll_event(),
+                Transfer::Fetching(r) => r.poll_event(),
+            };
+            let Some(event) = event else { break };
+            self.events.push_back(EndpointEvent {
+                transfer: id,
+                role,
+                peer,
+                object,
+                event,
+            });
+        }
+    }
+
+    /// Writes the next datagram to send into `buf` (at least the configured datagram size) and
+    /// says where it goes, or returns `None` when nothing may be sent now. Transfers take turns,
+    /// one datagram each, under the endpoint's uplink budget.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        self.uplink_wait = None;
+        if let Some((to, conn_id, code, reason)) = self.replies.pop_front() {
+            let frame = Frame::Error(ErrorFrame { code, reason });
+            let len = Datagram { conn_id, frame }.encode(buf).ok()?;
+            return Some(self.sent(to, len, now));
+        }
+        let datagram_size = self.config.transfer.datagram_size() as u64;
+        if self.uplink.rate() != 0 && !self.transfers.is_empty() {
+            let ready = self.uplink.ready_at(datagram_size, now);
+            if ready > now {
+                self.uplink_wait = Some(ready);
+                return None;
+            }
+        }
+        let ids: Vec<TransferId> = self
+            .transfers
+            .range(self.cursor..)
+            .chain(self.transfers.range(..self.cursor))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            let Some(slot) = self.transfers.get_mut(&id) else {
+                continue;
+            };
+            let peer = slot.peer;
+            let (len, finished, idle) = match &mut slot.transfer {
+                Transfer::Serving(s) => (
+                    s.poll_transmit(now, buf),
+                    s.is_finished(),
+                    s.poll_timeout().is_none(),
+                ),
+                Transfer::Fetching(r) => (
+                    r.poll_transmit(now, buf),
+                    r.is_finished(),
+                    r.poll_timeout().is_none(),
+                ),
+            };
+            self.collect_events(id);
+            if let Some(len) = len {
+                self.cursor = TransferId(id.0 + 1);
+                return Some(self.sent(peer, len, now));
+            }
+            if finished && idle && self.take_sink_done(id) {
+                self.remove(id);
+            }
+        }
+        None
+    }
+
+    /// A finished transfer may be removed once nothing is left to send and (for a download) the
+    /// owner no longer needs the sink from us: it was taken, or the transfer failed.
+    fn take_sink_done(&self, id: TransferId) -> bool {
+        match self.transfers.get(&id).map(|s| &s.transfer) {
+            Some(Transfer::Fetching(r)) => r.sink().0.is_none(),
+            _ => true,
+        }
+    }
+
+    fn sent(&mut self, to: SocketAddr, len: usize, now: Instant) -> Transmit {
+        self.stats.datagrams_sent += 1;
+        self.stats.bytes_sent += len as u64;
+        if self.uplink.rate() != 0 {
+            self.uplink.take(len as u64, now);
+        }
+        Transmit {
+            destination: to,
+            len,
+        }
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) should next be called: the earliest timer of
+    /// any transfer, or the moment the uplink budget allows the next datagram.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let transfers = self
+            .transfers
+            .values()
+            .filter_map(|slot| match &slot.transfer {
+                Transfer::Serving(s) => s.poll_timeout(),
+                Transfer::Fetching(r) => r.poll_timeout(),
+            });
+        transfers.chain(self.uplink_wait).min()
+    }
+
+    /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed (calling it
+    /// early is harmless), then drain `poll_transmit` and `poll_event`.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<TransferId> = self
+            .transfers
+            .iter()
+            .filter(|(_, slot)| {
+                let t = match &slot.transfer {
+                    Transfer::Serving(s) => s.poll_timeout(),
+                    Transfer::Fetching(r) => r.poll_timeout(),
+                };
+                t.is_some_and(|t| t <= now)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in due {
+            if let Some(slot) = self.transfers.get_mut(&id) {
+                match &mut slot.transfer {
+                    Transfer::Serving(s) => s.handle_timeout(now),
+                    Transfer::Fetching(r) => r.handle_timeout(now),
+                }
+            }
+            self.collect_events(id);
+        }
+    }
+
+    /// The next event of any transfer.
+    pub fn poll_event(&mut self) -> Option<EndpointEvent> {
+        self.events.pop_front()
+    }
+}
+
+impl<P: ObjectProvider, K> std::fmt::Debug for Endpoint<P, K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("transfers", &self.transfers.len())
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A small seeded generator for connection ids and nonces (SplitMix64). Its unpredictability is
+/// that of its seed, which a driver takes from the operating system.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}

@@ -1,0 +1,402 @@
+//! A thin `std::net::UdpSocket` driver around the sans-IO [`Endpoint`].
+//!
+//! Two ways in:
+//! - blocking: [`Client::fetch`] downloads one object into a cache, [`Server::bind`] +
+//!   [`Server::run_until`] serve a [`ContentStore`];
+//! - poll-style, for a game that keeps its own socket: use [`Endpoint`] directly (see
+//!   examples/game_loop.rs): route datagrams for which
+//!   [`is_udpferry_datagram`](crate::is_udpferry_datagram) is true to
+//!   [`Endpoint::handle_datagram`], and once per tick drain [`Endpoint::poll_transmit`] into your
+//!   socket.
+//!
+//! The loop here is the whole driver: receive with a timeout of `poll_timeout - now`, feed the
+//! endpoint, fire its timer, drain its datagrams and events. Anything more would be a smell.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::core::{
+    ChunkSink, Endpoint, EndpointConfig, EndpointEvent, Event, NoObjects, ObjectProvider, Stats,
+    TransferError,
+};
+use crate::id::ObjectId;
+use crate::store::{Cache, ContentStore, PartialFile, StoreError};
+use crate::wire::MAX_DATAGRAM_SIZE;
+
+/// Socket buffer size requested for both directions (the kernel may grant less).
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// Longest the driver sleeps without checking its stop flag.
+const MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// Opens a UDP socket bound to `addr` with large send and receive buffers (socket2). An IPv6
+/// wildcard address also accepts IPv4 where the system allows it.
+pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer only costs throughput.
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
+    if addr.is_ipv6() && addr.ip().is_unspecified() {
+        let _ = socket.set_only_v6(false);
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// One step of the driver loop: wait for a datagram until the endpoint's next timer (at most
+/// `MAX_WAIT`), feed it, fire due timers, send everything due, and hand events to `on_event`.
+fn turn<P: ObjectProvider, K: ChunkSink>(
+    socket: &UdpSocket,
+    endpoint: &mut Endpoint<P, K>,
+    buf: &mut [u8],
+    on_event: &mut dyn FnMut(&mut Endpoint<P, K>, EndpointEvent),
+) -> io::Result<()> {
+    let now = Instant::now();
+    let wait = endpoint
+        .poll_timeout()
+        .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
+        .min(MAX_WAIT);
+    if !wait.is_zero() {
+        socket.set_read_timeout(Some(wait.max(Duration::from_micros(20))))?;
+        match socket.recv_from(buf) {
+            Ok((n, from)) => {
+                if crate::is_udpferry_datagram(&buf[..n]) {
+                    endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
+                }
+                // Take whatever else is already queued without sleeping.
+                socket.set_nonblocking(true)?;
+                for _ in 0..256 {
+                    match socket.recv_from(buf) {
+                        Ok((n, from)) if crate::is_udpferry_datagram(&buf[..n]) => {
+                            endpoint.handle_datagram(Instant::now(), from, &buf[..n])
+                        }
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                socket.set_nonblocking(false)?;
+            }
+            Err(e) if is_timeout(&e) => {}
+            // ICMP errors (port unreachable) surface on Linux as a failed receive: the peer's
+            // idle timeout deals with a peer that is gone.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let now = Instant::now();
+    if endpoint.poll_timeout().is_some_and(|t| t <= now) {
+        endpoint.handle_timeout(now);
+    }
+    while let Some(t) = endpoint.poll_transmit(now, buf) {
+        // A failed send is a lost datagram; recovery handles it.
+        let _ = socket.send_to(&buf[..t.len], t.destination);
+    }
+    while let Some(event) = endpoint.poll_event() {
+        on_event(endpoint, event);
+    }
+    Ok(())
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl ObjectProvider for ContentStore {
+    type Source = crate::store::FileSource;
+    fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>> {
+        self.open_object(id).map_err(Into::into)
+    }
+}
+
+/// Settings of a [`Server`].
+#[derive(Debug, Clone, Default)]
+pub struct ServerConfig {
+    /// Limits and transfer settings; `seed` is replaced by operating-system randomness.
+    pub endpoint: EndpointConfig,
+}
+
+/// Serves a [`ContentStore`] on a UDP socket until told to stop.
+pub struct Server {
+    socket: UdpSocket,
+    endpoint: Endpoint<ContentStore, Vec<u8>>,
+    bytes_sent: Arc<AtomicU64>,
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port; see [`local_addr`](Self::local_addr)) and prepares
+    /// to serve `store`. Call [`run_until`](Self::run_until) next.
+    pub fn bind(addr: SocketAddr, store: ContentStore, config: ServerConfig) -> io::Result<Self> {
+        let socket = bind(addr)?;
+        let mut endpoint_config = config.endpoint;
+        endpoint_config.seed = random_seed();
+        Ok(Server {
+            socket,
+            endpoint: Endpoint::new(endpoint_config, store),
+            bytes_sent: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// A counter of UDP payload bytes sent, readable from another thread while the server runs.
+    pub fn bytes_sent_counter(&self) -> Arc<AtomicU64> {
+        self.bytes_sent.clone()
+    }
+
+    /// Serves until `stop` becomes true (checked at least every 50 ms), calling `on_event` for
+    /// every transfer event. Returns an error only if the socket fails.
+    pub fn run_until(
+        &mut self,
+        stop: &AtomicBool,
+        mut on_event: impl FnMut(&EndpointEvent),
+    ) -> io::Result<()> {
+        let mut buf = vec![0u8; MAX_DATAGRAM_SIZE];
+        while !stop.load(Ordering::Relaxed) {
+            turn(&self.socket, &mut self.endpoint, &mut buf, &mut |_, e| {
+                on_event(&e)
+            })?;
+            self.bytes_sent
+                .store(self.endpoint.stats().bytes_sent, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// The endpoint, for its statistics.
+    pub fn endpoint(&self) -> &Endpoint<ContentStore, Vec<u8>> {
+        &self.endpoint
+    }
+}
+
+/// Options of [`Client::fetch`].
+#[derive(Debug, Clone)]
+pub struct FetchOptions {
+    /// The cache: verified objects by id, and partial downloads with their resume journals.
+    pub cache_dir: PathBuf,
+    /// Also write the object here (atomically), if set.
+    pub output: Option<PathBuf>,
+    /// Give up after this long in total (the idle timeout applies regardless).
+    pub timeout: Option<Duration>,
+    /// Transfer settings.
+    pub endpoint: EndpointConfig,
+    /// Local address to bind (default: the wildcard of the server's family, any port).
+    pub bind: Option<SocketAddr>,
+}
+
+impl FetchOptions {
+    /// Options with the given cache directory and defaults otherwise.
+    pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
+        FetchOptions {
+            cache_dir: cache_dir.into(),
+            output: None,
+            timeout: None,
+            endpoint: EndpointConfig::default(),
+            bind: None,
+        }
+    }
+}
+
+/// What a finished download did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Report {
+    /// The object, verified.
+    pub object: ObjectId,
+    /// Its size.
+    pub size: u64,
+    /// Where the verified object is in the cache.
+    pub path: PathBuf,
+    /// True when the cache already had it and the network was not used.
+    pub from_cache: bool,
+    /// Bytes the cache held from an earlier, interrupted run.
+    pub resumed_bytes: u64,
+    /// Wall-clock time of the download.
+    pub duration: Duration,
+    /// The transfer's counters (zero when served from the cache).
+    pub stats: Stats,
+}
+
+/// Why [`Client::fetch`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// The transfer failed (timed out, not found, busy, digest mismatch, disk error...). What
+    /// arrived is kept in the cache for a resume.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The cache could not be used.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The socket failed, or the server address did not resolve.
+    #[error("network error: {0}")]
+    Io(#[from] io::Error),
+    /// The overall timeout passed.
+    #[error("gave up after {0:?}")]
+    Deadline(Duration),
+}
+
+/// Downloads objects over UDP into a cache.
+#[derive(Debug)]
+pub struct Client;
+
+impl Client {
+    /// Fetches `id` from `server` into the cache (and `options.output`), resuming a partial
+    /// download found in the cache, or copying from the cache without touching the network when
+    /// it already holds the object. `progress(done, total)` is called as bytes arrive.
+    ///
+    /// Blocks until the object is verified or the transfer failed.
+    pub fn fetch(
+        server: impl ToSocketAddrs,
+        id: ObjectId,
+        options: &FetchOptions,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<Report, FetchError> {
+        let started = Instant::now();
+        let cache = Cache::open(&options.cache_dir)?;
+        if cache.contains(&id) {
+            let path = cache.path_of(&id);
+            let size = std::fs::metadata(&path)
+                .map_err(|e| StoreError::io("read metadata of", &path, e))?
+                .len();
+            if let Some(out) = &options.output {
+                cache.copy_out(&id, out)?;
+            }
+            progress(size, size);
+            return Ok(Report {
+                object: id,
+                size,
+                path,
+                from_cache: true,
+                resumed_bytes: size,
+                duration: started.elapsed(),
+                stats: Stats::default(),
+            });
+        }
+        let server = server
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "server address not found"))?;
+        let local = options.bind.unwrap_or(if server.is_ipv6() {
+            SocketAddr::from(([0u16; 8], 0))
+        } else {
+            SocketAddr::from(([0u8; 4], 0))
+        });
+        let socket = bind(local)?;
+        let (partial, have) = cache.begin(&id)?;
+        let resumed_bytes = have.covered();
+        let mut config = options.endpoint.clone();
+        config.seed = random_seed();
+        let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
+        let transfer = endpoint.fetch(Instant::now(), server, id, &have, partial);
+        let mut buf = vec![0u8; MAX_DATAGRAM_SIZE];
+        let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;
+        while outcome.is_none() {
+            if let Some(limit) = options.timeout {
+                if started.elapsed() >= limit {
+                    endpoint.cancel(transfer);
+                    flush(&socket, &mut endpoint, &mut buf);
+                    if let Some(mut partial) = endpoint.take_sink(transfer) {
+                        let _ = partial.checkpoint();
+                    }
+                    return Err(FetchError::Deadline(limit));
+                }
+            }
+            turn(
+                &socket,
+                &mut endpoint,
+                &mut buf,
+                &mut |ep, e| match e.event {
+                    Event::Started { size } => {
+                        if let Some(p) = ep.sink_mut(e.transfer) {
+                            p.set_size(size)
+                        }
+                    }
+                    Event::Progress { bytes_done, total } => progress(bytes_done, total),
+                    Event::Completed(c) => outcome = Some(Ok((c.size, c.stats))),
+                    Event::Failed(err) => outcome = Some(Err(err)),
+                },
+            )?;
+        }
+        let Some(mut partial) = endpoint.take_sink(transfer) else {
+            return Err(FetchError::Io(io::Error::other(
+                "download lost its partial file",
+            )));
+        };
+        match outcome {
+            Some(Ok((size, stats))) => {
+                progress(size, size);
+                let path = partial.finalize()?;
+                if let Some(out) = &options.output {
+                    cache.copy_out(&id, out)?;
+                }
+                // Answer a sender that missed our Done for a moment (bounded).
+                linger(&socket, &mut endpoint, &mut buf, Duration::from_millis(300));
+                Ok(Report {
+                    object: id,
+                    size,
+                    path,
+                    from_cache: false,
+                    resumed_bytes,
+                    duration: started.elapsed(),
+                    stats,
+                })
+            }
+            Some(Err(err)) => {
+                let _ = partial.checkpoint();
+                flush(&socket, &mut endpoint, &mut buf);
+                Err(err.into())
+            }
+            None => Err(FetchError::Io(io::Error::other(
+                "download ended without a result",
+            ))),
+        }
+    }
+}
+
+fn flush<P: ObjectProvider, K: ChunkSink>(
+    socket: &UdpSocket,
+    endpoint: &mut Endpoint<P, K>,
+    buf: &mut [u8],
+) {
+    let now = Instant::now();
+    while let Some(t) = endpoint.poll_transmit(now, buf) {
+        let _ = socket.send_to(&buf[..t.len], t.destination);
+    }
+}
+
+fn linger<P: ObjectProvider, K: ChunkSink>(
+    socket: &UdpSocket,
+    endpoint: &mut Endpoint<P, K>,
+    buf: &mut [u8],
+    for_at_most: Duration,
+) {
+    let until = Instant::now() + for_at_most;
+    while Instant::now() < until && endpoint.poll_timeout().is_some() {
+        if turn(socket, endpoint, buf, &mut |_, _| {}).is_err() {
+            break;
+        }
+    }
+}
+
+/// 64 bits of operating-system randomness, without a dependency: std seeds each `RandomState`
+/// from the OS once per process and then varies it, and hashing the time adds more.
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}

@@ -1,0 +1,382 @@
+//! The client's side: finished objects, partial downloads and their resume journals.
+
+use std::collections::hash_map::RandomState;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use md5::{Digest, Md5};
+
+use super::journal::{self, UNKNOWN_SIZE};
+use super::{read_exact_at, sync_dir, write_all_at, StoreError, BUF_LEN};
+use crate::core::{ChunkSink, RangeSet};
+use crate::id::ObjectId;
+
+/// New bytes a [`PartialFile`] writes between two automatic journal updates: a kill loses at
+/// most this much progress.
+pub const JOURNAL_INTERVAL_BYTES: u64 = 4 << 20;
+
+/// A directory of objects named by their MD5 (client side).
+///
+/// Open it once with [`open`](Self::open). For each object the game needs: if
+/// [`contains`](Self::contains) says it is there, load [`path_of`](Self::path_of); otherwise
+/// call [`begin`](Self::begin) and hand the [`PartialFile`] and have-set to the core's receiver.
+/// File names come only from [`ObjectId::to_hex`], never from the network.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+impl Cache {
+    /// Opens the cache at `root`, creating the directory (and its parents). Use
+    /// [`default_dir`](Self::default_dir) unless the game keeps its own folder.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = root.as_ref();
+        fs::create_dir_all(root).map_err(|e| StoreError::io("create cache directory", root, e))?;
+        Ok(Cache { root: root.into() })
+    }
+
+    /// The per-user cache folder: `$XDG_CACHE_HOME/udpferry`, else `$HOME/.cache/udpferry`
+    /// (`%LOCALAPPDATA%\udpferry` on Windows). `None` when the environment names no home; the
+    /// caller then picks a folder itself. Pass the result to [`open`](Self::open).
+    pub fn default_dir() -> Option<PathBuf> {
+        let var = |name| {
+            std::env::var_os(name)
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+        };
+        if cfg!(windows) {
+            return var("LOCALAPPDATA").map(|p| p.join("udpferry"));
+        }
+        var("XDG_CACHE_HOME")
+            .or_else(|| var("HOME").map(|h| h.join(".cache")))
+            .map(|p| p.join("udpferry"))
+    }
+
+    /// The cache's directory, for showing the user where downloads go.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where the finished object `id` lives (`<root>/<md5hex>`), whether or not it is there yet.
+    pub fn path_of(&self, id: &ObjectId) -> PathBuf {
+        self.root.join(id.to_hex())
+    }
+
+    /// True when the finished object is in the cache: load [`path_of`](Self::path_of) instead of
+    /// downloading.
+    pub fn contains(&self, id: &ObjectId) -> bool {
+        self.path_of(id).is_file()
+    }
+
+    /// Starts or resumes downloading `id`: returns the sink for the core's receiver and the byte
+    /// ranges already held, to pass as `have` to `Receiver::new`.
+    ///
+    /// Opens (or creates) `<hex>.part` and reads `<hex>.journal`. A journal that is missing,
+    /// damaged, or for another object is not trusted: the partial file is truncated and the
+    /// have-set is empty. Once the offer's size is known, call [`PartialFile::set_size`].
+    /// Run one download per object at a time: two partial files for the same id share files.
+    pub fn begin(&self, id: &ObjectId) -> Result<(PartialFile, RangeSet), StoreError> {
+        self.begin_sized(id, None)
+    }
+
+    /// Like [`begin`](Self::begin) when the object's size is already known (for example from a
+    /// manifest): a journal recorded for another size is not trusted either.
+    pub fn begin_sized(
+        &self,
+        id: &ObjectId,
+        size: Option<u64>,
+    ) -> Result<(PartialFile, RangeSet), StoreError> {
+        let hex = id.to_hex();
+        let part = self.root.join(format!("{hex}.part"));
+        let journal = self.root.join(format!("{hex}.journal"));
+        let tmp = self.root.join(format!("{hex}.journal.tmp"));
+        let _ = fs::remove_file(&tmp);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part)
+            .map_err(|e| StoreError::io("open partial download", &part, e))?;
+        let part_len = file
+            .metadata()
+            .map_err(|e| StoreError::io("inspect", &part, e))?
+            .len();
+        let (journal_exists, recorded) = match fs::read(&journal) {
+            Ok(bytes) => (true, journal::decode(&bytes).ok()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => (false, None),
+            Err(e) => return Err(StoreError::io("read journal", &journal, e)),
+        };
+        let trusted = recorded.and_then(|(jid, jsize, ranges)| {
+            let end = ranges.iter().next_back().map_or(0, |r| r.end);
+            let size_ok = match (size, jsize) {
+                (Some(s), UNKNOWN_SIZE) => end <= s,
+                (Some(s), j) => j == s,
+                (None, _) => true,
+            };
+            let known = size.or((jsize != UNKNOWN_SIZE).then_some(jsize));
+            (jid == *id && size_ok && end <= part_len).then_some((known, ranges))
+        });
+        let (size, received) = match trusted {
+            Some(t) => t,
+            None => {
+                // Forget the journal before touching the data, so no crash can pair it with
+                // bytes it never vouched for.
+                if journal_exists {
+                    fs::remove_file(&journal)
+                        .map_err(|e| StoreError::io("remove stale journal", &journal, e))?;
+                    sync_dir(&self.root)?;
+                }
+                if part_len > 0 {
+                    file.set_len(0)
+                        .map_err(|e| StoreError::io("truncate partial download", &part, e))?;
+                }
+                (size, RangeSet::new())
+            }
+        };
+        let partial = PartialFile {
+            file,
+            id: *id,
+            size,
+            received: received.clone(),
+            dir: self.root.clone(),
+            final_path: self.path_of(id),
+            part,
+            journal,
+            tmp,
+            unjournaled: 0,
+            interval: JOURNAL_INTERVAL_BYTES,
+            durable: true,
+        };
+        Ok((partial, received))
+    }
+
+    /// Copies the finished object `id` to `dest` atomically: the bytes go to a temporary file
+    /// next to `dest`, are checked against the MD5, synced, and renamed over `dest`. Call it to
+    /// install a cached map where the game loads maps from.
+    pub fn copy_out(&self, id: &ObjectId, dest: &Path) -> Result<(), StoreError> {
+        let src_path = self.path_of(id);
+        let mut src = match File::open(&src_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(StoreError::NotInCache {
+                    id: *id,
+                    path: src_path,
+                })
+            }
+            Err(e) => return Err(StoreError::io("open", &src_path, e)),
+        };
+        let name = dest.file_name().ok_or_else(|| {
+            StoreError::io(
+                "copy to",
+                dest,
+                io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+            )
+        })?;
+        let parent = match dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut tmp_name = name.to_os_string();
+        tmp_name.push(format!(".tmp-{:016x}", random_u64()));
+        let tmp = parent.join(tmp_name);
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| StoreError::io("create", &tmp, e))?;
+        let result = (|| {
+            let mut hasher = Md5::new();
+            let mut buf = vec![0u8; BUF_LEN];
+            loop {
+                let n = match src.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(StoreError::io("read", &src_path, e)),
+                };
+                hasher.update(&buf[..n]);
+                out.write_all(&buf[..n])
+                    .map_err(|e| StoreError::io("write", &tmp, e))?;
+            }
+            let actual = ObjectId::Md5(hasher.finalize().into());
+            if actual != *id {
+                return Err(StoreError::Corrupt {
+                    path: src_path.clone(),
+                    expected: *id,
+                    actual,
+                });
+            }
+            out.sync_all()
+                .map_err(|e| StoreError::io("sync", &tmp, e))?;
+            fs::rename(&tmp, dest).map_err(|e| StoreError::io("rename into place", dest, e))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result?;
+        sync_dir(&parent)
+    }
+}
+
+/// A random value for temporary names (std's hasher keys are random per process).
+fn random_u64() -> u64 {
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// A partial download: a [`ChunkSink`] over `<hex>.part` that keeps the resume journal.
+///
+/// Get it from [`Cache::begin`] and give it to the core's receiver. It remembers which byte
+/// ranges were written and rewrites `<hex>.journal` (temporary file, then rename) after every
+/// [`JOURNAL_INTERVAL_BYTES`] of new data and on [`checkpoint`](Self::checkpoint). The journal is
+/// written only after the bytes it lists were written, so after a kill it is still true. When the
+/// receiver reports `Completed`, take the sink back (`into_sink`) and call
+/// [`finalize`](Self::finalize); when it fails or the game quits, call `checkpoint`.
+/// Dropping it without a checkpoint loses at most the progress since the last journal update.
+#[derive(Debug)]
+pub struct PartialFile {
+    file: File,
+    id: ObjectId,
+    size: Option<u64>,
+    received: RangeSet,
+    dir: PathBuf,
+    part: PathBuf,
+    journal: PathBuf,
+    tmp: PathBuf,
+    final_path: PathBuf,
+    unjournaled: u64,
+    interval: u64,
+    durable: bool,
+}
+
+impl PartialFile {
+    /// Records the object's size once the offer arrived (the `Started` event), so the journal
+    /// records it and [`finalize`](Self::finalize) can check completeness. A size different from
+    /// the one the journal recorded discards what was received (it cannot be the same object).
+    pub fn set_size(&mut self, size: u64) {
+        if self.size.is_some_and(|s| s != size) || self.received.max().is_some_and(|m| m >= size) {
+            self.received.clear();
+        }
+        self.size = Some(size);
+    }
+
+    /// The object's size, if known (from the journal or [`set_size`](Self::set_size)); if it
+    /// is `None` when the transfer completes, call `set_size` before [`finalize`](Self::finalize).
+    pub fn size(&self) -> Option<u64> {
+        self.size
+    }
+
+    /// Byte ranges written so far (what the next journal will list), for progress displays.
+    pub fn received(&self) -> &RangeSet {
+        &self.received
+    }
+
+    /// Whether to fsync the data before each journal update (default true). Turning it off is
+    /// faster and still survives a killed process, but not a power cut.
+    pub fn set_durable(&mut self, durable: bool) {
+        self.durable = durable;
+    }
+
+    /// How many new bytes to write between automatic journal updates (default
+    /// [`JOURNAL_INTERVAL_BYTES`]; at least 1).
+    pub fn set_journal_interval(&mut self, bytes: u64) {
+        self.interval = bytes.max(1);
+    }
+
+    /// Writes the journal now. Call it when the transfer failed or the game shuts down, so that
+    /// the next [`Cache::begin`] resumes from here.
+    pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if self.durable {
+            self.file
+                .sync_data()
+                .map_err(|e| StoreError::io("sync", &self.part, e))?;
+        }
+        let bytes = journal::encode(&self.id, self.size.unwrap_or(UNKNOWN_SIZE), &self.received);
+        let written = File::create(&self.tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            if self.durable {
+                f.sync_all()?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&self.tmp);
+            return Err(StoreError::io("write journal", &self.tmp, e));
+        }
+        fs::rename(&self.tmp, &self.journal)
+            .map_err(|e| StoreError::io("replace journal", &self.journal, e))?;
+        self.unjournaled = 0;
+        Ok(())
+    }
+
+    /// Publishes the finished download: fsyncs `<hex>.part`, renames it to `<hex>` atomically,
+    /// fsyncs the directory and removes the journal. Returns the final path, which the game
+    /// loads. Call it only after the receiver reported `Completed` (that is where the MD5 was
+    /// checked; this verifies nothing itself). If the size is known and a byte is missing it
+    /// refuses with [`StoreError::Incomplete`]; on any error the partial stays resumable.
+    pub fn finalize(self) -> Result<PathBuf, StoreError> {
+        if let Some(size) = self.size {
+            let have = self.received.covered();
+            if size > 0 && !self.received.contains_range(0..size) {
+                return Err(StoreError::Incomplete {
+                    path: self.part,
+                    have,
+                    size,
+                });
+            }
+            self.file
+                .set_len(size)
+                .map_err(|e| StoreError::io("truncate", &self.part, e))?;
+        }
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io("sync", &self.part, e))?;
+        fs::rename(&self.part, &self.final_path)
+            .map_err(|e| StoreError::io("rename into place", &self.final_path, e))?;
+        sync_dir(&self.dir)?;
+        for stale in [&self.journal, &self.tmp] {
+            match fs::remove_file(stale) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(StoreError::io("remove journal", stale, e))
+                }
+                _ => {}
+            }
+        }
+        Ok(self.final_path)
+    }
+}
+
+impl ChunkSink for PartialFile {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| self.size.is_none_or(|s| end <= s))
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "write past the object's end")
+            })?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        write_all_at(&self.file, data, offset)?;
+        self.unjournaled = self
+            .unjournaled
+            .saturating_add(self.received.insert(offset..end));
+        if self.unjournaled >= self.interval {
+            self.checkpoint()?;
+        }
+        Ok(())
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        read_exact_at(&self.file, buf, offset)
+    }
+}

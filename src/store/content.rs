@@ -1,0 +1,367 @@
+//! The server's side: a directory of files served by the MD5 of their bytes.
+
+use std::collections::HashMap;
+use std::fs::{self, File, Metadata};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::{hash_file, read_exact_at, StoreError};
+use crate::core::ChunkSource;
+use crate::id::ObjectId;
+
+/// A file modified this close to the moment it was hashed may change again without its timestamps
+/// moving (file systems keep coarse clocks), so it is re-hashed when opened.
+const RACY_WINDOW: Duration = Duration::from_secs(3);
+
+/// How many reads a [`FileSource`] serves between two checks of the file's metadata.
+const CHECK_EVERY: u64 = 64;
+
+/// The error text a [`FileSource`] returns once its file changed.
+const CHANGED: &str = "object changed on disk since it was indexed";
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime: Option<SystemTime>,
+    /// Status-change time: moves on every write, even when the mtime is set back.
+    #[cfg(unix)]
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(meta: &Metadata) -> Self {
+        #[cfg(unix)]
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            size: meta.len(),
+            mtime: meta.modified().ok(),
+            #[cfg(unix)]
+            ctime: (meta.ctime(), meta.ctime_nsec()),
+        }
+    }
+
+    /// True when the file may still change within its timestamps' resolution.
+    fn is_racy(&self) -> bool {
+        let now = SystemTime::now();
+        self.mtime
+            .is_none_or(|m| now.duration_since(m).map_or(true, |age| age < RACY_WINDOW))
+    }
+}
+
+/// One served file, as listed by [`ContentStore::objects`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ObjectInfo {
+    /// MD5 of the file's bytes when it was last hashed.
+    pub id: ObjectId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its path relative to the store's root.
+    pub path: PathBuf,
+}
+
+/// What [`ContentStore::recheck`] found.
+enum Recheck {
+    /// Still (or again) the requested bytes: serve this.
+    Serve(u64, FileSource),
+    /// Now holds other bytes; the index must be rebuilt.
+    Changed,
+    /// Deleted or no longer a servable file.
+    Gone,
+    /// Not servable at the moment (being rewritten).
+    NotNow,
+}
+
+#[derive(Debug)]
+struct Entry {
+    info: ObjectInfo,
+    stamp: Stamp,
+    /// Hashed too soon after a change to trust the stamp: re-hash on open.
+    racy: bool,
+}
+
+/// Every regular file under a directory, addressed by the MD5 of its bytes (server side).
+///
+/// Create it with [`open`](Self::open) when the server starts, list what it serves with
+/// [`objects`](Self::objects), and call [`open_object`](Self::open_object) for each request to
+/// get a [`FileSource`] for the core's sender. After adding or removing files call
+/// [`rescan`](Self::rescan). Symbolic links are followed only to regular files inside the root;
+/// links to directories, links leading outside the root and non-regular files are not served.
+#[derive(Debug)]
+pub struct ContentStore {
+    root: PathBuf,
+    entries: Vec<Entry>,
+    by_id: HashMap<ObjectId, Vec<usize>>,
+}
+
+impl ContentStore {
+    /// Indexes every regular file under `root` (recursively), hashing each one through a 1 MiB
+    /// buffer. Call it once at startup; it reads every byte, so it takes as long as reading the
+    /// directory does. Then serve requests with [`open_object`](Self::open_object).
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let given = root.as_ref();
+        let root = fs::canonicalize(given).map_err(|e| StoreError::io("open", given, e))?;
+        if !root.is_dir() {
+            return Err(StoreError::NotADirectory { path: given.into() });
+        }
+        let mut store = ContentStore {
+            root,
+            entries: Vec::new(),
+            by_id: HashMap::new(),
+        };
+        store.rescan()?;
+        Ok(store)
+    }
+
+    /// The directory served (canonicalised); [`ObjectInfo::path`] is relative to it.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Every object served, sorted by relative path. Files with equal bytes share an id and are
+    /// all listed.
+    pub fn objects(&self) -> impl Iterator<Item = &ObjectInfo> {
+        self.entries.iter().map(|e| &e.info)
+    }
+
+    /// The object named `id` as last indexed, or `None` if no file has those bytes. To serve it,
+    /// call [`open_object`](Self::open_object), which re-checks the file.
+    pub fn get(&self, id: &ObjectId) -> Option<&ObjectInfo> {
+        let i = *self.by_id.get(id)?.first()?;
+        self.entries.get(i).map(|e| &e.info)
+    }
+
+    /// Opens object `id` for one transfer: its size and a [`FileSource`] to hand to the sender.
+    ///
+    /// Re-checks the file's size and timestamps against the index; if they moved, the file is
+    /// re-hashed and the index updated. If its bytes no longer hash to `id` (and no other file
+    /// has them) this returns `Ok(None)`: answer "not found", as changed bytes are never served
+    /// under the old MD5. A file that disappeared is dropped from the index the same way.
+    pub fn open_object(&mut self, id: &ObjectId) -> Result<Option<(u64, FileSource)>, StoreError> {
+        let candidates = self.by_id.get(id).cloned().unwrap_or_default();
+        let mut outcome = Ok(None);
+        let (mut changed, mut gone) = (false, Vec::new());
+        for i in candidates {
+            match self.recheck(i, id) {
+                Ok(Recheck::Serve(size, source)) => {
+                    outcome = Ok(Some((size, source)));
+                    break;
+                }
+                Ok(Recheck::Changed) => changed = true,
+                Ok(Recheck::Gone) => gone.push(i),
+                Ok(Recheck::NotNow) => {}
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        if changed || !gone.is_empty() {
+            let mut i = 0;
+            self.entries.retain(|_| {
+                i += 1;
+                !gone.contains(&(i - 1))
+            });
+            self.reindex();
+        }
+        outcome
+    }
+
+    /// Re-checks entry `i` (indexed as `id`) against the disk, re-hashing it if it moved.
+    fn recheck(&mut self, i: usize, id: &ObjectId) -> Result<Recheck, StoreError> {
+        let Some(entry) = self.entries.get_mut(i) else {
+            return Ok(Recheck::NotNow);
+        };
+        let path = self.root.join(&entry.info.path);
+        let Some((file, meta)) = open_regular(&self.root, &path)? else {
+            return Ok(Recheck::Gone);
+        };
+        let stamp = Stamp::of(&meta);
+        if stamp != entry.stamp || entry.racy {
+            let Some(new_id) = hash_settled(&file, stamp.size, &path)? else {
+                entry.racy = true; // shrinking under us: not servable now, re-check next time
+                return Ok(Recheck::NotNow);
+            };
+            entry.info.id = new_id;
+            entry.info.size = stamp.size;
+            entry.stamp = stamp;
+            entry.racy = stamp.is_racy();
+        }
+        Ok(if entry.info.id == *id {
+            Recheck::Serve(stamp.size, FileSource::new(file, stamp, path))
+        } else {
+            Recheck::Changed
+        })
+    }
+
+    /// Walks the root again: new files are hashed and added, removed ones dropped, changed ones
+    /// re-hashed; unchanged files keep their id without being read. Call it when the served
+    /// directory changed (for example after deploying new maps).
+    pub fn rescan(&mut self) -> Result<(), StoreError> {
+        let mut known: HashMap<PathBuf, Entry> = self
+            .entries
+            .drain(..)
+            .map(|e| (e.info.path.clone(), e))
+            .collect();
+        let mut entries = Vec::new();
+        for (rel, abs) in walk(&self.root)? {
+            if let Some(old) = known.remove(&rel) {
+                let meta = fs::metadata(&abs).map_err(|e| StoreError::io("inspect", &abs, e))?;
+                if !old.racy && old.stamp == Stamp::of(&meta) {
+                    entries.push(old);
+                    continue;
+                }
+            }
+            // Vanished between the walk and now: not served.
+            let Some((file, meta)) = open_regular(&self.root, &abs)? else {
+                continue;
+            };
+            let stamp = Stamp::of(&meta);
+            // Shrinking while being read: being rewritten; the next rescan picks it up.
+            let Some(id) = hash_settled(&file, stamp.size, &abs)? else {
+                continue;
+            };
+            let unchanged = file.metadata().is_ok_and(|m| Stamp::of(&m) == stamp);
+            entries.push(Entry {
+                info: ObjectInfo {
+                    id,
+                    size: stamp.size,
+                    path: rel,
+                },
+                stamp,
+                racy: !unchanged || stamp.is_racy(),
+            });
+        }
+        entries.sort_by(|a, b| a.info.path.cmp(&b.info.path));
+        self.entries = entries;
+        self.reindex();
+        Ok(())
+    }
+
+    fn reindex(&mut self) {
+        self.by_id.clear();
+        for (i, e) in self.entries.iter().enumerate() {
+            self.by_id.entry(e.info.id).or_default().push(i);
+        }
+    }
+}
+
+/// Hashes `len` bytes of `file`; `None` if the file got shorter meanwhile (it is being rewritten).
+fn hash_settled(file: &File, len: u64, path: &Path) -> Result<Option<ObjectId>, StoreError> {
+    match hash_file(file, len) {
+        Ok(id) => Ok(Some(id)),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(StoreError::io("hash", path, e)),
+    }
+}
+
+/// Every servable file under `root`: (path relative to root, path to open).
+fn walk(root: &Path) -> Result<Vec<(PathBuf, PathBuf)>, StoreError> {
+    let mut out = Vec::new();
+    let mut dirs = vec![PathBuf::new()];
+    while let Some(rel_dir) = dirs.pop() {
+        let dir = root.join(&rel_dir);
+        let read = match fs::read_dir(&dir) {
+            Ok(r) => r,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel_dir.as_os_str().is_empty() => {
+                continue
+            }
+            Err(e) => return Err(StoreError::io("read directory", &dir, e)),
+        };
+        for item in read {
+            let item = item.map_err(|e| StoreError::io("read directory", &dir, e))?;
+            let rel = rel_dir.join(item.file_name());
+            let Ok(kind) = item.file_type() else { continue };
+            if kind.is_dir() {
+                dirs.push(rel);
+            } else if kind.is_file()
+                || (kind.is_symlink() && inside_root_file(root, &item.path()).is_some())
+            {
+                out.push((rel, item.path()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The target of `link` if it is a regular file inside `root`.
+fn inside_root_file(root: &Path, link: &Path) -> Option<PathBuf> {
+    let target = fs::canonicalize(link).ok()?;
+    (target.starts_with(root) && target.is_file()).then_some(target)
+}
+
+/// Opens `path` if it is (or links, inside `root`, to) a regular file; `None` if it is gone or
+/// no longer servable.
+fn open_regular(root: &Path, path: &Path) -> Result<Option<(File, Metadata)>, StoreError> {
+    let target = match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => match inside_root_file(root, path) {
+            Some(t) => t,
+            None => return Ok(None),
+        },
+        Ok(m) if m.is_file() => path.to_path_buf(),
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("inspect", path, e)),
+    };
+    let file = match File::open(&target) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("open", path, e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| StoreError::io("inspect", path, e))?;
+    Ok(meta.is_file().then_some((file, meta)))
+}
+
+/// A [`ChunkSource`] over one served file, from [`ContentStore::open_object`].
+///
+/// Hand it to the core's sender. On its first read and every 64 reads after, it compares the
+/// file's size and timestamps with what `open_object` saw; once they differ every read fails
+/// with "object changed on disk since it was indexed", which ends the transfer (the client's
+/// MD5 check stays the last line of defence for changes between two checks).
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    stamp: Stamp,
+    path: PathBuf,
+    reads: u64,
+    changed: bool,
+}
+
+impl FileSource {
+    fn new(file: File, stamp: Stamp, path: PathBuf) -> Self {
+        FileSource {
+            file,
+            stamp,
+            path,
+            reads: 0,
+            changed: false,
+        }
+    }
+
+    /// The object's size as opened (also returned by `open_object`): pass it to the sender.
+    pub fn size(&self) -> u64 {
+        self.stamp.size
+    }
+
+    /// The file served, for logging which file a transfer reads.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl ChunkSource for FileSource {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if !self.changed && self.reads % CHECK_EVERY == 0 {
+            self.changed = Stamp::of(&self.file.metadata()?) != self.stamp;
+        }
+        if self.changed {
+            return Err(io::Error::other(CHANGED));
+        }
+        self.reads = self.reads.wrapping_add(1);
+        read_exact_at(&self.file, buf, offset)
+    }
+}

@@ -1,0 +1,289 @@
+//! The resume journal: which byte ranges of a partial download are on disk.
+//!
+//! Layout, all integers big-endian:
+//!
+//! ```text
+//! magic  "UFJ1"                      4 bytes
+//! id     algorithm byte + digest     1 + 16 bytes (algorithm 1 = MD5)
+//! size   object size                 u64 (UNKNOWN_SIZE when the offer had not arrived yet)
+//! count  number of ranges            u32
+//! ranges (start u64, end u64) * count   ascending, non-empty, disjoint, non-adjacent, end <= size
+//! crc    CRC32 of everything above   u32
+//! ```
+//!
+//! [`PartialFile`](super::PartialFile) writes it with [`encode`]; [`Cache::begin`](super::Cache::begin)
+//! reads it with [`decode`] and restarts the download from scratch on any error.
+
+use crate::core::RangeSet;
+use crate::id::ObjectId;
+
+/// The first four bytes of every journal.
+pub const MAGIC: [u8; 4] = *b"UFJ1";
+
+/// The size field's value while the object's size is not known yet.
+pub const UNKNOWN_SIZE: u64 = u64::MAX;
+
+/// Bytes before the ranges: magic, id, size, count.
+const HEADER_LEN: usize = 4 + 1 + 16 + 8 + 4;
+/// Bytes of one range.
+const RANGE_LEN: usize = 16;
+/// Bytes of the CRC trailer.
+const CRC_LEN: usize = 4;
+
+/// Why a journal was rejected. Any of these means: do not trust the partial file, restart.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JournalError {
+    /// The file does not start with `UFJ1`: it is not a journal (or from an unknown version).
+    #[error("not a udpferry journal (bad magic): the partial download will restart")]
+    BadMagic,
+    /// The bytes end before the fields (or the ranges the count announces) do.
+    #[error("journal is truncated ({len} bytes, at least {needed} needed): the partial download will restart")]
+    Truncated {
+        /// Bytes present.
+        len: usize,
+        /// Bytes the header and count require.
+        needed: usize,
+    },
+    /// There are bytes after the CRC.
+    #[error("journal has {0} trailing bytes: the partial download will restart")]
+    TrailingBytes(usize),
+    /// The CRC does not match: the journal was damaged.
+    #[error("journal checksum mismatch: the partial download will restart")]
+    BadChecksum,
+    /// The id's algorithm byte is not one this version knows.
+    #[error("journal names an unknown digest algorithm {0}: the partial download will restart")]
+    UnknownAlgorithm(u8),
+    /// A range is empty, out of order, overlapping or touching its neighbour, or past the size.
+    #[error("journal range {index} is invalid: the partial download will restart")]
+    BadRange {
+        /// Position of the bad range.
+        index: usize,
+    },
+}
+
+/// Serialises a journal for object `id` of `size` bytes (or [`UNKNOWN_SIZE`]) holding `ranges`.
+///
+/// Call it when checkpointing a partial download; write the result to a temporary file and
+/// rename it over the journal. Ranges past `size` are the caller's bug: [`decode`] rejects them.
+pub fn encode(id: &ObjectId, size: u64, ranges: &RangeSet) -> Vec<u8> {
+    let mut out = Vec::with_capacity(HEADER_LEN + ranges.len() * RANGE_LEN + CRC_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.push(id.algorithm());
+    out.extend_from_slice(id.digest());
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(&(ranges.len() as u32).to_be_bytes());
+    for r in ranges.iter() {
+        out.extend_from_slice(&r.start.to_be_bytes());
+        out.extend_from_slice(&r.end.to_be_bytes());
+    }
+    let crc = crc32fast::hash(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// Parses a journal: the object id, its size (or [`UNKNOWN_SIZE`]) and the byte ranges on disk.
+///
+/// Never panics. On `Err`, the caller must treat the partial file as holding nothing (truncate
+/// it and start over); on `Ok`, it still checks that the id and size are the ones it expects.
+pub fn decode(bytes: &[u8]) -> Result<(ObjectId, u64, RangeSet), JournalError> {
+    let min = HEADER_LEN + CRC_LEN;
+    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+        return if bytes.len() < MAGIC.len() && MAGIC.starts_with(bytes) {
+            Err(JournalError::Truncated {
+                len: bytes.len(),
+                needed: min,
+            })
+        } else {
+            Err(JournalError::BadMagic)
+        };
+    }
+    if bytes.len() < min {
+        return Err(JournalError::Truncated {
+            len: bytes.len(),
+            needed: min,
+        });
+    }
+    let count = u32::from_be_bytes(array(&bytes[HEADER_LEN - 4..HEADER_LEN]));
+    // u32 * 16 fits in u64 (and in usize on 64-bit); saturate on smaller targets.
+    let needed = (count as usize)
+        .checked_mul(RANGE_LEN)
+        .and_then(|n| n.checked_add(min))
+        .unwrap_or(usize::MAX);
+    if bytes.len() < needed {
+        return Err(JournalError::Truncated {
+            len: bytes.len(),
+            needed,
+        });
+    }
+    if bytes.len() > needed {
+        return Err(JournalError::TrailingBytes(bytes.len() - needed));
+    }
+    let body = &bytes[..needed - CRC_LEN];
+    let crc = u32::from_be_bytes(array(&bytes[needed - CRC_LEN..]));
+    if crc32fast::hash(body) != crc {
+        return Err(JournalError::BadChecksum);
+    }
+    let id = match bytes[4] {
+        ObjectId::ALG_MD5 => ObjectId::Md5(array(&bytes[5..21])),
+        other => return Err(JournalError::UnknownAlgorithm(other)),
+    };
+    let size = u64::from_be_bytes(array(&bytes[21..29]));
+    let mut ranges = RangeSet::new();
+    let mut prev_end: Option<u64> = None;
+    for (index, raw) in body[HEADER_LEN..].chunks_exact(RANGE_LEN).enumerate() {
+        let start = u64::from_be_bytes(array(&raw[..8]));
+        let end = u64::from_be_bytes(array(&raw[8..]));
+        let after_prev = prev_end.is_none_or(|p| start > p);
+        if start >= end || end > size || !after_prev {
+            return Err(JournalError::BadRange { index });
+        }
+        ranges.insert(start..end);
+        prev_end = Some(end);
+    }
+    Ok((id, size, ranges))
+}
+
+/// Copies a slice whose length the caller already checked into an array.
+fn array<const N: usize>(s: &[u8]) -> [u8; N] {
+    let mut a = [0u8; N];
+    a.copy_from_slice(&s[..N]);
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> (ObjectId, u64, RangeSet) {
+        let mut r = RangeSet::new();
+        r.insert(0..100);
+        r.insert(200..300);
+        (ObjectId::md5_of(b"journal"), 1000, r)
+    }
+
+    #[test]
+    fn round_trips_and_rejects_each_kind_of_damage() {
+        let (id, size, ranges) = sample();
+        let good = encode(&id, size, &ranges);
+        assert_eq!(good.len(), HEADER_LEN + 2 * RANGE_LEN + CRC_LEN);
+        assert_eq!(decode(&good), Ok((id, size, ranges.clone())));
+
+        let mut bad = good.clone();
+        bad[0] = b'X';
+        assert_eq!(decode(&bad), Err(JournalError::BadMagic));
+        for cut in 0..good.len() {
+            assert!(decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        assert!(matches!(
+            decode(&good[..good.len() - 1]),
+            Err(JournalError::Truncated { .. })
+        ));
+        let mut long = good.clone();
+        long.push(0);
+        assert_eq!(decode(&long), Err(JournalError::TrailingBytes(1)));
+        for i in 4..good.len() {
+            let mut flipped = good.clone();
+            flipped[i] ^= 0x10;
+            assert!(decode(&flipped).is_err(), "flip at {i}");
+        }
+    }
+
+    /// Builds a journal with a valid CRC around arbitrary (possibly invalid) ranges.
+    fn raw(size: u64, count: u32, ranges: &[(u64, u64)]) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        out.push(1);
+        out.extend_from_slice(&[7; 16]);
+        out.extend_from_slice(&size.to_be_bytes());
+        out.extend_from_slice(&count.to_be_bytes());
+        for (s, e) in ranges {
+            out.extend_from_slice(&s.to_be_bytes());
+            out.extend_from_slice(&e.to_be_bytes());
+        }
+        let crc = crc32fast::hash(&out);
+        out.extend_from_slice(&crc.to_be_bytes());
+        out
+    }
+
+    #[test]
+    fn rejects_invalid_ranges_even_with_a_good_crc() {
+        assert!(decode(&raw(100, 2, &[(0, 10), (20, 30)])).is_ok());
+        let bad_range = |r: &[(u64, u64)]| decode(&raw(100, r.len() as u32, r));
+        assert!(matches!(
+            bad_range(&[(5, 5)]),
+            Err(JournalError::BadRange { index: 0 })
+        ));
+        assert!(matches!(
+            bad_range(&[(9, 5)]),
+            Err(JournalError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bad_range(&[(0, 101)]),
+            Err(JournalError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bad_range(&[(20, 30), (0, 10)]),
+            Err(JournalError::BadRange { index: 1 })
+        ));
+        assert!(matches!(
+            bad_range(&[(0, 20), (10, 30)]),
+            Err(JournalError::BadRange { .. })
+        ));
+        assert!(matches!(
+            bad_range(&[(0, 10), (10, 30)]),
+            Err(JournalError::BadRange { .. })
+        ));
+        // A count far larger than the bytes present is rejected before anything is allocated.
+        assert!(matches!(
+            decode(&raw(100, u32::MAX, &[(0, 10)])),
+            Err(JournalError::Truncated { .. })
+        ));
+        let mut alg = raw(100, 0, &[]);
+        alg[4] = 9;
+        let n = alg.len();
+        let crc = crc32fast::hash(&alg[..n - 4]);
+        alg[n - 4..].copy_from_slice(&crc.to_be_bytes());
+        assert_eq!(decode(&alg), Err(JournalError::UnknownAlgorithm(9)));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = decode(&bytes);
+            let mut with_magic = MAGIC.to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = decode(&with_magic);
+        }
+
+        #[test]
+        fn decode_checks_ranges_behind_a_valid_crc(
+            size in prop_oneof![0u64..2000, any::<u64>()],
+            pairs in proptest::collection::vec((0u64..2500, 0u64..2500), 0..8),
+            extra in 0u32..3,
+        ) {
+            let bytes = raw(size, pairs.len() as u32 + extra % 2, &pairs);
+            if let Ok((_, got_size, ranges)) = decode(&bytes) {
+                prop_assert_eq!(got_size, size);
+                prop_assert_eq!(ranges.len(), pairs.len());
+                prop_assert!(ranges.iter().all(|r| r.start < r.end && r.end <= size));
+            }
+        }
+
+        #[test]
+        fn encode_decode_round_trip(
+            digest in any::<[u8; 16]>(),
+            size in any::<u64>(),
+            raw in proptest::collection::vec((any::<u64>(), 0u64..1 << 20), 0..40),
+        ) {
+            let id = ObjectId::Md5(digest);
+            let mut ranges = RangeSet::new();
+            for (start, len) in raw {
+                let start = start % size.max(1);
+                ranges.insert(start..start.saturating_add(len).min(size));
+            }
+            let bytes = encode(&id, size, &ranges);
+            prop_assert_eq!(decode(&bytes), Ok((id, size, ranges)));
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! The file-system side: what the sans-IO [`core`](crate::core) reads from and writes to.
+//!
+//! - [`ContentStore`] (server): serves every regular file under a directory, named by the MD5 of
+//!   its bytes, through [`FileSource`], a [`ChunkSource`](crate::core::ChunkSource) that refuses
+//!   to serve a file that changed after it was indexed.
+//! - [`Cache`] (client): finished objects as `<root>/<md5hex>`, downloads in progress as
+//!   `<md5hex>.part` plus a resume [`journal`] (`<md5hex>.journal`) through [`PartialFile`], a
+//!   [`ChunkSink`](crate::core::ChunkSink).
+//!
+//! # Crash safety
+//!
+//! A journal only ever lists byte ranges whose `write_at` already succeeded, and it is replaced
+//! atomically (write a temporary file, rename it over the old one), so a kill at any moment leaves
+//! a journal that tells the truth. A finished object appears under its final name only through an
+//! atomic rename after an fsync. Names on disk come from [`ObjectId::to_hex`], never from the
+//! network.
+//!
+//! # Typical use (client)
+//!
+//! ```no_run
+//! # fn main() -> Result<(), udpferry::store::StoreError> {
+//! use udpferry::store::Cache;
+//! # let id = udpferry::ObjectId::md5_of(b"map");
+//! let cache = Cache::open(Cache::default_dir().unwrap_or_else(|| "cache".into()))?;
+//! if !cache.contains(&id) {
+//!     let (partial, have) = cache.begin(&id)?;
+//!     // Receiver::new(now, conn_id, id, &have, partial, config) ... drive it to Completed,
+//!     // then `receiver.into_sink().finalize()?`. On failure: `into_sink().checkpoint()?`.
+//!     # drop((partial, have));
+//! }
+//! # Ok(()) }
+//! ```
+
+mod cache;
+mod content;
+pub mod journal;
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+
+pub use cache::{Cache, PartialFile, JOURNAL_INTERVAL_BYTES};
+pub use content::{ContentStore, FileSource, ObjectInfo};
+
+use crate::id::ObjectId;
+
+/// Why a store operation failed. Each message says what went wrong and where, so a user can act.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A file-system call failed; the message names the action and the path. Check that the path
+    /// exists, is readable and writable by this process, and that the disk is not full.
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        /// What was being done, e.g. "read directory".
+        action: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The content store's root is not a directory.
+    #[error("{} is not a directory: point the content store at the folder holding the files to serve", path.display())]
+    NotADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
+    /// The object is not (completely) in the cache.
+    #[error("object {id} is not in the cache (no file at {}): download it first", path.display())]
+    NotInCache {
+        /// The object asked for.
+        id: ObjectId,
+        /// Where it would be.
+        path: PathBuf,
+    },
+    /// `finalize` was called before every byte of the object was written.
+    #[error("download of {} is incomplete ({have} of {size} bytes): keep receiving until the transfer completes before finalizing", path.display())]
+    Incomplete {
+        /// The partial file.
+        path: PathBuf,
+        /// Bytes written.
+        have: u64,
+        /// Object size.
+        size: u64,
+    },
+    /// A finished cache entry no longer hashes to its name (disk corruption or tampering).
+    #[error("cache entry {} does not hash to {expected} (it hashes to {actual}): delete it and download the object again", path.display())]
+    Corrupt {
+        /// The cache entry.
+        path: PathBuf,
+        /// Its name.
+        expected: ObjectId,
+        /// What its bytes hash to.
+        actual: ObjectId,
+    },
+}
+
+impl StoreError {
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        StoreError::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+impl From<StoreError> for io::Error {
+    /// For callers that speak `io::Error` (for example an object provider of an endpoint): the
+    /// I/O kind is kept, the message keeps the path.
+    fn from(e: StoreError) -> Self {
+        let kind = match &e {
+            StoreError::Io { source, .. } => source.kind(),
+            StoreError::NotInCache { .. } => io::ErrorKind::NotFound,
+            StoreError::NotADirectory { .. } => io::ErrorKind::InvalidInput,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e.to_string())
+    }
+}
+
+/// Size of the buffer files are hashed and copied through.
+pub(crate) const BUF_LEN: usize = 1 << 20;
+
+/// Reads exactly `buf.len()` bytes at `offset` without moving any shared cursor.
+#[cfg(unix)]
+pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
+}
+
+/// Writes all of `data` at `offset` without moving any shared cursor.
+#[cfg(unix)]
+pub(crate) fn write_all_at(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+}
+
+/// Seek-based fallback: the store owns its handles, so nothing else moves the cursor.
+#[cfg(not(unix))]
+pub(crate) fn read_exact_at(mut file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset))?;
+    file.read_exact(buf)
+}
+
+/// Seek-based fallback: the store owns its handles, so nothing else moves the cursor.
+#[cfg(not(unix))]
+pub(crate) fn write_all_at(mut file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    use std::io::{Seek, SeekFrom, Write};
+    file.seek(SeekFrom::Start(offset))?;
+    file.write_all(data)
+}
+
+/// Hashes the first `len` bytes of `file` through a fixed 1 MiB buffer.
+pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<ObjectId> {
+    use md5::{Digest, Md5};
+    let mut hasher = Md5::new();
+    let mut buf = vec![0u8; BUF_LEN];
+    let mut offset = 0u64;
+    while offset < len {
+        let n = usize::try_from(len - offset).map_or(BUF_LEN, |left| left.min(BUF_LEN));
+        let chunk = &mut buf[..n];
+        read_exact_at(file, chunk, offset)?;
+        hasher.update(&*chunk);
+        offset += n as u64;
+    }
+    Ok(ObjectId::Md5(hasher.finalize().into()))
+}
+
+/// Makes a rename or unlink in `dir` durable (a no-op where directories cannot be synced).
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    #[cfg(unix)]
+    {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::io("sync directory", dir, e))?;
+    }
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
+}

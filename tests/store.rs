@@ -1,0 +1,397 @@
+//! The file-system layer against real temporary directories: content store, cache, journal,
+//! and a killed-then-resumed download through the simulator.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use md5::{Digest, Md5};
+use udpferry::core::{ChunkSink, ChunkSource, Event, Receiver, TransferConfig};
+use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
+use udpferry::store::{journal, Cache, ContentStore, StoreError};
+use udpferry::wire::ConnectionId;
+use udpferry::ObjectId;
+
+/// A directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let dir =
+            std::env::temp_dir().join(format!("udpferry-{name}-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+    fn put(&self, rel: &str, bytes: &[u8]) -> PathBuf {
+        let path = self.0.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bytes(size: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; size];
+    Rng::new(seed).fill_bytes(&mut data);
+    data
+}
+
+fn read_all(src: &mut impl ChunkSource, size: u64) -> Vec<u8> {
+    let mut out = vec![0u8; size as usize];
+    src.read_at(0, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn content_store_indexes_nested_files_sorted_and_keeps_inside_the_root() {
+    let root = TempDir::new("content");
+    let outside = TempDir::new("outside");
+    let (a, b, c) = (bytes(1000, 1), bytes(70_000, 2), b"tiny".to_vec());
+    root.put("zeta.bin", &a);
+    root.put("maps/b.map", &b);
+    root.put("maps/deep/c.map", &c);
+    let secret = outside.put("secret.bin", b"not for the network");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::symlink;
+        symlink(&secret, root.0.join("leak")).unwrap();
+        symlink(root.0.join("maps"), root.0.join("maps-again")).unwrap();
+        symlink(root.0.join("zeta.bin"), root.0.join("alias.bin")).unwrap();
+    }
+    let mut store = ContentStore::open(&root.0).unwrap();
+    let listed: Vec<(PathBuf, ObjectId, u64)> = store
+        .objects()
+        .map(|o| (o.path.clone(), o.id, o.size))
+        .collect();
+    let mut expected = vec![
+        (
+            PathBuf::from("maps/b.map"),
+            ObjectId::md5_of(&b),
+            b.len() as u64,
+        ),
+        (PathBuf::from("maps/deep/c.map"), ObjectId::md5_of(&c), 4),
+        (PathBuf::from("zeta.bin"), ObjectId::md5_of(&a), 1000),
+    ];
+    if cfg!(unix) {
+        expected.insert(0, (PathBuf::from("alias.bin"), ObjectId::md5_of(&a), 1000));
+    }
+    assert_eq!(listed, expected);
+
+    let secret_id = ObjectId::md5_of(b"not for the network");
+    assert!(store.get(&secret_id).is_none());
+    assert!(store.open_object(&secret_id).unwrap().is_none());
+
+    let id = ObjectId::md5_of(&b);
+    assert_eq!(store.get(&id).unwrap().path, Path::new("maps/b.map"));
+    let (size, mut src) = store.open_object(&id).unwrap().unwrap();
+    assert_eq!(read_all(&mut src, size), b);
+
+    fs::remove_file(root.0.join("maps/deep/c.map")).unwrap();
+    root.put("new.bin", b"new");
+    store.rescan().unwrap();
+    assert!(store.get(&ObjectId::md5_of(&c)).is_none());
+    assert!(store.get(&ObjectId::md5_of(b"new")).is_some());
+    assert!(matches!(
+        ContentStore::open(root.0.join("zeta.bin")),
+        Err(StoreError::NotADirectory { .. })
+    ));
+}
+
+#[test]
+fn changed_file_is_never_served_under_its_old_id() {
+    let root = TempDir::new("changed");
+    let old = bytes(200_000, 3);
+    let path = root.put("map.bin", &old);
+    let old_id = ObjectId::md5_of(&old);
+    let mut store = ContentStore::open(&root.0).unwrap();
+    let (_, mut early) = store.open_object(&old_id).unwrap().unwrap();
+    let mut buf = [0u8; 1000];
+    early.read_at(0, &mut buf).unwrap();
+    assert_eq!(buf[..], old[..1000]);
+
+    // Same size, different bytes, and a different mtime (set explicitly: the clock the file
+    // system stamps files with may not have ticked since the file was written).
+    let mut new = old.clone();
+    new[0] ^= 0xff;
+    let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+    (&f).write_all(&new).unwrap();
+    f.set_modified(SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+
+    let err = (0..65)
+        .find_map(|_| early.read_at(1000, &mut buf).err())
+        .expect("the source kept serving a changed file");
+    assert_eq!(err.kind(), std::io::ErrorKind::Other);
+    assert_eq!(
+        err.to_string(),
+        "object changed on disk since it was indexed"
+    );
+
+    assert!(store.open_object(&old_id).unwrap().is_none());
+    let new_id = ObjectId::md5_of(&new);
+    assert_eq!(store.get(&new_id).unwrap().path, Path::new("map.bin"));
+    let (size, mut src) = store.open_object(&new_id).unwrap().unwrap();
+    assert_eq!(read_all(&mut src, size), new);
+
+    // A size change is caught too, and a deleted file stops being served.
+    let (_, mut before) = store.open_object(&new_id).unwrap().unwrap();
+    before.read_at(0, &mut buf).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .unwrap()
+        .write_all(b"more")
+        .unwrap();
+    assert!((0..65).any(|_| before.read_at(0, &mut buf).is_err()));
+    assert!(store.open_object(&new_id).unwrap().is_none());
+    fs::remove_file(&path).unwrap();
+    let newest = ObjectId::md5_of(&[&new[..], b"more"].concat());
+    assert!(store.open_object(&newest).unwrap().is_none());
+    assert_eq!(store.objects().count(), 0);
+}
+
+#[test]
+fn a_64_mib_file_is_hashed_correctly() {
+    let root = TempDir::new("big");
+    let mut file = fs::File::create(root.0.join("big.pak")).unwrap();
+    let mut hasher = Md5::new();
+    let mut block = bytes(1 << 20, 4);
+    for i in 0..64u8 {
+        block[0] = i;
+        hasher.update(&block);
+        file.write_all(&block).unwrap();
+    }
+    drop(file);
+    let id = ObjectId::Md5(hasher.finalize().into());
+    let store = ContentStore::open(&root.0).unwrap();
+    let info = store.get(&id).expect("64 MiB file indexed under its MD5");
+    assert_eq!(info.size, 64 << 20);
+}
+
+#[test]
+fn cache_resumes_from_checkpoint_and_distrusts_bad_journals() {
+    let dir = TempDir::new("cache");
+    let cache = Cache::open(dir.0.join("nested/cache")).unwrap();
+    let data = bytes(10_000, 5);
+    let id = ObjectId::md5_of(&data);
+    let hex = id.to_hex();
+    assert_eq!(cache.path_of(&id), dir.0.join("nested/cache").join(&hex));
+
+    let (mut part, have) = cache.begin_sized(&id, Some(10_000)).unwrap();
+    assert!(have.is_empty());
+    for r in [6000..7000usize, 0..1000, 1000..2500, 9000..10_000] {
+        part.write_at(r.start as u64, &data[r]).unwrap();
+    }
+    assert!(
+        part.write_at(9500, &[0; 600]).is_err(),
+        "write past the size"
+    );
+    part.checkpoint().unwrap();
+    let expected = part.received().clone();
+    drop(part);
+
+    let (mut part, have) = cache.begin(&id).unwrap();
+    assert_eq!(have, expected);
+    assert_eq!(part.size(), Some(10_000));
+    for r in have.iter() {
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        part.read_at(r.start, &mut buf).unwrap();
+        assert_eq!(buf[..], data[r.start as usize..r.end as usize]);
+    }
+    drop(part);
+
+    let journal_path = cache.root().join(format!("{hex}.journal"));
+    let good = fs::read(&journal_path).unwrap();
+    let part_path = cache.root().join(format!("{hex}.part"));
+    let restarts = |damaged: &[u8]| {
+        fs::write(&journal_path, damaged).unwrap();
+        let (_, have) = cache.begin(&id).unwrap();
+        let restarted = have.is_empty() && fs::metadata(&part_path).unwrap().len() == 0;
+        fs::write(&part_path, &data).unwrap();
+        restarted
+    };
+    fs::write(&part_path, &data).unwrap();
+    let mut flipped = good.clone();
+    flipped[40] ^= 1;
+    assert!(restarts(&flipped), "flipped byte");
+    assert!(restarts(&good[..good.len() - 3]), "truncated");
+    let other = journal::encode(&ObjectId::md5_of(b"other"), 10_000, &expected);
+    assert!(restarts(&other), "journal of another object");
+    assert!(!restarts(&good), "an intact journal is trusted");
+    fs::write(&journal_path, &good).unwrap();
+    let (_, have) = cache.begin_sized(&id, Some(20_000)).unwrap();
+    assert!(have.is_empty(), "journal for another size");
+    assert!(!journal_path.exists());
+    let (_, have) = cache.begin(&id).unwrap();
+    assert!(have.is_empty(), "a missing journal vouches for nothing");
+}
+
+#[test]
+fn journal_is_written_automatically_and_finalize_publishes_atomically() {
+    let dir = TempDir::new("finalize");
+    let cache = Cache::open(&dir.0).unwrap();
+    let data = bytes(5000, 6);
+    let id = ObjectId::md5_of(&data);
+    let (mut part, _) = cache.begin(&id).unwrap();
+    part.set_journal_interval(2000);
+    part.set_size(5000);
+    part.write_at(0, &data[..1500]).unwrap();
+    let journal_path = dir.0.join(format!("{}.journal", id.to_hex()));
+    assert!(!journal_path.exists(), "not yet 2000 new bytes");
+    part.write_at(3000, &data[3000..4000]).unwrap();
+    let (jid, size, ranges) = journal::decode(&fs::read(&journal_path).unwrap()).unwrap();
+    assert_eq!((jid, size, ranges), (id, 5000, part.received().clone()));
+
+    let (mut part, have) = cache.begin(&id).unwrap();
+    for gap in have.gaps(0..5000).collect::<Vec<_>>() {
+        let (s, e) = (gap.start as usize, gap.end as usize);
+        part.write_at(gap.start, &data[s..e]).unwrap();
+    }
+    assert!(!cache.contains(&id));
+    let final_path = part.finalize().unwrap();
+    assert_eq!(final_path, cache.path_of(&id));
+    assert!(cache.contains(&id));
+    assert_eq!(fs::read(&final_path).unwrap(), data);
+    let names: Vec<_> = fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        names,
+        vec![std::ffi::OsString::from(id.to_hex())],
+        "no .part, no journal"
+    );
+
+    let dest = dir.0.join("game/maps/level.map");
+    fs::create_dir_all(dest.parent().unwrap()).unwrap();
+    fs::write(&dest, b"old version").unwrap();
+    cache.copy_out(&id, &dest).unwrap();
+    assert_eq!(fs::read(&dest).unwrap(), data);
+    assert_eq!(
+        fs::read_dir(dest.parent().unwrap()).unwrap().count(),
+        1,
+        "no temp file left"
+    );
+    let missing = ObjectId::md5_of(b"missing");
+    assert!(matches!(
+        cache.copy_out(&missing, &dest),
+        Err(StoreError::NotInCache { .. })
+    ));
+    fs::write(cache.path_of(&id), b"bit rot").unwrap();
+    assert!(matches!(
+        cache.copy_out(&id, &dest),
+        Err(StoreError::Corrupt { .. })
+    ));
+    assert_eq!(
+        fs::read(&dest).unwrap(),
+        data,
+        "a failed copy leaves dest alone"
+    );
+
+    let (mut part, _) = cache.begin_sized(&missing, Some(100)).unwrap();
+    part.write_at(0, &[1; 50]).unwrap();
+    let err = part.finalize().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Incomplete {
+                have: 50,
+                size: 100,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!cache.contains(&missing));
+}
+
+/// Steps `pair` until the receiver holds `target` bytes or the transfer ends.
+fn run_until<A: udpferry::sim::Peer, B: udpferry::sim::Peer>(
+    pair: &mut Pair<A, B>,
+    mut done: impl FnMut(&Pair<A, B>) -> bool,
+) {
+    for _ in 0..10_000_000 {
+        if done(pair) || !pair.step() {
+            return;
+        }
+    }
+    panic!("simulation did not reach its goal");
+}
+
+#[test]
+fn download_killed_halfway_resumes_from_the_journal() {
+    let server_dir = TempDir::new("e2e-server");
+    let client_dir = TempDir::new("e2e-client");
+    let size = 32usize << 20;
+    let data = bytes(size, 7);
+    server_dir.put("level.map", &data);
+    let mut store = ContentStore::open(&server_dir.0).unwrap();
+    let id = ObjectId::md5_of(&data);
+    let cache = Cache::open(&client_dir.0).unwrap();
+    let config = TransferConfig::default();
+    let link = LinkConfig::clean(Duration::from_millis(15)).with_loss(0.01);
+    let start = Instant::now();
+
+    // First run: killed (everything dropped, no checkpoint) once half the bytes arrived.
+    let (mut part, have) = cache.begin_sized(&id, Some(size as u64)).unwrap();
+    part.set_journal_interval(1 << 20);
+    let (len, src) = store.open_object(&id).unwrap().unwrap();
+    let server = OneShotServer::new(id, len, src, config.clone(), 1);
+    let receiver = Receiver::new(start, ConnectionId(11), id, &have, part, config.clone());
+    let mut pair = Pair::new(1, start, server, receiver, link.clone(), link.clone());
+    run_until(&mut pair, |p| p.b.bytes_received() >= size as u64 / 2);
+    assert!(!pair.b.is_finished());
+    drop(pair);
+
+    // Second run: resumes from what the last automatic journal update vouched for.
+    let (part, have) = cache.begin(&id).unwrap();
+    assert!(
+        have.covered() >= (size as u64 / 2) - (2 << 20),
+        "have {}",
+        have.covered()
+    );
+    let (len, src) = store.open_object(&id).unwrap().unwrap();
+    let server = OneShotServer::new(id, len, src, config.clone(), 2);
+    let receiver = Receiver::new(pair_now(start), ConnectionId(12), id, &have, part, config);
+    let mut pair = Pair::new(2, pair_now(start), server, receiver, link.clone(), link);
+    let outcome = pair.run(10_000_000, pair_now(start) + Duration::from_secs(3600));
+    assert_eq!(outcome, RunOutcome::BothFinished);
+    let completed =
+        std::iter::from_fn(|| pair.b.poll_event()).any(|e| matches!(e, Event::Completed(_)));
+    assert!(completed);
+    let sent = pair.a.sender().unwrap().stats().bytes_sent;
+    assert!(
+        (sent as f64) <= 0.6 * size as f64,
+        "resumed run sent {sent} bytes for a {size}-byte object"
+    );
+    let final_path = pair.b.into_sink().finalize().unwrap();
+    assert!(
+        fs::read(&final_path).unwrap() == data,
+        "final file differs from the source"
+    );
+}
+
+/// A start time for the second run, later than any the first could have reached.
+fn pair_now(start: Instant) -> Instant {
+    start + Duration::from_secs(7200)
+}
+
+#[test]
+fn default_cache_dir_follows_the_platform_convention() {
+    if let Some(dir) = Cache::default_dir() {
+        assert!(dir.is_absolute());
+        assert!(dir.ends_with("udpferry"));
+    }
+}
