@@ -1,0 +1,189 @@
+//! The endpoint without sockets: accepting, refusing, reaping, sharing the uplink.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet, Role};
+use udpferry::wire::{self, ConnectionId, Datagram, ErrorCode, Frame, HaveRanges, Request};
+use udpferry::ObjectId;
+
+type Maps = HashMap<ObjectId, Arc<[u8]>>;
+
+fn maps(objects: &[&[u8]]) -> Maps {
+    objects
+        .iter()
+        .map(|o| (ObjectId::md5_of(o), Arc::from(*o)))
+        .collect()
+}
+
+fn request(conn: u64, id: ObjectId) -> Vec<u8> {
+    let mut buf = vec![0u8; 1500];
+    let n = Datagram {
+        conn_id: ConnectionId(conn),
+        frame: Frame::Request(Request {
+            object: id,
+            max_datagram_size: 1200,
+            max_rate_bytes_per_sec: 0,
+            have: HaveRanges::List(&[]),
+        }),
+    }
+    .encode(&mut buf)
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([10, 0, 0, 1], port))
+}
+
+fn drain(ep: &mut Endpoint<Maps, Vec<u8>>, now: Instant) -> Vec<(SocketAddr, Vec<u8>)> {
+    let mut buf = vec![0u8; 1500];
+    let mut out = Vec::new();
+    while let Some(t) = ep.poll_transmit(now, &mut buf) {
+        out.push((t.destination, buf[..t.len].to_vec()));
+    }
+    out
+}
+
+#[test]
+fn unknown_objects_get_not_found_and_no_state() {
+    let now = Instant::now();
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(EndpointConfig::default(), maps(&[b"map"]));
+    ep.handle_datagram(now, addr(1), &request(7, ObjectId::md5_of(b"other")));
+    let out = drain(&mut ep, now);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, addr(1));
+    let d = wire::decode(&out[0].1).unwrap();
+    assert_eq!(d.conn_id, ConnectionId(7));
+    assert!(matches!(d.frame, Frame::Error(e) if e.code == ErrorCode::NotFound));
+    assert_eq!(ep.transfer_count(), 0);
+    assert_eq!(ep.stats().not_found, 1);
+}
+
+#[test]
+fn limits_per_address_and_in_total_answer_busy() {
+    let now = Instant::now();
+    let config = EndpointConfig {
+        max_transfers: 3,
+        max_transfers_per_address: 2,
+        ..EndpointConfig::default()
+    };
+    let id = ObjectId::md5_of(b"map");
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(config, maps(&[b"map"]));
+    for conn in 0..3 {
+        ep.handle_datagram(now, addr(1), &request(conn, id));
+    }
+    assert_eq!(
+        ep.transfer_count(),
+        2,
+        "third request from the same address is refused"
+    );
+    ep.handle_datagram(now, SocketAddr::from(([10, 0, 0, 2], 1)), &request(9, id));
+    ep.handle_datagram(now, SocketAddr::from(([10, 0, 0, 3], 1)), &request(9, id));
+    assert_eq!(ep.transfer_count(), 3, "the total limit holds");
+    assert_eq!(ep.stats().busy, 2);
+    let busy = drain(&mut ep, now)
+        .into_iter()
+        .filter(|(_, d)| matches!(wire::decode(d).unwrap().frame, Frame::Error(e) if e.code == ErrorCode::Busy))
+        .count();
+    assert_eq!(busy, 2);
+}
+
+#[test]
+fn garbage_and_stray_datagrams_create_no_state() {
+    let now = Instant::now();
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(EndpointConfig::default(), maps(&[b"map"]));
+    ep.handle_datagram(now, addr(1), b"hello, not ours");
+    let mut buf = [0u8; 64];
+    let n = Datagram {
+        conn_id: ConnectionId(3),
+        frame: Frame::Done,
+    }
+    .encode(&mut buf)
+    .unwrap();
+    ep.handle_datagram(now, addr(1), &buf[..n]);
+    assert_eq!(ep.transfer_count(), 0);
+    assert_eq!(ep.stats().malformed, 1);
+    assert_eq!(ep.stats().unknown_connection, 1);
+    assert!(drain(&mut ep, now).is_empty(), "never answer garbage");
+}
+
+#[test]
+fn a_client_that_requests_and_vanishes_is_reaped() {
+    let start = Instant::now();
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(EndpointConfig::default(), maps(&[b"map"]));
+    ep.handle_datagram(start, addr(1), &request(1, ObjectId::md5_of(b"map")));
+    assert_eq!(ep.transfer_count(), 1);
+    let mut now = start;
+    let mut sent = 0;
+    for _ in 0..1000 {
+        sent += drain(&mut ep, now).len();
+        let Some(t) = ep.poll_timeout() else { break };
+        assert!(t >= now, "timers never go backwards");
+        now = t;
+        ep.handle_timeout(now);
+    }
+    sent += drain(&mut ep, now).len();
+    assert_eq!(ep.transfer_count(), 0, "reaped");
+    assert_eq!(ep.poll_timeout(), None, "nothing left to wake for");
+    assert!(now - start <= Duration::from_secs(16));
+    // The offer and one unasked repeat: nothing more to an address that never answered.
+    assert!(sent <= 2, "{sent} datagrams to a silent client");
+    let failed = std::iter::from_fn(|| ep.poll_event())
+        .any(|e| e.role == Role::Serving && matches!(e.event, Event::Failed(_)));
+    assert!(failed);
+}
+
+#[test]
+fn a_fetch_through_two_endpoints_completes_and_hands_back_the_sink() {
+    // Client and server endpoints wired back to back, lossless, virtual time.
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7) as u8).collect();
+    let id = ObjectId::md5_of(&data);
+    let mut server: Endpoint<Maps, Vec<u8>> =
+        Endpoint::new(EndpointConfig::default(), maps(&[&data]));
+    let mut client: Endpoint<NoObjects, Vec<u8>> = Endpoint::new(
+        EndpointConfig {
+            seed: 5,
+            ..EndpointConfig::default()
+        },
+        NoObjects,
+    );
+    let (server_addr, client_addr) = (addr(1), addr(2));
+    let mut now = Instant::now();
+    let transfer = client.fetch(now, server_addr, id, &RangeSet::new(), Vec::new());
+    let mut buf = vec![0u8; 1500];
+    let mut done = false;
+    for _ in 0..100_000 {
+        while let Some(t) = client.poll_transmit(now, &mut buf) {
+            assert_eq!(t.destination, server_addr);
+            server.handle_datagram(now, client_addr, &buf[..t.len]);
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            assert_eq!(t.destination, client_addr);
+            client.handle_datagram(now, server_addr, &buf[..t.len]);
+        }
+        while let Some(e) = client.poll_event() {
+            if matches!(e.event, Event::Completed(_)) {
+                done = true;
+            }
+        }
+        if done {
+            break;
+        }
+        let next = [client.poll_timeout(), server.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
+        if let Some(t) = next {
+            now = now.max(t);
+            client.handle_timeout(now);
+            server.handle_timeout(now);
+        }
+    }
+    assert!(done);
+    assert_eq!(client.take_sink(transfer), Some(data));
+    assert_eq!(client.take_sink(transfer), None, "taken once");
+}

@@ -1,0 +1,294 @@
+//! The socket driver on real loopback sockets: many clients, hostile traffic, a shared socket.
+
+#[path = "../examples/game_loop.rs"]
+#[allow(dead_code)]
+mod game_loop;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use udpferry::core::EndpointStats;
+use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
+use udpferry::sim::Rng;
+use udpferry::store::ContentStore;
+use udpferry::wire::{ConnectionId, Datagram, Frame, HaveRanges, Request};
+use udpferry::ObjectId;
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("udpferry-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bytes(size: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; size];
+    Rng::new(seed).fill_bytes(&mut v);
+    v
+}
+
+/// A server on 127.0.0.1 in a thread; stops and reports its endpoint's counters when dropped
+/// through `stop`.
+struct RunningServer {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<thread::JoinHandle<EndpointStats>>,
+}
+
+impl RunningServer {
+    fn start(dir: &std::path::Path, config: ServerConfig) -> Self {
+        let store = ContentStore::open(dir).unwrap();
+        let mut server = Server::bind("127.0.0.1:0".parse().unwrap(), store, config).unwrap();
+        let addr = server.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            server.run_until(&flag, |_| {}).unwrap();
+            server.endpoint().stats().clone()
+        });
+        RunningServer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> EndpointStats {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for RunningServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn sixteen_clients_download_different_objects_at_once() {
+    let dir = TempDir::new("sixteen");
+    let maps = dir.0.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..16u64 {
+        let data = bytes(1_500_000 + i as usize * 77_777, i);
+        ids.push((ObjectId::md5_of(&data), data.clone()));
+        std::fs::write(maps.join(format!("map{i}.bin")), data).unwrap();
+    }
+    let mut config = ServerConfig::default();
+    config.endpoint.max_transfers_per_address = 32;
+    let server = RunningServer::start(&maps, config);
+    let addr = server.addr;
+    let clients: Vec<_> = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, (id, data))| {
+            let cache = dir.0.join(format!("cache{i}"));
+            thread::spawn(move || {
+                let mut options = FetchOptions::new(&cache);
+                options.timeout = Some(Duration::from_secs(120));
+                let report = Client::fetch(addr, id, &options, |_, _| {}).unwrap();
+                assert_eq!(std::fs::read(&report.path).unwrap(), data);
+                assert!(!report.from_cache);
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().expect("client failed");
+    }
+    let stats = server.stop();
+    assert_eq!(stats.accepted, 16);
+}
+
+#[test]
+fn limits_answer_busy_and_unknown_objects_not_found() {
+    let dir = TempDir::new("busy");
+    let data = bytes(4 << 20, 1);
+    std::fs::write(dir.0.join("m.bin"), &data).unwrap();
+    let id = ObjectId::md5_of(&data);
+    let mut config = ServerConfig::default();
+    config.endpoint.max_transfers_per_address = 1;
+    config.endpoint.transfer.max_rate_bytes_per_sec = 1 << 20;
+    let server = RunningServer::start(&dir.0, config);
+    let addr = server.addr;
+    let first = {
+        let cache = dir.0.join("c1");
+        thread::spawn(move || Client::fetch(addr, id, &FetchOptions::new(cache), |_, _| {}))
+    };
+    thread::sleep(Duration::from_millis(300));
+    let second = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("c2")), |_, _| {});
+    assert!(
+        matches!(
+            second,
+            Err(udpferry::net::FetchError::Transfer(
+                udpferry::core::TransferError::Busy
+            ))
+        ),
+        "{second:?}"
+    );
+    assert!(first.join().unwrap().is_ok());
+    // Limits are checked before the lookup, so ask for a missing object once the slot is free.
+    let missing = Client::fetch(
+        addr,
+        ObjectId::md5_of(b"nope"),
+        &FetchOptions::new(dir.0.join("c3")),
+        |_, _| {},
+    );
+    assert!(
+        matches!(
+            missing,
+            Err(udpferry::net::FetchError::Transfer(
+                udpferry::core::TransferError::NotFound
+            ))
+        ),
+        "{missing:?}"
+    );
+}
+
+fn request_datagram(conn: u64, id: ObjectId) -> Vec<u8> {
+    let mut buf = vec![0u8; 1500];
+    let n = Datagram {
+        conn_id: ConnectionId(conn),
+        frame: Frame::Request(Request {
+            object: id,
+            max_datagram_size: 1200,
+            max_rate_bytes_per_sec: 0,
+            have: HaveRanges::List(&[]),
+        }),
+    }
+    .encode(&mut buf)
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
+#[test]
+fn garbage_sprayed_at_the_server_does_not_stop_a_download_or_grow_its_state() {
+    let dir = TempDir::new("garbage");
+    let data = bytes(8 << 20, 2);
+    std::fs::write(dir.0.join("m.bin"), &data).unwrap();
+    let id = ObjectId::md5_of(&data);
+    let server = RunningServer::start(&dir.0, ServerConfig::default());
+    let addr = server.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sprayer = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+            let mut rng = Rng::new(99);
+            let valid = request_datagram(5, id);
+            let mut sent = 0u64;
+            while !stop.load(Ordering::Relaxed) && sent < 200_000 {
+                let mut d = match sent % 4 {
+                    // Random bytes.
+                    0 => {
+                        let mut d = vec![0u8; rng.gen_range(1, 1500) as usize];
+                        rng.fill_bytes(&mut d);
+                        d
+                    }
+                    // A valid request, truncated.
+                    1 => valid[..rng.gen_range(1, valid.len() as u64) as usize].to_vec(),
+                    // Our magic, then garbage (fails the checksum).
+                    2 => {
+                        let mut d = valid.clone();
+                        let i = rng.gen_range(6, d.len() as u64) as usize;
+                        d[i] ^= 0x5a;
+                        d
+                    }
+                    // Well-formed acks for connections that do not exist.
+                    _ => {
+                        let mut buf = vec![0u8; 100];
+                        let n = Datagram {
+                            conn_id: ConnectionId(rng.next_u64()),
+                            frame: Frame::Done,
+                        }
+                        .encode(&mut buf)
+                        .unwrap();
+                        buf.truncate(n);
+                        buf
+                    }
+                };
+                if d.is_empty() {
+                    d.push(0);
+                }
+                let _ = socket.send_to(&d, addr);
+                sent += 1;
+                if sent % 64 == 0 {
+                    thread::sleep(Duration::from_micros(200));
+                }
+            }
+            sent
+        })
+    };
+    let mut options = FetchOptions::new(dir.0.join("cache"));
+    options.timeout = Some(Duration::from_secs(120));
+    let report = Client::fetch(addr, id, &options, |_, _| {}).unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let sprayed = sprayer.join().unwrap();
+    assert_eq!(std::fs::read(&report.path).unwrap(), data);
+    let stats = server.stop();
+    println!("sprayed {sprayed} datagrams; server counted {stats:?}");
+    assert!(stats.malformed + stats.unknown_connection > 0);
+    // Only the real client created a transfer: garbage never creates state.
+    assert_eq!(stats.accepted, 1);
+}
+
+#[test]
+fn a_game_loop_keeps_its_packets_while_a_map_downloads_on_the_same_socket() {
+    let o = game_loop::run(4 << 20, Duration::from_secs(60)).unwrap();
+    println!("{o:?}");
+    assert!(o.map_verified, "{o:?}");
+    assert_eq!(o.to_client.lost(), 0, "{o:?}");
+    assert_eq!(o.to_server.lost(), 0, "{o:?}");
+    assert!(
+        o.to_client.received > 30 && o.to_server.received > 30,
+        "{o:?}"
+    );
+}
+
+#[test]
+fn ipv6_loopback_works() {
+    let dir = TempDir::new("v6");
+    let data = bytes(300_000, 3);
+    std::fs::write(dir.0.join("m.bin"), &data).unwrap();
+    let id = ObjectId::md5_of(&data);
+    let store = ContentStore::open(&dir.0).unwrap();
+    let Ok(mut server) = Server::bind("[::1]:0".parse().unwrap(), store, ServerConfig::default())
+    else {
+        println!("no IPv6 loopback on this machine; skipping");
+        return;
+    };
+    let addr = server.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let t = thread::spawn(move || server.run_until(&flag, |_| {}));
+    let start = Instant::now();
+    let report = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("cache")), |_, _| {});
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap().unwrap();
+    let report = report.unwrap();
+    assert_eq!(std::fs::read(&report.path).unwrap(), data);
+    assert!(start.elapsed() < Duration::from_secs(60));
+}
