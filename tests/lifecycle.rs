@@ -564,3 +564,51 @@ fn an_empty_object_whose_done_is_lost_still_completes_on_the_server() {
     );
     assert!(pair.now - start < Duration::from_secs(3));
 }
+
+/// A sink whose disk fills up after `capacity` bytes.
+struct FullDisk {
+    data: Vec<u8>,
+    capacity: usize,
+    written: usize,
+}
+
+impl udpferry::core::ChunkSink for FullDisk {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        if self.written + data.len() > self.capacity {
+            return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
+        }
+        self.written += data.len();
+        self.data.write_at(offset, data)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.data.read_at(offset, buf)
+    }
+}
+
+#[test]
+fn a_full_disk_fails_with_a_typed_error_keeps_what_was_written_and_tells_the_server() {
+    use udpferry::core::ChunkSink;
+    let data = object(1 << 20, 11);
+    let id = ObjectId::md5_of(&data);
+    let start = Instant::now();
+    let server = OneShotServer::new(id, data.len() as u64, data.clone(), TransferConfig::default(), 1);
+    let sink = FullDisk { data: Vec::new(), capacity: 300_000, written: 0 };
+    let rx = Receiver::new(start, ConnectionId(9), id, &RangeSet::new(), sink, TransferConfig::default());
+    let mut pair = Pair::new(11, start, server, rx, link(), link());
+    pair.run(100_000, start + Duration::from_secs(60));
+    match receiver_events(&mut pair.b).last() {
+        Some(Event::Failed(TransferError::Storage { kind, .. })) => {
+            assert_eq!(*kind, std::io::ErrorKind::StorageFull)
+        }
+        other => panic!("expected a storage error, got {other:?}"),
+    }
+    // Everything the receiver reports as stored is really there and correct (resumable).
+    let have = pair.b.received_bytes();
+    assert!(have.covered() > 0 && have.covered() <= 300_000);
+    for r in have.iter() {
+        let mut buf = vec![0u8; (r.end - r.start) as usize];
+        pair.b.sink_mut().read_at(r.start, &mut buf).unwrap();
+        assert!(buf == data[r.start as usize..r.end as usize]);
+    }
+    assert!(matches!(pair.a.events.last(), Some(Event::Failed(TransferError::Peer { .. }))));
+}

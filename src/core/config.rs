@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use super::congestion::CongestionControl;
+
 use crate::wire::{DATA_OVERHEAD, DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE, MIN_CHUNK_SIZE};
 
 /// Settings for a [`Sender`](super::Sender) or [`Receiver`](super::Receiver).
@@ -34,6 +36,8 @@ pub struct TransferConfig {
     pub max_object_size: u64,
     /// Sender's rate cap in bytes per second (0: none). A request may ask for a lower one.
     pub max_rate_bytes_per_sec: u64,
+    /// Congestion controller: delay-based background mode (the default) or loss-based standard.
+    pub congestion: CongestionControl,
     /// Datagrams the pacer may send back to back after an idle period.
     pub burst_datagrams: u32,
     /// Least time between two `Event::Progress` reports.
@@ -55,6 +59,7 @@ impl Default for TransferConfig {
             receive_window_bytes: 16 << 20,
             max_object_size: 4 << 30,
             max_rate_bytes_per_sec: 0,
+            congestion: CongestionControl::default(),
             burst_datagrams: 10,
             progress_interval: Duration::from_millis(100),
             linger: Duration::from_secs(2),

@@ -1,46 +1,104 @@
 //! Congestion control: how many bytes may be in flight.
 //!
-//! NewReno as in RFC 9002 section 7: slow start, congestion avoidance, one window reduction per
-//! recovery period (a loss of a packet sent before the current recovery began does not reduce the
-//! window again), and a collapse to the minimum window on persistent congestion.
+//! Two controllers, chosen per endpoint with [`CongestionControl`]:
+//!
+//! - **Background** (the default): delay-based, after LEDBAT (RFC 6817). It estimates the
+//!   queueing delay its own traffic adds at the bottleneck from one-way delay samples and steers
+//!   the window so that delay stays near a target (25 ms by default). It yields to game packets
+//!   sharing the bottleneck long before the queue fills, which a loss-based controller never does.
+//! - **Standard**: NewReno (RFC 9002 section 7), for dedicated links: it fills the bottleneck
+//!   queue until a loss.
+//!
+//! Both halve the window on loss (once per recovery period: a loss of a datagram sent before
+//! the current recovery began does not reduce it again) and collapse to the minimum window on
+//! persistent congestion.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Initial window, in datagrams (RFC 9002 suggests 10).
 const INITIAL_WINDOW_DATAGRAMS: u64 = 10;
 /// The window never shrinks below this many datagrams.
 const MIN_WINDOW_DATAGRAMS: u64 = 2;
+/// One-way delay samples the current-delay filter keeps (RFC 6817 CURRENT_FILTER).
+const CURRENT_FILTER: usize = 4;
+/// Minutes of base-delay history (RFC 6817 BASE_HISTORY), one minimum per minute.
+const BASE_HISTORY: usize = 10;
+/// A queueing delay this many times the target is treated like a loss: the window halves (once
+/// per round trip). LEDBAT's linear decrease alone drains an overfull queue too slowly.
+const OVERLOAD_FACTOR: u32 = 4;
 
-/// A loss-based congestion controller.
+/// Which congestion controller a transfer uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CongestionControl {
+    /// Delay-based background transfer (LEDBAT-like): keeps the queueing delay it causes near
+    /// `target`, so game packets behind the same bottleneck keep their latency.
+    Background {
+        /// Queueing delay to aim for (RFC 6817 TARGET; 25 ms by default, at most 100 ms).
+        target: Duration,
+    },
+    /// Loss-based (NewReno), for dedicated links.
+    Standard,
+}
+
+impl Default for CongestionControl {
+    fn default() -> Self {
+        CongestionControl::Background {
+            target: Duration::from_millis(25),
+        }
+    }
+}
+
+/// The controller of one transfer.
 ///
 /// Call [`on_ack`](Self::on_ack) for every newly acknowledged datagram,
-/// [`on_loss`](Self::on_loss) for every datagram declared lost, and compare
+/// [`on_delay_sample`](Self::on_delay_sample) for every acknowledgement that reports a newer
+/// datagram, [`on_loss`](Self::on_loss) for every datagram declared lost, and compare
 /// [`window`](Self::window) with the bytes in flight before sending.
 #[derive(Debug, Clone)]
-pub struct NewReno {
+pub struct Controller {
+    kind: CongestionControl,
     max_datagram: u64,
     window: u64,
     ssthresh: u64,
     recovery_start: Option<Instant>,
     bytes_acked_in_avoidance: u64,
+    delay: DelayEstimator,
 }
 
-impl NewReno {
-    /// A controller for datagrams of at most `max_datagram` bytes.
-    pub fn new(max_datagram: u64) -> Self {
+impl Controller {
+    /// A controller of `kind` for datagrams of at most `max_datagram` bytes.
+    pub fn new(kind: CongestionControl, max_datagram: u64) -> Self {
         let max_datagram = max_datagram.max(1);
-        NewReno {
+        Controller {
+            kind,
             max_datagram,
             window: INITIAL_WINDOW_DATAGRAMS * max_datagram,
             ssthresh: u64::MAX,
             recovery_start: None,
             bytes_acked_in_avoidance: 0,
+            delay: DelayEstimator::default(),
         }
+    }
+
+    /// NewReno, as [`Controller::new`] with [`CongestionControl::Standard`].
+    pub fn new_reno(max_datagram: u64) -> Self {
+        Self::new(CongestionControl::Standard, max_datagram)
     }
 
     /// Bytes that may be in flight now.
     pub fn window(&self) -> u64 {
         self.window
+    }
+
+    /// The controller in use.
+    pub fn kind(&self) -> CongestionControl {
+        self.kind
+    }
+
+    /// The current estimate of the queueing delay this path adds (one-way delay above the
+    /// lowest seen), once there are samples.
+    pub fn queueing_delay(&self) -> Option<Duration> {
+        self.delay.queueing_delay()
     }
 
     /// True while the controller is in slow start.
@@ -52,11 +110,47 @@ impl NewReno {
         self.recovery_start.is_some_and(|start| sent <= start)
     }
 
-    /// A datagram of `bytes` sent at `sent` was acknowledged.
-    pub fn on_ack(&mut self, sent: Instant, bytes: u64) {
+    /// A one-way delay sample from an acknowledgement: the receiver's clock minus the send
+    /// time stamp of the newest datagram it had, in wrapping microseconds (only changes matter).
+    pub fn on_delay_sample(&mut self, owd_us: u32, now: Instant) {
+        self.delay.sample(owd_us, now);
+    }
+
+    /// A datagram of `bytes` sent at `sent` was acknowledged at `now`.
+    pub fn on_ack(&mut self, sent: Instant, bytes: u64, now: Instant) {
         if self.in_recovery(sent) {
             return;
         }
+        let target = match self.kind {
+            CongestionControl::Standard => return self.reno_increase(bytes),
+            CongestionControl::Background { target } => target.max(Duration::from_millis(1)),
+        };
+        let Some(queueing) = self.delay.queueing_delay() else {
+            return self.reno_increase(bytes);
+        };
+        if queueing > target * OVERLOAD_FACTOR {
+            self.reduce(now);
+            return;
+        }
+        if self.in_slow_start() {
+            if queueing < target / 2 {
+                self.window = self.window.saturating_add(bytes);
+                return;
+            }
+            // Leave slow start as soon as our queue reaches half the target.
+            self.ssthresh = self.window;
+        }
+        // RFC 6817 section 2.4.2: cwnd += GAIN * off_target * bytes_acked * MSS / cwnd, with
+        // GAIN = 1 and off_target = (TARGET - queueing_delay) / TARGET clamped to [-1, 1].
+        let target_us = target.as_micros() as i128;
+        let off_target = (target_us - queueing.as_micros() as i128).clamp(-target_us, target_us);
+        let change = off_target * i128::from(bytes) * i128::from(self.max_datagram)
+            / (target_us * i128::from(self.window.max(1)));
+        let window = (i128::from(self.window) + change).max(i128::from(self.min_window()));
+        self.window = window.min(i128::from(u64::MAX)) as u64;
+    }
+
+    fn reno_increase(&mut self, bytes: u64) {
         if self.in_slow_start() {
             self.window = self.window.saturating_add(bytes);
             return;
@@ -72,6 +166,13 @@ impl NewReno {
     /// period.
     pub fn on_loss(&mut self, sent: Instant, now: Instant) {
         if self.in_recovery(sent) {
+            return;
+        }
+        self.reduce(now);
+    }
+
+    fn reduce(&mut self, now: Instant) {
+        if self.recovery_start.is_some_and(|start| now <= start) {
             return;
         }
         self.recovery_start = Some(now);
@@ -93,18 +194,58 @@ impl NewReno {
     }
 }
 
+/// One-way delay bookkeeping (RFC 6817 section 3.4): a base delay (the minimum over the last
+/// `BASE_HISTORY` minutes) and a current delay (the minimum of the last `CURRENT_FILTER`
+/// samples). Samples are relative to the first one, in wrapping arithmetic, so the unknown
+/// clock offset between the two hosts cancels out.
+#[derive(Debug, Clone, Default)]
+struct DelayEstimator {
+    reference: Option<u32>,
+    current: [i64; CURRENT_FILTER],
+    current_len: usize,
+    current_next: usize,
+    /// Minimum per minute, newest last, with the minute's start.
+    base: Vec<(Instant, i64)>,
+}
+
+impl DelayEstimator {
+    fn sample(&mut self, owd_us: u32, now: Instant) {
+        let reference = *self.reference.get_or_insert(owd_us);
+        let relative = i64::from(owd_us.wrapping_sub(reference) as i32);
+        self.current[self.current_next] = relative;
+        self.current_next = (self.current_next + 1) % CURRENT_FILTER;
+        self.current_len = (self.current_len + 1).min(CURRENT_FILTER);
+        match self.base.last_mut() {
+            Some((start, min)) if now < *start + Duration::from_secs(60) => {
+                *min = (*min).min(relative)
+            }
+            _ => {
+                if self.base.len() == BASE_HISTORY {
+                    self.base.remove(0);
+                }
+                self.base.push((now, relative));
+            }
+        }
+    }
+
+    fn queueing_delay(&self) -> Option<Duration> {
+        let current = self.current[..self.current_len].iter().min()?;
+        let base = self.base.iter().map(|(_, m)| m).min()?;
+        Some(Duration::from_micros((current - base).max(0) as u64))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn slow_start_doubles_then_loss_halves_once_per_recovery() {
         let t0 = Instant::now();
-        let mut cc = NewReno::new(1000);
+        let mut cc = Controller::new_reno(1000);
         assert_eq!(cc.window(), 10_000);
         for _ in 0..10 {
-            cc.on_ack(t0, 1000);
+            cc.on_ack(t0, 1000, t0);
         }
         assert_eq!(cc.window(), 20_000);
         let t1 = t0 + Duration::from_millis(100);
@@ -114,12 +255,12 @@ mod tests {
         cc.on_loss(t0, t1 + Duration::from_millis(1));
         assert_eq!(cc.window(), 10_000);
         // Acks of old packets do not grow the window during recovery.
-        cc.on_ack(t0, 1000);
+        cc.on_ack(t0, 1000, t1);
         assert_eq!(cc.window(), 10_000);
         // In avoidance, one datagram per window's worth of acks.
         let t2 = t1 + Duration::from_millis(1);
         for _ in 0..10 {
-            cc.on_ack(t2, 1000);
+            cc.on_ack(t2, 1000, t2);
         }
         assert_eq!(cc.window(), 11_000);
         // A loss after recovery ended halves again.
@@ -130,13 +271,92 @@ mod tests {
     #[test]
     fn never_below_minimum() {
         let t0 = Instant::now();
-        let mut cc = NewReno::new(1000);
-        for i in 0..20u64 {
-            let t = t0 + Duration::from_millis(i * 10);
-            cc.on_loss(t, t);
+        for kind in [CongestionControl::Standard, CongestionControl::default()] {
+            let mut cc = Controller::new(kind, 1000);
+            for i in 0..20u64 {
+                let t = t0 + Duration::from_millis(i * 10);
+                cc.on_loss(t, t);
+            }
+            assert_eq!(cc.window(), 2000);
+            cc.on_persistent_congestion();
+            assert_eq!(cc.window(), 2000);
         }
-        assert_eq!(cc.window(), 2000);
-        cc.on_persistent_congestion();
-        assert_eq!(cc.window(), 2000);
+    }
+
+    fn background() -> Controller {
+        Controller::new(
+            CongestionControl::Background {
+                target: Duration::from_millis(25),
+            },
+            1000,
+        )
+    }
+
+    #[test]
+    fn background_grows_below_target_and_shrinks_above_it() {
+        let t0 = Instant::now();
+        let mut cc = background();
+        // Base delay 10 ms (offset is arbitrary: only differences matter).
+        let base = 4_000_000_000u32;
+        for _ in 0..4 {
+            cc.on_delay_sample(base, t0);
+        }
+        assert_eq!(cc.queueing_delay(), Some(Duration::ZERO));
+        // Slow start while the queue is short.
+        for _ in 0..10 {
+            cc.on_ack(t0, 1000, t0);
+        }
+        assert_eq!(cc.window(), 20_000);
+        // Queue at 20 ms: above half the target, so slow start ends and growth is gentle.
+        for _ in 0..4 {
+            cc.on_delay_sample(base.wrapping_add(20_000), t0);
+        }
+        let w = cc.window();
+        for _ in 0..20 {
+            cc.on_ack(t0, 1000, t0);
+        }
+        assert!(cc.window() > w && cc.window() <= w + 1000, "{} vs {w}", cc.window());
+        assert!(!cc.in_slow_start());
+        // Queue at 40 ms: above the target, the window shrinks.
+        for _ in 0..4 {
+            cc.on_delay_sample(base.wrapping_add(40_000), t0);
+        }
+        let w = cc.window();
+        for _ in 0..20 {
+            cc.on_ack(t0, 1000, t0);
+        }
+        assert!(cc.window() < w, "{} vs {w}", cc.window());
+        // Queue at 200 ms (8x the target): halves like a loss, once per round.
+        for _ in 0..4 {
+            cc.on_delay_sample(base.wrapping_add(200_000), t0);
+        }
+        let w = cc.window();
+        let t1 = t0 + Duration::from_millis(1);
+        cc.on_ack(t1, 1000, t1);
+        assert_eq!(cc.window(), (w / 2).max(2000));
+    }
+
+    #[test]
+    fn delay_samples_survive_clock_wrap() {
+        let t0 = Instant::now();
+        let mut cc = background();
+        cc.on_delay_sample(u32::MAX - 1000, t0);
+        // 3000 us later in wrapping arithmetic.
+        for _ in 0..4 {
+            cc.on_delay_sample(1999, t0);
+        }
+        assert_eq!(cc.queueing_delay(), Some(Duration::from_micros(3000)));
+    }
+
+    #[test]
+    fn standard_ignores_delay() {
+        let t0 = Instant::now();
+        let mut cc = Controller::new_reno(1000);
+        cc.on_delay_sample(0, t0);
+        for _ in 0..4 {
+            cc.on_delay_sample(1_000_000, t0);
+        }
+        cc.on_ack(t0, 1000, t0);
+        assert_eq!(cc.window(), 11_000);
     }
 }

@@ -32,7 +32,7 @@ use std::io;
 use std::time::Duration;
 
 pub use config::TransferConfig;
-pub use congestion::NewReno;
+pub use congestion::{CongestionControl, Controller};
 pub use endpoint::{
     Endpoint, EndpointConfig, EndpointEvent, EndpointStats, NoObjects, ObjectProvider, Role,
     TransferId, Transmit,

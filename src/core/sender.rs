@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::congestion::NewReno;
+use super::congestion::Controller;
 use super::pacer::Pacer;
 use super::ranges::RangeSet;
 use super::rtt::RttEstimator;
@@ -94,7 +94,7 @@ pub struct Sender<S> {
     window_end: u64,
 
     rtt: RttEstimator,
-    congestion: NewReno,
+    congestion: Controller,
     pacer: Pacer,
     rate_cap: u64,
     pacing_wait: Option<Instant>,
@@ -178,7 +178,7 @@ impl<S: ChunkSource> Sender<S> {
             probes_pending: 0,
             window_end: window_end.max(1),
             rtt: RttEstimator::new(config.initial_rtt),
-            congestion: NewReno::new(datagram_size as u64),
+            congestion: Controller::new(config.congestion, datagram_size as u64),
             pacer: Pacer::new(0, burst),
             rate_cap,
             pacing_wait: None,
@@ -207,6 +207,8 @@ impl<S: ChunkSource> Sender<S> {
         s.smoothed_rtt = self.rtt.smoothed();
         s.congestion_window = self.congestion.window();
         s.bytes_in_flight = self.bytes_in_flight;
+        s.queueing_delay = self.congestion.queueing_delay();
+        s.pacing_rate = self.pacer.rate();
         s
     }
 
@@ -312,7 +314,7 @@ impl<S: ChunkSource> Sender<S> {
                     if !p.settled {
                         p.settled = true;
                         *bytes_in_flight -= u64::from(p.bytes);
-                        congestion.on_ack(p.sent, u64::from(p.bytes));
+                        congestion.on_ack(p.sent, u64::from(p.bytes), now);
                         newly_acked = true;
                     }
                 }
@@ -320,6 +322,7 @@ impl<S: ChunkSource> Sender<S> {
         }
         if self.largest_acked_seq.is_none_or(|l| ack.largest_seq > l) {
             self.largest_acked_seq = Some(ack.largest_seq);
+            self.congestion.on_delay_sample(ack.owd_us, now);
             // The datagram may already be gone from the front (settled by an earlier ack that
             // arrived out of order); then this ack gives no RTT sample.
             let index = ack.largest_seq.checked_sub(self.first_seq);

@@ -35,6 +35,11 @@ pub struct Stats {
     pub congestion_window: u64,
     /// Bytes sent and neither acknowledged nor declared lost (sender).
     pub bytes_in_flight: u64,
+    /// Estimated queueing delay this transfer's path adds, from one-way delay samples (sender).
+    pub queueing_delay: Option<Duration>,
+    /// The rate the sender paces at now, bytes per second: the lowest of its window's rate
+    /// (1.25 windows per round trip) and its cap (sender).
+    pub pacing_rate: u64,
 }
 
 /// Datagrams dropped without effect, by reason. Dropping is the only answer to bad input.
