@@ -575,7 +575,10 @@ struct FullDisk {
 impl udpferry::core::ChunkSink for FullDisk {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
         if self.written + data.len() > self.capacity {
-            return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "no space left on device"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "no space left on device",
+            ));
         }
         self.written += data.len();
         self.data.write_at(offset, data)
@@ -591,9 +594,26 @@ fn a_full_disk_fails_with_a_typed_error_keeps_what_was_written_and_tells_the_ser
     let data = object(1 << 20, 11);
     let id = ObjectId::md5_of(&data);
     let start = Instant::now();
-    let server = OneShotServer::new(id, data.len() as u64, data.clone(), TransferConfig::default(), 1);
-    let sink = FullDisk { data: Vec::new(), capacity: 300_000, written: 0 };
-    let rx = Receiver::new(start, ConnectionId(9), id, &RangeSet::new(), sink, TransferConfig::default());
+    let server = OneShotServer::new(
+        id,
+        data.len() as u64,
+        data.clone(),
+        TransferConfig::default(),
+        1,
+    );
+    let sink = FullDisk {
+        data: Vec::new(),
+        capacity: 300_000,
+        written: 0,
+    };
+    let rx = Receiver::new(
+        start,
+        ConnectionId(9),
+        id,
+        &RangeSet::new(),
+        sink,
+        TransferConfig::default(),
+    );
     let mut pair = Pair::new(11, start, server, rx, link(), link());
     pair.run(100_000, start + Duration::from_secs(60));
     match receiver_events(&mut pair.b).last() {
@@ -610,5 +630,8 @@ fn a_full_disk_fails_with_a_typed_error_keeps_what_was_written_and_tells_the_ser
         pair.b.sink_mut().read_at(r.start, &mut buf).unwrap();
         assert!(buf == data[r.start as usize..r.end as usize]);
     }
-    assert!(matches!(pair.a.events.last(), Some(Event::Failed(TransferError::Peer { .. }))));
+    assert!(matches!(
+        pair.a.events.last(),
+        Some(Event::Failed(TransferError::Peer { .. }))
+    ));
 }

@@ -26,6 +26,9 @@ const BASE_HISTORY: usize = 10;
 /// A queueing delay this many times the target is treated like a loss: the window halves (once
 /// per round trip). LEDBAT's linear decrease alone drains an overfull queue too slowly.
 const OVERLOAD_FACTOR: u32 = 4;
+/// Strength of the multiplicative decrease above the target (LEDBAT++ uses 1). Larger values
+/// make competing background transfers converge to equal shares faster.
+const DECREASE_GAIN: i128 = 4;
 
 /// Which congestion controller a transfer uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +93,13 @@ impl Controller {
         self.window
     }
 
+    /// Sets the window, as an endpoint does to share one path's window evenly among the
+    /// transfers on it. Never below the minimum window.
+    pub fn set_window(&mut self, window: u64) {
+        self.window = window.max(self.min_window());
+        self.bytes_acked_in_avoidance = 0;
+    }
+
     /// The controller in use.
     pub fn kind(&self) -> CongestionControl {
         self.kind
@@ -116,6 +126,13 @@ impl Controller {
         self.delay.sample(owd_us, now);
     }
 
+    /// The lowest one-way delay (wrapping microseconds) other transfers saw on the same path,
+    /// measured against the same clocks. The base delay becomes the lower of it and this
+    /// transfer's own minimum.
+    pub fn set_base_hint(&mut self, owd_us: u32) {
+        self.delay.hint = Some(owd_us);
+    }
+
     /// A datagram of `bytes` sent at `sent` was acknowledged at `now`.
     pub fn on_ack(&mut self, sent: Instant, bytes: u64, now: Instant) {
         if self.in_recovery(sent) {
@@ -140,13 +157,20 @@ impl Controller {
             // Leave slow start as soon as our queue reaches half the target.
             self.ssthresh = self.window;
         }
-        // RFC 6817 section 2.4.2: cwnd += GAIN * off_target * bytes_acked * MSS / cwnd, with
-        // GAIN = 1 and off_target = (TARGET - queueing_delay) / TARGET clamped to [-1, 1].
+        // Below the target: RFC 6817 section 2.4.2, cwnd += GAIN * off_target * bytes_acked *
+        // MSS / cwnd with GAIN = 1 (at most one datagram per round trip). Above it: a
+        // multiplicative decrease, W * (queueing / target - 1) per round trip and at most half
+        // (as LEDBAT++ does), so that competing background transfers converge to equal shares.
         let target_us = target.as_micros() as i128;
-        let off_target = (target_us - queueing.as_micros() as i128).clamp(-target_us, target_us);
-        let change = off_target * i128::from(bytes) * i128::from(self.max_datagram)
-            / (target_us * i128::from(self.window.max(1)));
-        let window = (i128::from(self.window) + change).max(i128::from(self.min_window()));
+        let queueing_us = queueing.as_micros() as i128;
+        let window = i128::from(self.window.max(1));
+        let bytes = i128::from(bytes);
+        let change = if queueing_us <= target_us {
+            (target_us - queueing_us) * bytes * i128::from(self.max_datagram) / (target_us * window)
+        } else {
+            -((bytes * (queueing_us - target_us) * DECREASE_GAIN / target_us).min(bytes / 2))
+        };
+        let window = (window + change).max(i128::from(self.min_window()));
         self.window = window.min(i128::from(u64::MAX)) as u64;
     }
 
@@ -206,6 +230,8 @@ struct DelayEstimator {
     current_next: usize,
     /// Minimum per minute, newest last, with the minute's start.
     base: Vec<(Instant, i64)>,
+    /// The path's lowest raw sample as seen by other transfers (`Controller::set_base_hint`).
+    hint: Option<u32>,
 }
 
 impl DelayEstimator {
@@ -230,8 +256,45 @@ impl DelayEstimator {
 
     fn queueing_delay(&self) -> Option<Duration> {
         let current = self.current[..self.current_len].iter().min()?;
-        let base = self.base.iter().map(|(_, m)| m).min()?;
+        let own = *self.base.iter().map(|(_, m)| m).min()?;
+        let base = match (self.hint, self.reference) {
+            (Some(h), Some(r)) => own.min(i64::from(h.wrapping_sub(r) as i32)),
+            _ => own,
+        };
         Some(Duration::from_micros((current - base).max(0) as u64))
+    }
+}
+
+/// The lowest one-way delay seen on one path by all transfers of an endpoint, over the last
+/// `BASE_HISTORY` minutes, as a raw wire value for [`Controller::set_base_hint`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PathBase {
+    reference: Option<u32>,
+    minutes: Vec<(Instant, i64)>,
+}
+
+impl PathBase {
+    /// Adds a raw sample (wrapping microseconds) taken at `now`.
+    pub(crate) fn sample(&mut self, owd_us: u32, now: Instant) {
+        let reference = *self.reference.get_or_insert(owd_us);
+        let relative = i64::from(owd_us.wrapping_sub(reference) as i32);
+        match self.minutes.last_mut() {
+            Some((start, min)) if now < *start + Duration::from_secs(60) => {
+                *min = (*min).min(relative)
+            }
+            _ => {
+                if self.minutes.len() == BASE_HISTORY {
+                    self.minutes.remove(0);
+                }
+                self.minutes.push((now, relative));
+            }
+        }
+    }
+
+    /// The lowest sample, as a raw wire value.
+    pub(crate) fn base(&self) -> Option<u32> {
+        let min = self.minutes.iter().map(|(_, m)| *m).min()?;
+        Some(self.reference?.wrapping_add(min as i32 as u32))
     }
 }
 
@@ -315,7 +378,11 @@ mod tests {
         for _ in 0..20 {
             cc.on_ack(t0, 1000, t0);
         }
-        assert!(cc.window() > w && cc.window() <= w + 1000, "{} vs {w}", cc.window());
+        assert!(
+            cc.window() > w && cc.window() <= w + 1000,
+            "{} vs {w}",
+            cc.window()
+        );
         assert!(!cc.in_slow_start());
         // Queue at 40 ms: above the target, the window shrinks.
         for _ in 0..4 {

@@ -6,6 +6,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use super::congestion::PathBase;
 use super::pacer::Pacer;
 use super::ranges::RangeSet;
 use super::{ChunkSink, ChunkSource, Event, Receiver, Sender, TransferConfig};
@@ -193,6 +194,10 @@ pub struct Endpoint<P: ObjectProvider, K> {
     replies: VecDeque<(SocketAddr, ConnectionId, ErrorCode, &'static str)>,
     events: VecDeque<EndpointEvent>,
     uplink: Pacer,
+    /// One clock epoch for every transfer, so their one-way delay samples are comparable.
+    epoch: Option<Instant>,
+    /// Lowest one-way delay per peer, pooled over that peer's transfers.
+    paths: HashMap<SocketAddr, PathBase>,
     uplink_wait: Option<Instant>,
     rng: SplitMix64,
     stats: EndpointStats,
@@ -206,6 +211,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         Endpoint {
             uplink: Pacer::new(config.rate_limit_bytes_per_sec, burst),
             uplink_wait: None,
+            epoch: None,
+            paths: HashMap::new(),
             rng: SplitMix64(config.seed),
             provider,
             transfers: BTreeMap::new(),
@@ -269,7 +276,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 break c;
             }
         };
-        let receiver = Receiver::new(
+        let mut receiver = Receiver::new(
             now,
             conn_id,
             id,
@@ -277,6 +284,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             SinkSlot(Some(sink)),
             self.config.transfer.clone(),
         );
+        receiver.set_clock_epoch(*self.epoch.get_or_insert(now));
         self.insert(server, conn_id, id, Transfer::Fetching(Box::new(receiver)))
     }
 
@@ -341,6 +349,13 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     fn remove(&mut self, id: TransferId) {
         if let Some(slot) = self.transfers.remove(&id) {
             self.by_connection.remove(&(slot.peer, slot.conn_id));
+            if !self
+                .by_connection
+                .keys()
+                .any(|(peer, _)| *peer == slot.peer)
+            {
+                self.paths.remove(&slot.peer);
+            }
             if let Some(n) = self.per_address.get_mut(&slot.peer.ip()) {
                 *n -= 1;
                 if *n == 0 {
@@ -366,16 +381,61 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         if let Some(&id) = self.by_connection.get(&(from, datagram.conn_id)) {
             if let Some(slot) = self.transfers.get_mut(&id) {
                 match &mut slot.transfer {
-                    Transfer::Serving(s) => s.handle_decoded(now, &datagram, data.len()),
+                    Transfer::Serving(s) => {
+                        s.handle_decoded(now, &datagram, data.len());
+                        if let Some(owd) = s.take_delay_sample() {
+                            let path = self.paths.entry(from).or_default();
+                            path.sample(owd, now);
+                            if let Some(base) = path.base() {
+                                s.set_path_base_delay(base);
+                            }
+                        }
+                    }
                     Transfer::Fetching(r) => r.handle_decoded(now, &datagram, data.len()),
                 }
                 self.collect_events(id);
+                if matches!(datagram.frame, Frame::Ack(_)) {
+                    self.share_path_window(from.ip());
+                }
             }
             return;
         }
         match &datagram.frame {
             Frame::Request(_) => self.accept(now, from, &datagram),
             _ => self.stats.unknown_connection += 1,
+        }
+    }
+
+    /// Transfers to one host share its path, so they share its congestion window: when their
+    /// windows drift more than 10% apart, each gets the average (the sum is kept). Without this
+    /// a transfer that starts while another already fills the bottleneck takes a long time to
+    /// reach an equal share, because a delay-based controller holds the queue steady.
+    fn share_path_window(&mut self, host: std::net::IpAddr) {
+        if self.per_address.get(&host).copied().unwrap_or(0) < 2 {
+            return;
+        }
+        let mut senders: Vec<&mut Sender<P::Source>> = self
+            .transfers
+            .values_mut()
+            .filter(|slot| slot.peer.ip() == host)
+            .filter_map(|slot| match &mut slot.transfer {
+                Transfer::Serving(s) if s.is_sending() => Some(&mut **s),
+                _ => None,
+            })
+            .collect();
+        if senders.len() < 2 {
+            return;
+        }
+        let windows = senders.iter().map(|s| s.congestion_window());
+        let (min, max, sum) = windows.fold((u64::MAX, 0, 0u64), |(lo, hi, sum), w| {
+            (lo.min(w), hi.max(w), sum.saturating_add(w))
+        });
+        if max <= min + min / 10 {
+            return;
+        }
+        let share = sum / senders.len() as u64;
+        for s in &mut senders {
+            s.set_congestion_window(share);
         }
     }
 
@@ -423,7 +483,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             nonce,
             self.config.transfer.clone(),
         ) {
-            Ok(sender) => {
+            Ok(mut sender) => {
+                sender.set_clock_epoch(*self.epoch.get_or_insert(now));
                 self.stats.accepted += 1;
                 let id = self.insert(
                     from,

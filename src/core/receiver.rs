@@ -66,6 +66,8 @@ pub struct Receiver<K> {
     have: Vec<Range<u64>>,
     state: State,
     created: Instant,
+    /// One-way delay samples count from here (see `set_clock_epoch`).
+    clock_epoch: Instant,
     object: Option<Object>,
 
     received: RangeSet,
@@ -124,6 +126,7 @@ impl<K: ChunkSink> Receiver<K> {
             have,
             state: State::Requesting,
             created: now,
+            clock_epoch: now,
             object: None,
             received: RangeSet::new(),
             hasher: Md5::new(),
@@ -152,6 +155,13 @@ impl<K: ChunkSink> Receiver<K> {
             finished: false,
             config,
         }
+    }
+
+    /// Makes one-way delay samples count from `epoch` instead of the transfer's creation, so that
+    /// the samples of all transfers of one endpoint are comparable. Call it before the first
+    /// datagram.
+    pub fn set_clock_epoch(&mut self, epoch: Instant) {
+        self.clock_epoch = epoch;
     }
 
     /// The connection id of this transfer.
@@ -350,7 +360,8 @@ impl<K: ChunkSink> Receiver<K> {
         if self.largest_seq.is_none_or(|l| data.seq > l) {
             self.largest_seq = Some(data.seq);
             self.largest_seq_at = now;
-            self.largest_seq_owd = wire_micros(now, self.created).wrapping_sub(data.send_time_us);
+            self.largest_seq_owd =
+                wire_micros(now, self.clock_epoch).wrapping_sub(data.send_time_us);
         }
         self.unacked += 1;
         if self.received.contains(chunk) {

@@ -68,6 +68,10 @@ pub struct Sender<S> {
     nonce: u64,
     state: State,
     created: Instant,
+    /// Send time stamps count from here (see `set_clock_epoch`).
+    clock_epoch: Instant,
+    /// The newest one-way delay sample, until the owner takes it.
+    delay_sample: Option<u32>,
     offer_pending: bool,
     /// When the offer last went out, and how many times it was repeated without being asked.
     offer_sent: Option<Instant>,
@@ -158,6 +162,8 @@ impl<S: ChunkSource> Sender<S> {
             nonce,
             state: State::Offering,
             created: now,
+            clock_epoch: now,
+            delay_sample: None,
             offer_pending: true,
             offer_sent: None,
             offer_repeats: 0,
@@ -189,6 +195,44 @@ impl<S: ChunkSource> Sender<S> {
             finished: false,
             config,
         })
+    }
+
+    /// Makes send time stamps count from `epoch` instead of the transfer's creation. An endpoint
+    /// gives all its transfers one epoch, so the one-way delay samples of transfers to the same
+    /// peer are comparable and can share a base-delay estimate (see
+    /// [`set_path_base_delay`](Self::set_path_base_delay)). Call it before the first datagram.
+    pub fn set_clock_epoch(&mut self, epoch: Instant) {
+        self.clock_epoch = epoch;
+    }
+
+    /// Takes the newest one-way delay sample (wrapping microseconds, as on the wire), if one
+    /// arrived since the last call. An endpoint pools these per peer.
+    pub fn take_delay_sample(&mut self) -> Option<u32> {
+        self.delay_sample.take()
+    }
+
+    /// Tells the congestion controller the lowest one-way delay seen on this path by any
+    /// transfer of the endpoint (same epoch, same peer). Without it, a transfer that starts while
+    /// another already fills the bottleneck queue takes that queue for the base delay and
+    /// crowds the earlier one out (LEDBAT's latecomer problem).
+    pub fn set_path_base_delay(&mut self, owd_us: u32) {
+        self.congestion.set_base_hint(owd_us);
+    }
+
+    /// The congestion window in bytes.
+    pub fn congestion_window(&self) -> u64 {
+        self.congestion.window()
+    }
+
+    /// Overrides the congestion window: an endpoint evens out the windows of transfers that
+    /// share a path (same peer host), keeping their sum.
+    pub fn set_congestion_window(&mut self, bytes: u64) {
+        self.congestion.set_window(bytes);
+    }
+
+    /// True while data is flowing (after the client's start, before the end).
+    pub fn is_sending(&self) -> bool {
+        self.state == State::Sending
     }
 
     /// The connection id this transfer answers to.
@@ -323,6 +367,7 @@ impl<S: ChunkSource> Sender<S> {
         if self.largest_acked_seq.is_none_or(|l| ack.largest_seq > l) {
             self.largest_acked_seq = Some(ack.largest_seq);
             self.congestion.on_delay_sample(ack.owd_us, now);
+            self.delay_sample = Some(ack.owd_us);
             // The datagram may already be gone from the front (settled by an earlier ack that
             // arrived out of order); then this ack gives no RTT sample.
             let index = ack.largest_seq.checked_sub(self.first_seq);
@@ -495,7 +540,7 @@ impl<S: ChunkSource> Sender<S> {
             buf,
             self.conn_id,
             seq,
-            wire_micros(now, self.created),
+            wire_micros(now, self.clock_epoch),
             chunk as u32,
             len,
         )

@@ -73,11 +73,13 @@
 //! assert_eq!(pair.now - start, Duration::from_millis(40));
 //! ```
 
+mod game;
 mod link;
 mod pair;
 mod peers;
 mod rng;
 
+pub use game::{EndpointPeer, GameTraffic};
 pub use link::{GilbertElliott, Link, LinkConfig, LinkStats};
 pub use pair::{Direction, Pair, Peer, RunOutcome};
 pub use peers::OneShotServer;
