@@ -217,7 +217,7 @@ fn eight_transfers_share_an_uplink_cap_fairly() {
     loop {
         end += Duration::from_millis(100);
         run.run_until(end);
-        if run.completions().len() > 0 {
+        if !run.completions().is_empty() {
             break;
         }
         assert!(end < run.start + Duration::from_secs(60));
