@@ -109,7 +109,7 @@ fn sixteen_clients_download_different_objects_at_once() {
             thread::spawn(move || {
                 let mut options = FetchOptions::new(&cache);
                 options.timeout = Some(Duration::from_secs(120));
-                let report = Client::fetch(addr, id, &options, |_, _| {}).unwrap();
+                let report = Client::fetch(addr, id, &options, |_| {}).unwrap();
                 assert_eq!(std::fs::read(&report.path).unwrap(), data);
                 assert!(!report.from_cache);
             })
@@ -135,10 +135,10 @@ fn limits_answer_busy_and_unknown_objects_not_found() {
     let addr = server.addr;
     let first = {
         let cache = dir.0.join("c1");
-        thread::spawn(move || Client::fetch(addr, id, &FetchOptions::new(cache), |_, _| {}))
+        thread::spawn(move || Client::fetch(addr, id, &FetchOptions::new(cache), |_| {}))
     };
     thread::sleep(Duration::from_millis(300));
-    let second = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("c2")), |_, _| {});
+    let second = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("c2")), |_| {});
     assert!(
         matches!(
             second,
@@ -154,7 +154,7 @@ fn limits_answer_busy_and_unknown_objects_not_found() {
         addr,
         ObjectId::md5_of(b"nope"),
         &FetchOptions::new(dir.0.join("c3")),
-        |_, _| {},
+        |_| {},
     );
     assert!(
         matches!(
@@ -244,7 +244,7 @@ fn garbage_sprayed_at_the_server_does_not_stop_a_download_or_grow_its_state() {
     };
     let mut options = FetchOptions::new(dir.0.join("cache"));
     options.timeout = Some(Duration::from_secs(120));
-    let report = Client::fetch(addr, id, &options, |_, _| {}).unwrap();
+    let report = Client::fetch(addr, id, &options, |_| {}).unwrap();
     stop.store(true, Ordering::Relaxed);
     let sprayed = sprayer.join().unwrap();
     assert_eq!(std::fs::read(&report.path).unwrap(), data);
@@ -285,10 +285,86 @@ fn ipv6_loopback_works() {
     let flag = stop.clone();
     let t = thread::spawn(move || server.run_until(&flag, |_| {}));
     let start = Instant::now();
-    let report = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("cache")), |_, _| {});
+    let report = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("cache")), |_| {});
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap().unwrap();
     let report = report.unwrap();
     assert_eq!(std::fs::read(&report.path).unwrap(), data);
     assert!(start.elapsed() < Duration::from_secs(60));
+}
+
+/// Rates on real sockets. The lower bounds are what a cap guarantees; the upper bounds are
+/// generous guards (these machines are shared and noisy), so the test cannot flake. The measured
+/// times are printed.
+#[test]
+fn rate_caps_hold_on_real_sockets() {
+    let dir = TempDir::new("rates");
+    let maps = dir.0.join("maps");
+    std::fs::create_dir_all(&maps).unwrap();
+    let big = bytes(6 << 20, 10);
+    std::fs::write(maps.join("big.bin"), &big).unwrap();
+    let small: Vec<Vec<u8>> = (0..4).map(|i| bytes(2 << 20, 20 + i)).collect();
+    for (i, s) in small.iter().enumerate() {
+        std::fs::write(maps.join(format!("s{i}.bin")), s).unwrap();
+    }
+
+    // --rate 1MiB, one client, 6 MiB.
+    let mut config = ServerConfig::default();
+    config.endpoint.rate_limit_bytes_per_sec = 1 << 20;
+    let server = RunningServer::start(&maps, config);
+    let start = Instant::now();
+    let report = Client::fetch(
+        server.addr,
+        ObjectId::md5_of(&big),
+        &FetchOptions::new(dir.0.join("c0")),
+        |_| {},
+    )
+    .unwrap();
+    let one = start.elapsed();
+    drop(server);
+    assert_eq!(std::fs::read(&report.path).unwrap(), big);
+    println!(
+        "6 MiB at --rate 1MiB: {:.2} s (expected 5.7 to 6.5)",
+        one.as_secs_f64()
+    );
+    assert!(
+        one >= Duration::from_millis(5_700),
+        "{one:?}: faster than the cap allows"
+    );
+    assert!(one <= Duration::from_secs(12), "{one:?}");
+
+    // --rate 2MiB --client-rate 512K, four clients of 2 MiB each.
+    let mut config = ServerConfig::default();
+    config.endpoint.rate_limit_bytes_per_sec = 2 << 20;
+    config.endpoint.transfer.max_rate_bytes_per_sec = 512 << 10;
+    let server = RunningServer::start(&maps, config);
+    let addr = server.addr;
+    let clients: Vec<_> = small
+        .iter()
+        .enumerate()
+        .map(|(i, data)| {
+            let id = ObjectId::md5_of(data);
+            let cache = dir.0.join(format!("c{}", i + 1));
+            thread::spawn(move || {
+                let start = Instant::now();
+                Client::fetch(addr, id, &FetchOptions::new(cache), |_| {}).unwrap();
+                start.elapsed()
+            })
+        })
+        .collect();
+    let times: Vec<Duration> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    println!(
+        "4 x 2 MiB at --rate 2MiB --client-rate 512K: {:?} s (expected 3.8 to 4.6 each)",
+        times
+            .iter()
+            .map(|t| (t.as_secs_f64() * 100.0).round() / 100.0)
+            .collect::<Vec<_>>()
+    );
+    for t in &times {
+        assert!(
+            *t >= Duration::from_millis(3_800),
+            "{t:?}: faster than the per-client cap allows"
+        );
+        assert!(*t <= Duration::from_secs(9), "{t:?}");
+    }
 }

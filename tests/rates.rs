@@ -330,3 +330,80 @@ fn two_downloads_through_one_bottleneck_converge() {
     );
     assert!(gap <= 0.2, "{ra} vs {rb}");
 }
+
+/// Wakes only on a coarse timer, like a driver sleeping through `SO_RCVTIMEO` (jiffies).
+struct Coarse<P: udpferry::sim::Peer>(P, Instant, Duration);
+
+impl<P: udpferry::sim::Peer> udpferry::sim::Peer for Coarse<P> {
+    fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
+        self.0.handle_datagram(now, d)
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
+        self.0.poll_transmit(now, buf)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        let t = self.0.poll_timeout()?;
+        let since = t.saturating_duration_since(self.1).as_nanos();
+        let g = self.2.as_nanos();
+        Some(self.1 + Duration::from_nanos((since.div_ceil(g) * g) as u64))
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.0.handle_timeout(now)
+    }
+    fn is_finished(&self) -> bool {
+        self.0.is_finished()
+    }
+}
+
+/// Four transfers at a 512 KiB/s cap each under a 2 MiB/s uplink, with a server that wakes only
+/// on a 1 ms timer (the driver's sleep slice): the pacers release what they gathered while
+/// asleep as small batches, so the rates hold.
+#[test]
+fn caps_hold_when_the_driver_wakes_on_a_coarse_timer() {
+    let objs = objects(4, 2 << 20);
+    let mut config = EndpointConfig {
+        rate_limit_bytes_per_sec: 2 << 20,
+        ..EndpointConfig::default()
+    };
+    config.transfer.max_rate_bytes_per_sec = 512 << 10;
+    let maps: Maps = objs
+        .iter()
+        .map(|(id, d)| (*id, Arc::from(d.as_slice())))
+        .collect();
+    let server: Server = EndpointPeer::new(Endpoint::new(config, maps), SocketAddr::from(CLIENT));
+    let mut client: Client = EndpointPeer::new(
+        Endpoint::new(EndpointConfig::default(), NoObjects),
+        SocketAddr::from(SERVER),
+    );
+    let start = Instant::now();
+    for (id, _) in &objs {
+        client.endpoint.fetch(
+            start,
+            SocketAddr::from(SERVER),
+            *id,
+            &RangeSet::new(),
+            Vec::new(),
+        );
+    }
+    let l = LinkConfig::clean(Duration::from_micros(50));
+    let mut pair = Pair::new(
+        1,
+        start,
+        Coarse(server, start, Duration::from_millis(1)),
+        client,
+        l.clone(),
+        l,
+    );
+    pair.run(u64::MAX, start + Duration::from_secs(100));
+    let c: Vec<f64> = pair
+        .b
+        .events
+        .iter()
+        .filter(|(_, e)| matches!(e.event, Event::Completed(_)))
+        .map(|(t, _)| (*t - start).as_secs_f64())
+        .collect();
+    // 2 MiB plus 3% headers at 512 KiB/s: 4.12 s.
+    println!("4 x 2 MiB at 512 KiB/s each with a 1 ms timer: done at {c:?} s");
+    assert_eq!(c.len(), 4);
+    assert!(c.iter().all(|t| *t <= 4.12 * 1.05), "{c:?}");
+}

@@ -46,7 +46,7 @@ enum Command {
         /// Print one line per object before listening: `object <md5hex> <bytes> <path>`.
         #[arg(long)]
         list: bool,
-        /// Report transfers on stderr.
+        /// Report transfers on stderr, and one status line per second while any is active.
         #[arg(short, long)]
         verbose: bool,
     },
@@ -65,7 +65,7 @@ enum Command {
         /// Give up after this many seconds in total.
         #[arg(long)]
         timeout: Option<f64>,
-        /// Report the transfer's counters on stderr.
+        /// One status line per second on stderr, and the transfer's counters at the end.
         #[arg(short, long)]
         verbose: bool,
     },
@@ -187,23 +187,63 @@ fn serve(
         Err(e) => return fail("serve", &e.to_string()),
     }
     drop(stdout);
-    let result = server.run_until(&stop, |e| {
+    let mut last_sent: Option<(Instant, u64)> = None;
+    let report = |ep: &udpferry::core::Endpoint<ContentStore, Vec<u8>>| {
         if !verbose {
             return;
         }
-        match &e.event {
-            Event::Completed(c) => eprintln!(
-                "sent {} to {}: {} bytes in {:.2} s, {} bytes retransmitted",
-                e.object,
-                e.peer,
-                c.size,
-                c.duration.as_secs_f64(),
-                c.stats.bytes_retransmitted
-            ),
-            Event::Failed(err) => eprintln!("transfer of {} to {} failed: {err}", e.object, e.peer),
-            _ => {}
+        let now = Instant::now();
+        let sent = ep.stats().bytes_sent;
+        let rate = last_sent.map_or(0.0, |(then, before): (Instant, u64)| {
+            sent.saturating_sub(before) as f64 / (now - then).as_secs_f64().max(1e-9)
+        });
+        last_sent = Some((now, sent));
+        let mut line = format!(
+            "{} transfers, sending {:.2} MB/s",
+            ep.transfer_count(),
+            rate / 1e6
+        );
+        for t in ep.transfers().filter(|t| !t.finished).take(4) {
+            let s = &t.stats;
+            line.push_str(&format!(
+                " | {} pace {:.2} MB/s cwnd {} KB rtt {:.1} ms queue {} retx {} KB",
+                t.peer,
+                s.pacing_rate as f64 / 1e6,
+                s.congestion_window / 1000,
+                s.smoothed_rtt.as_secs_f64() * 1e3,
+                s.queueing_delay.map_or("-".to_string(), |d| format!(
+                    "{:.1} ms",
+                    d.as_secs_f64() * 1e3
+                )),
+                s.bytes_retransmitted / 1000
+            ));
         }
-    });
+        eprintln!("{line}");
+    };
+    let result = server.run_with_reports(
+        &stop,
+        |e| {
+            if !verbose {
+                return;
+            }
+            match &e.event {
+                Event::Completed(c) => eprintln!(
+                    "sent {} to {}: {} bytes in {:.2} s, {} bytes retransmitted",
+                    e.object,
+                    e.peer,
+                    c.size,
+                    c.duration.as_secs_f64(),
+                    c.stats.bytes_retransmitted
+                ),
+                Event::Failed(err) => {
+                    eprintln!("transfer of {} to {} failed: {err}", e.object, e.peer)
+                }
+                _ => {}
+            }
+        },
+        Duration::from_secs(1),
+        report,
+    );
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail("serve", &format!("socket error: {e}")),
@@ -241,10 +281,35 @@ fn get(
         );
         bar
     });
-    let result = Client::fetch(server, id, &options, |done, total| {
+    let started = Instant::now();
+    let mut last_line: Option<(Instant, u64)> = None;
+    let result = Client::fetch(server, id, &options, |p| {
         if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
+            bar.set_length(p.total);
+            bar.set_position(p.bytes_done);
+        }
+        if verbose {
+            let now = Instant::now();
+            let (then, before) = last_line.unwrap_or((started, 0));
+            if now >= then + Duration::from_secs(1) {
+                let rate =
+                    (p.bytes_done.saturating_sub(before)) as f64 / (now - then).as_secs_f64();
+                let line = format!(
+                    "{:>6.1} s  {}/{} bytes  {:.2} MB/s  rtt {:.1} ms  {} duplicate chunks  {} dropped",
+                    (now - started).as_secs_f64(),
+                    p.bytes_done,
+                    p.total,
+                    rate / 1e6,
+                    p.stats.smoothed_rtt.as_secs_f64() * 1e3,
+                    p.stats.duplicate_chunks,
+                    p.stats.dropped.total()
+                );
+                match &bar {
+                    Some(bar) => bar.println(line),
+                    None => eprintln!("{line}"),
+                }
+                last_line = Some((now, p.bytes_done));
+            }
         }
     });
     if let Some(bar) = &bar {
@@ -350,7 +415,7 @@ fn run_loopback_demo(dir: &std::path::Path, size_mib: u64, seed: u64) -> Result<
     let stop2 = stop.clone();
     let thread = std::thread::spawn(move || server.run_until(&stop2, |_| {}));
     let options = FetchOptions::new(dir.join("cache"));
-    let result = Client::fetch(addr, id, &options, |_, _| {});
+    let result = Client::fetch(addr, id, &options, |_| {});
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = thread.join();
     let report = result.map_err(|e| describe(&e))?;

@@ -104,6 +104,23 @@ pub struct EndpointEvent {
     pub event: Event,
 }
 
+/// A transfer as listed by [`Endpoint::transfers`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferInfo {
+    /// Its handle.
+    pub id: TransferId,
+    /// Its side.
+    pub role: Role,
+    /// The peer's address.
+    pub peer: SocketAddr,
+    /// The object.
+    pub object: ObjectId,
+    /// True once it completed or failed (it may linger a little longer).
+    pub finished: bool,
+    /// Its counters: rates, window, round-trip time, queueing delay, bytes sent and repeated.
+    pub stats: super::Stats,
+}
+
 /// A datagram to send, written into the caller's buffer by [`Endpoint::poll_transmit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transmit {
@@ -247,6 +264,24 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         self.transfers.get(&id).map(|slot| match &slot.transfer {
             Transfer::Serving(s) => s.stats(),
             Transfer::Fetching(r) => r.stats(),
+        })
+    }
+
+    /// Every transfer the endpoint holds, with its counters: for a status line or a dashboard.
+    pub fn transfers(&self) -> impl Iterator<Item = TransferInfo> + '_ {
+        self.transfers.iter().map(|(id, slot)| {
+            let (role, stats, finished) = match &slot.transfer {
+                Transfer::Serving(s) => (Role::Serving, s.stats(), s.is_finished()),
+                Transfer::Fetching(r) => (Role::Fetching, r.stats(), r.is_finished()),
+            };
+            TransferInfo {
+                id: *id,
+                role,
+                peer: slot.peer,
+                object: slot.object,
+                finished,
+                stats,
+            }
         })
     }
 

@@ -35,7 +35,7 @@ pub use config::TransferConfig;
 pub use congestion::{CongestionControl, Controller};
 pub use endpoint::{
     Endpoint, EndpointConfig, EndpointEvent, EndpointStats, NoObjects, ObjectProvider, Role,
-    TransferId, Transmit,
+    TransferId, TransferInfo, Transmit,
 };
 pub use pacer::Pacer;
 pub use ranges::RangeSet;

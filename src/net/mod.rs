@@ -48,8 +48,18 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// One step of the driver loop: wait for a datagram until the endpoint's next timer (at most
-/// `MAX_WAIT`), feed it, fire due timers, send everything due, and hand events to `on_event`.
+/// Waits of at least this long block in `recv_from` with a socket timeout. The kernel rounds
+/// socket timeouts up to its timer tick (4 to 10 ms), so shorter waits sleep instead.
+const BLOCKING_WAIT: Duration = Duration::from_millis(20);
+/// How much a socket timeout may overshoot; subtracted from long waits.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+/// Longest single sleep, so a datagram arriving meanwhile waits at most this long.
+const SLEEP_SLICE: Duration = Duration::from_millis(1);
+
+/// One step of the driver loop: wait for a datagram or the endpoint's next timer (at most
+/// `MAX_WAIT`), feed every datagram already queued, fire due timers, send everything due (a
+/// pacer releases the tokens it gathered while we slept as a small batch), and hand events to
+/// `on_event`. The socket is non-blocking between calls.
 fn turn<P: ObjectProvider, K: ChunkSink>(
     socket: &UdpSocket,
     endpoint: &mut Endpoint<P, K>,
@@ -61,31 +71,29 @@ fn turn<P: ObjectProvider, K: ChunkSink>(
         .poll_timeout()
         .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
         .min(MAX_WAIT);
-    if !wait.is_zero() {
-        socket.set_read_timeout(Some(wait.max(Duration::from_micros(20))))?;
-        match socket.recv_from(buf) {
-            Ok((n, from)) => {
-                if crate::is_udpferry_datagram(&buf[..n]) {
-                    endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
-                }
-                // Take whatever else is already queued without sleeping.
-                socket.set_nonblocking(true)?;
-                for _ in 0..256 {
-                    match socket.recv_from(buf) {
-                        Ok((n, from)) if crate::is_udpferry_datagram(&buf[..n]) => {
-                            endpoint.handle_datagram(Instant::now(), from, &buf[..n])
-                        }
-                        Ok(_) => {}
-                        Err(_) => break,
-                    }
-                }
-                socket.set_nonblocking(false)?;
-            }
-            Err(e) if is_timeout(&e) => {}
-            // ICMP errors (port unreachable) surface on Linux as a failed receive: the peer's
-            // idle timeout deals with a peer that is gone.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {}
-            Err(e) => return Err(e),
+    let mut first = None;
+    if wait >= BLOCKING_WAIT {
+        socket.set_nonblocking(false)?;
+        socket.set_read_timeout(Some(wait - TIMEOUT_SLACK))?;
+        first = receive(socket, buf)?;
+        socket.set_nonblocking(true)?;
+    } else if !wait.is_zero() {
+        std::thread::sleep(wait.min(SLEEP_SLICE));
+    } else {
+        socket.set_nonblocking(true)?;
+    }
+    if let Some((n, from)) = first {
+        if crate::is_udpferry_datagram(&buf[..n]) {
+            endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
+        }
+    }
+    // Take whatever else is queued, without waiting.
+    for _ in 0..1024 {
+        let Some((n, from)) = receive(socket, buf)? else {
+            break;
+        };
+        if crate::is_udpferry_datagram(&buf[..n]) {
+            endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
         }
     }
     let now = Instant::now();
@@ -100,6 +108,19 @@ fn turn<P: ObjectProvider, K: ChunkSink>(
         on_event(endpoint, event);
     }
     Ok(())
+}
+
+/// One datagram, or `None` when none is queued (or the wait timed out or was interrupted by a
+/// signal: the caller checks its stop flag and goes round again).
+fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
+    match socket.recv_from(buf) {
+        Ok(got) => Ok(Some(got)),
+        Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(None),
+        // ICMP errors (port unreachable) surface on Linux as a failed receive: the peer's idle
+        // timeout deals with a peer that is gone. Try the next datagram.
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -159,15 +180,35 @@ impl Server {
     pub fn run_until(
         &mut self,
         stop: &AtomicBool,
+        on_event: impl FnMut(&EndpointEvent),
+    ) -> io::Result<()> {
+        self.run_with_reports(stop, on_event, Duration::MAX, |_| {})
+    }
+
+    /// Like [`run_until`](Self::run_until), and also calls `on_report` with the endpoint every
+    /// `interval` while at least one transfer is active (for status lines: see
+    /// [`Endpoint::transfers`] and [`Endpoint::stats`]).
+    pub fn run_with_reports(
+        &mut self,
+        stop: &AtomicBool,
         mut on_event: impl FnMut(&EndpointEvent),
+        interval: Duration,
+        mut on_report: impl FnMut(&Endpoint<ContentStore, Vec<u8>>),
     ) -> io::Result<()> {
         let mut buf = vec![0u8; MAX_DATAGRAM_SIZE];
+        let mut next_report = Instant::now().checked_add(interval);
         while !stop.load(Ordering::Relaxed) {
             turn(&self.socket, &mut self.endpoint, &mut buf, &mut |_, e| {
                 on_event(&e)
             })?;
             self.bytes_sent
                 .store(self.endpoint.stats().bytes_sent, Ordering::Relaxed);
+            if let Some(at) = next_report.filter(|at| Instant::now() >= *at) {
+                if self.endpoint.transfer_count() > 0 {
+                    on_report(&self.endpoint);
+                }
+                next_report = at.checked_add(interval);
+            }
         }
         Ok(())
     }
@@ -204,6 +245,17 @@ impl FetchOptions {
             bind: None,
         }
     }
+}
+
+/// How far a download got, for [`Client::fetch`]'s progress callback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Progress {
+    /// Bytes of the object held so far.
+    pub bytes_done: u64,
+    /// The object's size.
+    pub total: u64,
+    /// The transfer's counters (round-trip time, datagrams, duplicates, drops).
+    pub stats: Stats,
 }
 
 /// What a finished download did.
@@ -251,14 +303,15 @@ pub struct Client;
 impl Client {
     /// Fetches `id` from `server` into the cache (and `options.output`), resuming a partial
     /// download found in the cache, or copying from the cache without touching the network when
-    /// it already holds the object. `progress(done, total)` is called as bytes arrive.
+    /// it already holds the object. `progress` is called as bytes arrive (at most every 100 ms)
+    /// with what arrived and the transfer's counters.
     ///
     /// Blocks until the object is verified or the transfer failed.
     pub fn fetch(
         server: impl ToSocketAddrs,
         id: ObjectId,
         options: &FetchOptions,
-        mut progress: impl FnMut(u64, u64),
+        mut progress: impl FnMut(&Progress),
     ) -> Result<Report, FetchError> {
         let started = Instant::now();
         let cache = Cache::open(&options.cache_dir)?;
@@ -270,7 +323,11 @@ impl Client {
             if let Some(out) = &options.output {
                 cache.copy_out(&id, out)?;
             }
-            progress(size, size);
+            progress(&Progress {
+                bytes_done: size,
+                total: size,
+                stats: Stats::default(),
+            });
             return Ok(Report {
                 object: id,
                 size,
@@ -320,7 +377,14 @@ impl Client {
                             p.set_size(size)
                         }
                     }
-                    Event::Progress { bytes_done, total } => progress(bytes_done, total),
+                    Event::Progress { bytes_done, total } => {
+                        let stats = ep.transfer_stats(e.transfer).unwrap_or_default();
+                        progress(&Progress {
+                            bytes_done,
+                            total,
+                            stats,
+                        })
+                    }
                     Event::Completed(c) => outcome = Some(Ok((c.size, c.stats))),
                     Event::Failed(err) => outcome = Some(Err(err)),
                 },
@@ -333,13 +397,20 @@ impl Client {
         };
         match outcome {
             Some(Ok((size, stats))) => {
-                progress(size, size);
+                progress(&Progress {
+                    bytes_done: size,
+                    total: size,
+                    stats: stats.clone(),
+                });
                 let path = partial.finalize()?;
                 if let Some(out) = &options.output {
                     cache.copy_out(&id, out)?;
                 }
-                // Answer a sender that missed our Done for a moment (bounded).
-                linger(&socket, &mut endpoint, &mut buf, Duration::from_millis(300));
+                // Answer a sender that missed our Done for about one of its probe timeouts
+                // (bounded), then leave: its offer or probe would find nobody.
+                let linger_for = (stats.smoothed_rtt * 3 + Duration::from_millis(30))
+                    .min(Duration::from_millis(500));
+                linger(&socket, &mut endpoint, &mut buf, linger_for);
                 Ok(Report {
                     object: id,
                     size,
