@@ -187,3 +187,122 @@ fn a_fetch_through_two_endpoints_completes_and_hands_back_the_sink() {
     assert_eq!(client.take_sink(transfer), Some(data));
     assert_eq!(client.take_sink(transfer), None, "taken once");
 }
+
+/// Drives one server and several clients with zero-latency links in virtual time; datagrams to
+/// or from client `i` are dropped with probability `loss[i]`. Returns when each client's
+/// download completed (seconds since start).
+fn serve_clients(
+    server_config: EndpointConfig,
+    objects: &[Vec<u8>],
+    loss: &[f64],
+) -> Vec<Option<f64>> {
+    let maps: Maps = objects
+        .iter()
+        .map(|o| (ObjectId::md5_of(o), Arc::from(o.as_slice())))
+        .collect();
+    let mut server: Endpoint<Maps, Vec<u8>> = Endpoint::new(server_config, maps);
+    let server_addr = addr(1);
+    let start = Instant::now();
+    let mut now = start;
+    let mut clients: Vec<Endpoint<NoObjects, Vec<u8>>> = (0..objects.len())
+        .map(|i| {
+            Endpoint::new(
+                EndpointConfig {
+                    seed: i as u64 + 100,
+                    ..EndpointConfig::default()
+                },
+                NoObjects,
+            )
+        })
+        .collect();
+    for (c, o) in clients.iter_mut().zip(objects) {
+        c.fetch(
+            now,
+            server_addr,
+            ObjectId::md5_of(o),
+            &RangeSet::new(),
+            Vec::new(),
+        );
+    }
+    let mut rng = udpferry::sim::Rng::new(7);
+    let mut done = vec![None; objects.len()];
+    let mut buf = vec![0u8; 1500];
+    let latency = Duration::from_millis(5);
+    // In-flight datagrams: (arrival, to client index or None for the server, from, bytes).
+    let mut flight: Vec<(Instant, Option<usize>, SocketAddr, Vec<u8>)> = Vec::new();
+    for _ in 0..5_000_000 {
+        for (i, c) in clients.iter_mut().enumerate() {
+            while let Some(t) = c.poll_transmit(now, &mut buf) {
+                if !rng.chance(loss[i]) {
+                    flight.push((
+                        now + latency,
+                        None,
+                        addr(10 + i as u16),
+                        buf[..t.len].to_vec(),
+                    ));
+                }
+            }
+            while let Some(e) = c.poll_event() {
+                if matches!(e.event, Event::Completed(_)) {
+                    done[i] = Some((now - start).as_secs_f64());
+                }
+            }
+        }
+        while let Some(t) = server.poll_transmit(now, &mut buf) {
+            let i = (t.destination.port() - 10) as usize;
+            if !rng.chance(loss[i]) {
+                flight.push((now + latency, Some(i), server_addr, buf[..t.len].to_vec()));
+            }
+        }
+        if done.iter().all(|d| d.is_some()) {
+            break;
+        }
+        let next_arrival = flight.iter().map(|f| f.0).min();
+        let timers = clients
+            .iter()
+            .filter_map(|c| c.poll_timeout())
+            .chain(server.poll_timeout());
+        let Some(next) = timers.chain(next_arrival).min() else {
+            break;
+        };
+        now = now.max(next);
+        let (due, rest): (Vec<_>, Vec<_>) = flight.into_iter().partition(|f| f.0 <= now);
+        flight = rest;
+        for (_, to, from, d) in due {
+            match to {
+                Some(i) => clients[i].handle_datagram(now, from, &d),
+                None => server.handle_datagram(now, from, &d),
+            }
+        }
+        server.handle_timeout(now);
+        for c in &mut clients {
+            c.handle_timeout(now);
+        }
+    }
+    done
+}
+
+#[test]
+fn a_lossy_client_does_not_slow_the_others() {
+    let objects: Vec<Vec<u8>> = (0..3u32)
+        .map(|i| {
+            (0..3_000_000u32)
+                .map(|j| (j.wrapping_mul(31) ^ i) as u8)
+                .collect()
+        })
+        .collect();
+    let config = EndpointConfig {
+        rate_limit_bytes_per_sec: 3 << 20,
+        ..EndpointConfig::default()
+    };
+    let clean = serve_clients(config.clone(), &objects, &[0.0, 0.0, 0.0]);
+    let lossy = serve_clients(config, &objects, &[0.0, 0.0, 0.3]);
+    println!("all clean: {clean:?} s; third client at 30% loss: {lossy:?} s");
+    // The two clean clients finish no later than when all three shared the cap evenly.
+    for i in 0..2 {
+        assert!(
+            lossy[i].unwrap() <= clean[i].unwrap() * 1.02,
+            "{clean:?} vs {lossy:?}"
+        );
+    }
+}

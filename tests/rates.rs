@@ -407,3 +407,29 @@ fn caps_hold_when_the_driver_wakes_on_a_coarse_timer() {
     assert_eq!(c.len(), 4);
     assert!(c.iter().all(|t| *t <= 4.12 * 1.05), "{c:?}");
 }
+
+#[test]
+fn a_late_joiner_gets_its_fair_share_within_two_seconds() {
+    const R: u64 = 2 << 20;
+    let objs = objects(2, 12 << 20);
+    let config = EndpointConfig {
+        rate_limit_bytes_per_sec: R,
+        ..EndpointConfig::default()
+    };
+    let mut run = setup(&objs, config, clean(), clean());
+    let first = run.fetch(objs[0].0);
+    run.run_until(run.start + Duration::from_secs(3));
+    let late = run.fetch(objs[1].0);
+    let joined = run.pair.now;
+    run.run_until(joined + Duration::from_secs(2));
+    let (a0, b0) = (run.received(first), run.received(late));
+    run.run_until(joined + Duration::from_secs(3));
+    let (a, b) = (
+        (run.received(first) - a0) as f64,
+        (run.received(late) - b0) as f64,
+    );
+    println!(
+        "late joiner, second 2 to 3 after joining: {b:.0} B/s vs the first transfer's {a:.0} B/s"
+    );
+    assert!(b >= 0.9 * a, "{b} vs {a}");
+}

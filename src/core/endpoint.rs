@@ -660,6 +660,9 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed (calling it
     /// early is harmless), then drain `poll_transmit` and `poll_event`.
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.uplink_wait.is_some_and(|t| t <= now) {
+            self.uplink_wait = None;
+        }
         let due: Vec<TransferId> = self
             .transfers
             .iter()

@@ -692,6 +692,10 @@ impl<S: ChunkSource> Sender<S> {
             )));
             return;
         }
+        if self.pacing_wait.is_some_and(|t| t <= now) {
+            // The pacer has tokens again: the caller's next poll_transmit sends.
+            self.pacing_wait = None;
+        }
         if self.loss_time.is_some_and(|t| t <= now) {
             self.detect_losses(now);
         }
