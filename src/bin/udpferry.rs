@@ -228,10 +228,11 @@ fn serve(
             }
             match &e.event {
                 Event::Completed(c) => eprintln!(
-                    "sent {} to {}: {} bytes in {:.2} s, {} bytes retransmitted",
+                    "sent {} ({} bytes) to {}: {} bytes on the wire in {:.2} s, {} bytes retransmitted",
                     e.object,
-                    e.peer,
                     c.size,
+                    e.peer,
+                    c.stats.bytes_sent,
                     c.duration.as_secs_f64(),
                     c.stats.bytes_retransmitted
                 ),

@@ -1,0 +1,860 @@
+//! The `udpferry` command line as scripts use it: `serve` and `get` as real processes talking over
+//! loopback UDP.
+//!
+//! Contract checked here:
+//! - `serve DIR [--listen ADDR] [--rate R] [--client-rate R] [--list]` prints
+//!   `object <md5hex> <bytes> <path>` per object (with `--list`), then one `listening on <ADDR>`
+//!   line, and exits 0 on SIGINT or SIGTERM;
+//! - `get SERVER MD5 [-o PATH] [--cache DIR] [--timeout S]` exits 0 only with verified bytes,
+//!   prints a one-line summary on stderr, resumes from the cache's journal, copies from the cache
+//!   without the network, and on failure exits non-zero with one line naming the cause.
+//!
+//! Every process is owned by a guard that kills it on drop, so a failing test leaves nothing
+//! running. Timings are printed, never asserted (shared, noisy machines); the only time limits are
+//! generous guards against hangs.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::ops::{Deref, DerefMut};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use md5::{Digest, Md5};
+
+const BIN: &str = env!("CARGO_BIN_EXE_udpferry");
+const MIB: usize = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh directory under the system temp dir (unique per process and call), removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("udpferry-cli-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    fn join(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Deterministic bytes from splitmix64.
+fn content(size: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut out = vec![0u8; size];
+    for chunk in out.chunks_mut(8) {
+        let v = next().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    out
+}
+
+fn md5_hex(bytes: &[u8]) -> String {
+    Md5::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes `bytes` at `dir/rel` (creating parents) and returns its MD5 in hex.
+fn put_file(dir: &Path, rel: &str, bytes: &[u8]) -> String {
+    let path = dir.join(rel);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, bytes).unwrap();
+    md5_hex(bytes)
+}
+
+/// Collects everything a pipe delivers, in a thread, into a shared string.
+fn collect(mut pipe: impl Read + Send + 'static) -> (Arc<Mutex<String>>, thread::JoinHandle<()>) {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    let handle = thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        loop {
+            match pipe.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sink
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n])),
+            }
+        }
+    });
+    (text, handle)
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, unless it already exited.
+/// Its stderr is collected in the background for assertions and diagnostics.
+struct Proc {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.child.id());
+    }
+
+    /// Waits for the process to exit, at most `limit` (a guard against hangs, not a timing test).
+    fn wait_for(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.child
+    }
+}
+
+impl DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Starts `udpferry serve DIR --listen 127.0.0.1:0 EXTRA...` and reads its stdout until the
+/// `listening on ADDR` line (at most 20 s). Returns the guarded process, the address and the
+/// lines printed before it (the `--list` output).
+fn spawn_server(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, Vec<String>) {
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg(dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn udpferry serve");
+    let stdout = child.stdout.take().unwrap();
+    let (stderr, _) = collect(child.stderr.take().unwrap());
+    let server = Proc { child, stderr };
+
+    let (tx, rx) = mpsc::channel::<String>();
+    thread::spawn(move || {
+        // Keeps draining stdout after `listening on` so the server can never block on it.
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                // Receiver gone: keep draining silently.
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut before = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    let addr: SocketAddr = addr
+                        .trim()
+                        .parse()
+                        .unwrap_or_else(|e| panic!("cannot parse the address in {line:?}: {e}"));
+                    assert_ne!(addr.port(), 0, "the server must print the port it picked");
+                    return (server, addr, before);
+                }
+                before.push(line);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                "no `listening on` line within 20 s; stdout so far: {before:?}; stderr: {}",
+                server.stderr()
+            ),
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // Stdout closed: the server exited. Give stderr a moment to arrive.
+                thread::sleep(Duration::from_millis(200));
+                panic!(
+                    "server exited before listening; stdout: {before:?}; stderr: {}",
+                    server.stderr()
+                )
+            }
+        }
+    }
+}
+
+/// What a finished `udpferry` run produced.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+impl Run {
+    /// Non-empty stderr lines.
+    fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "status {:?} after {:.2} s\n--- stdout\n{}--- stderr\n{}---",
+            self.status,
+            self.elapsed.as_secs_f64(),
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Starts `udpferry ARGS...` with piped output (stderr is therefore not a terminal).
+fn spawn(args: &[&std::ffi::OsStr]) -> (Proc, Arc<Mutex<String>>, Vec<thread::JoinHandle<()>>) {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn udpferry");
+    let (stdout, h1) = collect(child.stdout.take().unwrap());
+    let (stderr, h2) = collect(child.stderr.take().unwrap());
+    (Proc { child, stderr }, stdout, vec![h1, h2])
+}
+
+/// Runs `udpferry ARGS...` to completion; panics (after killing it) if it takes longer than
+/// `limit`, which is only a guard against hangs.
+fn run(args: &[&std::ffi::OsStr], limit: Duration) -> Run {
+    let started = Instant::now();
+    let (mut proc, stdout, readers) = spawn(args);
+    let status = proc.wait_for(limit);
+    let Some(status) = status else {
+        let stderr = proc.stderr();
+        drop(proc);
+        panic!(
+            "udpferry {:?} did not finish within {limit:?}; stderr so far: {stderr}",
+            args
+        );
+    };
+    let elapsed = started.elapsed();
+    for h in readers {
+        let _ = h.join();
+    }
+    let stdout = stdout.lock().unwrap().clone();
+    Run {
+        status,
+        stdout,
+        stderr: proc.stderr(),
+        elapsed,
+    }
+}
+
+fn os(s: &str) -> &std::ffi::OsStr {
+    s.as_ref()
+}
+
+/// `udpferry get SERVER MD5 -o OUT --cache CACHE EXTRA...`.
+fn get(
+    server: SocketAddr,
+    md5: &str,
+    out: &Path,
+    cache: &Path,
+    extra: &[&str],
+    limit: Duration,
+) -> Run {
+    let server = server.to_string();
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        os("get"),
+        os(&server),
+        os(md5),
+        os("-o"),
+        out.as_os_str(),
+        os("--cache"),
+        cache.as_os_str(),
+    ];
+    args.extend(extra.iter().map(|s| os(s)));
+    run(&args, limit)
+}
+
+/// Names of the entries of `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Asserts the cache holds exactly the finished object `md5` and nothing in progress.
+fn assert_cache_done(cache: &Path, md5: &str, expected: &[u8]) {
+    let names = entries(cache);
+    assert!(
+        names.iter().any(|n| n == md5),
+        "cache lacks {md5}: {names:?}"
+    );
+    for n in &names {
+        assert!(
+            !n.ends_with(".part") && !n.contains(".journal"),
+            "download leftovers in the cache: {names:?}"
+        );
+    }
+    let cached = std::fs::read(cache.join(md5)).unwrap();
+    assert!(cached == expected, "the cached object's bytes differ");
+}
+
+/// Asserts the file at `path` holds exactly `expected` (without printing 64 MiB on failure).
+fn assert_file_eq(path: &Path, expected: &[u8]) {
+    let got = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "{} has the wrong size",
+        path.display()
+    );
+    assert!(got == expected, "{} has the wrong bytes", path.display());
+    assert_eq!(md5_hex(&got), md5_hex(expected));
+}
+
+/// The MB/s figure of a summary line `... (12.34 MB/s) ...`.
+fn goodput(summary: &str) -> Option<f64> {
+    let end = summary.find(" MB/s)")?;
+    let start = summary[..end].rfind('(')? + 1;
+    summary[start..end].parse().ok()
+}
+
+/// N in `resumed from N bytes`.
+fn resumed_bytes(summary: &str) -> Option<u64> {
+    let rest = &summary[summary.find("resumed from ")? + "resumed from ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+/// Bytes a resume journal vouches for (format in src/store/journal.rs: magic, alg, 16-byte
+/// digest, u64 size, u32 count, count * (u64 start, u64 end), crc32; big-endian). `None` if the
+/// file is missing or not (yet) a complete journal.
+fn journal_covered(path: &Path) -> Option<u64> {
+    let bytes = std::fs::read(path).ok()?;
+    if bytes.len() < 37 || &bytes[..4] != b"UFJ1" {
+        return None;
+    }
+    let count = u32::from_be_bytes(bytes[29..33].try_into().unwrap()) as usize;
+    if bytes.len() != 33 + count * 16 + 4 {
+        return None;
+    }
+    let mut covered = 0u64;
+    for r in bytes[33..33 + count * 16].chunks_exact(16) {
+        let start = u64::from_be_bytes(r[..8].try_into().unwrap());
+        let end = u64::from_be_bytes(r[8..].try_into().unwrap());
+        covered += end.saturating_sub(start);
+    }
+    Some(covered)
+}
+
+/// Asserts a failed run: non-zero exit, exactly one stderr line, containing one of `causes`.
+fn assert_fails_with(run: &Run, causes: &[&str], what: &str) {
+    assert!(
+        !run.status.success(),
+        "{what}: expected failure, got {run:?}"
+    );
+    let lines = run.stderr_lines();
+    assert_eq!(
+        lines.len(),
+        1,
+        "{what}: expected one line on stderr, got {run:?}"
+    );
+    assert!(
+        causes.iter().any(|c| lines[0].contains(c)),
+        "{what}: stderr should name the cause ({causes:?}), got {run:?}"
+    );
+}
+
+const GET_LIMIT: Duration = Duration::from_secs(180);
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn serve_lists_objects_and_get_downloads_64_mib() {
+    let tmp = TempDir::new("big");
+    let dir = tmp.join("served");
+    let big = content(64 * MIB, 64);
+    let small = b"hello, udpferry\n".to_vec();
+    let big_md5 = put_file(&dir, "maps/big.map", &big);
+    let small_md5 = put_file(&dir, "a.txt", &small);
+
+    let (_server, addr, list) = spawn_server(&dir, &["--list"]);
+    let mut got = list.clone();
+    got.sort();
+    let mut want = vec![
+        format!("object {small_md5} {} a.txt", small.len()),
+        format!("object {big_md5} {} maps/big.map", big.len()),
+    ];
+    want.sort();
+    assert_eq!(got, want, "--list output");
+
+    let out = tmp.join("out");
+    let cache = tmp.join("c");
+    let r = get(addr, &big_md5, &out, &cache, &[], GET_LIMIT);
+    assert!(r.status.success(), "get failed: {r:?}");
+    assert_file_eq(&out, &big);
+    assert_cache_done(&cache, &big_md5, &big);
+    assert_eq!(
+        entries(tmp.path()),
+        vec!["c", "out", "served"],
+        "no temporary files next to the output"
+    );
+
+    let lines = r.stderr_lines();
+    assert_eq!(lines.len(), 1, "one summary line on stderr: {r:?}");
+    let summary = lines[0];
+    assert!(
+        summary.contains(&big_md5),
+        "summary names the object: {summary}"
+    );
+    assert!(
+        summary.contains(&format!("{} bytes", big.len())),
+        "summary gives the size: {summary}"
+    );
+    assert!(!summary.contains("resumed"), "nothing to resume: {summary}");
+    let mbps = goodput(summary).unwrap_or_else(|| panic!("no MB/s figure in {summary:?}"));
+    assert!(mbps > 0.0, "{summary}");
+    println!("64 MiB get: {summary}");
+    println!(
+        "64 MiB get: goodput {mbps:.2} MB/s (wall time of the process {:.2} s)",
+        r.elapsed.as_secs_f64()
+    );
+
+    // The small object too, with md5: prefix and upper case accepted.
+    let out_small = tmp.join("small");
+    let prefixed = format!("md5:{}", small_md5.to_uppercase());
+    let r = get(addr, &prefixed, &out_small, &cache, &[], GET_LIMIT);
+    assert!(r.status.success(), "get of the small object failed: {r:?}");
+    assert_file_eq(&out_small, &small);
+}
+
+#[test]
+fn second_get_uses_the_cache_without_network() {
+    let tmp = TempDir::new("cache");
+    let dir = tmp.join("served");
+    let data = content(8 * MIB + 12345, 2);
+    let md5 = put_file(&dir, "level.map", &data);
+    let cache = tmp.join("c");
+
+    let (mut server, addr, list) = spawn_server(&dir, &[]);
+    assert!(list.is_empty(), "no object lines without --list: {list:?}");
+    let first = get(addr, &md5, &tmp.join("one"), &cache, &[], GET_LIMIT);
+    assert!(first.status.success(), "first get: {first:?}");
+    assert_file_eq(&tmp.join("one"), &data);
+
+    server.signal("TERM");
+    let status = server
+        .wait_for(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("server still running 10 s after SIGTERM"));
+    // Checked at the end, so that a bad exit status does not hide how the cache behaves.
+    let term_problem = (!status.success()).then(|| {
+        format!(
+            "SIGTERM must end the server with status 0, got {status:?}; stderr: {}",
+            server.stderr()
+        )
+    });
+
+    // Nothing listens now: only the cache can satisfy this (a network attempt would time out).
+    let second = get(
+        addr,
+        &md5,
+        &tmp.join("two"),
+        &cache,
+        &["--timeout", "20"],
+        GET_LIMIT,
+    );
+    assert!(second.status.success(), "second get: {second:?}");
+    assert_file_eq(&tmp.join("two"), &data);
+    let lines = second.stderr_lines();
+    assert_eq!(lines.len(), 1, "{second:?}");
+    assert!(
+        lines[0].contains("cache"),
+        "the summary should say the cache served it: {second:?}"
+    );
+    assert_cache_done(&cache, &md5, &data);
+    println!(
+        "first get {:.2} s, second get (cache) {:.2} s: {}",
+        first.elapsed.as_secs_f64(),
+        second.elapsed.as_secs_f64(),
+        lines[0]
+    );
+    if let Some(problem) = term_problem {
+        panic!("{problem}");
+    }
+}
+
+#[test]
+fn get_failures_name_the_cause() {
+    let tmp = TempDir::new("fail");
+    let dir = tmp.join("served");
+    let data = content(100_000, 3);
+    let md5 = put_file(&dir, "x.map", &data);
+    let (_server, addr, _) = spawn_server(&dir, &[]);
+
+    // Unknown object against a live server.
+    let unknown = md5_hex(b"not served anywhere");
+    assert_ne!(unknown, md5);
+    let r = get(
+        addr,
+        &unknown,
+        &tmp.join("u"),
+        &tmp.join("c1"),
+        &[],
+        GET_LIMIT,
+    );
+    assert_fails_with(&r, &["not found"], "unknown md5");
+    assert!(!tmp.join("u").exists(), "no output for a failed get");
+    assert!(!tmp.join("c1").join(&unknown).exists());
+    println!("unknown md5: {}", r.stderr.trim());
+
+    // A port where nothing listens (ICMP port unreachable), with --timeout 3; and a peer that
+    // swallows everything silently (no ICMP), which only the idle timeout can end. Both run at
+    // the same time.
+    let dead = {
+        let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+
+    let t_dead = {
+        let (out, cache) = (tmp.join("d"), tmp.join("c2"));
+        let md5 = md5.clone();
+        thread::spawn(move || {
+            get(
+                dead,
+                &md5,
+                &out,
+                &cache,
+                &["--timeout", "3"],
+                Duration::from_secs(30),
+            )
+        })
+    };
+    let t_silent = {
+        let (out, cache) = (tmp.join("s"), tmp.join("c3"));
+        let md5 = md5.clone();
+        thread::spawn(move || {
+            get(
+                silent_addr,
+                &md5,
+                &out,
+                &cache,
+                &[],
+                Duration::from_secs(60),
+            )
+        })
+    };
+    let r = t_dead.join().unwrap();
+    assert_fails_with(
+        &r,
+        &["timed out", "gave up"],
+        "nothing listening, --timeout 3",
+    );
+    assert!(
+        r.elapsed < Duration::from_secs(30),
+        "--timeout 3 must end the get (guard 30 s): {r:?}"
+    );
+    println!(
+        "dead port, --timeout 3: {} ({:.2} s)",
+        r.stderr.trim(),
+        r.elapsed.as_secs_f64()
+    );
+
+    let r = t_silent.join().unwrap();
+    assert_fails_with(&r, &["timed out", "gave up"], "silent peer, idle timeout");
+    println!(
+        "silent peer, no --timeout: {} ({:.2} s)",
+        r.stderr.trim(),
+        r.elapsed.as_secs_f64()
+    );
+    drop(silent);
+
+    // Malformed ids and arguments: usage errors, before any network use.
+    for bad in [
+        "xyz",
+        "0123456789abcdef0123456789abcde",
+        "md5:zz23456789abcdef0123456789abcdef",
+    ] {
+        let server = addr.to_string();
+        let r = run(
+            &[
+                os("get"),
+                os(&server),
+                os(bad),
+                os("--cache"),
+                tmp.join("c4").as_os_str(),
+            ],
+            Duration::from_secs(30),
+        );
+        assert!(!r.status.success(), "malformed md5 {bad:?} accepted: {r:?}");
+        assert_eq!(
+            r.status.code(),
+            Some(2),
+            "clap usage error for {bad:?}: {r:?}"
+        );
+        assert!(
+            r.stderr.contains("32 hex"),
+            "the message explains the format: {r:?}"
+        );
+    }
+    for bad in ["--timeout=-1", "--timeout=0", "--timeout=soon"] {
+        let r = get(
+            addr,
+            &md5,
+            &tmp.join("t"),
+            &tmp.join("c5"),
+            &[bad],
+            GET_LIMIT,
+        );
+        assert!(!r.status.success(), "{bad} accepted: {r:?}");
+        assert!(
+            r.stderr.contains("timeout"),
+            "{bad}: the message names the flag: {r:?}"
+        );
+        assert!(!tmp.join("t").exists(), "{bad}: no output");
+    }
+
+    // The server is unharmed by all this: a good get still works.
+    let r = get(addr, &md5, &tmp.join("ok"), &tmp.join("c6"), &[], GET_LIMIT);
+    assert!(r.status.success(), "{r:?}");
+    assert_file_eq(&tmp.join("ok"), &data);
+}
+
+#[test]
+fn killed_get_resumes_from_the_journal() {
+    const SIZE: usize = 48 * MIB;
+    const RATE: f64 = 8.0 * MIB as f64;
+    let tmp = TempDir::new("resume");
+    let dir = tmp.join("served");
+    let data = content(SIZE, 48);
+    let md5 = put_file(&dir, "huge.map", &data);
+    let cache = tmp.join("c");
+    let part = cache.join(format!("{md5}.part"));
+    let journal = cache.join(format!("{md5}.journal"));
+
+    let (server, addr, _) = spawn_server(&dir, &["--rate", "8MiB", "-v"]);
+
+    // First attempt: killed (SIGKILL) once the journal vouches for at least 20 MiB.
+    let server_s = addr.to_string();
+    let out = tmp.join("out");
+    let started = Instant::now();
+    let (mut first, _, _) = spawn(&[
+        os("get"),
+        os(&server_s),
+        os(&md5),
+        os("-o"),
+        out.as_os_str(),
+        os("--cache"),
+        cache.as_os_str(),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let covered = loop {
+        if let Some(c) = journal_covered(&journal) {
+            if c >= 20 * MIB as u64 {
+                break c;
+            }
+        }
+        if let Some(status) = first.try_wait().unwrap() {
+            panic!(
+                "the first get ended ({status:?}) before the journal held 20 MiB; stderr: {}",
+                first.stderr()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "journal did not reach 20 MiB within 120 s (covered {:?}, .part {:?} bytes); stderr: {}",
+            journal_covered(&journal),
+            std::fs::metadata(&part).map(|m| m.len()).ok(),
+            first.stderr()
+        );
+        thread::sleep(Duration::from_millis(20));
+    };
+    first.kill().unwrap();
+    let status = first.wait().unwrap();
+    let killed_after = started.elapsed();
+    assert!(!status.success(), "the first get was killed: {status:?}");
+    assert!(
+        first.stderr().trim().is_empty(),
+        "the killed get printed: {}",
+        first.stderr()
+    );
+    drop(first);
+
+    let kept = journal_covered(&journal).expect("the journal survives the kill");
+    assert!(kept >= covered, "journal shrank: {kept} < {covered}");
+    assert!(part.exists(), "the partial file survives the kill");
+    assert!(!cache.join(&md5).exists(), "nothing finished yet");
+    assert!(!out.exists(), "no output from a killed get");
+    println!(
+        "killed the first get after {:.2} s with {} bytes journaled ({:.2} MB/s under --rate 8MiB)",
+        killed_after.as_secs_f64(),
+        kept,
+        kept as f64 / killed_after.as_secs_f64() / 1e6
+    );
+
+    // Second attempt: resumes.
+    let r = get(addr, &md5, &out, &cache, &[], GET_LIMIT);
+    assert!(r.status.success(), "resumed get failed: {r:?}");
+    assert_file_eq(&out, &data);
+    assert_cache_done(&cache, &md5, &data);
+    let lines = r.stderr_lines();
+    assert_eq!(lines.len(), 1, "{r:?}");
+    let n = resumed_bytes(lines[0])
+        .unwrap_or_else(|| panic!("the summary should say `resumed from N bytes`: {r:?}"));
+    assert!(n >= 16 * MIB as u64, "resumed from only {n} bytes: {r:?}");
+    assert!(
+        n >= kept,
+        "resumed from {n} bytes but the journal held {kept}"
+    );
+    assert!(n < SIZE as u64, "resumed from {n} of {SIZE}");
+
+    for line in server.stderr().lines() {
+        println!("server -v: {line}");
+    }
+    let full_estimate = SIZE as f64 / RATE;
+    let rest_estimate = (SIZE as u64 - n) as f64 / RATE;
+    println!("resumed get: {}", lines[0]);
+    println!(
+        "resume saving: {n} of {SIZE} bytes ({:.0}%) not sent again; second get took {:.2} s \
+         (wall) vs ~{full_estimate:.1} s for the whole object at 8 MiB/s (~{rest_estimate:.1} s \
+         expected for the rest)",
+        n as f64 * 100.0 / SIZE as f64,
+        r.elapsed.as_secs_f64(),
+    );
+}
+
+#[test]
+fn sigint_stops_the_server_cleanly() {
+    let tmp = TempDir::new("sigint");
+    let dir = tmp.join("served");
+    let data = content(300_000, 5);
+    let md5 = put_file(&dir, "m.map", &data);
+    let (mut server, addr, _) = spawn_server(&dir, &[]);
+
+    // It serves before the signal...
+    let r = get(addr, &md5, &tmp.join("o"), &tmp.join("c"), &[], GET_LIMIT);
+    assert!(r.status.success(), "{r:?}");
+
+    server.signal("INT");
+    let status = server
+        .wait_for(Duration::from_secs(10))
+        .unwrap_or_else(|| panic!("server still running 10 s after SIGINT"));
+    assert!(
+        status.success(),
+        "SIGINT must end the server with status 0, got {status:?}; stderr: {}",
+        server.stderr()
+    );
+    assert!(
+        server.stderr().trim().is_empty(),
+        "a clean stop prints nothing on stderr: {}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn rate_flags_accept_units_and_reject_garbage() {
+    let tmp = TempDir::new("rate");
+    let dir = tmp.join("served");
+    let data = content(64 * 1024, 6);
+    let md5 = put_file(&dir, "r.map", &data);
+
+    let (_server, addr, _) = spawn_server(&dir, &["--rate", "1MiB", "--client-rate", "512K"]);
+    let r = get(addr, &md5, &tmp.join("o"), &tmp.join("c"), &[], GET_LIMIT);
+    assert!(
+        r.status.success(),
+        "a rate-capped server still serves: {r:?}"
+    );
+    assert_file_eq(&tmp.join("o"), &data);
+
+    for (flag, bad) in [
+        ("--rate", "fast"),
+        ("--client-rate", "1.5M"),
+        ("--rate", "0"),
+    ] {
+        let r = run(
+            &[
+                os("serve"),
+                dir.as_os_str(),
+                os("--listen"),
+                os("127.0.0.1:0"),
+                os(flag),
+                os(bad),
+            ],
+            Duration::from_secs(20),
+        );
+        assert!(!r.status.success(), "{flag} {bad} accepted: {r:?}");
+        assert!(
+            !r.stdout.contains("listening on"),
+            "{flag} {bad}: must not start listening: {r:?}"
+        );
+        assert!(
+            r.stderr.contains(bad) && r.stderr.contains(flag.trim_start_matches('-')),
+            "{flag} {bad}: the message should name the flag and the value: {r:?}"
+        );
+        if bad == "fast" {
+            println!("--rate fast: {}", r.stderr.lines().next().unwrap_or(""));
+        }
+    }
+}
