@@ -24,6 +24,7 @@ mod endpoint;
 mod pacer;
 mod ranges;
 mod receiver;
+mod report;
 mod rtt;
 mod sender;
 mod stats;

@@ -1,12 +1,12 @@
 //! One incoming transfer: the client's side of a download.
 
-use std::collections::VecDeque;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 
 use super::ranges::RangeSet;
+use super::report::{emit, Report};
 use super::rtt::RttEstimator;
 use super::{
     chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSink, Completion, Event, Stats,
@@ -14,8 +14,8 @@ use super::{
 };
 use crate::id::ObjectId;
 use crate::wire::{
-    self, Ack, AckRanges, ConnectionId, Data, Datagram, ErrorFrame, Frame, HaveRanges, Offer,
-    Request, ACK_BASE_LEN, HEADER_LEN, MAX_CHUNKS, MIN_CHUNK_SIZE, TRAILER_LEN,
+    self, Ack, AckRanges, ConnectionId, Data, Datagram, Frame, HaveRanges, Offer, Request,
+    ACK_BASE_LEN, HEADER_LEN, MAX_CHUNKS, MIN_CHUNK_SIZE, TRAILER_LEN,
 };
 
 /// Longest wait between keep-alive acknowledgements while data is missing.
@@ -84,7 +84,6 @@ pub struct Receiver<K> {
     recent: Vec<u64>,
     ack_ranges: Vec<Range<u64>>,
     done_pending: bool,
-    error_pending: Option<TransferError>,
 
     rtt: RttEstimator,
     handshake_sent: Option<Instant>,
@@ -94,11 +93,9 @@ pub struct Receiver<K> {
     /// When to send a keep-alive acknowledgement, and how many were sent since data last arrived.
     keepalive_due: Instant,
     keepalives: u32,
-    last_progress: Option<Instant>,
 
-    events: VecDeque<Event>,
     stats: Stats,
-    finished: bool,
+    report: Report,
 }
 
 impl<K: ChunkSink> Receiver<K> {
@@ -141,7 +138,6 @@ impl<K: ChunkSink> Receiver<K> {
             recent: Vec::new(),
             ack_ranges: Vec::new(),
             done_pending: false,
-            error_pending: None,
             rtt: RttEstimator::new(config.initial_rtt),
             handshake_sent: None,
             handshake_retries: 0,
@@ -149,10 +145,8 @@ impl<K: ChunkSink> Receiver<K> {
             last_heard: now,
             keepalive_due: now,
             keepalives: 0,
-            last_progress: None,
-            events: VecDeque::new(),
             stats: Stats::default(),
-            finished: false,
+            report: Report::default(),
             config,
         }
     }
@@ -229,13 +223,13 @@ impl<K: ChunkSink> Receiver<K> {
     /// receiver may still answer a sender that missed its `Done`: keep calling `poll_transmit`
     /// and `handle_timeout` until `poll_timeout` returns `None`.
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.report.is_finished()
     }
 
     /// Gives up the transfer: tells the sender and reports [`TransferError::Cancelled`]. Drain
     /// `poll_transmit` afterwards to send the notice.
     pub fn cancel(&mut self) {
-        self.fail(TransferError::Cancelled);
+        self.fail_with(TransferError::Cancelled);
     }
 
     /// Feeds a datagram that arrived for this transfer. Undecodable or unexpected datagrams are
@@ -279,7 +273,8 @@ impl<K: ChunkSink> Receiver<K> {
             }
             Frame::Error(e) => {
                 self.state = State::Closed;
-                self.finish(Event::Failed(TransferError::from_peer(e.code, e.reason)));
+                self.report
+                    .finish(Event::Failed(TransferError::from_peer(e.code, e.reason)));
             }
             _ => self.stats.dropped.unexpected += 1,
         }
@@ -307,7 +302,7 @@ impl<K: ChunkSink> Receiver<K> {
         }
         let chunk_size = u64::from(offer.chunk_size);
         if offer.size > self.config.max_object_size {
-            self.fail(TransferError::TooLarge {
+            self.fail_with(TransferError::TooLarge {
                 size: offer.size,
                 max: self.config.max_object_size,
             });
@@ -317,7 +312,7 @@ impl<K: ChunkSink> Receiver<K> {
             || offer.chunk_size as usize > self.config.chunk_size()
             || chunk_count(offer.size, chunk_size) > MAX_CHUNKS
         {
-            self.fail(TransferError::ProtocolViolation(
+            self.fail_with(TransferError::ProtocolViolation(
                 "offer's chunk size does not fit the requested datagram size",
             ));
             return;
@@ -333,7 +328,7 @@ impl<K: ChunkSink> Receiver<K> {
         // Chunks wholly inside the have-set are already here (the sender applies the same rule).
         let have = std::mem::take(&mut self.have);
         self.received = held_chunks(have.into_iter(), object.size, chunk_size);
-        self.events.push_back(Event::Started { size: offer.size });
+        self.report.push(Event::Started { size: offer.size });
         self.state = State::Starting;
         self.handshake_pending = true;
         self.handshake_retries = 0;
@@ -370,14 +365,14 @@ impl<K: ChunkSink> Receiver<K> {
             return;
         }
         if let Err(e) = self.sink.write_at(range.start, data.payload) {
-            self.fail(TransferError::storage("write", &e));
+            self.fail_with(TransferError::storage("write", &e));
             return;
         }
         let in_order = self.received.max().is_none_or(|m| chunk == m + 1);
         self.received.insert(chunk..chunk + 1);
         self.recent.push(chunk);
         self.advance_hash(Some((chunk, data.payload)));
-        if self.finished {
+        if self.report.is_finished() {
             return;
         }
         if self.received.covered() == object.chunks {
@@ -411,7 +406,7 @@ impl<K: ChunkSink> Receiver<K> {
             let range = chunk_bytes(self.hashed_chunks, object.chunk_size, object.size);
             let buf = &mut self.scratch[..(range.end - range.start) as usize];
             if let Err(e) = self.sink.read_at(range.start, buf) {
-                self.fail(TransferError::storage("read", &e));
+                self.fail_with(TransferError::storage("read", &e));
                 return;
             }
             self.hasher.update(&*buf);
@@ -422,7 +417,7 @@ impl<K: ChunkSink> Receiver<K> {
     fn verify(&mut self, now: Instant) {
         let actual = ObjectId::Md5(std::mem::take(&mut self.hasher).finalize().into());
         if actual != self.id {
-            self.fail(TransferError::DigestMismatch {
+            self.fail_with(TransferError::DigestMismatch {
                 expected: self.id,
                 actual,
             });
@@ -442,60 +437,33 @@ impl<K: ChunkSink> Receiver<K> {
             duration: now.saturating_duration_since(self.created),
             stats: self.stats(),
         };
-        self.finish(Event::Completed(completion));
+        self.report.finish(Event::Completed(completion));
     }
 
-    fn fail(&mut self, error: TransferError) {
-        if self.finished {
-            return;
+    fn fail_with(&mut self, error: TransferError) {
+        if self.report.fail(error) {
+            self.state = State::Closed;
         }
-        self.state = State::Closed;
-        if error.code_for_peer().is_some() {
-            self.error_pending = Some(error.clone());
-        }
-        self.finish(Event::Failed(error));
-    }
-
-    fn finish(&mut self, event: Event) {
-        self.finished = true;
-        self.events.push_back(event);
     }
 
     fn report_progress(&mut self, now: Instant) {
-        if self
-            .last_progress
-            .is_some_and(|t| now < t + self.config.progress_interval)
-        {
-            return;
-        }
-        self.last_progress = Some(now);
-        self.events.push_back(Event::Progress {
-            bytes_done: self.bytes_received(),
-            total: self.object.map_or(0, |o| o.size),
-        });
+        let (done, total) = (self.bytes_received(), self.object.map_or(0, |o| o.size));
+        self.report
+            .progress(now, self.config.progress_interval, done, total);
     }
 
     /// Writes the next datagram to send into `buf` (at least `max_datagram_size` bytes) and
     /// returns its length, or `None` when nothing is due now.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
-        if let Some(error) = self.error_pending.take() {
-            let reason = error.to_string();
-            let mut end = reason.len().min(255);
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            let code = error.code_for_peer()?;
-            return self.emit(
-                buf,
-                Frame::Error(ErrorFrame {
-                    code,
-                    reason: &reason[..end],
-                }),
-            );
+        if let Some(n) = self
+            .report
+            .poll_error_frame(self.conn_id, &mut self.stats, buf)
+        {
+            return Some(n);
         }
         if self.done_pending {
             self.done_pending = false;
-            return self.emit(buf, Frame::Done);
+            return emit(self.conn_id, &mut self.stats, buf, Frame::Done);
         }
         match self.state {
             State::Requesting | State::Starting if self.handshake_pending => {
@@ -510,11 +478,16 @@ impl<K: ChunkSink> Receiver<K> {
                             max_rate_bytes_per_sec: 0,
                             have: HaveRanges::List(&have),
                         };
-                        let n = self.emit(buf, Frame::Request(request));
+                        let n = emit(self.conn_id, &mut self.stats, buf, Frame::Request(request));
                         self.have = have;
                         n
                     }
-                    Some(o) => self.emit(buf, Frame::Start { nonce: o.nonce }),
+                    Some(o) => emit(
+                        self.conn_id,
+                        &mut self.stats,
+                        buf,
+                        Frame::Start { nonce: o.nonce },
+                    ),
                 }
             }
             State::Receiving if self.ack_now || self.ack_deadline.is_some_and(|t| t <= now) => {
@@ -578,24 +551,12 @@ impl<K: ChunkSink> Receiver<K> {
             cumulative: cumulative as u32,
             ranges: AckRanges::List(&chosen),
         };
-        let n = self.emit(buf, Frame::Ack(ack));
+        let n = emit(self.conn_id, &mut self.stats, buf, Frame::Ack(ack));
         self.ack_ranges = chosen;
         self.unacked = 0;
         self.ack_now = false;
         self.ack_deadline = None;
         n
-    }
-
-    fn emit(&mut self, buf: &mut [u8], frame: Frame<'_>) -> Option<usize> {
-        let n = Datagram {
-            conn_id: self.conn_id,
-            frame,
-        }
-        .encode(buf)
-        .ok()?;
-        self.stats.datagrams_sent += 1;
-        self.stats.bytes_sent += n as u64;
-        Some(n)
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) should next be called, or `None` when there
@@ -647,7 +608,7 @@ impl<K: ChunkSink> Receiver<K> {
             State::Requesting | State::Starting | State::Receiving => {
                 if now >= self.last_heard + self.config.idle_timeout {
                     self.state = State::Closed;
-                    self.finish(Event::Failed(TransferError::TimedOut(
+                    self.report.finish(Event::Failed(TransferError::TimedOut(
                         self.config.idle_timeout,
                     )));
                     return;
@@ -672,6 +633,6 @@ impl<K: ChunkSink> Receiver<K> {
 
     /// The next event for the user, if any. Drain after every call that feeds the transfer.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.report.poll_event()
     }
 }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use super::congestion::Controller;
 use super::pacer::Pacer;
 use super::ranges::RangeSet;
+use super::report::{emit, Report};
 use super::rtt::RttEstimator;
 use super::{
     chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSource, Completion, Event, Stats,
@@ -13,8 +14,8 @@ use super::{
 };
 use crate::id::ObjectId;
 use crate::wire::{
-    self, encode_data_in_place, Ack, ConnectionId, Datagram, ErrorFrame, Frame, Offer, Request,
-    DATA_OVERHEAD, DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
+    self, encode_data_in_place, Ack, ConnectionId, Datagram, Frame, Offer, Request, DATA_OVERHEAD,
+    DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
 };
 
 /// A datagram is lost once this many later ones were acknowledged (RFC 9002 kPacketThreshold).
@@ -76,7 +77,6 @@ pub struct Sender<S> {
     /// When the offer last went out, and how many times it was repeated without being asked.
     offer_sent: Option<Instant>,
     offer_repeats: u32,
-    error_pending: Option<TransferError>,
 
     next_seq: u64,
     next_new_chunk: u64,
@@ -103,11 +103,9 @@ pub struct Sender<S> {
     rate_cap: u64,
     pacing_wait: Option<Instant>,
     last_heard: Instant,
-    last_progress: Option<Instant>,
 
-    events: VecDeque<Event>,
     stats: Stats,
-    finished: bool,
+    report: Report,
 }
 
 impl<S: ChunkSource> Sender<S> {
@@ -167,7 +165,6 @@ impl<S: ChunkSource> Sender<S> {
             offer_pending: true,
             offer_sent: None,
             offer_repeats: 0,
-            error_pending: None,
             next_seq: 0,
             next_new_chunk: acked.first_missing_from(0),
             sent_frontier: 0,
@@ -189,10 +186,8 @@ impl<S: ChunkSource> Sender<S> {
             rate_cap,
             pacing_wait: None,
             last_heard: now,
-            last_progress: None,
-            events: VecDeque::new(),
             stats: Stats::default(),
-            finished: false,
+            report: Report::default(),
             config,
         })
     }
@@ -258,7 +253,7 @@ impl<S: ChunkSource> Sender<S> {
 
     /// True once the transfer completed or failed (its final event is queued).
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.report.is_finished()
     }
 
     /// The bytes the receiver has acknowledged so far.
@@ -275,7 +270,7 @@ impl<S: ChunkSource> Sender<S> {
     /// Gives up the transfer: tells the receiver it was cancelled and reports
     /// [`TransferError::Cancelled`]. Drain `poll_transmit` afterwards to send the notice.
     pub fn cancel(&mut self) {
-        self.fail(TransferError::Cancelled);
+        self.fail_with(TransferError::Cancelled);
     }
 
     /// Feeds a datagram that arrived for this transfer. Undecodable or unexpected datagrams are
@@ -294,7 +289,7 @@ impl<S: ChunkSource> Sender<S> {
             self.stats.dropped.wrong_connection += 1;
             return;
         }
-        if self.finished {
+        if self.report.is_finished() {
             self.stats.dropped.unexpected += 1;
             return;
         }
@@ -315,7 +310,8 @@ impl<S: ChunkSource> Sender<S> {
             Frame::Done if self.state != State::Closed => self.complete(now),
             Frame::Error(e) => {
                 self.state = State::Closed;
-                self.finish(Event::Failed(TransferError::from_peer(e.code, e.reason)));
+                self.report
+                    .finish(Event::Failed(TransferError::from_peer(e.code, e.reason)));
             }
             _ => self.stats.dropped.unexpected += 1,
         }
@@ -429,37 +425,19 @@ impl<S: ChunkSource> Sender<S> {
             duration: now.saturating_duration_since(self.created),
             stats: self.stats(),
         };
-        self.finish(Event::Completed(completion));
+        self.report.finish(Event::Completed(completion));
     }
 
-    fn fail(&mut self, error: TransferError) {
-        if self.finished {
-            return;
+    fn fail_with(&mut self, error: TransferError) {
+        if self.report.fail(error) {
+            self.state = State::Closed;
         }
-        self.state = State::Closed;
-        if error.code_for_peer().is_some() {
-            self.error_pending = Some(error.clone());
-        }
-        self.finish(Event::Failed(error));
-    }
-
-    fn finish(&mut self, event: Event) {
-        self.finished = true;
-        self.events.push_back(event);
     }
 
     fn report_progress(&mut self, now: Instant) {
-        if self
-            .last_progress
-            .is_some_and(|t| now < t + self.config.progress_interval)
-        {
-            return;
-        }
-        self.last_progress = Some(now);
-        self.events.push_back(Event::Progress {
-            bytes_done: self.bytes_acked(),
-            total: self.size,
-        });
+        let (done, total) = (self.bytes_acked(), self.size);
+        self.report
+            .progress(now, self.config.progress_interval, done, total);
     }
 
     /// Writes the next datagram to send into `buf` (at least `max_datagram_size` bytes) and
@@ -467,11 +445,11 @@ impl<S: ChunkSource> Sender<S> {
     /// [`poll_timeout`](Self::poll_timeout) for when to ask again).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         self.pacing_wait = None;
-        if let Some(error) = self.error_pending.take() {
-            let reason = error.to_string();
-            let reason = truncate_utf8(&reason, 255);
-            let code = error.code_for_peer()?;
-            return self.emit(buf, Frame::Error(ErrorFrame { code, reason }));
+        if let Some(n) = self
+            .report
+            .poll_error_frame(self.conn_id, &mut self.stats, buf)
+        {
+            return Some(n);
         }
         match self.state {
             State::Closed => None,
@@ -487,22 +465,10 @@ impl<S: ChunkSource> Sender<S> {
                     chunk_size: self.chunk_size as u16,
                     nonce: self.nonce,
                 };
-                self.emit(buf, Frame::Offer(offer))
+                emit(self.conn_id, &mut self.stats, buf, Frame::Offer(offer))
             }
             State::Sending => self.poll_data(now, buf),
         }
-    }
-
-    fn emit(&mut self, buf: &mut [u8], frame: Frame<'_>) -> Option<usize> {
-        let n = Datagram {
-            conn_id: self.conn_id,
-            frame,
-        }
-        .encode(buf)
-        .ok()?;
-        self.stats.datagrams_sent += 1;
-        self.stats.bytes_sent += n as u64;
-        Some(n)
     }
 
     fn poll_data(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
@@ -532,7 +498,7 @@ impl<S: ChunkSource> Sender<S> {
         let len = (range.end - range.start) as usize;
         let payload = buf.get_mut(DATA_PAYLOAD_OFFSET..DATA_PAYLOAD_OFFSET + len)?;
         if let Err(e) = self.source.read_at(range.start, payload) {
-            self.fail(TransferError::storage("read", &e));
+            self.fail_with(TransferError::storage("read", &e));
             return self.poll_transmit(now, buf);
         }
         let seq = self.next_seq;
@@ -637,7 +603,7 @@ impl<S: ChunkSource> Sender<S> {
     /// When [`handle_timeout`](Self::handle_timeout) should next be called, or `None` when the
     /// transfer is over.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.finished {
+        if self.report.is_finished() {
             return None;
         }
         let idle = self.last_heard + self.config.idle_timeout;
@@ -682,12 +648,12 @@ impl<S: ChunkSource> Sender<S> {
     /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed, then drain
     /// `poll_transmit` and `poll_event`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        if self.finished {
+        if self.report.is_finished() {
             return;
         }
         if now >= self.last_heard + self.config.idle_timeout {
             self.state = State::Closed;
-            self.finish(Event::Failed(TransferError::TimedOut(
+            self.report.finish(Event::Failed(TransferError::TimedOut(
                 self.config.idle_timeout,
             )));
             return;
@@ -715,14 +681,6 @@ impl<S: ChunkSource> Sender<S> {
 
     /// The next event for the user, if any. Drain after every call that feeds the transfer.
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        self.report.poll_event()
     }
-}
-
-fn truncate_utf8(s: &str, max: usize) -> &str {
-    let mut end = s.len().min(max);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }

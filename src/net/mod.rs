@@ -458,16 +458,8 @@ fn linger<P: ObjectProvider, K: ChunkSink>(
     }
 }
 
-/// 64 bits of operating-system randomness, without a dependency: std seeds each `RandomState`
-/// from the OS once per process and then varies it, and hashing the time adds more.
+/// 64 bits of operating-system randomness, without a dependency (see the store's temporary
+/// names, which use the same source): seeds an endpoint's connection ids and nonces.
 pub fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
+    crate::store::random_u64()
 }

@@ -221,8 +221,10 @@ impl Cache {
     }
 }
 
-/// A random value for temporary names (std's hasher keys are random per process).
-fn random_u64() -> u64 {
+/// 64 bits of operating-system randomness without a dependency: std keys each `RandomState`
+/// from the OS (once per process, then varied), and the time and process id are mixed in. Used
+/// for temporary names here and, through `net::random_seed`, to seed connection ids and nonces.
+pub(crate) fn random_u64() -> u64 {
     let mut h = RandomState::new().build_hasher();
     h.write_u128(
         std::time::SystemTime::now()

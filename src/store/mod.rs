@@ -39,6 +39,7 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
+pub(crate) use cache::random_u64;
 pub use cache::{Cache, PartialFile, JOURNAL_INTERVAL_BYTES};
 pub use content::{ContentStore, FileSource, ObjectInfo};
 
