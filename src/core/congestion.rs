@@ -133,17 +133,24 @@ impl Controller {
         self.delay.hint = Some(owd_us);
     }
 
-    /// A datagram of `bytes` sent at `sent` was acknowledged at `now`.
-    pub fn on_ack(&mut self, sent: Instant, bytes: u64, now: Instant) {
+    /// A datagram of `bytes` sent at `sent` was acknowledged at `now`. `app_limited` says the
+    /// sender was not using its window (less than half of it in flight): then the window does
+    /// not grow (RFC 7661), or a transfer held back by a rate cap would build a window it never
+    /// tested, and spend it all at once on a client that vanished.
+    pub fn on_ack(&mut self, sent: Instant, bytes: u64, now: Instant, app_limited: bool) {
         if self.in_recovery(sent) {
             return;
         }
         let target = match self.kind {
+            CongestionControl::Standard if app_limited => return,
             CongestionControl::Standard => return self.reno_increase(bytes),
             CongestionControl::Background { target } => target.max(Duration::from_millis(1)),
         };
         let Some(queueing) = self.delay.queueing_delay() else {
-            return self.reno_increase(bytes);
+            if !app_limited {
+                self.reno_increase(bytes);
+            }
+            return;
         };
         if queueing > target * OVERLOAD_FACTOR {
             self.reduce(now);
@@ -151,7 +158,9 @@ impl Controller {
         }
         if self.in_slow_start() {
             if queueing < target / 2 {
-                self.window = self.window.saturating_add(bytes);
+                if !app_limited {
+                    self.window = self.window.saturating_add(bytes);
+                }
                 return;
             }
             // Leave slow start as soon as our queue reaches half the target.
@@ -165,7 +174,9 @@ impl Controller {
         let queueing_us = queueing.as_micros() as i128;
         let window = i128::from(self.window.max(1));
         let bytes = i128::from(bytes);
-        let change = if queueing_us <= target_us {
+        let change = if queueing_us <= target_us && app_limited {
+            0
+        } else if queueing_us <= target_us {
             (target_us - queueing_us) * bytes * i128::from(self.max_datagram) / (target_us * window)
         } else {
             -((bytes * (queueing_us - target_us) * DECREASE_GAIN / target_us).min(bytes / 2))
@@ -308,7 +319,7 @@ mod tests {
         let mut cc = Controller::new_reno(1000);
         assert_eq!(cc.window(), 10_000);
         for _ in 0..10 {
-            cc.on_ack(t0, 1000, t0);
+            cc.on_ack(t0, 1000, t0, false);
         }
         assert_eq!(cc.window(), 20_000);
         let t1 = t0 + Duration::from_millis(100);
@@ -318,12 +329,12 @@ mod tests {
         cc.on_loss(t0, t1 + Duration::from_millis(1));
         assert_eq!(cc.window(), 10_000);
         // Acks of old packets do not grow the window during recovery.
-        cc.on_ack(t0, 1000, t1);
+        cc.on_ack(t0, 1000, t1, false);
         assert_eq!(cc.window(), 10_000);
         // In avoidance, one datagram per window's worth of acks.
         let t2 = t1 + Duration::from_millis(1);
         for _ in 0..10 {
-            cc.on_ack(t2, 1000, t2);
+            cc.on_ack(t2, 1000, t2, false);
         }
         assert_eq!(cc.window(), 11_000);
         // A loss after recovery ended halves again.
@@ -367,7 +378,7 @@ mod tests {
         assert_eq!(cc.queueing_delay(), Some(Duration::ZERO));
         // Slow start while the queue is short.
         for _ in 0..10 {
-            cc.on_ack(t0, 1000, t0);
+            cc.on_ack(t0, 1000, t0, false);
         }
         assert_eq!(cc.window(), 20_000);
         // Queue at 20 ms: above half the target, so slow start ends and growth is gentle.
@@ -376,7 +387,7 @@ mod tests {
         }
         let w = cc.window();
         for _ in 0..20 {
-            cc.on_ack(t0, 1000, t0);
+            cc.on_ack(t0, 1000, t0, false);
         }
         assert!(
             cc.window() > w && cc.window() <= w + 1000,
@@ -390,7 +401,7 @@ mod tests {
         }
         let w = cc.window();
         for _ in 0..20 {
-            cc.on_ack(t0, 1000, t0);
+            cc.on_ack(t0, 1000, t0, false);
         }
         assert!(cc.window() < w, "{} vs {w}", cc.window());
         // Queue at 200 ms (8x the target): halves like a loss, once per round.
@@ -399,7 +410,7 @@ mod tests {
         }
         let w = cc.window();
         let t1 = t0 + Duration::from_millis(1);
-        cc.on_ack(t1, 1000, t1);
+        cc.on_ack(t1, 1000, t1, false);
         assert_eq!(cc.window(), (w / 2).max(2000));
     }
 
@@ -423,7 +434,7 @@ mod tests {
         for _ in 0..4 {
             cc.on_delay_sample(1_000_000, t0);
         }
-        cc.on_ack(t0, 1000, t0);
+        cc.on_ack(t0, 1000, t0, false);
         assert_eq!(cc.window(), 11_000);
     }
 }

@@ -324,6 +324,7 @@ impl<S: ChunkSource> Sender<S> {
             return;
         }
         let mut newly_acked = false;
+        let app_limited = self.bytes_in_flight * 2 < self.congestion.window();
         let cumulative = u64::from(ack.cumulative).min(self.chunks);
         let ranges = std::iter::once(0..cumulative).chain(
             ack.ranges
@@ -354,7 +355,7 @@ impl<S: ChunkSource> Sender<S> {
                     if !p.settled {
                         p.settled = true;
                         *bytes_in_flight -= u64::from(p.bytes);
-                        congestion.on_ack(p.sent, u64::from(p.bytes), now);
+                        congestion.on_ack(p.sent, u64::from(p.bytes), now, app_limited);
                         newly_acked = true;
                     }
                 }
