@@ -1,12 +1,14 @@
 //! The endpoint without sockets: accepting, refusing, reaping, sharing the uplink.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet, Role};
-use udpferry::wire::{self, ConnectionId, Datagram, ErrorCode, Frame, HaveRanges, Request};
+use udpferry::wire::{self, ConnectionId, Datagram, ErrorCode, Frame};
 use udpferry::ObjectId;
 
 type Maps = HashMap<ObjectId, Arc<[u8]>>;
@@ -16,23 +18,6 @@ fn maps(objects: &[&[u8]]) -> Maps {
         .iter()
         .map(|o| (ObjectId::md5_of(o), Arc::from(*o)))
         .collect()
-}
-
-fn request(conn: u64, id: ObjectId) -> Vec<u8> {
-    let mut buf = vec![0u8; 1500];
-    let n = Datagram {
-        conn_id: ConnectionId(conn),
-        frame: Frame::Request(Request {
-            object: id,
-            max_datagram_size: 1200,
-            max_rate_bytes_per_sec: 0,
-            have: HaveRanges::List(&[]),
-        }),
-    }
-    .encode(&mut buf)
-    .unwrap();
-    buf.truncate(n);
-    buf
 }
 
 fn addr(port: u16) -> SocketAddr {
@@ -52,7 +37,11 @@ fn drain(ep: &mut Endpoint<Maps, Vec<u8>>, now: Instant) -> Vec<(SocketAddr, Vec
 fn unknown_objects_get_not_found_and_no_state() {
     let now = Instant::now();
     let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(EndpointConfig::default(), maps(&[b"map"]));
-    ep.handle_datagram(now, addr(1), &request(7, ObjectId::md5_of(b"other")));
+    ep.handle_datagram(
+        now,
+        addr(1),
+        &common::request_datagram(7, ObjectId::md5_of(b"other")),
+    );
     let out = drain(&mut ep, now);
     assert_eq!(out.len(), 1);
     assert_eq!(out[0].0, addr(1));
@@ -74,15 +63,23 @@ fn limits_per_address_and_in_total_answer_busy() {
     let id = ObjectId::md5_of(b"map");
     let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(config, maps(&[b"map"]));
     for conn in 0..3 {
-        ep.handle_datagram(now, addr(1), &request(conn, id));
+        ep.handle_datagram(now, addr(1), &common::request_datagram(conn, id));
     }
     assert_eq!(
         ep.transfer_count(),
         2,
         "third request from the same address is refused"
     );
-    ep.handle_datagram(now, SocketAddr::from(([10, 0, 0, 2], 1)), &request(9, id));
-    ep.handle_datagram(now, SocketAddr::from(([10, 0, 0, 3], 1)), &request(9, id));
+    ep.handle_datagram(
+        now,
+        SocketAddr::from(([10, 0, 0, 2], 1)),
+        &common::request_datagram(9, id),
+    );
+    ep.handle_datagram(
+        now,
+        SocketAddr::from(([10, 0, 0, 3], 1)),
+        &common::request_datagram(9, id),
+    );
     assert_eq!(ep.transfer_count(), 3, "the total limit holds");
     assert_eq!(ep.stats().busy, 2);
     let busy = drain(&mut ep, now)
@@ -115,7 +112,11 @@ fn garbage_and_stray_datagrams_create_no_state() {
 fn a_client_that_requests_and_vanishes_is_reaped() {
     let start = Instant::now();
     let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(EndpointConfig::default(), maps(&[b"map"]));
-    ep.handle_datagram(start, addr(1), &request(1, ObjectId::md5_of(b"map")));
+    ep.handle_datagram(
+        start,
+        addr(1),
+        &common::request_datagram(1, ObjectId::md5_of(b"map")),
+    );
     assert_eq!(ep.transfer_count(), 1);
     let mut now = start;
     let mut sent = 0;

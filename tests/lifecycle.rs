@@ -14,6 +14,22 @@ fn link() -> LinkConfig {
     LinkConfig::clean(Duration::from_millis(10))
 }
 
+/// The server side of a test: `data` served under the name `id` (nonce 1).
+fn server(id: ObjectId, data: Vec<u8>, config: TransferConfig) -> OneShotServer<Vec<u8>> {
+    OneShotServer::new(id, data.len() as u64, data, config, 1)
+}
+
+/// The client side of a test, on connection 9.
+fn receiver<K: udpferry::core::ChunkSink>(
+    start: Instant,
+    id: ObjectId,
+    have: &RangeSet,
+    sink: K,
+    config: TransferConfig,
+) -> Receiver<K> {
+    Receiver::new(start, ConnectionId(9), id, have, sink, config)
+}
+
 fn receiver_events<K: udpferry::core::ChunkSink>(r: &mut Receiver<K>) -> Vec<Event> {
     std::iter::from_fn(|| r.poll_event()).collect()
 }
@@ -30,9 +46,8 @@ fn unknown_object_is_not_found() {
         TransferConfig::default(),
         1,
     );
-    let rx = Receiver::new(
+    let rx = receiver(
         start,
-        ConnectionId(9),
         other,
         &RangeSet::new(),
         Vec::new(),
@@ -50,16 +65,9 @@ fn wrong_bytes_under_the_requested_name_never_complete() {
     let data = object(100_000, 2);
     let claimed = ObjectId::md5_of(b"what the client asked for");
     let start = Instant::now();
-    let server = OneShotServer::new(
-        claimed,
-        data.len() as u64,
-        data,
-        TransferConfig::default(),
-        1,
-    );
-    let rx = Receiver::new(
+    let server = server(claimed, data, TransferConfig::default());
+    let rx = receiver(
         start,
-        ConnectionId(9),
         claimed,
         &RangeSet::new(),
         Vec::new(),
@@ -94,9 +102,8 @@ fn silent_server_times_out_without_spinning() {
     };
     let start = Instant::now();
     let server = OneShotServer::new(ObjectId::md5_of(b"x"), 1, b"x".to_vec(), config.clone(), 1);
-    let rx = Receiver::new(
+    let rx = receiver(
         start,
-        ConnectionId(9),
         ObjectId::md5_of(b"x"),
         &RangeSet::new(),
         Vec::new(),
@@ -142,15 +149,8 @@ fn server_vanishing_mid_transfer_times_out_both_sides_and_keeps_the_partial() {
     let data = object(4 << 20, 4);
     let id = ObjectId::md5_of(&data);
     let start = Instant::now();
-    let server = OneShotServer::new(id, data.len() as u64, data.clone(), config.clone(), 1);
-    let rx = Receiver::new(
-        start,
-        ConnectionId(9),
-        id,
-        &RangeSet::new(),
-        Vec::new(),
-        config,
-    );
+    let server = server(id, data.clone(), config.clone());
+    let rx = receiver(start, id, &RangeSet::new(), Vec::new(), config);
     let mut pair = Pair::new(4, start, server, rx, link(), link());
     while pair.b.bytes_received() < 1 << 20 {
         assert!(pair.step());
@@ -219,16 +219,9 @@ fn a_lost_done_is_repeated_and_the_sender_stops() {
     let data = object(200_000, 5);
     let id = ObjectId::md5_of(&data);
     let start = Instant::now();
-    let server = OneShotServer::new(
-        id,
-        data.len() as u64,
-        data.clone(),
-        TransferConfig::default(),
-        1,
-    );
-    let rx = Receiver::new(
+    let server = server(id, data.clone(), TransferConfig::default());
+    let rx = receiver(
         start,
-        ConnectionId(9),
         id,
         &RangeSet::new(),
         Vec::new(),
@@ -275,21 +268,8 @@ fn resume_fetches_only_what_is_missing() {
     let mut have = RangeSet::new();
     have.insert(0..half as u64);
     let start = Instant::now();
-    let server = OneShotServer::new(
-        id,
-        data.len() as u64,
-        data.clone(),
-        TransferConfig::default(),
-        1,
-    );
-    let rx = Receiver::new(
-        start,
-        ConnectionId(9),
-        id,
-        &have,
-        partial,
-        TransferConfig::default(),
-    );
+    let server = server(id, data.clone(), TransferConfig::default());
+    let rx = receiver(start, id, &have, partial, TransferConfig::default());
     let mut pair = Pair::new(6, start, server, rx, link(), link());
     assert_eq!(
         pair.run(100_000, start + Duration::from_secs(60)),
@@ -325,21 +305,8 @@ fn resuming_a_partial_larger_than_the_flow_control_window_does_not_stall() {
         have.insert(r);
     }
     let start = Instant::now();
-    let server = OneShotServer::new(
-        id,
-        data.len() as u64,
-        data.clone(),
-        TransferConfig::default(),
-        1,
-    );
-    let rx = Receiver::new(
-        start,
-        ConnectionId(9),
-        id,
-        &have,
-        partial,
-        TransferConfig::default(),
-    );
+    let server = server(id, data.clone(), TransferConfig::default());
+    let rx = receiver(start, id, &have, partial, TransferConfig::default());
     let mut pair = Pair::new(9, start, server, rx, link(), link());
     assert_eq!(
         pair.run(1_000_000, start + Duration::from_secs(600)),
@@ -362,13 +329,7 @@ fn a_lying_resume_claim_fails_the_digest_instead_of_succeeding() {
     let mut have = RangeSet::new();
     have.insert(0..50_000);
     let start = Instant::now();
-    let server = OneShotServer::new(
-        id,
-        data.len() as u64,
-        data.clone(),
-        TransferConfig::default(),
-        1,
-    );
+    let server = server(id, data.clone(), TransferConfig::default());
     let rx = Receiver::new(
         start,
         ConnectionId(9),
@@ -468,10 +429,9 @@ fn cancel_tells_the_peer() {
     let data = object(1 << 20, 8);
     let id = ObjectId::md5_of(&data);
     let start = Instant::now();
-    let server = OneShotServer::new(id, data.len() as u64, data, TransferConfig::default(), 1);
-    let rx = Receiver::new(
+    let server = server(id, data, TransferConfig::default());
+    let rx = receiver(
         start,
-        ConnectionId(9),
         id,
         &RangeSet::new(),
         Vec::new(),
@@ -538,9 +498,8 @@ fn an_empty_object_whose_done_is_lost_still_completes_on_the_server() {
     let id = ObjectId::md5_of(b"");
     let start = Instant::now();
     let server = OneShotServer::new(id, 0, Vec::new(), TransferConfig::default(), 1);
-    let rx = Receiver::new(
+    let rx = receiver(
         start,
-        ConnectionId(9),
         id,
         &RangeSet::new(),
         Vec::new(),
@@ -594,26 +553,13 @@ fn a_full_disk_fails_with_a_typed_error_keeps_what_was_written_and_tells_the_ser
     let data = object(1 << 20, 11);
     let id = ObjectId::md5_of(&data);
     let start = Instant::now();
-    let server = OneShotServer::new(
-        id,
-        data.len() as u64,
-        data.clone(),
-        TransferConfig::default(),
-        1,
-    );
+    let server = server(id, data.clone(), TransferConfig::default());
     let sink = FullDisk {
         data: Vec::new(),
         capacity: 300_000,
         written: 0,
     };
-    let rx = Receiver::new(
-        start,
-        ConnectionId(9),
-        id,
-        &RangeSet::new(),
-        sink,
-        TransferConfig::default(),
-    );
+    let rx = receiver(start, id, &RangeSet::new(), sink, TransferConfig::default());
     let mut pair = Pair::new(11, start, server, rx, link(), link());
     pair.run(100_000, start + Duration::from_secs(60));
     match receiver_events(&mut pair.b).last() {

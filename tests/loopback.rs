@@ -1,5 +1,7 @@
 //! The socket driver on real loopback sockets: many clients, hostile traffic, a shared socket.
 
+mod common;
+
 #[path = "../examples/game_loop.rs"]
 #[allow(dead_code)]
 mod game_loop;
@@ -15,7 +17,7 @@ use udpferry::core::EndpointStats;
 use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
 use udpferry::sim::Rng;
 use udpferry::store::ContentStore;
-use udpferry::wire::{ConnectionId, Datagram, Frame, HaveRanges, Request};
+use udpferry::wire::{ConnectionId, Datagram, Frame};
 use udpferry::ObjectId;
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -167,23 +169,6 @@ fn limits_answer_busy_and_unknown_objects_not_found() {
     );
 }
 
-fn request_datagram(conn: u64, id: ObjectId) -> Vec<u8> {
-    let mut buf = vec![0u8; 1500];
-    let n = Datagram {
-        conn_id: ConnectionId(conn),
-        frame: Frame::Request(Request {
-            object: id,
-            max_datagram_size: 1200,
-            max_rate_bytes_per_sec: 0,
-            have: HaveRanges::List(&[]),
-        }),
-    }
-    .encode(&mut buf)
-    .unwrap();
-    buf.truncate(n);
-    buf
-}
-
 #[test]
 fn garbage_sprayed_at_the_server_does_not_stop_a_download_or_grow_its_state() {
     let dir = TempDir::new("garbage");
@@ -198,7 +183,7 @@ fn garbage_sprayed_at_the_server_does_not_stop_a_download_or_grow_its_state() {
         thread::spawn(move || {
             let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
             let mut rng = Rng::new(99);
-            let valid = request_datagram(5, id);
+            let valid = common::request_datagram(5, id);
             let mut sent = 0u64;
             while !stop.load(Ordering::Relaxed) && sent < 200_000 {
                 let mut d = match sent % 4 {
