@@ -12,7 +12,14 @@ fuzz_target!(|data: &[u8]| {
     let id = ObjectId::md5_of(b"the map");
     let start = Instant::now();
     let mut now = start;
-    let mut rx = Receiver::new(now, ConnectionId(7), id, &RangeSet::new(), Vec::new(), TransferConfig::default());
+    let mut rx = Receiver::new(
+        now,
+        ConnectionId(7),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    );
     let mut buf = vec![0u8; 2048];
     // Input: records of [len: u8][step_ms: u8][body: len bytes], each wrapped as a datagram of
     // connection 7 with a valid checksum.
@@ -50,7 +57,11 @@ fn crc32(data: &[u8]) -> u32 {
     for &b in data {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
