@@ -58,8 +58,9 @@ pub struct EndpointConfig {
     pub rate_limit_bytes_per_sec: u64,
     /// Most error replies (not found, busy) queued at once; more requests are dropped unanswered.
     pub max_pending_replies: usize,
-    /// Seed for connection ids and address-validation nonces. A driver seeds it from the
-    /// operating system's randomness; tests pass a fixed value.
+    /// Key for connection ids and address-validation nonces (a keyed PRF over a counter). A
+    /// driver takes it from the operating system's randomness (`net::random_seed`); tests pass a
+    /// fixed value. Anyone who knows it can predict the ids, so never log it.
     pub seed: u64,
 }
 
@@ -216,7 +217,7 @@ pub struct Endpoint<P: ObjectProvider, K> {
     /// Lowest one-way delay per peer, pooled over that peer's transfers.
     paths: HashMap<SocketAddr, PathBase>,
     uplink_wait: Option<Instant>,
-    rng: SplitMix64,
+    rng: IdGenerator,
     stats: EndpointStats,
 }
 
@@ -230,7 +231,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             uplink_wait: None,
             epoch: None,
             paths: HashMap::new(),
-            rng: SplitMix64(config.seed),
+            rng: IdGenerator::new(config.seed),
             provider,
             transfers: BTreeMap::new(),
             by_connection: HashMap::new(),
@@ -701,17 +702,73 @@ impl<P: ObjectProvider, K> std::fmt::Debug for Endpoint<P, K> {
     }
 }
 
-/// A small seeded generator for connection ids and nonces (SplitMix64). Its unpredictability is
-/// that of its seed, which a driver takes from the operating system.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
+/// Connection ids and nonces: SipHash-2-4, a keyed pseudo-random function, over a counter. The
+/// key comes from the endpoint's seed (a driver takes it from the operating system), so values
+/// seen on the wire do not reveal the next ones, as they would with a plain seeded generator.
+#[derive(Clone)]
+struct IdGenerator {
+    keys: (u64, u64),
+    counter: u64,
+}
 
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
+impl IdGenerator {
+    fn new(seed: u64) -> Self {
+        // Spread the seed over both key halves (SplitMix64 finaliser).
+        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        IdGenerator {
+            keys: (seed, z ^ (z >> 31)),
+            counter: 0,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        use std::hash::Hasher;
+        self.counter += 1;
+        // std keeps SipHash-2-4 with explicit keys only under its deprecated name.
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new_with_keys(self.keys.0, self.keys.1);
+        h.write_u64(self.counter);
+        h.finish()
+    }
+}
+
+impl std::fmt::Debug for IdGenerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("IdGenerator").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::IdGenerator;
+
+    #[test]
+    fn ids_are_deterministic_per_seed_and_differ_across_seeds() {
+        let a: Vec<u64> = (0..4)
+            .map({
+                let mut g = IdGenerator::new(1);
+                move |_| g.next()
+            })
+            .collect();
+        let b: Vec<u64> = (0..4)
+            .map({
+                let mut g = IdGenerator::new(1);
+                move |_| g.next()
+            })
+            .collect();
+        let c: Vec<u64> = (0..4)
+            .map({
+                let mut g = IdGenerator::new(2);
+                move |_| g.next()
+            })
+            .collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        let mut sorted = a.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 4);
     }
 }
