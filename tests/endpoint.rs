@@ -112,23 +112,31 @@ fn garbage_and_stray_datagrams_create_no_state() {
 fn a_client_that_requests_and_vanishes_is_reaped() {
     let start = Instant::now();
     let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(EndpointConfig::default(), maps(&[b"map"]));
-    ep.handle_datagram(
-        start,
-        addr(1),
-        &common::request_datagram(1, ObjectId::md5_of(b"map")),
-    );
+    let request = common::request_datagram(1, ObjectId::md5_of(b"map"));
+    ep.handle_datagram(start, addr(1), &request);
     assert_eq!(ep.transfer_count(), 1);
     let mut now = start;
     let mut sent = 0;
+    let mut sent_bytes = 0;
     for _ in 0..1000 {
-        sent += drain(&mut ep, now).len();
+        let out = drain(&mut ep, now);
+        sent += out.len();
+        sent_bytes += out.iter().map(|(_, d)| d.len()).sum::<usize>();
         let Some(t) = ep.poll_timeout() else { break };
         assert!(t >= now, "timers never go backwards");
         now = t;
         ep.handle_timeout(now);
     }
-    sent += drain(&mut ep, now).len();
+    let out = drain(&mut ep, now);
+    sent += out.len();
+    sent_bytes += out.iter().map(|(_, d)| d.len()).sum::<usize>();
     assert_eq!(ep.transfer_count(), 0, "reaped");
+    // Anti-amplification: an address that never proved itself gets at most 3x what it sent.
+    assert!(
+        sent_bytes <= 3 * request.len(),
+        "{sent_bytes} bytes sent for a {}-byte request",
+        request.len()
+    );
     assert_eq!(ep.poll_timeout(), None, "nothing left to wake for");
     assert!(now - start <= Duration::from_secs(16));
     // The offer and one unasked repeat: nothing more to an address that never answered.
