@@ -66,6 +66,8 @@ fn turn<P: ObjectProvider, K: ChunkSink>(
     buf: &mut [u8],
     on_event: &mut dyn FnMut(&mut Endpoint<P, K>, EndpointEvent),
 ) -> io::Result<()> {
+    // Send what is already due (a new fetch's request, say) before sleeping.
+    flush(socket, endpoint, buf);
     let now = Instant::now();
     let wait = endpoint
         .poll_timeout()
