@@ -353,3 +353,65 @@ fn rate_caps_hold_on_real_sockets() {
         assert!(*t <= Duration::from_secs(9), "{t:?}");
     }
 }
+
+/// A hostile server: serves `bytes` under the name `claimed` until `stop`.
+fn lying_server(
+    claimed: ObjectId,
+    bytes: Vec<u8>,
+    stop: Arc<AtomicBool>,
+) -> (SocketAddr, thread::JoinHandle<()>) {
+    use std::collections::HashMap;
+    use udpferry::core::{Endpoint, EndpointConfig};
+    let socket = udpferry::net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let addr = socket.local_addr().unwrap();
+    let handle = thread::spawn(move || {
+        let mut maps: HashMap<ObjectId, Arc<[u8]>> = HashMap::new();
+        maps.insert(claimed, bytes.into());
+        let mut ep: Endpoint<_, Vec<u8>> = Endpoint::new(EndpointConfig::default(), maps);
+        let mut buf = vec![0u8; 65_536];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                ep.handle_datagram(Instant::now(), from, &buf[..n]);
+            }
+            let now = Instant::now();
+            if ep.poll_timeout().is_some_and(|t| t <= now) {
+                ep.handle_timeout(now);
+            }
+            while let Some(t) = ep.poll_transmit(now, &mut buf) {
+                let _ = socket.send_to(&buf[..t.len], t.destination);
+            }
+            while ep.poll_event().is_some() {}
+            thread::sleep(Duration::from_micros(200));
+        }
+    });
+    (addr, handle)
+}
+
+#[test]
+fn a_digest_mismatch_discards_the_partial_instead_of_resuming_it() {
+    let dir = TempDir::new("lying");
+    let claimed = ObjectId::md5_of(b"the map the client wants");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, server) = lying_server(claimed, bytes(500_000, 4), stop.clone());
+    let cache = dir.0.join("cache");
+    let result = Client::fetch(addr, claimed, &FetchOptions::new(&cache), |_| {});
+    stop.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+    assert!(
+        matches!(
+            result,
+            Err(udpferry::net::FetchError::Transfer(
+                udpferry::core::TransferError::DigestMismatch { .. }
+            ))
+        ),
+        "{result:?}"
+    );
+    // Nothing under the final name, and no partial left to resume the same wrong bytes from.
+    let left: Vec<_> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "cache holds {left:?}");
+}

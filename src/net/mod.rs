@@ -424,7 +424,12 @@ impl Client {
                 })
             }
             Some(Err(err)) => {
-                let _ = partial.checkpoint();
+                if matches!(err, TransferError::DigestMismatch { .. }) {
+                    // Some stored bytes are wrong and nothing says which: start afresh next time.
+                    let _ = partial.discard();
+                } else {
+                    let _ = partial.checkpoint();
+                }
                 flush(&socket, &mut endpoint, &mut buf);
                 Err(err.into())
             }

@@ -355,6 +355,22 @@ impl PartialFile {
         }
         Ok(self.final_path)
     }
+
+    /// Throws the partial download away (`<hex>.part` and its journal): call it when the bytes
+    /// cannot be trusted, for example after the receiver reported a digest mismatch. Resuming
+    /// from them would fail the same way every time.
+    pub fn discard(self) -> Result<(), StoreError> {
+        drop(self.file);
+        for path in [&self.part, &self.journal, &self.tmp] {
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(StoreError::io("remove", path, e))
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ChunkSink for PartialFile {
