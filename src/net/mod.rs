@@ -409,10 +409,11 @@ impl Client {
                     cache.copy_out(&id, out)?;
                 }
                 // Answer a sender that missed our Done for about one of its probe timeouts
-                // (bounded), then leave: its offer or probe would find nobody.
+                // (bounded), in the background so the caller has its object at once. If the
+                // process exits first, the sender times out on its own.
                 let linger_for = (stats.smoothed_rtt * 3 + Duration::from_millis(30))
                     .min(Duration::from_millis(500));
-                linger(&socket, &mut endpoint, &mut buf, linger_for);
+                std::thread::spawn(move || linger(&socket, &mut endpoint, &mut buf, linger_for));
                 Ok(Report {
                     object: id,
                     size,
