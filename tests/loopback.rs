@@ -151,7 +151,9 @@ fn limits_answer_busy_and_unknown_objects_not_found() {
         "{second:?}"
     );
     assert!(first.join().unwrap().is_ok());
-    // Limits are checked before the lookup, so ask for a missing object once the slot is free.
+    // Limits are checked before the lookup, so ask for a missing object once the slot is free
+    // (the server frees it when the first client's Done arrives).
+    thread::sleep(Duration::from_millis(200));
     let missing = Client::fetch(
         addr,
         ObjectId::md5_of(b"nope"),

@@ -413,6 +413,7 @@ impl Client {
                 // process exits first, the sender times out on its own.
                 let linger_for = (stats.smoothed_rtt * 3 + Duration::from_millis(30))
                     .min(Duration::from_millis(500));
+                flush(&socket, &mut endpoint, &mut buf);
                 std::thread::spawn(move || linger(&socket, &mut endpoint, &mut buf, linger_for));
                 Ok(Report {
                     object: id,
