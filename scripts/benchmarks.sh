@@ -146,9 +146,9 @@ w("`Client::fetch` reports progress at most every 100 ms (`TransferConfig::progr
 w("so its first-byte time is when the first progress callback ran, an upper bound on when the")
 w("first byte arrived; the mem-to-mem row polls the receiver after every loop pass instead.")
 w("`Client::fetch`'s verified time is when the call returned: after the final progress")
-w("callback (the \"verified callback\" column, MD5 checked) it finalises the cache file and")
-w("lingers for about three round trips plus 30 ms so a sender that missed its last")
-w("acknowledgement is answered.")
+w("callback (the \"verified callback\" column, MD5 checked) it finalises the cache file, sends its")
+w("Done and returns; a background thread answers a sender that missed the Done for about three")
+w("round trips plus 30 ms.")
 w("")
 if not e.get("BENCH_SKIP_TRANSFER"):
     w("## Core (simulator) benches: `cargo bench --bench transfer`")
