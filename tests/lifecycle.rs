@@ -30,6 +30,17 @@ fn receiver<K: udpferry::core::ChunkSink>(
     Receiver::new(start, ConnectionId(9), id, have, sink, config)
 }
 
+/// A client with nothing cached, default settings, collecting into memory.
+fn fresh_receiver(start: Instant, id: ObjectId) -> Receiver<Vec<u8>> {
+    receiver(
+        start,
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        TransferConfig::default(),
+    )
+}
+
 fn receiver_events<K: udpferry::core::ChunkSink>(r: &mut Receiver<K>) -> Vec<Event> {
     std::iter::from_fn(|| r.poll_event()).collect()
 }
@@ -46,13 +57,7 @@ fn unknown_object_is_not_found() {
         TransferConfig::default(),
         1,
     );
-    let rx = receiver(
-        start,
-        other,
-        &RangeSet::new(),
-        Vec::new(),
-        TransferConfig::default(),
-    );
+    let rx = fresh_receiver(start, other);
     let mut pair = Pair::new(1, start, server, rx, link(), link());
     pair.run(1000, start + Duration::from_secs(60));
     let events = receiver_events(&mut pair.b);
@@ -66,13 +71,7 @@ fn wrong_bytes_under_the_requested_name_never_complete() {
     let claimed = ObjectId::md5_of(b"what the client asked for");
     let start = Instant::now();
     let server = server(claimed, data, TransferConfig::default());
-    let rx = receiver(
-        start,
-        claimed,
-        &RangeSet::new(),
-        Vec::new(),
-        TransferConfig::default(),
-    );
+    let rx = fresh_receiver(start, claimed);
     let mut pair = Pair::new(2, start, server, rx, link(), link());
     pair.run(100_000, start + Duration::from_secs(60));
     let events = receiver_events(&mut pair.b);
@@ -183,13 +182,7 @@ fn a_lost_done_is_repeated_and_the_sender_stops() {
     let id = ObjectId::md5_of(&data);
     let start = Instant::now();
     let server = server(id, data.clone(), TransferConfig::default());
-    let rx = receiver(
-        start,
-        id,
-        &RangeSet::new(),
-        Vec::new(),
-        TransferConfig::default(),
-    );
+    let rx = fresh_receiver(start, id);
     let mut pair = Pair::new(
         5,
         start,
@@ -394,13 +387,7 @@ fn cancel_tells_the_peer() {
     let id = ObjectId::md5_of(&data);
     let start = Instant::now();
     let server = server(id, data, TransferConfig::default());
-    let rx = receiver(
-        start,
-        id,
-        &RangeSet::new(),
-        Vec::new(),
-        TransferConfig::default(),
-    );
+    let rx = fresh_receiver(start, id);
     let mut pair = Pair::new(8, start, server, rx, link(), link());
     while pair.b.bytes_received() < 100_000 {
         assert!(pair.step());
@@ -462,13 +449,7 @@ fn an_empty_object_whose_done_is_lost_still_completes_on_the_server() {
     let id = ObjectId::md5_of(b"");
     let start = Instant::now();
     let server = OneShotServer::new(id, 0, Vec::new(), TransferConfig::default(), 1);
-    let rx = receiver(
-        start,
-        id,
-        &RangeSet::new(),
-        Vec::new(),
-        TransferConfig::default(),
-    );
+    let rx = fresh_receiver(start, id);
     let peer = DropDones {
         inner: rx,
         dropped: 0,

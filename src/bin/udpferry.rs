@@ -379,6 +379,16 @@ fn summary(r: &Report) -> String {
     )
 }
 
+/// The size, duration and goodput lines both demos print.
+fn print_size_and_rate(size: u64, secs: f64, clock: &str) {
+    println!("size:            {size} bytes");
+    println!("duration:        {secs:.2} s{clock}");
+    println!(
+        "goodput:         {:.2} MB/s",
+        size as f64 / secs.max(1e-9) / 1e6
+    );
+}
+
 fn fail(command: &str, message: &str) -> ExitCode {
     eprintln!("udpferry {command}: {message}");
     ExitCode::FAILURE
@@ -426,12 +436,7 @@ fn run_loopback_demo(dir: &std::path::Path, size_mib: u64, seed: u64) -> Result<
         report.object,
         report.path.display()
     );
-    println!("size:            {} bytes", report.size);
-    println!("duration:        {secs:.2} s");
-    println!(
-        "goodput:         {:.1} MB/s",
-        report.size as f64 / secs.max(1e-9) / 1e6
-    );
+    print_size_and_rate(report.size, secs, "");
     println!(
         "received:        {} datagrams",
         report.stats.datagrams_received
@@ -485,12 +490,7 @@ fn simulated_demo(size_mib: u64, loss: f64, latency_ms: u64, seed: u64) -> ExitC
             let sender = pair.a.sender().map(|s| s.stats()).unwrap_or_default();
             let secs = done.duration.as_secs_f64();
             println!("verified: md5 {} matches", done.object);
-            println!("size:            {} bytes", done.size);
-            println!("duration:        {secs:.2} s (virtual)");
-            println!(
-                "goodput:         {:.2} MB/s",
-                done.size as f64 / secs.max(1e-9) / 1e6
-            );
+            print_size_and_rate(done.size, secs, " (virtual)");
             println!(
                 "sent on wire:    {} bytes ({:.4}x the map)",
                 sender.bytes_sent,
