@@ -9,8 +9,9 @@
 //!   [`Endpoint::handle_datagram`], and once per tick drain [`Endpoint::poll_transmit`] into your
 //!   socket.
 //!
-//! The loop here is the whole driver: receive with a timeout of `poll_timeout - now`, feed the
-//! endpoint, fire its timer, drain its datagrams and events. Anything more would be a smell.
+//! [`Driver`] is the whole socket loop: wait for a datagram or the endpoint's next timer, feed
+//! the endpoint every queued datagram, fire its timer, send what is due in batches, hand out
+//! events.
 
 use std::io;
 use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
@@ -27,11 +28,13 @@ use crate::core::{
 };
 use crate::id::ObjectId;
 use crate::store::{Cache, ContentStore, PartialFile, StoreError};
-use crate::wire::MAX_DATAGRAM_SIZE;
+
+mod driver;
+pub use driver::{Activity, Driver};
 
 /// Socket buffer size requested for both directions (the kernel may grant less).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
-/// Longest the driver sleeps without checking its stop flag.
+/// Longest the blocking loops sleep without checking their stop flag or deadline.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
 /// Opens a UDP socket bound to `addr` with large send and receive buffers (socket2). An IPv6
@@ -46,90 +49,6 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
-}
-
-/// Waits of at least this long block in `recv_from` with a socket timeout. The kernel rounds
-/// socket timeouts up to its timer tick (4 to 10 ms), so shorter waits sleep instead.
-const BLOCKING_WAIT: Duration = Duration::from_millis(20);
-/// How much a socket timeout may overshoot; subtracted from long waits.
-const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
-/// Longest single sleep, so a datagram arriving meanwhile waits at most this long.
-const SLEEP_SLICE: Duration = Duration::from_millis(1);
-
-/// One step of the driver loop: wait for a datagram or the endpoint's next timer (at most
-/// `MAX_WAIT`), feed every datagram already queued, fire due timers, send everything due (a
-/// pacer releases the tokens it gathered while we slept as a small batch), and hand events to
-/// `on_event`. The socket is non-blocking between calls.
-fn turn<P: ObjectProvider, K: ChunkSink>(
-    socket: &UdpSocket,
-    endpoint: &mut Endpoint<P, K>,
-    buf: &mut [u8],
-    on_event: &mut dyn FnMut(&mut Endpoint<P, K>, EndpointEvent),
-) -> io::Result<()> {
-    // Send what is already due (a new fetch's request, say) before sleeping.
-    flush(socket, endpoint, buf);
-    let now = Instant::now();
-    let wait = endpoint
-        .poll_timeout()
-        .map_or(MAX_WAIT, |t| t.saturating_duration_since(now))
-        .min(MAX_WAIT);
-    let mut first = None;
-    if wait >= BLOCKING_WAIT {
-        socket.set_nonblocking(false)?;
-        socket.set_read_timeout(Some(wait - TIMEOUT_SLACK))?;
-        first = receive(socket, buf)?;
-        socket.set_nonblocking(true)?;
-    } else if !wait.is_zero() {
-        std::thread::sleep(wait.min(SLEEP_SLICE));
-    } else {
-        socket.set_nonblocking(true)?;
-    }
-    if let Some((n, from)) = first {
-        if crate::is_udpferry_datagram(&buf[..n]) {
-            endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
-        }
-    }
-    // Take whatever else is queued, without waiting.
-    for _ in 0..1024 {
-        let Some((n, from)) = receive(socket, buf)? else {
-            break;
-        };
-        if crate::is_udpferry_datagram(&buf[..n]) {
-            endpoint.handle_datagram(Instant::now(), from, &buf[..n]);
-        }
-    }
-    let now = Instant::now();
-    if endpoint.poll_timeout().is_some_and(|t| t <= now) {
-        endpoint.handle_timeout(now);
-    }
-    while let Some(t) = endpoint.poll_transmit(now, buf) {
-        // A failed send is a lost datagram; recovery handles it.
-        let _ = socket.send_to(&buf[..t.len], t.destination);
-    }
-    while let Some(event) = endpoint.poll_event() {
-        on_event(endpoint, event);
-    }
-    Ok(())
-}
-
-/// One datagram, or `None` when none is queued (or the wait timed out or was interrupted by a
-/// signal: the caller checks its stop flag and goes round again).
-fn receive(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<Option<(usize, SocketAddr)>> {
-    match socket.recv_from(buf) {
-        Ok(got) => Ok(Some(got)),
-        Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => Ok(None),
-        // ICMP errors (port unreachable) surface on Linux as a failed receive: the peer's idle
-        // timeout deals with a peer that is gone. Try the next datagram.
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
-fn is_timeout(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-    )
 }
 
 impl ObjectProvider for ContentStore {
@@ -148,7 +67,7 @@ pub struct ServerConfig {
 
 /// Serves a [`ContentStore`] on a UDP socket until told to stop.
 pub struct Server {
-    socket: UdpSocket,
+    driver: Driver,
     endpoint: Endpoint<ContentStore, Vec<u8>>,
     bytes_sent: Arc<AtomicU64>,
 }
@@ -157,11 +76,11 @@ impl Server {
     /// Binds `addr` (port 0 picks a free port; see [`local_addr`](Self::local_addr)) and prepares
     /// to serve `store`. Call [`run_until`](Self::run_until) next.
     pub fn bind(addr: SocketAddr, store: ContentStore, config: ServerConfig) -> io::Result<Self> {
-        let socket = bind(addr)?;
+        let driver = Driver::new(bind(addr)?)?;
         let mut endpoint_config = config.endpoint;
         endpoint_config.seed = random_seed();
         Ok(Server {
-            socket,
+            driver,
             endpoint: Endpoint::new(endpoint_config, store),
             bytes_sent: Arc::new(AtomicU64::new(0)),
         })
@@ -169,7 +88,7 @@ impl Server {
 
     /// The address the socket is bound to.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.driver.local_addr()
     }
 
     /// A counter of UDP payload bytes sent, readable from another thread while the server runs.
@@ -197,12 +116,10 @@ impl Server {
         interval: Duration,
         mut on_report: impl FnMut(&Endpoint<ContentStore, Vec<u8>>),
     ) -> io::Result<()> {
-        let mut buf = vec![0u8; MAX_DATAGRAM_SIZE];
         let mut next_report = Instant::now().checked_add(interval);
         while !stop.load(Ordering::Relaxed) {
-            turn(&self.socket, &mut self.endpoint, &mut buf, &mut |_, e| {
-                on_event(&e)
-            })?;
+            self.driver
+                .turn(&mut self.endpoint, MAX_WAIT, &mut |_, e| on_event(&e))?;
             self.bytes_sent
                 .store(self.endpoint.stats().bytes_sent, Ordering::Relaxed);
             if let Some(at) = next_report.filter(|at| Instant::now() >= *at) {
@@ -349,48 +266,42 @@ impl Client {
         } else {
             SocketAddr::from(([0u8; 4], 0))
         });
-        let socket = bind(local)?;
+        let mut driver = Driver::new(bind(local)?)?;
         let (partial, have) = cache.begin(&id)?;
         let resumed_bytes = have.covered();
         let mut config = options.endpoint.clone();
         config.seed = random_seed();
         let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
         let transfer = endpoint.fetch(Instant::now(), server, id, &have, partial);
-        let mut buf = vec![0u8; MAX_DATAGRAM_SIZE];
         let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;
         while outcome.is_none() {
             if let Some(limit) = options.timeout {
                 if started.elapsed() >= limit {
                     endpoint.cancel(transfer);
-                    flush(&socket, &mut endpoint, &mut buf);
+                    driver.flush(&mut endpoint);
                     if let Some(mut partial) = endpoint.take_sink(transfer) {
                         let _ = partial.checkpoint();
                     }
                     return Err(FetchError::Deadline(limit));
                 }
             }
-            turn(
-                &socket,
-                &mut endpoint,
-                &mut buf,
-                &mut |ep, e| match e.event {
-                    Event::Started { size } => {
-                        if let Some(p) = ep.sink_mut(e.transfer) {
-                            p.set_size(size)
-                        }
+            driver.turn(&mut endpoint, MAX_WAIT, &mut |ep, e| match e.event {
+                Event::Started { size } => {
+                    if let Some(p) = ep.sink_mut(e.transfer) {
+                        p.set_size(size)
                     }
-                    Event::Progress { bytes_done, total } => {
-                        let stats = ep.transfer_stats(e.transfer).unwrap_or_default();
-                        progress(&Progress {
-                            bytes_done,
-                            total,
-                            stats,
-                        })
-                    }
-                    Event::Completed(c) => outcome = Some(Ok((c.size, c.stats))),
-                    Event::Failed(err) => outcome = Some(Err(err)),
-                },
-            )?;
+                }
+                Event::Progress { bytes_done, total } => {
+                    let stats = ep.transfer_stats(e.transfer).unwrap_or_default();
+                    progress(&Progress {
+                        bytes_done,
+                        total,
+                        stats,
+                    })
+                }
+                Event::Completed(c) => outcome = Some(Ok((c.size, c.stats))),
+                Event::Failed(err) => outcome = Some(Err(err)),
+            })?;
         }
         let Some(mut partial) = endpoint.take_sink(transfer) else {
             return Err(FetchError::Io(io::Error::other(
@@ -413,8 +324,8 @@ impl Client {
                 // process exits first, the sender times out on its own.
                 let linger_for = (stats.smoothed_rtt * 3 + Duration::from_millis(30))
                     .min(Duration::from_millis(500));
-                flush(&socket, &mut endpoint, &mut buf);
-                std::thread::spawn(move || linger(&socket, &mut endpoint, &mut buf, linger_for));
+                driver.flush(&mut endpoint);
+                std::thread::spawn(move || linger(&mut driver, &mut endpoint, linger_for));
                 Ok(Report {
                     object: id,
                     size,
@@ -432,7 +343,7 @@ impl Client {
                 } else {
                     let _ = partial.checkpoint();
                 }
-                flush(&socket, &mut endpoint, &mut buf);
+                driver.flush(&mut endpoint);
                 Err(err.into())
             }
             None => Err(FetchError::Io(io::Error::other(
@@ -442,26 +353,14 @@ impl Client {
     }
 }
 
-fn flush<P: ObjectProvider, K: ChunkSink>(
-    socket: &UdpSocket,
-    endpoint: &mut Endpoint<P, K>,
-    buf: &mut [u8],
-) {
-    let now = Instant::now();
-    while let Some(t) = endpoint.poll_transmit(now, buf) {
-        let _ = socket.send_to(&buf[..t.len], t.destination);
-    }
-}
-
 fn linger<P: ObjectProvider, K: ChunkSink>(
-    socket: &UdpSocket,
+    driver: &mut Driver,
     endpoint: &mut Endpoint<P, K>,
-    buf: &mut [u8],
     for_at_most: Duration,
 ) {
     let until = Instant::now() + for_at_most;
     while Instant::now() < until && endpoint.poll_timeout().is_some() {
-        if turn(socket, endpoint, buf, &mut |_, _| {}).is_err() {
+        if driver.turn(endpoint, MAX_WAIT, &mut |_, _| {}).is_err() {
             break;
         }
     }

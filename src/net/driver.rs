@@ -1,0 +1,287 @@
+//! The socket loop shared by [`Server`](super::Server), [`Client`](super::Client) and the
+//! benchmarks: batched receives and sends through quinn-udp (recvmmsg and UDP GRO, UDP GSO on
+//! Linux; one datagram per call elsewhere), timers from the endpoint, no threads.
+
+use std::io::{self, IoSliceMut};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{Duration, Instant};
+
+use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
+
+use crate::core::{ChunkSink, Endpoint, EndpointEvent, ObjectProvider};
+use crate::wire::MAX_DATAGRAM_SIZE;
+
+/// Waits of at least this long block on the socket with a timeout. The kernel rounds socket
+/// timeouts up to its timer tick (4 to 10 ms), so shorter waits sleep instead.
+const BLOCKING_WAIT: Duration = Duration::from_millis(20);
+/// How much a socket timeout may overshoot; subtracted from long waits.
+const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
+/// Longest single sleep during a short wait, so a datagram arriving meanwhile waits at most this
+/// long before it is read.
+const SLEEP_SLICE: Duration = Duration::from_micros(200);
+/// Receive buffers per batch (one `recvmmsg`).
+const RECV_SLOTS: usize = 16;
+/// Largest UDP payload a GSO batch may carry.
+const MAX_GSO_BYTES: usize = 65_000;
+/// How long a send that finds the socket buffer full is retried before the batch is dropped
+/// (recovery then treats it as lost).
+const SEND_RETRY_FOR: Duration = Duration::from_millis(20);
+
+/// Drives one [`Endpoint`] on one UDP socket.
+///
+/// Call [`turn`](Self::turn) in a loop: it waits for a datagram or the endpoint's next timer
+/// (at most the `max_wait` you give it, so you can check a stop flag), feeds every queued
+/// datagram, fires due timers, sends everything due and hands out events. [`pump`](Self::pump)
+/// does the same without waiting, for loops that sleep on their own.
+///
+/// Datagrams that are not udpferry's ([`is_udpferry_datagram`](crate::is_udpferry_datagram)) are
+/// dropped: a game that shares its socket drives the [`Endpoint`] itself instead (see
+/// examples/game_loop.rs).
+pub struct Driver {
+    socket: UdpSocket,
+    state: UdpSocketState,
+    /// `RECV_SLOTS` receive slots of `slot` bytes each.
+    rx: Vec<u8>,
+    slot: usize,
+    meta: Vec<RecvMeta>,
+    /// One GSO batch: datagrams of equal size to one destination, the last one maybe shorter.
+    tx: Vec<u8>,
+}
+
+/// What one [`Driver::pump`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    /// Datagrams received (udpferry's or not).
+    pub received: usize,
+    /// Datagrams handed to the socket.
+    pub sent: usize,
+}
+
+impl Activity {
+    /// True when the pass received or sent anything.
+    pub fn is_busy(&self) -> bool {
+        self.received > 0 || self.sent > 0
+    }
+}
+
+impl Driver {
+    /// Takes over `socket` (made non-blocking; open it with [`bind`](super::bind) for large
+    /// buffers) and probes which batching the platform offers.
+    pub fn new(socket: UdpSocket) -> io::Result<Self> {
+        let state = UdpSocketState::new(UdpSockRef::from(&socket))?;
+        let slot = if state.gro_segments() > 1 {
+            MAX_DATAGRAM_SIZE + 29 // 64 KiB: one coalesced GRO read
+        } else {
+            MAX_DATAGRAM_SIZE
+        };
+        let slots = RECV_SLOTS.min(quinn_udp::BATCH_SIZE).max(1);
+        Ok(Driver {
+            socket,
+            state,
+            rx: vec![0; slot * slots],
+            slot,
+            meta: vec![RecvMeta::default(); slots],
+            tx: vec![0; MAX_GSO_BYTES + MAX_DATAGRAM_SIZE],
+        })
+    }
+
+    /// The socket, for its address.
+    pub fn socket(&self) -> &UdpSocket {
+        &self.socket
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Sends what is due, waits for a datagram or the endpoint's next timer (at most
+    /// `max_wait`), then [`pump`](Self::pump)s. Returns an error only if the socket fails.
+    pub fn turn<P: ObjectProvider, K: ChunkSink>(
+        &mut self,
+        endpoint: &mut Endpoint<P, K>,
+        max_wait: Duration,
+        on_event: &mut dyn FnMut(&mut Endpoint<P, K>, EndpointEvent),
+    ) -> io::Result<Activity> {
+        // Send what is already due (a new fetch's request, say) before sleeping.
+        let sent = self.flush(endpoint);
+        let now = Instant::now();
+        let wait = endpoint
+            .poll_timeout()
+            .map_or(max_wait, |t| t.saturating_duration_since(now))
+            .min(max_wait);
+        if wait >= BLOCKING_WAIT {
+            self.wait_readable(wait - TIMEOUT_SLACK)?;
+        } else if !wait.is_zero() {
+            std::thread::sleep(wait.min(SLEEP_SLICE));
+        }
+        let mut activity = self.pump(endpoint, on_event)?;
+        activity.sent += sent;
+        Ok(activity)
+    }
+
+    /// Without waiting: receives every queued datagram (up to a bound, so sending is not
+    /// starved), fires due timers, sends everything due and hands events to `on_event`.
+    pub fn pump<P: ObjectProvider, K: ChunkSink>(
+        &mut self,
+        endpoint: &mut Endpoint<P, K>,
+        on_event: &mut dyn FnMut(&mut Endpoint<P, K>, EndpointEvent),
+    ) -> io::Result<Activity> {
+        let mut activity = Activity::default();
+        for _ in 0..64 {
+            let got = self.receive(endpoint)?;
+            if got == 0 {
+                break;
+            }
+            activity.received += got;
+        }
+        let now = Instant::now();
+        if endpoint.poll_timeout().is_some_and(|t| t <= now) {
+            endpoint.handle_timeout(now);
+        }
+        activity.sent += self.flush(endpoint);
+        while let Some(event) = endpoint.poll_event() {
+            on_event(endpoint, event);
+        }
+        Ok(activity)
+    }
+
+    /// Sends every datagram the endpoint has due now, batching runs of equal-sized datagrams to
+    /// one destination into one GSO send. Returns how many datagrams it handed to the socket.
+    pub fn flush<P: ObjectProvider, K: ChunkSink>(
+        &mut self,
+        endpoint: &mut Endpoint<P, K>,
+    ) -> usize {
+        let now = Instant::now();
+        let max_segments = self.state.max_gso_segments().max(1);
+        let mut sent = 0;
+        // The batch being built: tx[..used], `count` datagrams of `segment` bytes to `to`.
+        let mut used = 0;
+        let mut count = 0;
+        let mut segment = 0;
+        let mut to: Option<SocketAddr> = None;
+        loop {
+            let Some(t) = endpoint.poll_transmit(now, &mut self.tx[used..]) else {
+                break;
+            };
+            let fits = to == Some(t.destination)
+                && t.len <= segment
+                && count < max_segments
+                && used + t.len <= MAX_GSO_BYTES;
+            if count > 0 && !fits {
+                // Send the batch, then move the new datagram to the front.
+                self.send_batch(used, segment, count, to);
+                sent += count;
+                self.tx.copy_within(used..used + t.len, 0);
+                used = 0;
+                count = 0;
+            }
+            if count == 0 {
+                to = Some(t.destination);
+                segment = t.len;
+            }
+            used += t.len;
+            count += 1;
+            // A shorter datagram can only end a batch.
+            if t.len < segment || count == max_segments {
+                self.send_batch(used, segment, count, to);
+                sent += count;
+                used = 0;
+                count = 0;
+            }
+        }
+        if count > 0 {
+            self.send_batch(used, segment, count, to);
+            sent += count;
+        }
+        sent
+    }
+
+    fn send_batch(&mut self, len: usize, segment: usize, count: usize, to: Option<SocketAddr>) {
+        let Some(destination) = to else { return };
+        let transmit = quinn_udp::Transmit {
+            destination,
+            ecn: None,
+            contents: &self.tx[..len],
+            segment_size: (count > 1).then_some(segment),
+            src_ip: None,
+        };
+        let give_up = Instant::now() + SEND_RETRY_FOR;
+        loop {
+            match self
+                .state
+                .try_send(UdpSockRef::from(&self.socket), &transmit)
+            {
+                // The socket's buffer is full: let the kernel drain it a little.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < give_up => {
+                    std::thread::sleep(Duration::from_micros(50))
+                }
+                // Sent, or failed: a failed send is lost datagrams, and recovery handles them.
+                _ => return,
+            }
+        }
+    }
+
+    /// One batch of datagrams, fed to the endpoint. Returns how many arrived (0: none queued).
+    fn receive<P: ObjectProvider, K: ChunkSink>(
+        &mut self,
+        endpoint: &mut Endpoint<P, K>,
+    ) -> io::Result<usize> {
+        let filled = {
+            let mut bufs: [IoSliceMut<'_>; RECV_SLOTS] = {
+                let mut chunks = self.rx.chunks_mut(self.slot);
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or(&mut [])))
+            };
+            let slots = self.meta.len();
+            match self.state.recv(
+                UdpSockRef::from(&self.socket),
+                &mut bufs[..slots],
+                &mut self.meta,
+            ) {
+                Ok(n) => n,
+                Err(e) if is_quiet(&e) => return Ok(0),
+                Err(e) => return Err(e),
+            }
+        };
+        let now = Instant::now();
+        let mut datagrams = 0;
+        for (meta, buf) in self.meta[..filled].iter().zip(self.rx.chunks(self.slot)) {
+            let stride = meta.stride.max(1);
+            for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
+                datagrams += 1;
+                if crate::is_udpferry_datagram(datagram) {
+                    endpoint.handle_datagram(now, meta.addr, datagram);
+                }
+            }
+        }
+        // An ICMP error or similar can fill a slot with nothing; report progress anyway so
+        // the caller reads again.
+        Ok(datagrams.max(filled))
+    }
+
+    /// Blocks until a datagram is queued or `timeout` passes (or a signal arrives).
+    fn wait_readable(&mut self, timeout: Duration) -> io::Result<()> {
+        self.socket.set_nonblocking(false)?;
+        self.socket
+            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
+        let mut probe = [0u8; 64];
+        // Whatever the peek says (a datagram, a timeout, a signal, a datagram too large for the
+        // probe), the receive that follows finds out what is really there.
+        let _ = self.socket.peek_from(&mut probe);
+        self.socket.set_nonblocking(true)
+    }
+}
+
+/// Errors that mean "nothing to read now": no datagram, timeout, signal, or an ICMP error (port
+/// unreachable) that Linux reports on the next receive. A peer that is gone is left to the idle
+/// timeout.
+fn is_quiet(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock
+            | io::ErrorKind::TimedOut
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+    )
+}
