@@ -395,3 +395,35 @@ fn default_cache_dir_follows_the_platform_convention() {
         assert!(dir.ends_with("udpferry"));
     }
 }
+
+#[test]
+fn gathered_writes_read_back_and_reach_the_file_on_checkpoint() {
+    let dir = TempDir::new("runs");
+    let cache = Cache::open(&dir.0).unwrap();
+    let data = bytes(700_000, 9);
+    let id = ObjectId::md5_of(&data);
+    let (mut part, _) = cache.begin(&id).unwrap();
+    part.set_size(data.len() as u64);
+    // In order, chunk by chunk (gathered in memory), then one chunk out of order.
+    for (i, chunk) in data[..300_000].chunks(1168).enumerate() {
+        part.write_at((i * 1168) as u64, chunk).unwrap();
+    }
+    part.write_at(600_000, &data[600_000..601_168]).unwrap();
+    // Bytes not yet on disk read back the same as bytes that are.
+    let mut back = vec![0u8; 5000];
+    part.read_at(295_000, &mut back).unwrap();
+    assert_eq!(back, data[295_000..300_000]);
+    part.read_at(600_000, &mut back[..1168]).unwrap();
+    assert_eq!(back[..1168], data[600_000..601_168]);
+    // A checkpoint puts every listed byte in the file before the journal lists it.
+    part.checkpoint().unwrap();
+    let on_disk = fs::read(dir.0.join(format!("{}.part", id.to_hex()))).unwrap();
+    let (_, _, ranges) =
+        journal::decode(&fs::read(dir.0.join(format!("{}.journal", id.to_hex()))).unwrap())
+            .unwrap();
+    assert_eq!(ranges.covered(), 301_168);
+    for r in ranges.iter() {
+        let (s, e) = (r.start as usize, r.end as usize);
+        assert_eq!(on_disk[s..e], data[s..e], "journal lists {s}..{e}");
+    }
+}

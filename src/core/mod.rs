@@ -89,7 +89,15 @@ impl ChunkSource for std::sync::Arc<[u8]> {
 impl ChunkSink for Vec<u8> {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let end = start + data.len();
+        let end = start
+            .checked_add(data.len())
+            .ok_or(io::ErrorKind::InvalidInput)?;
+        if start >= self.len() {
+            // Appending (the common, in-order case): no zero-fill before the copy.
+            self.resize(start, 0);
+            self.extend_from_slice(data);
+            return Ok(());
+        }
         if self.len() < end {
             self.resize(end, 0);
         }

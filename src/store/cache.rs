@@ -16,6 +16,9 @@ use crate::id::ObjectId;
 /// New bytes a [`PartialFile`] writes between two automatic journal updates: a kill loses at
 /// most this much progress.
 pub const JOURNAL_INTERVAL_BYTES: u64 = 4 << 20;
+/// Contiguous received bytes a [`PartialFile`] gathers in memory before one write: chunks
+/// arrive about 1.2 KB at a time, and one system call each would cost more than the copy.
+const WRITE_RUN_BYTES: usize = 256 << 10;
 
 /// A directory of objects named by their MD5 (client side).
 ///
@@ -149,6 +152,8 @@ impl Cache {
             unjournaled: 0,
             interval: JOURNAL_INTERVAL_BYTES,
             durable: true,
+            run: Vec::new(),
+            run_at: 0,
         };
         Ok((partial, received))
     }
@@ -244,6 +249,8 @@ pub(crate) fn random_u64() -> u64 {
 /// receiver reports `Completed`, take the sink back (`into_sink`) and call
 /// [`finalize`](Self::finalize); when it fails or the game quits, call `checkpoint`.
 /// Dropping it without a checkpoint loses at most the progress since the last journal update.
+/// Contiguous bytes are gathered into runs of up to 256 KiB before one write, so a disk error may
+/// surface on a later `write_at`, `checkpoint` or `finalize` than the one that handed the bytes.
 #[derive(Debug)]
 pub struct PartialFile {
     file: File,
@@ -258,6 +265,9 @@ pub struct PartialFile {
     unjournaled: u64,
     interval: u64,
     durable: bool,
+    /// Received bytes not yet written: a contiguous run starting at `run_at`.
+    run: Vec<u8>,
+    run_at: u64,
 }
 
 impl PartialFile {
@@ -297,6 +307,8 @@ impl PartialFile {
     /// Writes the journal now. Call it when the transfer failed or the game shuts down, so that
     /// the next [`Cache::begin`] resumes from here.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        self.write_run()
+            .map_err(|e| StoreError::io("write", &self.part, e))?;
         if self.durable {
             self.file
                 .sync_data()
@@ -325,7 +337,9 @@ impl PartialFile {
     /// loads. Call it only after the receiver reported `Completed` (that is where the MD5 was
     /// checked; this verifies nothing itself). If the size is known and a byte is missing it
     /// refuses with [`StoreError::Incomplete`]; on any error the partial stays resumable.
-    pub fn finalize(self) -> Result<PathBuf, StoreError> {
+    pub fn finalize(mut self) -> Result<PathBuf, StoreError> {
+        self.write_run()
+            .map_err(|e| StoreError::io("write", &self.part, e))?;
         if let Some(size) = self.size {
             let have = self.received.covered();
             if size > 0 && !self.received.contains_range(0..size) {
@@ -373,6 +387,17 @@ impl PartialFile {
     }
 }
 
+impl PartialFile {
+    /// Writes the gathered run of received bytes to the file.
+    fn write_run(&mut self) -> io::Result<()> {
+        if !self.run.is_empty() {
+            write_all_at(&self.file, &self.run, self.run_at)?;
+            self.run.clear();
+        }
+        Ok(())
+    }
+}
+
 impl ChunkSink for PartialFile {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
         let end = offset
@@ -384,7 +409,18 @@ impl ChunkSink for PartialFile {
         if data.is_empty() {
             return Ok(());
         }
-        write_all_at(&self.file, data, offset)?;
+        let extends_run = !self.run.is_empty()
+            && self.run_at + self.run.len() as u64 == offset
+            && self.run.len() + data.len() <= WRITE_RUN_BYTES;
+        if !extends_run {
+            self.write_run()?;
+            self.run_at = offset;
+        }
+        if data.len() >= WRITE_RUN_BYTES {
+            write_all_at(&self.file, data, offset)?;
+        } else {
+            self.run.extend_from_slice(data);
+        }
         self.unjournaled = self
             .unjournaled
             .saturating_add(self.received.insert(offset..end));
@@ -395,6 +431,10 @@ impl ChunkSink for PartialFile {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let run_end = self.run_at + self.run.len() as u64;
+        if !self.run.is_empty() && offset < run_end && self.run_at < offset + buf.len() as u64 {
+            self.write_run()?;
+        }
         read_exact_at(&self.file, buf, offset)
     }
 }
