@@ -427,3 +427,46 @@ fn gathered_writes_read_back_and_reach_the_file_on_checkpoint() {
         assert_eq!(on_disk[s..e], data[s..e], "journal lists {s}..{e}");
     }
 }
+
+#[test]
+fn background_journal_updates_list_only_bytes_on_disk_and_resume() {
+    let dir = TempDir::new("bgjournal");
+    let cache = Cache::open(&dir.0).unwrap();
+    let data = bytes(3_000_000, 10);
+    let id = ObjectId::md5_of(&data);
+    let (mut part, _) = cache.begin(&id).unwrap();
+    part.set_size(data.len() as u64);
+    part.set_journal_interval(100_000);
+    part.set_background_journal(true).unwrap();
+    for (i, chunk) in data[..2_000_000].chunks(1168).enumerate() {
+        part.write_at((i * 1168) as u64, chunk).unwrap();
+    }
+    // Turning the thread off waits for the update it is running.
+    part.set_background_journal(false).unwrap();
+    let journal_path = dir.0.join(format!("{}.journal", id.to_hex()));
+    let (_, size, ranges) = journal::decode(&fs::read(&journal_path).unwrap()).unwrap();
+    assert_eq!(size, data.len() as u64);
+    // At least the first automatic update landed; later ones wait while one is syncing, so how
+    // many more depends on the disk.
+    assert!(
+        (100_000..=2_000_000).contains(&ranges.covered()),
+        "{} bytes listed",
+        ranges.covered()
+    );
+    let on_disk = fs::read(dir.0.join(format!("{}.part", id.to_hex()))).unwrap();
+    for r in ranges.iter() {
+        let (s, e) = (r.start as usize, r.end as usize);
+        assert_eq!(on_disk[s..e], data[s..e], "journal lists {s}..{e}");
+    }
+    // Killed here (no checkpoint): the next run resumes from what the journal vouched for.
+    drop(part);
+    let (mut part, have) = cache.begin(&id).unwrap();
+    assert_eq!(have, ranges);
+    part.set_background_journal(true).unwrap();
+    for gap in have.gaps(0..data.len() as u64).collect::<Vec<_>>() {
+        let (s, e) = (gap.start as usize, gap.end as usize);
+        part.write_at(gap.start, &data[s..e]).unwrap();
+    }
+    let path = part.finalize().unwrap();
+    assert_eq!(fs::read(path).unwrap(), data);
+}

@@ -16,9 +16,12 @@ use crate::wire::MAX_DATAGRAM_SIZE;
 const BLOCKING_WAIT: Duration = Duration::from_millis(20);
 /// How much a socket timeout may overshoot; subtracted from long waits.
 const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
-/// Longest single sleep during a short wait, so a datagram arriving meanwhile waits at most this
-/// long before it is read.
-const SLEEP_SLICE: Duration = Duration::from_micros(200);
+/// Sleeps during a short wait are sliced, so a datagram arriving meanwhile is read soon: the
+/// first slice after a pass that received something is this short, and each quiet pass doubles
+/// it up to `LONGEST_SLICE`. A flowing transfer is read within tens of microseconds; a quiet one
+/// costs about a thousand wake-ups a second.
+const SHORTEST_SLICE: Duration = Duration::from_micros(25);
+const LONGEST_SLICE: Duration = Duration::from_millis(1);
 /// Receive buffers per batch (one `recvmmsg`).
 const RECV_SLOTS: usize = 16;
 /// Largest UDP payload a GSO batch may carry.
@@ -46,6 +49,8 @@ pub struct Driver {
     meta: Vec<RecvMeta>,
     /// One GSO batch: datagrams of equal size to one destination, the last one maybe shorter.
     tx: Vec<u8>,
+    /// The next sleep slice (see `SHORTEST_SLICE`).
+    slice: Duration,
 }
 
 /// What one [`Driver::pump`] did.
@@ -74,7 +79,7 @@ impl Driver {
         } else {
             MAX_DATAGRAM_SIZE
         };
-        let slots = RECV_SLOTS.min(quinn_udp::BATCH_SIZE).max(1);
+        let slots = quinn_udp::BATCH_SIZE.clamp(1, RECV_SLOTS);
         Ok(Driver {
             socket,
             state,
@@ -82,6 +87,7 @@ impl Driver {
             slot,
             meta: vec![RecvMeta::default(); slots],
             tx: vec![0; MAX_GSO_BYTES + MAX_DATAGRAM_SIZE],
+            slice: SHORTEST_SLICE,
         })
     }
 
@@ -113,10 +119,15 @@ impl Driver {
         if wait >= BLOCKING_WAIT {
             self.wait_readable(wait - TIMEOUT_SLACK)?;
         } else if !wait.is_zero() {
-            std::thread::sleep(wait.min(SLEEP_SLICE));
+            std::thread::sleep(wait.min(self.slice));
         }
         let mut activity = self.pump(endpoint, on_event)?;
         activity.sent += sent;
+        self.slice = if activity.received > 0 {
+            SHORTEST_SLICE
+        } else {
+            (self.slice * 2).min(LONGEST_SLICE)
+        };
         Ok(activity)
     }
 
@@ -160,10 +171,7 @@ impl Driver {
         let mut count = 0;
         let mut segment = 0;
         let mut to: Option<SocketAddr> = None;
-        loop {
-            let Some(t) = endpoint.poll_transmit(now, &mut self.tx[used..]) else {
-                break;
-            };
+        while let Some(t) = endpoint.poll_transmit(now, &mut self.tx[used..]) {
             let fits = to == Some(t.destination)
                 && t.len <= segment
                 && count < max_segments

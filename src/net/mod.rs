@@ -267,7 +267,8 @@ impl Client {
             SocketAddr::from(([0u8; 4], 0))
         });
         let mut driver = Driver::new(bind(local)?)?;
-        let (partial, have) = cache.begin(&id)?;
+        let (mut partial, have) = cache.begin(&id)?;
+        partial.set_background_journal(true)?;
         let resumed_bytes = have.covered();
         let mut config = options.endpoint.clone();
         config.seed = random_seed();

@@ -154,6 +154,7 @@ impl Cache {
             durable: true,
             run: Vec::new(),
             run_at: 0,
+            syncer: None,
         };
         Ok((partial, received))
     }
@@ -268,6 +269,117 @@ pub struct PartialFile {
     /// Received bytes not yet written: a contiguous run starting at `run_at`.
     run: Vec<u8>,
     run_at: u64,
+    /// The thread that makes automatic journal updates, if any.
+    syncer: Option<Syncer>,
+}
+
+/// Where a partial download's journal goes.
+#[derive(Debug, Clone)]
+struct JournalPaths {
+    part: PathBuf,
+    tmp: PathBuf,
+    journal: PathBuf,
+}
+
+/// Syncs `file`'s data (if `durable`), then replaces the journal with `bytes` (temporary file,
+/// synced if `durable`, renamed over the old one): the journal never lists bytes the disk may
+/// not hold.
+fn write_journal(
+    file: &File,
+    durable: bool,
+    paths: &JournalPaths,
+    bytes: &[u8],
+) -> Result<(), StoreError> {
+    if durable {
+        file.sync_data()
+            .map_err(|e| StoreError::io("sync", &paths.part, e))?;
+    }
+    let written = File::create(&paths.tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        if durable {
+            f.sync_all()?;
+        }
+        Ok(())
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&paths.tmp);
+        return Err(StoreError::io("write journal", &paths.tmp, e));
+    }
+    fs::rename(&paths.tmp, &paths.journal)
+        .map_err(|e| StoreError::io("replace journal", &paths.journal, e))
+}
+
+/// A thread that runs [`write_journal`] for automatic journal updates, one at a time.
+#[derive(Debug)]
+struct Syncer {
+    jobs: std::sync::mpsc::SyncSender<Vec<u8>>,
+    done: std::sync::mpsc::Receiver<Result<(), StoreError>>,
+    busy: bool,
+}
+
+impl Syncer {
+    fn start(file: File, durable: bool, paths: JournalPaths) -> Self {
+        let (jobs, todo) = std::sync::mpsc::sync_channel::<Vec<u8>>(1);
+        let (finished, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for bytes in todo {
+                if finished
+                    .send(write_journal(&file, durable, &paths, &bytes))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Syncer {
+            jobs,
+            done,
+            busy: false,
+        }
+    }
+
+    /// True when no update is running; the error of one that finished since, if it failed.
+    fn is_idle(&mut self) -> Result<bool, StoreError> {
+        if self.busy {
+            match self.done.try_recv() {
+                Ok(result) => {
+                    self.busy = false;
+                    result?;
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    self.busy = false;
+                    return Err(stopped());
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn submit(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+        self.jobs
+            .send(bytes)
+            .map_err(|_| io::Error::other("journal thread stopped"))?;
+        self.busy = true;
+        Ok(())
+    }
+
+    /// Waits for the running update, if any; its error if it failed.
+    fn wait(&mut self) -> Result<(), StoreError> {
+        if !self.busy {
+            return Ok(());
+        }
+        self.busy = false;
+        self.done.recv().map_err(|_| stopped())?
+    }
+}
+
+fn stopped() -> StoreError {
+    StoreError::io(
+        "update journal",
+        Path::new("(journal thread)"),
+        io::Error::other("journal thread stopped"),
+    )
 }
 
 impl PartialFile {
@@ -294,8 +406,12 @@ impl PartialFile {
 
     /// Whether to fsync the data before each journal update (default true). Turning it off is
     /// faster and still survives a killed process, but not a power cut.
-    pub fn set_durable(&mut self, durable: bool) {
+    pub fn set_durable(&mut self, durable: bool) -> Result<(), StoreError> {
         self.durable = durable;
+        if self.syncer.is_some() {
+            self.set_background_journal(true)?; // restart it with the new setting
+        }
+        Ok(())
     }
 
     /// How many new bytes to write between automatic journal updates (default
@@ -307,28 +423,61 @@ impl PartialFile {
     /// Writes the journal now. Call it when the transfer failed or the game shuts down, so that
     /// the next [`Cache::begin`] resumes from here.
     pub fn checkpoint(&mut self) -> Result<(), StoreError> {
+        if let Some(syncer) = &mut self.syncer {
+            syncer.wait()?;
+        }
         self.write_run()
             .map_err(|e| StoreError::io("write", &self.part, e))?;
-        if self.durable {
-            self.file
-                .sync_data()
-                .map_err(|e| StoreError::io("sync", &self.part, e))?;
-        }
         let bytes = journal::encode(&self.id, self.size.unwrap_or(UNKNOWN_SIZE), &self.received);
-        let written = File::create(&self.tmp).and_then(|mut f| {
-            f.write_all(&bytes)?;
-            if self.durable {
-                f.sync_all()?;
-            }
-            Ok(())
-        });
-        if let Err(e) = written {
-            let _ = fs::remove_file(&self.tmp);
-            return Err(StoreError::io("write journal", &self.tmp, e));
-        }
-        fs::rename(&self.tmp, &self.journal)
-            .map_err(|e| StoreError::io("replace journal", &self.journal, e))?;
+        write_journal(&self.file, self.durable, &self.paths(), &bytes)?;
         self.unjournaled = 0;
+        Ok(())
+    }
+
+    /// Updates the journal from the background thread if there is one and it is idle (else
+    /// later), or now.
+    fn auto_checkpoint(&mut self) -> io::Result<()> {
+        let Some(syncer) = &mut self.syncer else {
+            return self.checkpoint().map_err(io::Error::other);
+        };
+        if !syncer.is_idle().map_err(io::Error::other)? {
+            return Ok(()); // the previous update is still syncing: try again on a later write
+        }
+        self.write_run()?;
+        let bytes = journal::encode(&self.id, self.size.unwrap_or(UNKNOWN_SIZE), &self.received);
+        if let Some(syncer) = &mut self.syncer {
+            syncer.submit(bytes)?;
+        }
+        self.unjournaled = 0;
+        Ok(())
+    }
+
+    fn paths(&self) -> JournalPaths {
+        JournalPaths {
+            part: self.part.clone(),
+            tmp: self.tmp.clone(),
+            journal: self.journal.clone(),
+        }
+    }
+
+    /// Makes the automatic journal updates (every [`JOURNAL_INTERVAL_BYTES`]) from a thread of
+    /// its own (true) instead of inside `write_at` (false, the default). With durability on,
+    /// each update waits for the disk (an fsync of the data, then of the journal); the thread
+    /// lets that wait overlap the transfer instead of stalling the thread that receives. A game
+    /// that would rather not have the thread leaves it off. Explicit
+    /// [`checkpoint`](Self::checkpoint)s and [`finalize`](Self::finalize) wait for it first.
+    pub fn set_background_journal(&mut self, on: bool) -> Result<(), StoreError> {
+        if let Some(syncer) = &mut self.syncer {
+            syncer.wait()?;
+        }
+        self.syncer = None;
+        if on {
+            let file = self
+                .file
+                .try_clone()
+                .map_err(|e| StoreError::io("open partial download", &self.part, e))?;
+            self.syncer = Some(Syncer::start(file, self.durable, self.paths()));
+        }
         Ok(())
     }
 
@@ -338,6 +487,9 @@ impl PartialFile {
     /// checked; this verifies nothing itself). If the size is known and a byte is missing it
     /// refuses with [`StoreError::Incomplete`]; on any error the partial stays resumable.
     pub fn finalize(mut self) -> Result<PathBuf, StoreError> {
+        if let Some(syncer) = &mut self.syncer {
+            syncer.wait()?;
+        }
         self.write_run()
             .map_err(|e| StoreError::io("write", &self.part, e))?;
         if let Some(size) = self.size {
@@ -373,7 +525,10 @@ impl PartialFile {
     /// Throws the partial download away (`<hex>.part` and its journal): call it when the bytes
     /// cannot be trusted, for example after the receiver reported a digest mismatch. Resuming
     /// from them would fail the same way every time.
-    pub fn discard(self) -> Result<(), StoreError> {
+    pub fn discard(mut self) -> Result<(), StoreError> {
+        if let Some(syncer) = &mut self.syncer {
+            let _ = syncer.wait(); // no journal update may land after the removal
+        }
         drop(self.file);
         for path in [&self.part, &self.journal, &self.tmp] {
             match fs::remove_file(path) {
@@ -425,7 +580,7 @@ impl ChunkSink for PartialFile {
             .unjournaled
             .saturating_add(self.received.insert(offset..end));
         if self.unjournaled >= self.interval {
-            self.checkpoint()?;
+            self.auto_checkpoint()?;
         }
         Ok(())
     }
