@@ -22,8 +22,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
-use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, ObjectProvider, RangeSet};
-use udpferry::net::{Client, Driver, FetchOptions, Server, ServerConfig};
+use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet};
+use udpferry::net::{Client, Driver, FetchOptions, HashThread, Server, ServerConfig};
 use udpferry::sim::Rng;
 use udpferry::store::ContentStore;
 use udpferry::ObjectId;
@@ -402,18 +402,8 @@ mod quic {
 // 4. udpferry memory to memory: an endpoint over an in-memory map on one thread, a fetching
 // endpoint with a Vec<u8> sink on another, each driven by a non-blocking loop.
 
-/// Sleeps a little when the loop had nothing to do (until the endpoint's next timer, at most
-/// 100 µs), so an idle side does not spin a core.
-fn idle_sleep<P: ObjectProvider>(endpoint: &Endpoint<P, Vec<u8>>) {
-    let cap = Duration::from_micros(100);
-    let wait = endpoint
-        .poll_timeout()
-        .map_or(cap, |t| t.saturating_duration_since(Instant::now()))
-        .min(cap);
-    if !wait.is_zero() {
-        thread::sleep(wait);
-    }
-}
+/// Longest a driver loop waits before checking its stop flag and deadline.
+const TURN_WAIT: Duration = Duration::from_millis(20);
 
 fn random_config() -> EndpointConfig {
     EndpointConfig {
@@ -443,9 +433,11 @@ fn ferry_mem(data: &Data, id: ObjectId) -> Result<Latency, String> {
             let mut endpoint: Endpoint<HashMap<ObjectId, Data>, Vec<u8>> =
                 Endpoint::new(random_config(), objects);
             while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                match server_driver.pump(&mut endpoint, &mut |_, _| {}) {
-                    Ok(a) if a.is_busy() => {}
-                    _ => idle_sleep(&endpoint),
+                if server_driver
+                    .turn(&mut endpoint, TURN_WAIT, &mut |_, _| {})
+                    .is_err()
+                {
+                    break;
                 }
             }
         })
@@ -461,29 +453,27 @@ fn ferry_mem(data: &Data, id: ObjectId) -> Result<Latency, String> {
             &RangeSet::new(),
             Vec::with_capacity(size),
         );
+        // MD5 on a second core, as net::Client::fetch does.
+        endpoint.set_hasher(transfer, Box::new(HashThread::new().map_err(err)?));
         let mut outcome: Option<Result<(), String>> = None;
         let mut first_byte = None;
         while outcome.is_none() {
             if Instant::now() > deadline {
                 return Err("deadline passed".into());
             }
-            let busy = client_driver
-                .pump(&mut endpoint, &mut |_, e| match e.event {
+            client_driver
+                .turn(&mut endpoint, TURN_WAIT, &mut |_, e| match e.event {
                     Event::Completed(_) => outcome = Some(Ok(())),
                     Event::Failed(f) => outcome = Some(Err(f.to_string())),
                     _ => {}
                 })
-                .map_err(err)?
-                .is_busy();
+                .map_err(err)?;
             if first_byte.is_none()
                 && endpoint
                     .received_bytes(transfer)
                     .is_some_and(|r| r.covered() > 0)
             {
                 first_byte = Some(start.elapsed());
-            }
-            if !busy && outcome.is_none() {
-                idle_sleep(&endpoint);
             }
         }
         let secs = start.elapsed().as_secs_f64();
@@ -664,6 +654,27 @@ fn main() {
 
     let mut results: Vec<Throughput> = Vec::new();
 
+    if wanted("MD5 alone") {
+        eprintln!("MD5 alone...");
+        results.push(Throughput {
+            name: "MD5 alone",
+            outcome: repeat(reps, || {
+                let start = Instant::now();
+                let digest = md5(&data);
+                let secs = start.elapsed().as_secs_f64();
+                if digest != expected {
+                    return Err("digest changed".into());
+                }
+                Ok(Run {
+                    secs,
+                    received: size,
+                })
+            }),
+            note: "md-5 over the object in memory, one core: the limit of any verified download"
+                .into(),
+        });
+    }
+
     if wanted("raw UDP blast") {
         eprintln!("raw UDP blast...");
         let raw = repeat(reps, || raw_udp(&data));
@@ -727,9 +738,8 @@ fn main() {
                     received: size,
                 })
             }),
-            note:
-                "Endpoint over an in-memory map / Vec<u8> sink, non-blocking loops, default config"
-                    .into(),
+            note: "Endpoint + net::Driver per side, in-memory map / Vec<u8> sink, HashThread, defaults"
+                .into(),
         });
     }
 
@@ -847,6 +857,77 @@ fn main() {
         }
     }
 
+    // The targets, as ratios within this run.
+    let mbps = |name: &str| {
+        results
+            .iter()
+            .find(|r| r.name == name)
+            .and_then(|r| r.mb_per_s())
+    };
+    let verified_ms = |name: &str| {
+        latency
+            .iter()
+            .find(|l| l.name == name)
+            .and_then(|l| l.medians())
+            .map(|m| m.1 * 1e3)
+    };
+    let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    let targets: Vec<(&str, Option<f64>, &str, bool)> = vec![
+        (
+            "file-to-file / TCP+MD5",
+            ratio(mbps("udpferry file-to-file"), mbps("TCP + MD5")),
+            ">= 0.85",
+            true,
+        ),
+        (
+            "file-to-file / quinn+MD5",
+            ratio(mbps("udpferry file-to-file"), mbps("quinn + MD5")),
+            ">= 1.2",
+            true,
+        ),
+        (
+            "mem-to-mem / MD5 alone",
+            ratio(mbps("udpferry mem-to-mem"), mbps("MD5 alone")),
+            ">= 0.8",
+            true,
+        ),
+        (
+            "1 MiB Client::fetch / TCP+MD5, verified time",
+            ratio(
+                verified_ms("udpferry Client::fetch"),
+                verified_ms("TCP + MD5"),
+            ),
+            "<= 2.0",
+            false,
+        ),
+    ];
+    let target_met = |value: f64, goal: &str, higher: bool| {
+        let bound: f64 = goal
+            .trim_start_matches(['>', '<', '=', ' '])
+            .parse()
+            .unwrap_or(f64::NAN);
+        if higher {
+            value >= bound
+        } else {
+            value <= bound
+        }
+    };
+    println!();
+    println!("targets (ratios within this run)");
+    for (name, value, goal, higher) in &targets {
+        match value {
+            Some(v) => println!(
+                "{name:<46} {v:>6.2}  target {goal:<7} {}",
+                if target_met(*v, goal, *higher) {
+                    "met"
+                } else {
+                    "missed"
+                }
+            ),
+            None => println!("{name:<46} {:>6}  target {goal}", "-"),
+        }
+    }
+
     // JSON.
     let mut j = String::new();
     j.push_str("{\n");
@@ -895,6 +976,20 @@ fn main() {
                 json_num(l.verified_callback().map(|x| x * 1e3)),
                 l.outcome.as_ref().err().map_or("null".into(), |e| json_str(e)),
                 json_str(&l.note)
+            )
+        })
+        .collect();
+    j.push_str(&rows.join(",\n"));
+    j.push_str("\n  ],\n  \"targets\": [\n");
+    let rows: Vec<String> = targets
+        .iter()
+        .map(|(name, value, goal, higher)| {
+            format!(
+                "    {{\"name\": {}, \"value\": {}, \"target\": {}, \"met\": {}}}",
+                json_str(name),
+                json_num(*value),
+                json_str(goal),
+                value.map_or("null".into(), |v| target_met(v, goal, *higher).to_string())
             )
         })
         .collect();

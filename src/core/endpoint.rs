@@ -324,6 +324,16 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         self.insert(server, conn_id, id, Transfer::Fetching(Box::new(receiver)))
     }
 
+    /// Replaces the hasher of fetching transfer `id` (see [`Receiver::set_hasher`]). Call it
+    /// right after [`fetch`](Self::fetch), before handing the endpoint any datagram. Returns
+    /// false (and changes nothing) for a serving or unknown transfer or one that began hashing.
+    pub fn set_hasher(&mut self, id: TransferId, hasher: Box<dyn super::PrefixHasher>) -> bool {
+        match self.transfers.get_mut(&id).map(|slot| &mut slot.transfer) {
+            Some(Transfer::Fetching(receiver)) => receiver.set_hasher(hasher),
+            _ => false,
+        }
+    }
+
     /// Takes back the sink of a fetching transfer that has finished (completed: it holds the
     /// verified object; failed: it holds what arrived, for a resume). `None` while the transfer
     /// runs, for a serving transfer, or if already taken.

@@ -41,12 +41,42 @@ pub use endpoint::{
 pub use pacer::Pacer;
 pub use ranges::RangeSet;
 pub use receiver::Receiver;
+// PrefixHasher and Md5Prefix are defined below.
 pub use rtt::RttEstimator;
 pub use sender::Sender;
 pub use stats::{DropStats, Stats};
 
 use crate::id::ObjectId;
 use crate::wire::ErrorCode;
+
+/// Computes an object's id from its bytes, fed in order. A [`Receiver`] feeds it the in-order
+/// prefix as it grows, so hashing overlaps the transfer.
+///
+/// The default, [`Md5Prefix`], hashes on the thread that drives the receiver. A driver that has
+/// a core to spare can hand the bytes to another thread instead (see
+/// `net::HashThread`) and set it with [`Receiver::set_hasher`] or [`Endpoint::set_hasher`].
+pub trait PrefixHasher: Send + std::fmt::Debug {
+    /// Adds the object's next bytes.
+    fn update(&mut self, bytes: &[u8]);
+    /// The id of everything added. Called once, when every byte was added; it may wait for
+    /// work it handed elsewhere. An error fails the transfer as a storage error.
+    fn finish(&mut self) -> io::Result<ObjectId>;
+}
+
+/// MD5 on the calling thread: the default [`PrefixHasher`].
+#[derive(Debug, Clone, Default)]
+pub struct Md5Prefix(md5::Md5);
+
+impl PrefixHasher for Md5Prefix {
+    fn update(&mut self, bytes: &[u8]) {
+        md5::Digest::update(&mut self.0, bytes);
+    }
+    fn finish(&mut self) -> io::Result<ObjectId> {
+        Ok(ObjectId::Md5(
+            md5::Digest::finalize(std::mem::take(&mut self.0)).into(),
+        ))
+    }
+}
 
 /// Where a [`Sender`] reads the object's bytes from.
 ///

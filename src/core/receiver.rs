@@ -3,14 +3,12 @@
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
-
 use super::ranges::RangeSet;
 use super::report::{emit, Report};
 use super::rtt::RttEstimator;
 use super::{
-    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSink, Completion, Event, Stats,
-    TransferConfig, TransferError,
+    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSink, Completion, Event, Md5Prefix,
+    PrefixHasher, Stats, TransferConfig, TransferError,
 };
 use crate::id::ObjectId;
 use crate::wire::{
@@ -71,7 +69,7 @@ pub struct Receiver<K> {
     object: Option<Object>,
 
     received: RangeSet,
-    hasher: Md5,
+    hasher: Box<dyn PrefixHasher>,
     hashed_chunks: u64,
     scratch: Vec<u8>,
 
@@ -126,7 +124,7 @@ impl<K: ChunkSink> Receiver<K> {
             clock_epoch: now,
             object: None,
             received: RangeSet::new(),
-            hasher: Md5::new(),
+            hasher: Box::new(Md5Prefix::default()),
             hashed_chunks: 0,
             scratch: Vec::new(),
             largest_seq: None,
@@ -149,6 +147,17 @@ impl<K: ChunkSink> Receiver<K> {
             report: Report::default(),
             config,
         }
+    }
+
+    /// Replaces the MD5-on-this-thread hasher (for example with `net::HashThread`). Call it
+    /// before the first datagram; later, the bytes already hashed would be lost, so it is
+    /// ignored and returns false.
+    pub fn set_hasher(&mut self, hasher: Box<dyn PrefixHasher>) -> bool {
+        if self.hashed_chunks > 0 || self.object.is_some() {
+            return false;
+        }
+        self.hasher = hasher;
+        true
     }
 
     /// Makes one-way delay samples count from `epoch` instead of the transfer's creation, so that
@@ -415,7 +424,13 @@ impl<K: ChunkSink> Receiver<K> {
     }
 
     fn verify(&mut self, now: Instant) {
-        let actual = ObjectId::Md5(std::mem::take(&mut self.hasher).finalize().into());
+        let actual = match self.hasher.finish() {
+            Ok(actual) => actual,
+            Err(e) => {
+                self.fail_with(TransferError::storage("hash", &e));
+                return;
+            }
+        };
         if actual != self.id {
             self.fail_with(TransferError::DigestMismatch {
                 expected: self.id,

@@ -11,16 +11,12 @@ use quinn_udp::{RecvMeta, UdpSockRef, UdpSocketState};
 use crate::core::{ChunkSink, Endpoint, EndpointEvent, ObjectProvider};
 use crate::wire::MAX_DATAGRAM_SIZE;
 
-/// Waits of at least this long block on the socket with a timeout. The kernel rounds socket
-/// timeouts up to its timer tick (4 to 10 ms), so shorter waits sleep instead.
-const BLOCKING_WAIT: Duration = Duration::from_millis(20);
-/// How much a socket timeout may overshoot; subtracted from long waits.
-const TIMEOUT_SLACK: Duration = Duration::from_millis(10);
-/// Sleeps during a short wait are sliced, so a datagram arriving meanwhile is read soon: the
-/// first slice after a pass that received something is this short, and each quiet pass doubles
-/// it up to `LONGEST_SLICE`. A flowing transfer is read within tens of microseconds; a quiet one
-/// costs about a thousand wake-ups a second.
+/// Where the platform has no precise readiness wait (not Unix), sleeps during a wait are sliced
+/// so a datagram arriving meanwhile is read soon: the first slice after a pass that received
+/// something is this short, and each quiet pass doubles it up to `LONGEST_SLICE`.
+#[cfg(not(unix))]
 const SHORTEST_SLICE: Duration = Duration::from_micros(25);
+#[cfg(not(unix))]
 const LONGEST_SLICE: Duration = Duration::from_millis(1);
 /// Receive buffers per batch (one `recvmmsg`).
 const RECV_SLOTS: usize = 16;
@@ -50,6 +46,7 @@ pub struct Driver {
     /// One GSO batch: datagrams of equal size to one destination, the last one maybe shorter.
     tx: Vec<u8>,
     /// The next sleep slice (see `SHORTEST_SLICE`).
+    #[cfg(not(unix))]
     slice: Duration,
 }
 
@@ -87,6 +84,7 @@ impl Driver {
             slot,
             meta: vec![RecvMeta::default(); slots],
             tx: vec![0; MAX_GSO_BYTES + MAX_DATAGRAM_SIZE],
+            #[cfg(not(unix))]
             slice: SHORTEST_SLICE,
         })
     }
@@ -116,18 +114,19 @@ impl Driver {
             .poll_timeout()
             .map_or(max_wait, |t| t.saturating_duration_since(now))
             .min(max_wait);
-        if wait >= BLOCKING_WAIT {
-            self.wait_readable(wait - TIMEOUT_SLACK)?;
-        } else if !wait.is_zero() {
-            std::thread::sleep(wait.min(self.slice));
+        if !wait.is_zero() {
+            self.wait(wait)?;
         }
         let mut activity = self.pump(endpoint, on_event)?;
         activity.sent += sent;
-        self.slice = if activity.received > 0 {
-            SHORTEST_SLICE
-        } else {
-            (self.slice * 2).min(LONGEST_SLICE)
-        };
+        #[cfg(not(unix))]
+        {
+            self.slice = if activity.received > 0 {
+                SHORTEST_SLICE
+            } else {
+                (self.slice * 2).min(LONGEST_SLICE)
+            };
+        }
         Ok(activity)
     }
 
@@ -267,16 +266,27 @@ impl Driver {
         Ok(datagrams.max(filled))
     }
 
-    /// Blocks until a datagram is queued or `timeout` passes (or a signal arrives).
-    fn wait_readable(&mut self, timeout: Duration) -> io::Result<()> {
-        self.socket.set_nonblocking(false)?;
-        self.socket
-            .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))?;
-        let mut probe = [0u8; 64];
-        // Whatever the peek says (a datagram, a timeout, a signal, a datagram too large for the
-        // probe), the receive that follows finds out what is really there.
-        let _ = self.socket.peek_from(&mut probe);
-        self.socket.set_nonblocking(true)
+    /// Blocks until a datagram is queued or `timeout` passes (or a signal arrives): one
+    /// `ppoll` with a nanosecond timeout, so pacing timers fire on time.
+    #[cfg(unix)]
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let timeout = Timespec {
+            tv_sec: timeout.as_secs().try_into().unwrap_or(i64::MAX),
+            tv_nsec: timeout.subsec_nanos().into(),
+        };
+        let mut fds = [PollFd::new(&self.socket, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Sleeps for `timeout` or one slice, whichever is shorter (see `SHORTEST_SLICE`).
+    #[cfg(not(unix))]
+    fn wait(&mut self, timeout: Duration) -> io::Result<()> {
+        std::thread::sleep(timeout.min(self.slice));
+        Ok(())
     }
 }
 

@@ -30,7 +30,9 @@ use crate::id::ObjectId;
 use crate::store::{Cache, ContentStore, PartialFile, StoreError};
 
 mod driver;
+mod hasher;
 pub use driver::{Activity, Driver};
+pub use hasher::HashThread;
 
 /// Socket buffer size requested for both directions (the kernel may grant less).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
@@ -274,6 +276,10 @@ impl Client {
         config.seed = random_seed();
         let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
         let transfer = endpoint.fetch(Instant::now(), server, id, &have, partial);
+        // MD5 on a second core; without a thread, on this one.
+        if let Ok(hasher) = HashThread::new() {
+            endpoint.set_hasher(transfer, Box::new(hasher));
+        }
         let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;
         while outcome.is_none() {
             if let Some(limit) = options.timeout {
