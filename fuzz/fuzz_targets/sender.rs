@@ -43,7 +43,14 @@ fuzz_target!(|data: &[u8]| {
             tx.handle_datagram(now, &out[..n]);
         }
     };
-    send(&mut tx, Frame::Start { nonce: 99 }, now);
+    send(
+        &mut tx,
+        Frame::Start {
+            nonce: 99,
+            request: request.clone(),
+        },
+        now,
+    );
     // Input records: [step_ms, largest_seq lo, cum lo/hi, window lo/hi, range_count, (gap, len)*]
     let mut rest = data;
     while rest.len() >= 8 {
@@ -81,6 +88,7 @@ fuzz_target!(|data: &[u8]| {
             0 => Frame::Done,
             1 => Frame::Start {
                 nonce: u64::from(kind),
+                request: request.clone(),
             },
             _ => Frame::Ack(Ack {
                 largest_seq: largest,

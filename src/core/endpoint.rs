@@ -4,14 +4,14 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::congestion::PathBase;
 use super::pacer::Pacer;
 use super::ranges::RangeSet;
 use super::{ChunkSink, ChunkSource, Event, Receiver, Sender, TransferConfig};
 use crate::id::ObjectId;
-use crate::wire::{self, ConnectionId, Datagram, ErrorCode, ErrorFrame, Frame};
+use crate::wire::{self, ConnectionId, Datagram, ErrorCode, ErrorFrame, Frame, Offer, Request};
 
 /// Where a serving endpoint finds objects.
 ///
@@ -56,8 +56,13 @@ pub struct EndpointConfig {
     /// Uplink budget for all transfers together, bytes per second (0: none). Each transfer's own
     /// cap is `transfer.max_rate_bytes_per_sec`.
     pub rate_limit_bytes_per_sec: u64,
-    /// Most error replies (not found, busy) queued at once; more requests are dropped unanswered.
+    /// Most replies to requests (offers, not found, busy) queued at once; more requests are
+    /// dropped unanswered.
     pub max_pending_replies: usize,
+    /// Requests answered per second from one IP address (a token bucket holding as many), so
+    /// that a forged source address cannot turn the server into a stream of replies at a
+    /// victim. Requests beyond it are dropped unanswered. 0: no limit.
+    pub max_requests_per_address_per_sec: u32,
     /// Key for connection ids and address-validation nonces (a keyed PRF over a counter). A
     /// driver takes it from the operating system's randomness (`net::random_seed`); tests pass a
     /// fixed value. Anyone who knows it can predict the ids, so never log it.
@@ -72,6 +77,7 @@ impl Default for EndpointConfig {
             max_transfers_per_address: 8,
             rate_limit_bytes_per_sec: 0,
             max_pending_replies: 64,
+            max_requests_per_address_per_sec: 20,
             seed: 0,
         }
     }
@@ -151,6 +157,13 @@ pub struct EndpointStats {
     pub busy: u64,
     /// Requests dropped unanswered because too many replies were queued.
     pub replies_dropped: u64,
+    /// Requests answered with an offer (no state is kept until the client's Start).
+    pub offers: u64,
+    /// Requests dropped unanswered because their address sent too many.
+    pub rate_limited: u64,
+    /// Starts for no transfer whose nonce was not one this endpoint issued (recently) for
+    /// that address, connection and request: dropped.
+    pub bad_starts: u64,
     /// Transfers accepted (serving).
     pub accepted: u64,
     /// Transfers removed after they finished.
@@ -209,7 +222,8 @@ pub struct Endpoint<P: ObjectProvider, K> {
     per_address: HashMap<std::net::IpAddr, usize>,
     next_id: u64,
     cursor: TransferId,
-    replies: VecDeque<(SocketAddr, ConnectionId, ErrorCode, &'static str)>,
+    replies: VecDeque<(SocketAddr, ConnectionId, Reply)>,
+    requests: RequestLimiter,
     events: VecDeque<EndpointEvent>,
     uplink: Pacer,
     /// One clock epoch for every transfer, so their one-way delay samples are comparable.
@@ -239,6 +253,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             next_id: 0,
             cursor: TransferId(0),
             replies: VecDeque::new(),
+            requests: RequestLimiter::new(config.max_requests_per_address_per_sec),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
             config,
@@ -447,7 +462,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             return;
         }
         match &datagram.frame {
-            Frame::Request(_) => self.accept(now, from, &datagram),
+            Frame::Request(_) => self.offer(now, from, &datagram),
+            Frame::Start { .. } => self.accept(now, from, &datagram, data.len()),
             _ => self.stats.unknown_connection += 1,
         }
     }
@@ -485,52 +501,104 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         }
     }
 
-    fn accept(&mut self, now: Instant, from: SocketAddr, datagram: &Datagram<'_>) {
-        let Frame::Request(request) = &datagram.frame else {
-            return;
-        };
+    /// Whether a transfer with `from` would exceed a limit now; answers "busy" if so.
+    fn at_limit(&mut self, from: SocketAddr, conn_id: ConnectionId) -> bool {
         let at_address = self.per_address.get(&from.ip()).copied().unwrap_or(0);
         if self.transfers.len() >= self.config.max_transfers
             || at_address >= self.config.max_transfers_per_address
         {
             self.stats.busy += 1;
-            self.reply(from, datagram.conn_id, ErrorCode::Busy, "server busy");
-            return;
+            self.reply_error(from, conn_id, ErrorCode::Busy, "server busy");
+            return true;
         }
-        let (size, source) = match self.provider.open(&request.object) {
-            Ok(Some(found)) => found,
+        false
+    }
+
+    /// Opens the requested object, or answers "not found" (or "internal") and returns `None`.
+    fn open(
+        &mut self,
+        from: SocketAddr,
+        conn_id: ConnectionId,
+        object: &ObjectId,
+    ) -> Option<(u64, P::Source)> {
+        match self.provider.open(object) {
+            Ok(Some(found)) => Some(found),
             Ok(None) => {
                 self.stats.not_found += 1;
-                self.reply(
-                    from,
-                    datagram.conn_id,
-                    ErrorCode::NotFound,
-                    "no such object",
-                );
-                return;
+                self.reply_error(from, conn_id, ErrorCode::NotFound, "no such object");
+                None
             }
             Err(_) => {
-                self.reply(
-                    from,
-                    datagram.conn_id,
-                    ErrorCode::Internal,
-                    "cannot read object",
-                );
-                return;
+                self.reply_error(from, conn_id, ErrorCode::Internal, "cannot read object");
+                None
             }
+        }
+    }
+
+    /// Answers a request without keeping any state: an Offer whose nonce is a keyed hash of
+    /// the client's address, connection id and request (see [`cookie`](Self::cookie)). The
+    /// transfer is created only when a Start echoes it (`accept`), so requests from forged
+    /// addresses hold nothing.
+    fn offer(&mut self, now: Instant, from: SocketAddr, datagram: &Datagram<'_>) {
+        let Frame::Request(request) = &datagram.frame else {
+            return;
         };
-        let nonce = self.rng.next();
+        if !self.requests.allow(from.ip(), now) {
+            self.stats.rate_limited += 1;
+            return;
+        }
+        if self.at_limit(from, datagram.conn_id) {
+            return;
+        }
+        let Some((size, _)) = self.open(from, datagram.conn_id, &request.object) else {
+            return;
+        };
+        let bucket = self.cookie_bucket(now);
+        let nonce = self.cookie(from, datagram.conn_id, request, bucket);
+        match super::sender::offer_for(request, size, nonce, &self.config.transfer) {
+            Ok(offer) => {
+                self.stats.offers += 1;
+                self.queue_reply(from, datagram.conn_id, Reply::Offer(offer));
+            }
+            Err(_) => {
+                self.reply_error(from, datagram.conn_id, ErrorCode::TooLarge, "object too large")
+            }
+        }
+    }
+
+    /// A Start for no transfer: if its nonce is one `offer` made for this address, connection
+    /// and request in this or the previous cookie period, the client has proved its address, and
+    /// the transfer starts sending.
+    fn accept(&mut self, now: Instant, from: SocketAddr, datagram: &Datagram<'_>, len: usize) {
+        let Frame::Start { nonce, request } = &datagram.frame else {
+            return;
+        };
+        let bucket = self.cookie_bucket(now);
+        let valid = *nonce == self.cookie(from, datagram.conn_id, request, bucket)
+            || (bucket > 0 && *nonce == self.cookie(from, datagram.conn_id, request, bucket - 1));
+        if !valid {
+            self.stats.bad_starts += 1;
+            return;
+        }
+        if self.at_limit(from, datagram.conn_id) {
+            return;
+        }
+        let Some((size, source)) = self.open(from, datagram.conn_id, &request.object) else {
+            return;
+        };
         match Sender::accept(
             now,
             datagram.conn_id,
             request,
             size,
             source,
-            nonce,
+            *nonce,
             self.config.transfer.clone(),
         ) {
             Ok(mut sender) => {
                 sender.set_clock_epoch(*self.epoch.get_or_insert(now));
+                // The Start itself moves the sender past its offer.
+                sender.handle_decoded(now, datagram, len);
                 self.stats.accepted += 1;
                 let id = self.insert(
                     from,
@@ -540,21 +608,66 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 );
                 self.collect_events(id);
             }
-            Err(_) => self.reply(
-                from,
-                datagram.conn_id,
-                ErrorCode::TooLarge,
-                "object too large",
-            ),
+            Err(_) => {
+                self.reply_error(from, datagram.conn_id, ErrorCode::TooLarge, "object too large")
+            }
         }
     }
 
-    fn reply(&mut self, to: SocketAddr, conn_id: ConnectionId, code: ErrorCode, why: &'static str) {
+    /// Which cookie period `now` falls in: nonces from this and the previous period are
+    /// accepted, so an offer stays good for 16 to 32 s.
+    fn cookie_bucket(&mut self, now: Instant) -> u64 {
+        let epoch = *self.epoch.get_or_insert(now);
+        now.saturating_duration_since(epoch).as_secs() / COOKIE_PERIOD_SECS
+    }
+
+    /// The nonce for an offer: SipHash-2-4 keyed with the endpoint's secret over the client's
+    /// address, connection id, every field of its request, and the cookie period. Nobody
+    /// without the key can make one that a Start from another address would pass.
+    fn cookie(
+        &self,
+        from: SocketAddr,
+        conn_id: ConnectionId,
+        request: &Request<'_>,
+        bucket: u64,
+    ) -> u64 {
+        use std::hash::Hasher;
+        let mut h = self.rng.hasher();
+        h.write_u8(b'C'); // domain: cookies, never equal to an id from `next`
+        match from.ip() {
+            std::net::IpAddr::V4(ip) => h.write(&ip.octets()),
+            std::net::IpAddr::V6(ip) => h.write(&ip.octets()),
+        }
+        h.write_u16(from.port());
+        h.write_u64(conn_id.0);
+        h.write_u8(request.object.algorithm());
+        h.write(request.object.digest());
+        h.write_u16(request.max_datagram_size);
+        h.write_u64(request.max_rate_bytes_per_sec);
+        for r in request.have.iter() {
+            h.write_u64(r.start);
+            h.write_u64(r.end);
+        }
+        h.write_u64(bucket);
+        h.finish()
+    }
+
+    fn reply_error(
+        &mut self,
+        to: SocketAddr,
+        conn_id: ConnectionId,
+        code: ErrorCode,
+        why: &'static str,
+    ) {
+        self.queue_reply(to, conn_id, Reply::Error(code, why));
+    }
+
+    fn queue_reply(&mut self, to: SocketAddr, conn_id: ConnectionId, reply: Reply) {
         if self.replies.len() >= self.config.max_pending_replies {
             self.stats.replies_dropped += 1;
             return;
         }
-        self.replies.push_back((to, conn_id, code, why));
+        self.replies.push_back((to, conn_id, reply));
     }
 
     fn collect_events(&mut self, id: TransferId) {
@@ -586,8 +699,11 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// one datagram each, under the endpoint's uplink budget.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         self.uplink_wait = None;
-        if let Some((to, conn_id, code, reason)) = self.replies.pop_front() {
-            let frame = Frame::Error(ErrorFrame { code, reason });
+        if let Some((to, conn_id, reply)) = self.replies.pop_front() {
+            let frame = match reply {
+                Reply::Error(code, reason) => Frame::Error(ErrorFrame { code, reason }),
+                Reply::Offer(offer) => Frame::Offer(offer),
+            };
             let len = Datagram { conn_id, frame }.encode(buf).ok()?;
             return Some(self.sent(to, len, now));
         }
@@ -712,6 +828,64 @@ impl<P: ObjectProvider, K> std::fmt::Debug for Endpoint<P, K> {
     }
 }
 
+/// A reply to a request, queued until `poll_transmit`.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Error(ErrorCode, &'static str),
+    Offer(Offer),
+}
+
+/// Seconds per cookie period (see `Endpoint::cookie_bucket`).
+const COOKIE_PERIOD_SECS: u64 = 16;
+/// IP addresses the request limiter tracks at most; beyond it, idle ones are forgotten.
+const TRACKED_ADDRESSES: usize = 4096;
+
+/// Per-IP token buckets for requests (`EndpointConfig::max_requests_per_address_per_sec`),
+/// in a bounded table.
+#[derive(Debug)]
+struct RequestLimiter {
+    per_sec: u32,
+    buckets: HashMap<std::net::IpAddr, (u32, Instant)>,
+}
+
+impl RequestLimiter {
+    fn new(per_sec: u32) -> Self {
+        RequestLimiter {
+            per_sec,
+            buckets: HashMap::new(),
+        }
+    }
+
+    /// Takes a token for a request from `ip`, refilling at `per_sec` up to `per_sec` tokens.
+    fn allow(&mut self, ip: std::net::IpAddr, now: Instant) -> bool {
+        if self.per_sec == 0 {
+            return true;
+        }
+        if self.buckets.len() >= TRACKED_ADDRESSES && !self.buckets.contains_key(&ip) {
+            // Forget addresses whose buckets have refilled (idle for a second); if a flood from
+            // many addresses keeps the table full, start over rather than refuse newcomers.
+            self.buckets
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < Duration::from_secs(1));
+            if self.buckets.len() >= TRACKED_ADDRESSES {
+                self.buckets.clear();
+            }
+        }
+        let per_sec = self.per_sec;
+        let (tokens, at) = self.buckets.entry(ip).or_insert((per_sec, now));
+        let elapsed = now.saturating_duration_since(*at);
+        let earned = (elapsed.as_micros() * u128::from(per_sec) / 1_000_000) as u64;
+        if earned > 0 {
+            *tokens = (u64::from(*tokens) + earned).min(u64::from(per_sec)) as u32;
+            *at = now;
+        }
+        if *tokens == 0 {
+            return false;
+        }
+        *tokens -= 1;
+        true
+    }
+}
+
 /// Connection ids and nonces: SipHash-2-4, a keyed pseudo-random function, over a counter. The
 /// key comes from the endpoint's seed (a driver takes it from the operating system), so values
 /// seen on the wire do not reveal the next ones, as they would with a plain seeded generator.
@@ -736,11 +910,15 @@ impl IdGenerator {
     fn next(&mut self) -> u64 {
         use std::hash::Hasher;
         self.counter += 1;
-        // std keeps SipHash-2-4 with explicit keys only under its deprecated name.
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new_with_keys(self.keys.0, self.keys.1);
+        let mut h = self.hasher();
         h.write_u64(self.counter);
         h.finish()
+    }
+
+    /// SipHash-2-4 with the endpoint's key, for ids and for offer cookies.
+    #[allow(deprecated)] // std keeps SipHash-2-4 with explicit keys only under this name
+    fn hasher(&self) -> std::hash::SipHasher {
+        std::hash::SipHasher::new_with_keys(self.keys.0, self.keys.1)
     }
 }
 

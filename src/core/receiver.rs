@@ -21,8 +21,9 @@ const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Largest number of have-ranges one request carries.
 fn max_have_ranges(datagram_size: usize) -> usize {
-    // Request: header, id (17), datagram size (2), rate (8), count (2), ranges, trailer.
-    (datagram_size - HEADER_LEN - 17 - 2 - 8 - 2 - TRAILER_LEN) / 16
+    // Start (the larger: a Request plus the nonce): header, nonce (8), id (17), datagram size
+    // (2), rate (8), count (2), ranges, trailer.
+    (datagram_size - HEADER_LEN - 8 - 17 - 2 - 8 - 2 - TRAILER_LEN) / 16
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -335,8 +336,8 @@ impl<K: ChunkSink> Receiver<K> {
         self.object = Some(object);
         self.scratch = vec![0; chunk_size as usize];
         // Chunks wholly inside the have-set are already here (the sender applies the same rule).
-        let have = std::mem::take(&mut self.have);
-        self.received = held_chunks(have.into_iter(), object.size, chunk_size);
+        // The have-set itself is kept: the Start repeats the request.
+        self.received = held_chunks(self.have.iter().cloned(), object.size, chunk_size);
         self.report.push(Event::Started { size: offer.size });
         self.state = State::Starting;
         self.handshake_pending = true;
@@ -484,26 +485,25 @@ impl<K: ChunkSink> Receiver<K> {
             State::Requesting | State::Starting if self.handshake_pending => {
                 self.handshake_pending = false;
                 self.handshake_sent = Some(now);
-                match self.object {
-                    None => {
-                        let have = std::mem::take(&mut self.have);
-                        let request = Request {
-                            object: self.id,
-                            max_datagram_size: self.config.datagram_size() as u16,
-                            max_rate_bytes_per_sec: 0,
-                            have: HaveRanges::List(&have),
-                        };
-                        let n = emit(self.conn_id, &mut self.stats, buf, Frame::Request(request));
-                        self.have = have;
-                        n
-                    }
-                    Some(o) => emit(
-                        self.conn_id,
-                        &mut self.stats,
-                        buf,
-                        Frame::Start { nonce: o.nonce },
-                    ),
-                }
+                // The Start repeats the request exactly, so a server can check its nonce
+                // against the request without having kept any state.
+                let have = std::mem::take(&mut self.have);
+                let request = Request {
+                    object: self.id,
+                    max_datagram_size: self.config.datagram_size() as u16,
+                    max_rate_bytes_per_sec: 0,
+                    have: HaveRanges::List(&have),
+                };
+                let frame = match self.object {
+                    None => Frame::Request(request),
+                    Some(o) => Frame::Start {
+                        nonce: o.nonce,
+                        request,
+                    },
+                };
+                let n = emit(self.conn_id, &mut self.stats, buf, frame);
+                self.have = have;
+                n
             }
             State::Receiving if self.ack_now || self.ack_deadline.is_some_and(|t| t <= now) => {
                 self.build_ack(now, buf)

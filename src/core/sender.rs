@@ -108,6 +108,45 @@ pub struct Sender<S> {
     report: Report,
 }
 
+/// How a transfer of `size` bytes answering `request` is cut: (datagram size, chunk size,
+/// chunk count), or `TooLarge` when 32-bit chunk indices cannot name every chunk.
+fn plan(
+    request: &Request<'_>,
+    size: u64,
+    config: &TransferConfig,
+) -> Result<(usize, u64, u64), TransferError> {
+    let datagram_size = config
+        .datagram_size()
+        .min(usize::from(request.max_datagram_size));
+    let chunk_size = (datagram_size - DATA_OVERHEAD) as u64;
+    let chunks = chunk_count(size, chunk_size);
+    if chunks > MAX_CHUNKS {
+        return Err(TransferError::TooLarge {
+            size,
+            max: MAX_CHUNKS * chunk_size,
+        });
+    }
+    Ok((datagram_size, chunk_size, chunks))
+}
+
+/// The offer [`Sender::accept`] would send first, for an endpoint that answers requests without
+/// keeping state (it creates the sender only when the Start proves the client's address).
+pub(crate) fn offer_for(
+    request: &Request<'_>,
+    size: u64,
+    nonce: u64,
+    config: &TransferConfig,
+) -> Result<Offer, TransferError> {
+    let (_, chunk_size, _) = plan(request, size, config)?;
+    Ok(Offer {
+        object: request.object,
+        size,
+        // At most the configured datagram size less overhead, which fits u16.
+        chunk_size: u16::try_from(chunk_size).unwrap_or(u16::MAX),
+        nonce,
+    })
+}
+
 impl<S: ChunkSource> Sender<S> {
     /// Starts serving `request` (already decoded, from connection `conn_id`) with an object of
     /// `size` bytes readable from `source`.
@@ -127,17 +166,7 @@ impl<S: ChunkSource> Sender<S> {
         nonce: u64,
         config: TransferConfig,
     ) -> Result<Self, TransferError> {
-        let datagram_size = config
-            .datagram_size()
-            .min(usize::from(request.max_datagram_size));
-        let chunk_size = (datagram_size - DATA_OVERHEAD) as u64;
-        let chunks = chunk_count(size, chunk_size);
-        if chunks > MAX_CHUNKS {
-            return Err(TransferError::TooLarge {
-                size,
-                max: MAX_CHUNKS * chunk_size,
-            });
-        }
+        let (datagram_size, chunk_size, chunks) = plan(request, size, &config)?;
         let acked = held_chunks(request.have.iter(), size, chunk_size);
         let rate_cap = match (
             config.max_rate_bytes_per_sec,
@@ -301,7 +330,7 @@ impl<S: ChunkSource> Sender<S> {
                 // The offer was lost; send it again.
                 self.offer_pending = true;
             }
-            Frame::Start { nonce } if *nonce == self.nonce => {
+            Frame::Start { nonce, .. } if *nonce == self.nonce => {
                 if self.state == State::Offering {
                     self.state = State::Sending;
                 }

@@ -41,10 +41,13 @@ pub enum Frame<'a> {
     Request(Request<'a>),
     /// Server to client: here is what I will send, echo my nonce to start.
     Offer(Offer),
-    /// Client to server: the nonce from the offer; proves the client's address.
+    /// Client to server: the nonce from the offer, which proves the client's address, and the
+    /// request again, so that a server can keep no state until the address is proved.
     Start {
         /// The nonce the server put in its offer.
         nonce: u64,
+        /// The request the offer answered, unchanged.
+        request: Request<'a>,
     },
     /// Server to client: one chunk of the object.
     Data(Data<'a>),
@@ -327,27 +330,17 @@ impl Datagram<'_> {
         w.u8(self.frame.kind())?;
         w.u64(self.conn_id.0)?;
         match &self.frame {
-            Frame::Request(r) => {
-                write_id(&mut w, &r.object)?;
-                w.u16(r.max_datagram_size)?;
-                w.u64(r.max_rate_bytes_per_sec)?;
-                let count =
-                    u16::try_from(r.have.len()).map_err(|_| EncodeError::ValueTooLarge {
-                        field: "have_count",
-                    })?;
-                w.u16(count)?;
-                for range in r.have.iter() {
-                    w.u64(range.start)?;
-                    w.u64(range.end)?;
-                }
-            }
+            Frame::Request(r) => write_request(&mut w, r)?,
             Frame::Offer(o) => {
                 write_id(&mut w, &o.object)?;
                 w.u64(o.size)?;
                 w.u16(o.chunk_size)?;
                 w.u64(o.nonce)?;
             }
-            Frame::Start { nonce } => w.u64(*nonce)?,
+            Frame::Start { nonce, request } => {
+                w.u64(*nonce)?;
+                write_request(&mut w, request)?;
+            }
             Frame::Data(d) => {
                 w.u64(d.seq)?;
                 w.u32(d.send_time_us)?;
@@ -441,6 +434,21 @@ fn write_id(w: &mut Writer<'_>, id: &ObjectId) -> Result<(), EncodeError> {
     w.bytes(id.digest())
 }
 
+fn write_request(w: &mut Writer<'_>, r: &Request<'_>) -> Result<(), EncodeError> {
+    write_id(w, &r.object)?;
+    w.u16(r.max_datagram_size)?;
+    w.u64(r.max_rate_bytes_per_sec)?;
+    let count = u16::try_from(r.have.len()).map_err(|_| EncodeError::ValueTooLarge {
+        field: "have_count",
+    })?;
+    w.u16(count)?;
+    for range in r.have.iter() {
+        w.u64(range.start)?;
+        w.u64(range.end)?;
+    }
+    Ok(())
+}
+
 fn finish(mut w: Writer<'_>) -> Result<usize, EncodeError> {
     let crc = crc32fast::hash(w.written());
     w.u32(crc)?;
@@ -472,8 +480,8 @@ pub(super) fn decode(buf: &[u8]) -> Result<Datagram<'_>, DecodeError> {
         KIND_START => {
             let mut r = Reader::new(body, "start");
             let nonce = r.u64()?;
-            r.finish()?;
-            Frame::Start { nonce }
+            let request = decode_request(r.rest())?;
+            Frame::Start { nonce, request }
         }
         KIND_DATA => {
             let mut r = Reader::new(body, "data");

@@ -41,7 +41,15 @@ fn every_kind_round_trips() {
             chunk_size: 1166,
             nonce: 0xdead_beef,
         }),
-        Frame::Start { nonce: 7 },
+        Frame::Start {
+            nonce: 7,
+            request: Request {
+                object: id(),
+                max_datagram_size: 1200,
+                max_rate_bytes_per_sec: 0,
+                have: HaveRanges::List(&have),
+            },
+        },
         Frame::Data(Data {
             seq: 1,
             send_time_us: 2,

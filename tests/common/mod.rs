@@ -157,6 +157,29 @@ pub fn download_with(
 }
 
 /// A well-formed request datagram for `id` on connection `conn`, with no have-set.
+/// The Start a client sends to echo `nonce` for the request `request_datagram(conn, id)` makes.
+#[allow(dead_code)]
+pub fn start_datagram(conn: u64, id: ObjectId, nonce: u64) -> Vec<u8> {
+    use udpferry::wire::{Datagram, Frame, HaveRanges, Request};
+    let mut buf = vec![0u8; 1500];
+    let n = Datagram {
+        conn_id: ConnectionId(conn),
+        frame: Frame::Start {
+            nonce,
+            request: Request {
+                object: id,
+                max_datagram_size: 1200,
+                max_rate_bytes_per_sec: 0,
+                have: HaveRanges::List(&[]),
+            },
+        },
+    }
+    .encode(&mut buf)
+    .unwrap();
+    buf.truncate(n);
+    buf
+}
+
 pub fn request_datagram(conn: u64, id: ObjectId) -> Vec<u8> {
     use udpferry::wire::{Datagram, Frame, HaveRanges, Request};
     let mut buf = vec![0u8; 1500];
