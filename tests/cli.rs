@@ -881,3 +881,132 @@ fn rate_flags_accept_units_and_reject_garbage() {
         }
     }
 }
+
+/// Peak resident memory of process `pid` in KiB (Linux: `VmHWM` in /proc).
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// 100 000 hostile datagrams (garbage, half-open requests that never start, starts with forged
+/// nonces) from 50 addresses while a real client downloads: the download completes, no
+/// half-open request holds anything, and the server's memory stays bounded.
+#[test]
+fn a_flood_of_garbage_and_half_open_requests_does_not_stop_a_real_download() {
+    let tmp = TempDir::new("flood");
+    let dir = tmp.join("served");
+    let data = content(8 * MIB, 77);
+    let md5 = put_file(&dir, "map.bsp", &data);
+    let (server, addr, _) = spawn_server(&dir, &[]);
+    let pid = server.child.id();
+    let baseline = peak_rss_kib(pid);
+
+    // The flood, from 127.0.1.1 to 127.0.1.50 (Linux routes all of 127/8 to loopback), so the
+    // per-address request limit passes a share of it and the stateless handshake is exercised.
+    let id_bytes: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&md5[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    let id = udpferry::ObjectId::Md5(id_bytes.try_into().unwrap());
+    let flood = thread::spawn(move || {
+        let sockets: Vec<UdpSocket> = (1..=50u8)
+            .filter_map(|i| UdpSocket::bind(SocketAddr::from(([127, 0, 1, i], 0))).ok())
+            .collect();
+        assert!(!sockets.is_empty(), "no source addresses to flood from");
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut buf = vec![0u8; 1500];
+        let mut sent = 0u32;
+        while sent < 100_000 {
+            let conn = udpferry::wire::ConnectionId(next());
+            let request = udpferry::wire::Request {
+                object: id,
+                max_datagram_size: 1200,
+                max_rate_bytes_per_sec: 0,
+                have: udpferry::wire::HaveRanges::List(&[]),
+            };
+            let frame = match sent % 3 {
+                0 => udpferry::wire::Frame::Request(request),
+                1 => udpferry::wire::Frame::Start {
+                    nonce: next(),
+                    request,
+                },
+                _ => {
+                    // Garbage: random bytes, sometimes with our magic in front.
+                    let len = (next() % 1400) as usize + 1;
+                    for b in buf[..len].iter_mut() {
+                        *b = next() as u8;
+                    }
+                    if next() % 2 == 0 && len >= 5 {
+                        buf[..5].copy_from_slice(b"UFRY\x01");
+                    }
+                    let s = &sockets[sent as usize % sockets.len()];
+                    let _ = s.send_to(&buf[..len], addr);
+                    sent += 1;
+                    continue;
+                }
+            };
+            let n = udpferry::wire::Datagram {
+                conn_id: conn,
+                frame,
+            }
+            .encode(&mut buf)
+            .unwrap();
+            let s = &sockets[sent as usize % sockets.len()];
+            let _ = s.send_to(&buf[..n], addr);
+            sent += 1;
+            if sent % 2000 == 0 {
+                thread::sleep(Duration::from_millis(2)); // let the socket buffers drain a little
+            }
+        }
+        // The server answered some of the forged-looking requests with offers (the per-address
+        // limit drops the rest) and kept no state for them.
+        thread::sleep(Duration::from_millis(200));
+        let mut offers = 0;
+        for s in &sockets {
+            s.set_nonblocking(true).unwrap();
+            while let Ok(n) = s.recv(&mut buf) {
+                if let Ok(d) = udpferry::wire::decode(&buf[..n]) {
+                    offers += usize::from(matches!(d.frame, udpferry::wire::Frame::Offer(_)));
+                }
+            }
+        }
+        (sent, offers)
+    });
+
+    let out = tmp.join("map.out");
+    let cache = tmp.join("cache");
+    let r = get(addr, &md5, &out, &cache, &[], GET_LIMIT);
+    let (sent, offers) = flood.join().unwrap();
+    assert_eq!(sent, 100_000);
+    assert!(
+        offers > 0,
+        "the flood's requests were never answered: not exercised"
+    );
+    assert!(
+        r.status.success(),
+        "the real download failed during the flood: {r:?}"
+    );
+    assert_file_eq(&out, &data);
+    let peak = peak_rss_kib(pid);
+    println!(
+        "flood of {sent} datagrams ({offers} offers came back): download {}; server peak RSS {} KiB (before the flood {} KiB)",
+        r.stderr_lines().first().cloned().unwrap_or_default(),
+        peak.map_or("?".into(), |p| p.to_string()),
+        baseline.map_or("?".into(), |p| p.to_string()),
+    );
+    if let Some(peak) = peak {
+        assert!(
+            peak < 64 * 1024,
+            "server peak RSS {peak} KiB: memory must not grow with a flood"
+        );
+    }
+    drop(server);
+}

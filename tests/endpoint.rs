@@ -135,14 +135,22 @@ fn a_start_is_accepted_only_with_the_nonce_offered_to_that_address_and_request()
     // Still good in the next cookie period, not after that.
     let later = now + Duration::from_secs(20);
     ep.handle_datagram(later, addr(1), &common::start_datagram(4, id, o.nonce));
-    assert_eq!(ep.transfer_count(), 1, "the right Start starts the transfer");
+    assert_eq!(
+        ep.transfer_count(),
+        1,
+        "the right Start starts the transfer"
+    );
     let stale = now + Duration::from_secs(40);
     ep.handle_datagram(now, addr(3), &common::request_datagram(6, id));
     let Frame::Offer(o3) = wire::decode(&drain(&mut ep, now)[0].1).unwrap().frame else {
         panic!("expected an offer");
     };
     ep.handle_datagram(stale, addr(3), &common::start_datagram(6, id, o3.nonce));
-    assert_eq!(ep.transfer_count(), 1, "a nonce from two periods ago is refused");
+    assert_eq!(
+        ep.transfer_count(),
+        1,
+        "a nonce from two periods ago is refused"
+    );
 }
 
 #[test]

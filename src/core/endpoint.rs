@@ -24,6 +24,15 @@ pub trait ObjectProvider {
     /// provider does not have it (the client is told "not found"). An error is answered with an
     /// internal-error frame.
     fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>>;
+
+    /// The size of object `id`, or `Ok(None)` when this provider does not have it, for the
+    /// offer answering a request. Nothing is opened for a request (it may come from a forged
+    /// address); [`open`](Self::open) follows when the client's Start arrives, and may still
+    /// say "not found" then. The default opens the object and drops the reader; a provider
+    /// that knows sizes cheaply (an index) should answer from it.
+    fn size_of(&mut self, id: &ObjectId) -> io::Result<Option<u64>> {
+        Ok(self.open(id)?.map(|(size, _)| size))
+    }
 }
 
 /// A provider with no objects, for endpoints that only download.
@@ -41,6 +50,9 @@ impl ObjectProvider for HashMap<ObjectId, std::sync::Arc<[u8]>> {
     type Source = std::sync::Arc<[u8]>;
     fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>> {
         Ok(self.get(id).map(|d| (d.len() as u64, d.clone())))
+    }
+    fn size_of(&mut self, id: &ObjectId) -> io::Result<Option<u64>> {
+        Ok(self.get(id).map(|d| d.len() as u64))
     }
 }
 
@@ -550,8 +562,27 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         if self.at_limit(from, datagram.conn_id) {
             return;
         }
-        let Some((size, _)) = self.open(from, datagram.conn_id, &request.object) else {
-            return;
+        let size = match self.provider.size_of(&request.object) {
+            Ok(Some(size)) => size,
+            Ok(None) => {
+                self.stats.not_found += 1;
+                self.reply_error(
+                    from,
+                    datagram.conn_id,
+                    ErrorCode::NotFound,
+                    "no such object",
+                );
+                return;
+            }
+            Err(_) => {
+                self.reply_error(
+                    from,
+                    datagram.conn_id,
+                    ErrorCode::Internal,
+                    "cannot read object",
+                );
+                return;
+            }
         };
         let bucket = self.cookie_bucket(now);
         let nonce = self.cookie(from, datagram.conn_id, request, bucket);
@@ -560,9 +591,12 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 self.stats.offers += 1;
                 self.queue_reply(from, datagram.conn_id, Reply::Offer(offer));
             }
-            Err(_) => {
-                self.reply_error(from, datagram.conn_id, ErrorCode::TooLarge, "object too large")
-            }
+            Err(_) => self.reply_error(
+                from,
+                datagram.conn_id,
+                ErrorCode::TooLarge,
+                "object too large",
+            ),
         }
     }
 
@@ -608,9 +642,12 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 );
                 self.collect_events(id);
             }
-            Err(_) => {
-                self.reply_error(from, datagram.conn_id, ErrorCode::TooLarge, "object too large")
-            }
+            Err(_) => self.reply_error(
+                from,
+                datagram.conn_id,
+                ErrorCode::TooLarge,
+                "object too large",
+            ),
         }
     }
 

@@ -58,6 +58,11 @@ impl ObjectProvider for ContentStore {
     fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>> {
         self.open_object(id).map_err(Into::into)
     }
+    /// From the index, without touching the disk: a request may come from a forged address,
+    /// and only the Start's `open` re-checks (and if need be re-hashes) the file.
+    fn size_of(&mut self, id: &ObjectId) -> io::Result<Option<u64>> {
+        Ok(self.get(id).map(|info| info.size))
+    }
 }
 
 /// Settings of a [`Server`].
