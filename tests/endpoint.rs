@@ -318,7 +318,7 @@ fn serve_clients(
         .map(|i| {
             Endpoint::new(
                 EndpointConfig {
-                    seed: i as u64 + 100,
+                    seed: i as u128 + 100,
                     ..EndpointConfig::default()
                 },
                 NoObjects,

@@ -75,10 +75,11 @@ pub struct EndpointConfig {
     /// that a forged source address cannot turn the server into a stream of replies at a
     /// victim. Requests beyond it are dropped unanswered. 0: no limit.
     pub max_requests_per_address_per_sec: u32,
-    /// Key for connection ids and address-validation nonces (a keyed PRF over a counter). A
-    /// driver takes it from the operating system's randomness (`net::random_seed`); tests pass a
-    /// fixed value. Anyone who knows it can predict the ids, so never log it.
-    pub seed: u64,
+    /// The 128-bit key of the SipHash-2-4 that makes connection ids, and offer nonces from
+    /// requests. A driver takes it from the operating system's randomness
+    /// (`net::random_seed`); tests pass a fixed value. Anyone who knows it can predict the ids
+    /// and forge offers, so never log it.
+    pub seed: u128,
 }
 
 impl Default for EndpointConfig {
@@ -933,13 +934,15 @@ struct IdGenerator {
 }
 
 impl IdGenerator {
-    fn new(seed: u64) -> Self {
-        // Spread the seed over both key halves (SplitMix64 finaliser).
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    fn new(seed: u128) -> Self {
+        let (low, high) = (seed as u64, (seed >> 64) as u64);
+        // A small test seed has a zero high half: spread the low half over it too (SplitMix64
+        // finaliser), so both key halves depend on every bit.
+        let mut z = low.wrapping_add(0x9e37_79b9_7f4a_7c15);
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         IdGenerator {
-            keys: (seed, z ^ (z >> 31)),
+            keys: (low, high ^ z ^ (z >> 31)),
             counter: 0,
         }
     }

@@ -378,8 +378,10 @@ fn linger<P: ObjectProvider, K: ChunkSink>(
     }
 }
 
-/// 64 bits of operating-system randomness, without a dependency (see the store's temporary
-/// names, which use the same source): seeds an endpoint's connection ids and nonces.
-pub fn random_seed() -> u64 {
-    crate::store::random_u64()
+/// 128 bits for an endpoint's key (`EndpointConfig::seed`), without a dependency: two draws
+/// from std's `RandomState`, whose keys the standard library takes from the operating
+/// system's generator (getrandom on Linux) and which hashes the clock and process id under
+/// them (see the store's temporary names, which use the same source).
+pub fn random_seed() -> u128 {
+    (u128::from(crate::store::random_u64()) << 64) | u128::from(crate::store::random_u64())
 }
