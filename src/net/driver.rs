@@ -131,7 +131,8 @@ impl Driver {
     }
 
     /// Without waiting: receives every queued datagram (up to a bound, so sending is not
-    /// starved), fires due timers, sends everything due and hands events to `on_event`.
+    /// starved), fires due timers, hands events to `on_event` (which may act on the endpoint,
+    /// for example cancel a transfer), then sends everything due.
     pub fn pump<P: ObjectProvider, K: ChunkSink>(
         &mut self,
         endpoint: &mut Endpoint<P, K>,
@@ -148,6 +149,12 @@ impl Driver {
         let now = Instant::now();
         if endpoint.poll_timeout().is_some_and(|t| t <= now) {
             endpoint.handle_timeout(now);
+        }
+        // Events before sending, so the caller can act on them first (cancel a download whose
+        // offer does not fit, say, before its Start goes out); and after, for what sending
+        // reported.
+        while let Some(event) = endpoint.poll_event() {
+            on_event(endpoint, event);
         }
         activity.sent += self.flush(endpoint);
         while let Some(event) = endpoint.poll_event() {

@@ -286,7 +286,8 @@ impl Client {
             endpoint.set_hasher(transfer, Box::new(hasher));
         }
         let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;
-        while outcome.is_none() {
+        let mut no_space: Option<StoreError> = None;
+        while outcome.is_none() && no_space.is_none() {
             if let Some(limit) = options.timeout {
                 if started.elapsed() >= limit {
                     endpoint.cancel(transfer);
@@ -300,7 +301,12 @@ impl Client {
             driver.turn(&mut endpoint, MAX_WAIT, &mut |ep, e| match e.event {
                 Event::Started { size } => {
                     if let Some(p) = ep.sink_mut(e.transfer) {
-                        p.set_size(size)
+                        p.set_size(size);
+                        no_space = p.ensure_space().err();
+                    }
+                    if no_space.is_some() {
+                        // Before the Start goes out: the server is told, nothing is sent.
+                        ep.cancel(e.transfer);
                     }
                 }
                 Event::Progress { bytes_done, total } => {
@@ -314,6 +320,14 @@ impl Client {
                 Event::Completed(c) => outcome = Some(Ok((c.size, c.stats))),
                 Event::Failed(err) => outcome = Some(Err(err)),
             })?;
+        }
+        if let Some(e) = no_space {
+            // The offered object does not fit (the transfer was cancelled): keep what is here.
+            driver.flush(&mut endpoint);
+            if let Some(mut partial) = endpoint.take_sink(transfer) {
+                let _ = partial.checkpoint();
+            }
+            return Err(e.into());
         }
         let Some(mut partial) = endpoint.take_sink(transfer) else {
             return Err(FetchError::Io(io::Error::other(

@@ -393,6 +393,27 @@ impl PartialFile {
         self.size = Some(size);
     }
 
+    /// Checks that the file system can hold the rest of the object (its size, known from the
+    /// journal or [`set_size`](Self::set_size), less what is already here). Call it after
+    /// `set_size`: a server may offer any size up to the receiver's `max_object_size`, and a
+    /// download the disk cannot hold should stop before it fills the disk. On
+    /// [`StoreError::NoSpace`], cancel the transfer and [`checkpoint`](Self::checkpoint).
+    /// Where free space cannot be asked (not Unix) it passes.
+    pub fn ensure_space(&self) -> Result<(), StoreError> {
+        let Some(size) = self.size else {
+            return Ok(());
+        };
+        let needed = size.saturating_sub(self.received.covered());
+        match super::free_space(&self.file) {
+            Some(free) if needed > free => Err(StoreError::NoSpace {
+                path: self.part.clone(),
+                needed,
+                free,
+            }),
+            _ => Ok(()),
+        }
+    }
+
     /// The object's size, if known (from the journal or [`set_size`](Self::set_size)); if it
     /// is `None` when the transfer completes, call `set_size` before [`finalize`](Self::finalize).
     pub fn size(&self) -> Option<u64> {

@@ -85,6 +85,16 @@ pub enum StoreError {
         /// Object size.
         size: u64,
     },
+    /// The disk holding the cache has less free space than the rest of the download needs.
+    #[error("not enough disk space for {}: {needed} more bytes needed, {free} free; free some space or use another cache directory", path.display())]
+    NoSpace {
+        /// The partial file.
+        path: PathBuf,
+        /// Bytes still to be written.
+        needed: u64,
+        /// Bytes available to this process on that file system.
+        free: u64,
+    },
     /// A finished cache entry no longer hashes to its name (disk corruption or tampering).
     #[error("cache entry {} does not hash to {expected} (it hashes to {actual}): delete it and download the object again", path.display())]
     Corrupt {
@@ -179,4 +189,19 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
+}
+
+/// Bytes available to unprivileged writers on the file system holding `file` (Unix), or `None`
+/// where that cannot be asked.
+pub(crate) fn free_space(file: &std::fs::File) -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let stat = rustix::fs::fstatvfs(file).ok()?;
+        Some(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        None
+    }
 }
