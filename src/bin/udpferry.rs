@@ -50,11 +50,12 @@ enum Command {
         #[arg(short, long)]
         verbose: bool,
     },
-    /// Download one object by its MD5, verify it, and store it in the cache and/or PATH.
+    /// Download one object by its MD5 (or SHA-256), verify it, and store it in the cache and/or PATH.
     Get {
         /// Server address (host:port).
         server: String,
-        /// The object's MD5 (32 hex digits, optionally prefixed with `md5:`).
+        /// The object's id: its MD5 (32 hex digits, optionally prefixed with `md5:`) or
+        /// `sha256:` and its SHA-256 (64 hex digits).
         md5: ObjectId,
         /// Also write the verified object to this path (atomically).
         #[arg(short, long)]

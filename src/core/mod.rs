@@ -41,7 +41,7 @@ pub use endpoint::{
 pub use pacer::Pacer;
 pub use ranges::RangeSet;
 pub use receiver::Receiver;
-// PrefixHasher and Md5Prefix are defined below.
+// PrefixHasher and InlineHasher are defined below.
 pub use rtt::RttEstimator;
 pub use sender::Sender;
 pub use stats::{DropStats, Stats};
@@ -52,7 +52,7 @@ use crate::wire::ErrorCode;
 /// Computes an object's id from its bytes, fed in order. A [`Receiver`] feeds it the in-order
 /// prefix as it grows, so hashing overlaps the transfer.
 ///
-/// The default, [`Md5Prefix`], hashes on the thread that drives the receiver. A driver that has
+/// The default, [`InlineHasher`], hashes on the thread that drives the receiver. A driver that has
 /// a core to spare can hand the bytes to another thread instead (see
 /// `net::HashThread`) and set it with [`Receiver::set_hasher`] or [`Endpoint::set_hasher`].
 pub trait PrefixHasher: Send + std::fmt::Debug {
@@ -63,18 +63,24 @@ pub trait PrefixHasher: Send + std::fmt::Debug {
     fn finish(&mut self) -> io::Result<ObjectId>;
 }
 
-/// MD5 on the calling thread: the default [`PrefixHasher`].
+/// The id's own algorithm (MD5 or SHA-256) on the calling thread: the default
+/// [`PrefixHasher`].
 #[derive(Debug, Clone, Default)]
-pub struct Md5Prefix(md5::Md5);
+pub struct InlineHasher(Option<crate::id::IdHasher>);
 
-impl PrefixHasher for Md5Prefix {
+impl InlineHasher {
+    /// A hasher that computes an id of `id`'s algorithm.
+    pub fn for_id(id: &ObjectId) -> Self {
+        InlineHasher(Some(id.hasher()))
+    }
+}
+
+impl PrefixHasher for InlineHasher {
     fn update(&mut self, bytes: &[u8]) {
-        md5::Digest::update(&mut self.0, bytes);
+        self.0.get_or_insert_with(Default::default).update(bytes);
     }
     fn finish(&mut self) -> io::Result<ObjectId> {
-        Ok(ObjectId::Md5(
-            md5::Digest::finalize(std::mem::take(&mut self.0)).into(),
-        ))
+        Ok(self.0.take().unwrap_or_default().finish())
     }
 }
 

@@ -7,7 +7,7 @@ use super::ranges::RangeSet;
 use super::report::{emit, Report};
 use super::rtt::RttEstimator;
 use super::{
-    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSink, Completion, Event, Md5Prefix,
+    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSink, Completion, Event, InlineHasher,
     PrefixHasher, Stats, TransferConfig, TransferError,
 };
 use crate::id::ObjectId;
@@ -125,7 +125,7 @@ impl<K: ChunkSink> Receiver<K> {
             clock_epoch: now,
             object: None,
             received: RangeSet::new(),
-            hasher: Box::new(Md5Prefix::default()),
+            hasher: Box::new(InlineHasher::for_id(&id)),
             hashed_chunks: 0,
             scratch: Vec::new(),
             largest_seq: None,
@@ -150,7 +150,8 @@ impl<K: ChunkSink> Receiver<K> {
         }
     }
 
-    /// Replaces the MD5-on-this-thread hasher (for example with `net::HashThread`). Call it
+    /// Replaces the hasher that runs on this thread (for example with `net::HashThread`; it
+    /// must compute ids of this transfer's algorithm). Call it
     /// before the first datagram; later, the bytes already hashed would be lost, so it is
     /// ignored and returns false.
     pub fn set_hasher(&mut self, hasher: Box<dyn PrefixHasher>) -> bool {

@@ -1,10 +1,12 @@
-//! MD5 on a thread of its own, for receivers whose driving thread is the bottleneck.
+//! The id's digest (MD5 or SHA-256) on a thread of its own, for receivers whose driving thread
+//! is the bottleneck.
 
 use std::io;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::thread::JoinHandle;
 
-use crate::core::{Md5Prefix, PrefixHasher};
+use crate::core::PrefixHasher;
+use crate::id::IdHasher;
 use crate::id::ObjectId;
 
 /// Bytes gathered before a hand-over to the thread.
@@ -13,7 +15,8 @@ const BATCH_BYTES: usize = 256 << 10;
 /// (about 1.3 MiB) and the digest is at most that far behind.
 const QUEUED_BATCHES: usize = 4;
 
-/// A [`PrefixHasher`] that computes MD5 on a thread of its own.
+/// A [`PrefixHasher`] that computes the object's digest (MD5 or SHA-256) on a thread of its
+/// own.
 ///
 /// Receiving, copying and acknowledging take about a third of a receiving thread's time on
 /// loopback and MD5 the rest; with this hasher the two run on two cores. Bytes are copied into
@@ -31,21 +34,29 @@ pub struct HashThread {
 }
 
 impl HashThread {
-    /// Starts the thread. It ends when [`finish`](PrefixHasher::finish) is called or the
+    /// Starts an MD5 thread. It ends when [`finish`](PrefixHasher::finish) is called or the
     /// hasher is dropped.
     pub fn new() -> io::Result<Self> {
+        Self::start(IdHasher::default())
+    }
+
+    /// Starts a thread that computes an id of `id`'s algorithm: use it for a download of `id`.
+    pub fn for_id(id: &ObjectId) -> io::Result<Self> {
+        Self::start(id.hasher())
+    }
+
+    fn start(mut hasher: IdHasher) -> io::Result<Self> {
         let (batches, todo) = sync_channel::<Vec<u8>>(QUEUED_BATCHES);
         let (give_back, spare) = sync_channel::<Vec<u8>>(QUEUED_BATCHES + 1);
         let thread = std::thread::Builder::new()
-            .name("udpferry-md5".into())
+            .name("udpferry-hash".into())
             .spawn(move || {
-                let mut md5 = Md5Prefix::default();
                 for mut batch in todo {
-                    md5.update(&batch);
+                    hasher.update(&batch);
                     batch.clear();
                     let _ = give_back.try_send(batch);
                 }
-                md5.finish()
+                Ok(hasher.finish())
             })?;
         Ok(HashThread {
             batch: Vec::with_capacity(BATCH_BYTES),
@@ -118,7 +129,7 @@ mod tests {
             3 * BATCH_BYTES,
         ] {
             let mut threaded = HashThread::new().unwrap();
-            let mut inline = Md5Prefix::default();
+            let mut inline = crate::core::InlineHasher::default();
             for chunk in data.chunks(piece) {
                 threaded.update(chunk);
                 inline.update(chunk);
@@ -134,5 +145,11 @@ mod tests {
             ObjectId::md5_of(b""),
             "empty object"
         );
+        let sha = ObjectId::sha256_of(&data);
+        let mut threaded = HashThread::for_id(&sha).unwrap();
+        for chunk in data.chunks(1168) {
+            threaded.update(chunk);
+        }
+        assert_eq!(threaded.finish().unwrap(), sha);
     }
 }

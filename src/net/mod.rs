@@ -281,8 +281,8 @@ impl Client {
         config.seed = random_seed();
         let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
         let transfer = endpoint.fetch(Instant::now(), server, id, &have, partial);
-        // MD5 on a second core; without a thread, on this one.
-        if let Ok(hasher) = HashThread::new() {
+        // The digest on a second core; without a thread, on this one.
+        if let Ok(hasher) = HashThread::for_id(&id) {
             endpoint.set_hasher(transfer, Box::new(hasher));
         }
         let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! magic  "UFJ1"                      4 bytes
-//! id     algorithm byte + digest     1 + 16 bytes (algorithm 1 = MD5)
+//! id     algorithm byte + digest     1 + 16 bytes (algorithm 1 = MD5) or 1 + 32 (2 = SHA-256)
 //! size   object size                 u64 (UNKNOWN_SIZE when the offer had not arrived yet)
 //! count  number of ranges            u32
 //! ranges (start u64, end u64) * count   ascending, non-empty, disjoint, non-adjacent, end <= size
@@ -23,8 +23,10 @@ pub const MAGIC: [u8; 4] = *b"UFJ1";
 /// The size field's value while the object's size is not known yet.
 pub const UNKNOWN_SIZE: u64 = u64::MAX;
 
-/// Bytes before the ranges: magic, id, size, count.
-const HEADER_LEN: usize = 4 + 1 + 16 + 8 + 4;
+/// Bytes before the ranges with a digest of `digest_len` bytes: magic, id, size, count.
+const fn header_len(digest_len: usize) -> usize {
+    4 + 1 + digest_len + 8 + 4
+}
 /// Bytes of one range.
 const RANGE_LEN: usize = 16;
 /// Bytes of the CRC trailer.
@@ -67,7 +69,8 @@ pub enum JournalError {
 /// Call it when checkpointing a partial download; write the result to a temporary file and
 /// rename it over the journal. Ranges past `size` are the caller's bug: [`decode`] rejects them.
 pub fn encode(id: &ObjectId, size: u64, ranges: &RangeSet) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + ranges.len() * RANGE_LEN + CRC_LEN);
+    let mut out =
+        Vec::with_capacity(header_len(id.digest().len()) + ranges.len() * RANGE_LEN + CRC_LEN);
     out.extend_from_slice(&MAGIC);
     out.push(id.algorithm());
     out.extend_from_slice(id.digest());
@@ -87,24 +90,34 @@ pub fn encode(id: &ObjectId, size: u64, ranges: &RangeSet) -> Vec<u8> {
 /// Never panics. On `Err`, the caller must treat the partial file as holding nothing (truncate
 /// it and start over); on `Ok`, it still checks that the id and size are the ones it expects.
 pub fn decode(bytes: &[u8]) -> Result<(ObjectId, u64, RangeSet), JournalError> {
-    let min = HEADER_LEN + CRC_LEN;
+    let shortest = header_len(16) + CRC_LEN;
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         return if bytes.len() < MAGIC.len() && MAGIC.starts_with(bytes) {
             Err(JournalError::Truncated {
                 len: bytes.len(),
-                needed: min,
+                needed: shortest,
             })
         } else {
             Err(JournalError::BadMagic)
         };
     }
+    let Some(&algorithm) = bytes.get(MAGIC.len()) else {
+        return Err(JournalError::Truncated {
+            len: bytes.len(),
+            needed: shortest,
+        });
+    };
+    let digest_len =
+        ObjectId::digest_len(algorithm).ok_or(JournalError::UnknownAlgorithm(algorithm))?;
+    let header = header_len(digest_len);
+    let min = header + CRC_LEN;
     if bytes.len() < min {
         return Err(JournalError::Truncated {
             len: bytes.len(),
             needed: min,
         });
     }
-    let count = u32::from_be_bytes(array(&bytes[HEADER_LEN - 4..HEADER_LEN]));
+    let count = u32::from_be_bytes(array(&bytes[header - 4..header]));
     // u32 * 16 fits in u64 (and in usize on 64-bit); saturate on smaller targets.
     let needed = (count as usize)
         .checked_mul(RANGE_LEN)
@@ -124,14 +137,13 @@ pub fn decode(bytes: &[u8]) -> Result<(ObjectId, u64, RangeSet), JournalError> {
     if crc32fast::hash(body) != crc {
         return Err(JournalError::BadChecksum);
     }
-    let id = match bytes[4] {
-        ObjectId::ALG_MD5 => ObjectId::Md5(array(&bytes[5..21])),
-        other => return Err(JournalError::UnknownAlgorithm(other)),
-    };
-    let size = u64::from_be_bytes(array(&bytes[21..29]));
+    let digest_end = 5 + digest_len;
+    let id = ObjectId::from_parts(algorithm, &bytes[5..digest_end])
+        .ok_or(JournalError::UnknownAlgorithm(algorithm))?;
+    let size = u64::from_be_bytes(array(&bytes[digest_end..digest_end + 8]));
     let mut ranges = RangeSet::new();
     let mut prev_end: Option<u64> = None;
-    for (index, raw) in body[HEADER_LEN..].chunks_exact(RANGE_LEN).enumerate() {
+    for (index, raw) in body[header..].chunks_exact(RANGE_LEN).enumerate() {
         let start = u64::from_be_bytes(array(&raw[..8]));
         let end = u64::from_be_bytes(array(&raw[8..]));
         let after_prev = prev_end.is_none_or(|p| start > p);
@@ -164,10 +176,25 @@ mod tests {
     }
 
     #[test]
+    fn sha256_journals_round_trip_and_are_not_read_as_md5() {
+        let (_, size, ranges) = sample();
+        let id = ObjectId::sha256_of(b"journal");
+        let good = encode(&id, size, &ranges);
+        assert_eq!(good.len(), header_len(32) + 2 * RANGE_LEN + CRC_LEN);
+        assert_eq!(decode(&good), Ok((id, size, ranges)));
+        for cut in 0..good.len() {
+            assert!(decode(&good[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut as_md5 = good.clone();
+        as_md5[4] = ObjectId::ALG_MD5;
+        assert!(decode(&as_md5).is_err());
+    }
+
+    #[test]
     fn round_trips_and_rejects_each_kind_of_damage() {
         let (id, size, ranges) = sample();
         let good = encode(&id, size, &ranges);
-        assert_eq!(good.len(), HEADER_LEN + 2 * RANGE_LEN + CRC_LEN);
+        assert_eq!(good.len(), header_len(16) + 2 * RANGE_LEN + CRC_LEN);
         assert_eq!(decode(&good), Ok((id, size, ranges.clone())));
 
         let mut bad = good.clone();

@@ -522,6 +522,7 @@ pub(super) fn decode(buf: &[u8]) -> Result<Datagram<'_>, DecodeError> {
 fn read_id(r: &mut Reader<'_>) -> Result<ObjectId, DecodeError> {
     match r.u8()? {
         ObjectId::ALG_MD5 => Ok(ObjectId::Md5(r.array()?)),
+        ObjectId::ALG_SHA256 => Ok(ObjectId::Sha256(r.array()?)),
         _ => Err(DecodeError::InvalidField {
             field: "object_id",
             reason: "unknown digest algorithm",
