@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use md5::{Digest, Md5};
 
 use super::journal::{self, UNKNOWN_SIZE};
-use super::{read_exact_at, sync_dir, write_all_at, StoreError, BUF_LEN};
+use super::{read_exact_at, sync_dir, write_all_at, SafePath, StoreError, BUF_LEN};
 use crate::core::{ChunkSink, RangeSet};
 use crate::id::ObjectId;
 
@@ -20,12 +20,20 @@ pub const JOURNAL_INTERVAL_BYTES: u64 = 4 << 20;
 /// arrive about 1.2 KB at a time, and one system call each would cost more than the copy.
 const WRITE_RUN_BYTES: usize = 256 << 10;
 
+// The suffixes of a cache entry's files, after `<hex>`: the finished object, the partial
+// download, its journal, and a journal being written.
+const OBJECT: &str = "";
+const PART: &str = ".part";
+const JOURNAL: &str = ".journal";
+const JOURNAL_TMP: &str = ".journal.tmp";
+
 /// A directory of objects named by their MD5 (client side).
 ///
 /// Open it once with [`open`](Self::open). For each object the game needs: if
 /// [`contains`](Self::contains) says it is there, load [`path_of`](Self::path_of); otherwise
 /// call [`begin`](Self::begin) and hand the [`PartialFile`] and have-set to the core's receiver.
-/// File names come only from [`ObjectId::to_hex`], never from the network.
+/// File names come only from [`ObjectId::to_hex`], never from the network, and are built as a
+/// [`SafePath`] like every other name the store joins to a root.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
@@ -64,7 +72,19 @@ impl Cache {
 
     /// Where the finished object `id` lives (`<root>/<md5hex>`), whether or not it is there yet.
     pub fn path_of(&self, id: &ObjectId) -> PathBuf {
-        self.root.join(id.to_hex())
+        self.entry(id, OBJECT)
+    }
+
+    /// `<root>/<hex><suffix>`: every file name the cache uses is built here, through
+    /// [`SafePath`].
+    fn entry(&self, id: &ObjectId, suffix: &str) -> PathBuf {
+        let name = format!("{}{suffix}", id.to_hex());
+        match SafePath::parse(&name) {
+            Ok(name) => name.join_to(&self.root),
+            // Hex digits and the fixed suffixes above break no rule (the test below checks each
+            // one), so this is a bug in this file, never a consequence of input.
+            Err(e) => unreachable!("cache entry name {name:?} rejected: {e}"),
+        }
     }
 
     /// True when the finished object is in the cache: load [`path_of`](Self::path_of) instead of
@@ -91,10 +111,9 @@ impl Cache {
         id: &ObjectId,
         size: Option<u64>,
     ) -> Result<(PartialFile, RangeSet), StoreError> {
-        let hex = id.to_hex();
-        let part = self.root.join(format!("{hex}.part"));
-        let journal = self.root.join(format!("{hex}.journal"));
-        let tmp = self.root.join(format!("{hex}.journal.tmp"));
+        let part = self.entry(id, PART);
+        let journal = self.entry(id, JOURNAL);
+        let tmp = self.entry(id, JOURNAL_TMP);
         let _ = fs::remove_file(&tmp);
         let file = OpenOptions::new()
             .read(true)
@@ -620,5 +639,32 @@ impl ChunkSink for PartialFile {
             self.write_run()?;
         }
         read_exact_at(&self.file, buf, offset)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_entry_name_is_a_safe_path_directly_under_the_root() {
+        let cache = Cache {
+            root: PathBuf::from("root"),
+        };
+        for id in [
+            ObjectId::Md5([0; 16]),
+            ObjectId::Md5([0xff; 16]),
+            ObjectId::md5_of(b"map"),
+        ] {
+            for suffix in [OBJECT, PART, JOURNAL, JOURNAL_TMP] {
+                let name = format!("{}{suffix}", id.to_hex());
+                assert!(SafePath::parse(&name).is_ok(), "{name:?} rejected");
+                assert_eq!(cache.entry(&id, suffix), Path::new("root").join(&name));
+            }
+        }
+        assert_eq!(
+            cache.path_of(&ObjectId::Md5([0xab; 16])),
+            Path::new("root").join("ab".repeat(16))
+        );
     }
 }

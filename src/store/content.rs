@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::{hash_file, read_exact_at, StoreError};
+use super::{hash_file, read_exact_at, SafePath, StoreError};
 use crate::core::ChunkSource;
 use crate::id::ObjectId;
 
@@ -58,7 +58,7 @@ pub struct ObjectInfo {
     pub id: ObjectId,
     /// Its size in bytes.
     pub size: u64,
-    /// Its path relative to the store's root.
+    /// Its path relative to the store's root (always a valid [`SafePath`]).
     pub path: PathBuf,
 }
 
@@ -76,6 +76,8 @@ enum Recheck {
 
 #[derive(Debug)]
 struct Entry {
+    /// The path relative to the root, as checked by the walk; `info.path` is its `PathBuf`.
+    name: SafePath,
     info: ObjectInfo,
     stamp: Stamp,
     /// Hashed too soon after a change to trust the stamp: re-hash on open.
@@ -89,6 +91,9 @@ struct Entry {
 /// get a [`FileSource`] for the core's sender. After adding or removing files call
 /// [`rescan`](Self::rescan). Symbolic links are followed only to regular files inside the root;
 /// links to directories, links leading outside the root and non-regular files are not served.
+/// Neither is a file whose path relative to the root is not a [`SafePath`] (not UTF-8, a Windows
+/// device name such as `con.txt`, a name ending in a dot, deeper than 32 levels, ...): it is
+/// skipped without an error, and a directory whose path is not one is not entered.
 #[derive(Debug)]
 pub struct ContentStore {
     root: PathBuf,
@@ -174,7 +179,7 @@ impl ContentStore {
         let Some(entry) = self.entries.get_mut(i) else {
             return Ok(Recheck::NotNow);
         };
-        let path = self.root.join(&entry.info.path);
+        let path = entry.name.join_to(&self.root);
         let Some((file, meta)) = open_regular(&self.root, &path)? else {
             return Ok(Recheck::Gone);
         };
@@ -200,14 +205,14 @@ impl ContentStore {
     /// re-hashed; unchanged files keep their id without being read. Call it when the served
     /// directory changed (for example after deploying new maps).
     pub fn rescan(&mut self) -> Result<(), StoreError> {
-        let mut known: HashMap<PathBuf, Entry> = self
+        let mut known: HashMap<SafePath, Entry> = self
             .entries
             .drain(..)
-            .map(|e| (e.info.path.clone(), e))
+            .map(|e| (e.name.clone(), e))
             .collect();
         let mut entries = Vec::new();
-        for (rel, abs) in walk(&self.root)? {
-            if let Some(old) = known.remove(&rel) {
+        for (name, abs) in walk(&self.root)? {
+            if let Some(old) = known.remove(&name) {
                 let meta = fs::metadata(&abs).map_err(|e| StoreError::io("inspect", &abs, e))?;
                 if !old.racy && old.stamp == Stamp::of(&meta) {
                     entries.push(old);
@@ -228,8 +233,9 @@ impl ContentStore {
                 info: ObjectInfo {
                     id,
                     size: stamp.size,
-                    path: rel,
+                    path: name.to_path_buf(),
                 },
+                name,
                 stamp,
                 racy: !unchanged || stamp.is_racy(),
             });
@@ -257,29 +263,40 @@ fn hash_settled(file: &File, len: u64, path: &Path) -> Result<Option<ObjectId>, 
     }
 }
 
-/// Every servable file under `root`: (path relative to root, path to open).
-fn walk(root: &Path) -> Result<Vec<(PathBuf, PathBuf)>, StoreError> {
+/// Every servable file under `root`: (path relative to root, path to open). Entries whose
+/// relative path is not a [`SafePath`] are skipped, and so is everything under such a directory
+/// (its contents' paths would break the same rule).
+fn walk(root: &Path) -> Result<Vec<(SafePath, PathBuf)>, StoreError> {
     let mut out = Vec::new();
-    let mut dirs = vec![PathBuf::new()];
+    let mut dirs: Vec<Option<SafePath>> = vec![None];
     while let Some(rel_dir) = dirs.pop() {
-        let dir = root.join(&rel_dir);
+        let dir = rel_dir
+            .as_ref()
+            .map_or_else(|| root.to_path_buf(), |d| d.join_to(root));
         let read = match fs::read_dir(&dir) {
             Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && !rel_dir.as_os_str().is_empty() => {
-                continue
-            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && rel_dir.is_some() => continue,
             Err(e) => return Err(StoreError::io("read directory", &dir, e)),
         };
         for item in read {
             let item = item.map_err(|e| StoreError::io("read directory", &dir, e))?;
-            let rel = rel_dir.join(item.file_name());
+            let file_name = item.file_name();
+            let Some(file_name) = file_name.to_str() else {
+                continue; // not UTF-8: not a SafePath
+            };
+            let rel = match &rel_dir {
+                Some(d) => SafePath::parse(&format!("{d}/{file_name}")),
+                None => SafePath::parse(file_name),
+            };
+            let Ok(rel) = rel else { continue };
             let Ok(kind) = item.file_type() else { continue };
+            let abs = rel.join_to(root);
             if kind.is_dir() {
-                dirs.push(rel);
+                dirs.push(Some(rel));
             } else if kind.is_file()
-                || (kind.is_symlink() && inside_root_file(root, &item.path()).is_some())
+                || (kind.is_symlink() && inside_root_file(root, &abs).is_some())
             {
-                out.push((rel, item.path()));
+                out.push((rel, abs));
             }
         }
     }

@@ -6,6 +6,9 @@
 //! - [`Cache`] (client): finished objects as `<root>/<md5hex>`, downloads in progress as
 //!   `<md5hex>.part` plus a resume [`journal`] (`<md5hex>.journal`) through [`PartialFile`], a
 //!   [`ChunkSink`](crate::core::ChunkSink).
+//! - [`SafePath`]: the one type for names that reach the file system. Relative, length-limited,
+//!   no `..`, no drive letters or Windows device names; both of the above build their file names
+//!   through it.
 //!
 //! # Crash safety
 //!
@@ -13,7 +16,7 @@
 //! atomically (write a temporary file, rename it over the old one), so a kill at any moment leaves
 //! a journal that tells the truth. A finished object appears under its final name only through an
 //! atomic rename after an fsync. Names on disk come from [`ObjectId::to_hex`], never from the
-//! network.
+//! network, and pass through [`SafePath`] like every other name the store joins to a root.
 //!
 //! # Typical use (client)
 //!
@@ -34,6 +37,7 @@
 mod cache;
 mod content;
 pub mod journal;
+mod safe_path;
 
 use std::fs::File;
 use std::io;
@@ -42,6 +46,7 @@ use std::path::{Path, PathBuf};
 pub(crate) use cache::random_u64;
 pub use cache::{Cache, PartialFile, JOURNAL_INTERVAL_BYTES};
 pub use content::{ContentStore, FileSource, ObjectInfo};
+pub use safe_path::{NameError, SafePath};
 
 use crate::id::ObjectId;
 
