@@ -1010,3 +1010,42 @@ fn a_flood_of_garbage_and_half_open_requests_does_not_stop_a_real_download() {
     }
     drop(server);
 }
+
+/// A client that does not trust the server's choice of object asks by SHA-256: the server
+/// serves the same file under both ids, the download is verified with SHA-256, and the cache
+/// names it by its 64-digit hex.
+#[test]
+fn get_by_sha256_id_verifies_with_sha256() {
+    let tmp = TempDir::new("sha256");
+    let dir = tmp.join("served");
+    let data = content(3 * MIB + 77, 31);
+    let md5 = put_file(&dir, "assets/pack.bin", &data);
+    let sha = udpferry::ObjectId::sha256_of(&data);
+    let (server, addr, _) = spawn_server(&dir, &[]);
+    let cache = tmp.join("c");
+    let out = tmp.join("pack.out");
+    let r = get(addr, &sha.to_string(), &out, &cache, &[], GET_LIMIT);
+    assert!(r.status.success(), "get by sha256: {r:?}");
+    assert_file_eq(&out, &data);
+    assert!(
+        cache.join(sha.to_hex()).exists(),
+        "cached under the SHA-256 hex: {:?}",
+        entries(&cache)
+    );
+    assert!(!cache.join(&md5).exists(), "not under the MD5");
+    // A bare 64-digit id is refused (the algorithm must be explicit).
+    let bare = get(addr, &sha.to_hex(), &tmp.join("x"), &cache, &[], GET_LIMIT);
+    assert!(!bare.status.success(), "{bare:?}");
+    // An id nobody serves is not found, not confused with the MD5.
+    let other = udpferry::ObjectId::sha256_of(b"not served");
+    let missing = get(
+        addr,
+        &other.to_string(),
+        &tmp.join("y"),
+        &cache,
+        &[],
+        GET_LIMIT,
+    );
+    assert_fails_with(&missing, &["not found"], "an unknown sha256 id");
+    drop(server);
+}

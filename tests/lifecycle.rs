@@ -93,6 +93,50 @@ fn wrong_bytes_under_the_requested_name_never_complete() {
     );
 }
 
+/// A server that built another object with the same MD5 passes an MD5 check; under a SHA-256
+/// id the receiver checks SHA-256, so the right object completes and any other fails.
+#[test]
+fn sha256_ids_are_verified_with_sha256() {
+    let data = object(100_000, 3);
+    let start = Instant::now();
+    let id = ObjectId::sha256_of(&data);
+    let rx = fresh_receiver(start, id);
+    let mut pair = Pair::new(
+        3,
+        start,
+        server(id, data.clone(), TransferConfig::default()),
+        rx,
+        link(),
+        link(),
+    );
+    pair.run(100_000, start + Duration::from_secs(60));
+    let events = receiver_events(&mut pair.b);
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Completed(_))),
+        "{events:?}"
+    );
+    assert_eq!(pair.b.sink(), &data);
+
+    let mut other = data.clone();
+    other[50_000] ^= 1;
+    let rx = fresh_receiver(start, id);
+    let mut pair = Pair::new(
+        4,
+        start,
+        server(id, other.clone(), TransferConfig::default()),
+        rx,
+        link(),
+        link(),
+    );
+    pair.run(100_000, start + Duration::from_secs(60));
+    match receiver_events(&mut pair.b).last() {
+        Some(Event::Failed(TransferError::DigestMismatch { expected, actual })) => {
+            assert_eq!((*expected, *actual), (id, ObjectId::sha256_of(&other)));
+        }
+        other => panic!("expected a digest mismatch, got {other:?}"),
+    }
+}
+
 #[test]
 fn silent_server_times_out_without_spinning() {
     let config = TransferConfig {

@@ -6,8 +6,6 @@ use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use md5::{Digest, Md5};
-
 use super::journal::{self, UNKNOWN_SIZE};
 use super::{read_exact_at, sync_dir, write_all_at, SafePath, StoreError, BUF_LEN};
 use crate::core::{ChunkSink, RangeSet};
@@ -213,7 +211,7 @@ impl Cache {
             .open(&tmp)
             .map_err(|e| StoreError::io("create", &tmp, e))?;
         let result = (|| {
-            let mut hasher = Md5::new();
+            let mut hasher = id.hasher();
             let mut buf = vec![0u8; BUF_LEN];
             loop {
                 let n = match src.read(&mut buf) {
@@ -226,7 +224,7 @@ impl Cache {
                 out.write_all(&buf[..n])
                     .map_err(|e| StoreError::io("write", &tmp, e))?;
             }
-            let actual = ObjectId::Md5(hasher.finalize().into());
+            let actual = hasher.finish();
             if actual != *id {
                 return Err(StoreError::Corrupt {
                     path: src_path.clone(),

@@ -6,7 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::{hash_file, read_exact_at, SafePath, StoreError};
+use super::{hash_file, read_exact_at, FileIds, SafePath, StoreError};
 use crate::core::ChunkSource;
 use crate::id::ObjectId;
 
@@ -56,6 +56,8 @@ impl Stamp {
 pub struct ObjectInfo {
     /// MD5 of the file's bytes when it was last hashed.
     pub id: ObjectId,
+    /// SHA-256 of the same bytes: the store serves the file under either id.
+    pub sha256: ObjectId,
     /// Its size in bytes.
     pub size: u64,
     /// Its path relative to the store's root (always a valid [`SafePath`]).
@@ -185,16 +187,17 @@ impl ContentStore {
         };
         let stamp = Stamp::of(&meta);
         if stamp != entry.stamp || entry.racy {
-            let Some(new_id) = hash_settled(&file, stamp.size, &path)? else {
+            let Some(ids) = hash_settled(&file, stamp.size, &path)? else {
                 entry.racy = true; // shrinking under us: not servable now, re-check next time
                 return Ok(Recheck::NotNow);
             };
-            entry.info.id = new_id;
+            entry.info.id = ids.md5;
+            entry.info.sha256 = ids.sha256;
             entry.info.size = stamp.size;
             entry.stamp = stamp;
             entry.racy = stamp.is_racy();
         }
-        Ok(if entry.info.id == *id {
+        Ok(if entry.info.id == *id || entry.info.sha256 == *id {
             Recheck::Serve(stamp.size, FileSource::new(file, stamp, path))
         } else {
             Recheck::Changed
@@ -225,13 +228,14 @@ impl ContentStore {
             };
             let stamp = Stamp::of(&meta);
             // Shrinking while being read: being rewritten; the next rescan picks it up.
-            let Some(id) = hash_settled(&file, stamp.size, &abs)? else {
+            let Some(ids) = hash_settled(&file, stamp.size, &abs)? else {
                 continue;
             };
             let unchanged = file.metadata().is_ok_and(|m| Stamp::of(&m) == stamp);
             entries.push(Entry {
                 info: ObjectInfo {
-                    id,
+                    id: ids.md5,
+                    sha256: ids.sha256,
                     size: stamp.size,
                     path: name.to_path_buf(),
                 },
@@ -250,12 +254,13 @@ impl ContentStore {
         self.by_id.clear();
         for (i, e) in self.entries.iter().enumerate() {
             self.by_id.entry(e.info.id).or_default().push(i);
+            self.by_id.entry(e.info.sha256).or_default().push(i);
         }
     }
 }
 
 /// Hashes `len` bytes of `file`; `None` if the file got shorter meanwhile (it is being rewritten).
-fn hash_settled(file: &File, len: u64, path: &Path) -> Result<Option<ObjectId>, StoreError> {
+fn hash_settled(file: &File, len: u64, path: &Path) -> Result<Option<FileIds>, StoreError> {
     match hash_file(file, len) {
         Ok(id) => Ok(Some(id)),
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),

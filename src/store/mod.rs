@@ -167,20 +167,32 @@ pub(crate) fn write_all_at(mut file: &File, data: &[u8], offset: u64) -> io::Res
     file.write_all(data)
 }
 
-/// Hashes the first `len` bytes of `file` through a fixed 1 MiB buffer.
-pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<ObjectId> {
-    use md5::{Digest, Md5};
-    let mut hasher = Md5::new();
+/// A file's ids under both algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileIds {
+    pub(crate) md5: ObjectId,
+    pub(crate) sha256: ObjectId,
+}
+
+/// Hashes the first `len` bytes of `file` through a fixed 1 MiB buffer, MD5 and SHA-256 in one
+/// pass (a client may ask by either).
+pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<FileIds> {
+    let mut md5 = crate::id::IdHasher::new(ObjectId::ALG_MD5).unwrap_or_default();
+    let mut sha256 = crate::id::IdHasher::new(ObjectId::ALG_SHA256).unwrap_or_default();
     let mut buf = vec![0u8; BUF_LEN];
     let mut offset = 0u64;
     while offset < len {
         let n = usize::try_from(len - offset).map_or(BUF_LEN, |left| left.min(BUF_LEN));
         let chunk = &mut buf[..n];
         read_exact_at(file, chunk, offset)?;
-        hasher.update(&*chunk);
+        md5.update(chunk);
+        sha256.update(chunk);
         offset += n as u64;
     }
-    Ok(ObjectId::Md5(hasher.finalize().into()))
+    Ok(FileIds {
+        md5: md5.finish(),
+        sha256: sha256.finish(),
+    })
 }
 
 /// Makes a rename or unlink in `dir` durable (a no-op where directories cannot be synced).
