@@ -1,6 +1,8 @@
 //! An endpoint serving one object and fetching another, fed arbitrary (source, datagram, time
-//! step) sequences (each resealed with a valid CRC so they reach the state machines). Never a
-//! panic; state stays within the configured limits.
+//! step) sequences (each resealed with a valid CRC so they reach the state machines). Starts
+//! echo the nonce of an offer the endpoint sent to that address and connection when the input
+//! says so, so transfers get created past the stateless handshake. Never a panic; state stays
+//! within the configured limits.
 #![no_main]
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -32,6 +34,8 @@ fuzz_target!(|data: &[u8]| {
         Vec::new(),
     );
     let mut buf = vec![0u8; 2048];
+    // Offers the endpoint sent: (to, connection id) -> nonce.
+    let mut offers: HashMap<(SocketAddr, u64), u64> = HashMap::new();
     // Records: [len][source][kind][step_ms][conn id byte][body...]
     let mut rest = data;
     while rest.len() >= 5 {
@@ -46,16 +50,21 @@ fuzz_target!(|data: &[u8]| {
         d.extend_from_slice(b"UFRY\x01");
         d.push(kind);
         d.extend_from_slice(&conn.to_be_bytes());
-        if kind == 1 {
-            // Half the requests name the served object, so transfers get created.
+        let request_body = |d: &mut Vec<u8>, served: bool| {
             d.push(1);
-            d.extend_from_slice(if body.first().is_some_and(|b| b & 1 == 0) {
-                id.digest()
-            } else {
-                &[0u8; 16]
-            });
+            d.extend_from_slice(if served { id.digest() } else { &[0u8; 16] });
             d.extend_from_slice(&1200u16.to_be_bytes());
             d.extend_from_slice(&[0u8; 10]);
+        };
+        let echo = offers.get(&(from, conn)).copied();
+        if kind == 1 {
+            // Half the requests name the served object, so offers get made.
+            request_body(&mut d, body.first().is_some_and(|b| b & 1 == 0));
+        } else if kind == 3 && echo.is_some() && body.first().is_some_and(|b| b & 3 != 0) {
+            // Most Starts to an address that got an offer echo its nonce (so transfers get
+            // created); the rest carry whatever the input says.
+            d.extend_from_slice(&echo.unwrap_or(0).to_be_bytes());
+            request_body(&mut d, true);
         } else {
             d.extend_from_slice(body);
         }
@@ -67,6 +76,11 @@ fuzz_target!(|data: &[u8]| {
         }
         while let Some(t) = ep.poll_transmit(now, &mut buf) {
             assert!(t.len <= 1200);
+            if let Ok(d) = udpferry::wire::decode(&buf[..t.len]) {
+                if let udpferry::wire::Frame::Offer(o) = d.frame {
+                    offers.insert((t.destination, d.conn_id.0), o.nonce);
+                }
+            }
         }
         while ep.poll_event().is_some() {}
         assert!(ep.transfer_count() <= 8);
