@@ -69,6 +69,11 @@ enum Command {
         /// One status line per second on stderr, and the transfer's counters at the end.
         #[arg(short, long)]
         verbose: bool,
+        /// A local file that may hold parts of the object, such as an older version of the
+        /// map (repeatable). Blocks found in it are copied instead of downloaded; an existing
+        /// file at --output is searched too.
+        #[arg(long = "base", value_name = "PATH")]
+        bases: Vec<PathBuf>,
     },
     /// Send a generated map from a server to a client in this process and print what it cost.
     Demo {
@@ -103,11 +108,12 @@ fn main() -> ExitCode {
         Command::Get {
             server,
             md5,
+            bases,
             output,
             cache,
             timeout,
             verbose,
-        } => get(&server, md5, output, cache, timeout, verbose),
+        } => get(&server, md5, output, cache, timeout, verbose, bases),
         Command::Demo {
             size_mib,
             simulated: true,
@@ -259,6 +265,7 @@ fn get(
     cache: Option<PathBuf>,
     timeout: Option<f64>,
     verbose: bool,
+    bases: Vec<PathBuf>,
 ) -> ExitCode {
     let Some(cache_dir) = cache.or_else(Cache::default_dir) else {
         return fail(
@@ -268,6 +275,7 @@ fn get(
     };
     let mut options = FetchOptions::new(cache_dir);
     options.output = output;
+    options.bases = bases;
     options.timeout = match timeout {
         Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
         Some(_) => return fail("get", "--timeout must be a positive number of seconds"),
@@ -370,10 +378,14 @@ fn summary(r: &Report) -> String {
         r.object,
         r.size,
         secs,
-        (r.size - r.resumed_bytes.min(r.size)) as f64 / secs / 1e6,
+        (r.size - (r.resumed_bytes + r.reused_bytes).min(r.size)) as f64 / secs / 1e6,
         r.stats.bytes_retransmitted,
         if r.resumed_bytes > 0 {
             format!(", resumed from {} bytes", r.resumed_bytes)
+        } else {
+            String::new()
+        } + &if r.reused_bytes > 0 {
+            format!(", reused {} bytes from local files", r.reused_bytes)
         } else {
             String::new()
         }

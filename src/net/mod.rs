@@ -29,6 +29,7 @@ use crate::core::{
 use crate::id::ObjectId;
 use crate::store::{Cache, ContentStore, PartialFile, StoreError};
 
+mod delta;
 mod driver;
 mod hasher;
 pub use driver::{Activity, Driver};
@@ -36,6 +37,8 @@ pub use hasher::HashThread;
 
 /// Socket buffer size requested for both directions (the kernel may grant less).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// Longest a delta download waits for the object's manifest before fetching it whole.
+const MANIFEST_WAIT: Duration = Duration::from_secs(10);
 /// Longest the blocking loops sleep without checking their stop flag or deadline.
 const MAX_WAIT: Duration = Duration::from_millis(50);
 
@@ -53,15 +56,16 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
+/// Serves every object of the store, and the manifest of each (for delta downloads).
 impl ObjectProvider for ContentStore {
-    type Source = crate::store::FileSource;
+    type Source = crate::store::Served;
     fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>> {
-        self.open_object(id).map_err(Into::into)
+        self.open_any(id).map_err(Into::into)
     }
     /// From the index, without touching the disk: a request may come from a forged address,
     /// and only the Start's `open` re-checks (and if need be re-hashes) the file.
     fn size_of(&mut self, id: &ObjectId) -> io::Result<Option<u64>> {
-        Ok(self.get(id).map(|info| info.size))
+        Ok(self.size_of_any(id))
     }
 }
 
@@ -158,6 +162,11 @@ pub struct FetchOptions {
     pub endpoint: EndpointConfig,
     /// Local address to bind (default: the wildcard of the server's family, any port).
     pub bind: Option<SocketAddr>,
+    /// Local files that may hold parts of the object (older versions of a map, say): its
+    /// manifest is fetched first, and every block found in them (at any offset) is copied
+    /// instead of downloaded. An existing file at `output` is searched too. Unreadable files
+    /// are skipped. See docs/ARCHITECTURE.md section 13.
+    pub bases: Vec<PathBuf>,
 }
 
 impl FetchOptions {
@@ -169,6 +178,7 @@ impl FetchOptions {
             timeout: None,
             endpoint: EndpointConfig::default(),
             bind: None,
+            bases: Vec::new(),
         }
     }
 }
@@ -197,6 +207,8 @@ pub struct Report {
     pub from_cache: bool,
     /// Bytes the cache held from an earlier, interrupted run.
     pub resumed_bytes: u64,
+    /// Bytes copied from local files (`FetchOptions::bases`) instead of downloaded.
+    pub reused_bytes: u64,
     /// Wall-clock time of the download.
     pub duration: Duration,
     /// The transfer's counters (zero when served from the cache).
@@ -260,6 +272,7 @@ impl Client {
                 path,
                 from_cache: true,
                 resumed_bytes: size,
+                reused_bytes: 0,
                 duration: started.elapsed(),
                 stats: Stats::default(),
             });
@@ -277,6 +290,28 @@ impl Client {
         let (mut partial, have) = cache.begin(&id)?;
         partial.set_background_journal(true)?;
         let resumed_bytes = have.covered();
+        // Delta: blocks of the object that local files already hold are copied, not fetched.
+        let mut bases = options.bases.clone();
+        if let Some(out) = options.output.as_ref().filter(|o| o.is_file()) {
+            bases.push(out.clone());
+        }
+        let mut reused_bytes = 0;
+        let have = match bases.is_empty() {
+            true => have,
+            false => match delta::fetch_manifest(
+                &mut driver,
+                server,
+                id,
+                options.endpoint.clone(),
+                MANIFEST_WAIT,
+            )? {
+                Some(manifest) => {
+                    reused_bytes = delta::reuse_blocks(&manifest, &bases, &mut partial)?;
+                    partial.received().clone()
+                }
+                None => have,
+            },
+        };
         let mut config = options.endpoint.clone();
         config.seed = random_seed();
         let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
@@ -358,6 +393,7 @@ impl Client {
                     path,
                     from_cache: false,
                     resumed_bytes,
+                    reused_bytes,
                     duration: started.elapsed(),
                     stats,
                 })

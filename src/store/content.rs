@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use super::manifest::{block_size_for, manifest_id, Manifest};
 use super::{hash_file, read_exact_at, FileIds, SafePath, StoreError};
 use crate::core::ChunkSource;
 use crate::id::ObjectId;
@@ -101,6 +102,10 @@ pub struct ContentStore {
     root: PathBuf,
     entries: Vec<Entry>,
     by_id: HashMap<ObjectId, Vec<usize>>,
+    /// Manifest id -> the object it describes (for every indexed id).
+    manifest_of: HashMap<ObjectId, ObjectId>,
+    /// Encoded manifests built so far, by object id: computed once, served to every client.
+    manifests: HashMap<ObjectId, std::sync::Arc<[u8]>>,
 }
 
 impl ContentStore {
@@ -117,6 +122,8 @@ impl ContentStore {
             root,
             entries: Vec::new(),
             by_id: HashMap::new(),
+            manifest_of: HashMap::new(),
+            manifests: HashMap::new(),
         };
         store.rescan()?;
         Ok(store)
@@ -252,10 +259,65 @@ impl ContentStore {
 
     fn reindex(&mut self) {
         self.by_id.clear();
+        self.manifest_of.clear();
         for (i, e) in self.entries.iter().enumerate() {
-            self.by_id.entry(e.info.id).or_default().push(i);
-            self.by_id.entry(e.info.sha256).or_default().push(i);
+            for id in [e.info.id, e.info.sha256] {
+                self.by_id.entry(id).or_default().push(i);
+                self.manifest_of.insert(manifest_id(&id), id);
+            }
         }
+        // Manifests of objects no file holds any more go.
+        let by_id = &self.by_id;
+        self.manifests.retain(|id, _| by_id.contains_key(id));
+    }
+
+    /// What a client may ask for by `id`: an object (its size from the index), or the manifest
+    /// of one (its size computed from the object's); `None` if neither. Reads nothing.
+    pub fn size_of_any(&self, id: &ObjectId) -> Option<u64> {
+        if let Some(info) = self.get(id) {
+            return Some(info.size);
+        }
+        let object = self.manifest_of.get(id)?;
+        let info = self.get(object)?;
+        Some(manifest_len(object, info.size))
+    }
+
+    /// Opens an object ([`open_object`](Self::open_object)) or the manifest of one, for one
+    /// transfer. A manifest is built the first time it is asked for (reading the object once)
+    /// and kept in memory, so later clients cost nothing; it is dropped if the object changes.
+    pub fn open_any(&mut self, id: &ObjectId) -> Result<Option<(u64, Served)>, StoreError> {
+        if let Some((size, source)) = self.open_object(id)? {
+            return Ok(Some((size, Served::File(source))));
+        }
+        let Some(object) = self.manifest_of.get(id).copied() else {
+            return Ok(None);
+        };
+        // Re-check the object (it may have changed), then build or reuse its manifest.
+        let Some((size, mut source)) = self.open_object(&object)? else {
+            self.manifests.remove(&object);
+            return Ok(None);
+        };
+        let fresh = self
+            .manifests
+            .get(&object)
+            .filter(|m| m.len() as u64 == manifest_len(&object, size))
+            .cloned();
+        let bytes = match fresh {
+            Some(bytes) => bytes,
+            None => {
+                let reader = SourceReader {
+                    source: &mut source,
+                    at: 0,
+                    size,
+                };
+                let manifest = Manifest::build(object, size, reader)
+                    .map_err(|e| StoreError::io("read", &self.root, e))?;
+                let bytes: std::sync::Arc<[u8]> = manifest.encode().into();
+                self.manifests.insert(object, bytes.clone());
+                bytes
+            }
+        };
+        Ok(Some((bytes.len() as u64, Served::Memory(bytes))))
     }
 }
 
@@ -336,6 +398,46 @@ fn open_regular(root: &Path, path: &Path) -> Result<Option<(File, Metadata)>, St
         .metadata()
         .map_err(|e| StoreError::io("inspect", path, e))?;
     Ok(meta.is_file().then_some((file, meta)))
+}
+
+/// Length of the encoded manifest of `object` of `size` bytes (see [`super::manifest`]).
+fn manifest_len(object: &ObjectId, size: u64) -> u64 {
+    let blocks = size.div_ceil(u64::from(block_size_for(size)));
+    (4 + 1 + object.digest().len() + 8 + 4 + 4 + 16) as u64 + blocks * 12
+}
+
+/// Reads a [`ChunkSource`] in order, for building a manifest.
+struct SourceReader<'a> {
+    source: &'a mut FileSource,
+    at: u64,
+    size: u64,
+}
+
+impl io::Read for SourceReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (self.size - self.at).min(buf.len() as u64) as usize;
+        self.source.read_at(self.at, &mut buf[..n])?;
+        self.at += n as u64;
+        Ok(n)
+    }
+}
+
+/// What [`ContentStore::open_any`] serves: a file, or a manifest from memory.
+#[derive(Debug)]
+pub enum Served {
+    /// An object's file.
+    File(FileSource),
+    /// A manifest's bytes.
+    Memory(std::sync::Arc<[u8]>),
+}
+
+impl ChunkSource for Served {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            Served::File(f) => f.read_at(offset, buf),
+            Served::Memory(m) => m.read_at(offset, buf),
+        }
+    }
 }
 
 /// A [`ChunkSource`] over one served file, from [`ContentStore::open_object`].

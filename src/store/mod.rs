@@ -37,6 +37,7 @@
 mod cache;
 mod content;
 pub mod journal;
+pub mod manifest;
 mod safe_path;
 
 use std::fs::File;
@@ -45,7 +46,7 @@ use std::path::{Path, PathBuf};
 
 pub(crate) use cache::random_u64;
 pub use cache::{Cache, PartialFile, JOURNAL_INTERVAL_BYTES};
-pub use content::{ContentStore, FileSource, ObjectInfo};
+pub use content::{ContentStore, FileSource, ObjectInfo, Served};
 pub use safe_path::{NameError, SafePath};
 
 use crate::id::ObjectId;

@@ -1,0 +1,120 @@
+//! Delta downloads for [`Client::fetch`](super::Client::fetch): fetch the object's manifest,
+//! copy every block found in local files into the partial download, and let the normal fetch
+//! (a resume) bring the rest.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{Driver, FetchError, MAX_WAIT};
+use crate::core::{ChunkSink, Endpoint, EndpointConfig, Event, NoObjects, PrefixHasher, RangeSet};
+use crate::id::ObjectId;
+use crate::store::manifest::{manifest_id, Manifest, Src};
+use crate::store::PartialFile;
+
+/// Largest manifest accepted (a 4 GiB object's is under 1 MiB; 1 TiB's about 12 MiB).
+const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+
+/// Checks a manifest as the receiver's "hasher": it keeps the bytes and, at the end, reports
+/// the manifest id the transfer asked for only if the bytes are a valid manifest of `object`
+/// (its own trailing digest matches and it names `object`); otherwise it reports another id,
+/// which the receiver treats as a digest mismatch.
+#[derive(Debug)]
+struct ManifestCheck {
+    object: ObjectId,
+    bytes: Vec<u8>,
+}
+
+impl PrefixHasher for ManifestCheck {
+    fn update(&mut self, bytes: &[u8]) {
+        self.bytes.extend_from_slice(bytes);
+    }
+    fn finish(&mut self) -> io::Result<ObjectId> {
+        Ok(match Manifest::decode(&self.bytes, &self.object) {
+            Ok(_) => manifest_id(&self.object),
+            Err(_) => ObjectId::md5_of(&self.bytes),
+        })
+    }
+}
+
+/// Fetches and checks the manifest of `object` over `driver`. `None` when the server has none
+/// (an older server), it failed its check, or it took longer than `limit`: the caller then
+/// fetches the whole object.
+pub(super) fn fetch_manifest(
+    driver: &mut Driver,
+    server: SocketAddr,
+    object: ObjectId,
+    mut config: EndpointConfig,
+    limit: Duration,
+) -> Result<Option<Manifest>, FetchError> {
+    config.transfer.max_object_size = config.transfer.max_object_size.min(MAX_MANIFEST_BYTES);
+    config.seed = super::random_seed();
+    let mut endpoint: Endpoint<NoObjects, Vec<u8>> = Endpoint::new(config, NoObjects);
+    let id = manifest_id(&object);
+    let transfer = endpoint.fetch(Instant::now(), server, id, &RangeSet::new(), Vec::new());
+    endpoint.set_hasher(
+        transfer,
+        Box::new(ManifestCheck {
+            object,
+            bytes: Vec::new(),
+        }),
+    );
+    let until = Instant::now() + limit;
+    let mut done: Option<bool> = None;
+    while done.is_none() && Instant::now() < until {
+        driver.turn(&mut endpoint, MAX_WAIT, &mut |_, e| match e.event {
+            Event::Completed(_) => done = Some(true),
+            Event::Failed(_) => done = Some(false),
+            _ => {}
+        })?;
+    }
+    if done != Some(true) {
+        endpoint.cancel(transfer);
+        driver.flush(&mut endpoint);
+        return Ok(None);
+    }
+    driver.flush(&mut endpoint); // the Done
+    Ok(endpoint
+        .take_sink(transfer)
+        .and_then(|bytes| Manifest::decode(&bytes, &object).ok()))
+}
+
+/// Copies into `partial` every full block of `manifest` found in the files `bases`, skipping
+/// bytes the partial already holds, and records them (a checkpoint follows). Returns the bytes
+/// copied. A base that cannot be read is skipped.
+pub(super) fn reuse_blocks(
+    manifest: &Manifest,
+    bases: &[PathBuf],
+    partial: &mut PartialFile,
+) -> Result<u64, FetchError> {
+    partial.set_size(manifest.size);
+    let mut found: BTreeMap<usize, Src> = BTreeMap::new();
+    let mut files = Vec::new();
+    for path in bases {
+        let Ok(bytes) = std::fs::read(path) else {
+            continue;
+        };
+        manifest.find_blocks(&bytes, &mut found, files.len());
+        files.push(bytes);
+    }
+    let mut copied = 0;
+    for (i, src) in found {
+        let range = manifest.block_range(i);
+        if partial.received().contains_range(range.clone()) {
+            continue;
+        }
+        let len = (range.end - range.start) as usize;
+        let Some(bytes) = files
+            .get(src.file)
+            .and_then(|f| f.get(src.offset as usize..src.offset as usize + len))
+        else {
+            continue;
+        };
+        partial.write_at(range.start, bytes)?;
+        copied += len as u64;
+    }
+    partial.checkpoint()?;
+    Ok(copied)
+}

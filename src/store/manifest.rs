@@ -1,0 +1,404 @@
+//! Block signatures of an object, for delta downloads (zsync-style: the client does the
+//! matching).
+//!
+//! A server computes one [`Manifest`] per object (once; [`ContentStore`](super::ContentStore)
+//! caches it) and serves its bytes as an object of their own, named by
+//! [`manifest_id`]. A client that holds older versions of the object fetches the manifest,
+//! checks it ([`Manifest::decode`]), finds which blocks of the new version it already has
+//! anywhere in its local files ([`Manifest::find_blocks`], a rolling checksum over every byte
+//! offset), copies them into its partial download, and fetches only the rest. The object's own
+//! digest still checks the result, so a wrong manifest can cost bandwidth but never correctness.
+//!
+//! Layout, integers big-endian:
+//!
+//! ```text
+//! magic       "UFM1"                                4 bytes
+//! object id   algorithm byte + digest               1 + 16 (MD5) or 1 + 32 (SHA-256)
+//! size        object size                           u64
+//! block_size  bytes per block (the last is shorter) u32, 512 ..= 1 MiB
+//! count       number of blocks = ceil(size / block_size)   u32
+//! blocks      count x (weak u32, strong 8 bytes)
+//! digest      MD5 of everything above               16 bytes
+//! ```
+//!
+//! `weak` is the rolling checksum below over the block's bytes; `strong` the first 8 bytes of
+//! the block's MD5. The trailing digest is the manifest's own: a manifest whose digest does not
+//! match is not used.
+
+use std::io::{self, Read};
+use std::ops::Range;
+
+use md5::{Digest, Md5};
+
+use crate::id::ObjectId;
+
+/// The first four bytes of every manifest.
+pub const MAGIC: [u8; 4] = *b"UFM1";
+/// Smallest and largest block size a manifest may use.
+pub const MIN_BLOCK: u32 = 512;
+/// See [`MIN_BLOCK`].
+pub const MAX_BLOCK: u32 = 1 << 20;
+/// Bytes per block entry.
+const ENTRY_LEN: usize = 12;
+
+/// Why manifest bytes were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManifestError {
+    /// Not a manifest (bad magic), or cut short, or with bytes after its digest.
+    #[error("not a udpferry manifest, or truncated: fetch the whole object instead")]
+    Malformed,
+    /// Its own digest does not match its bytes: damaged or forged.
+    #[error("manifest digest mismatch: fetch the whole object instead")]
+    BadDigest,
+    /// It describes another object than the one asked for.
+    #[error("manifest describes {actual}, not {expected}")]
+    WrongObject {
+        /// The object asked for.
+        expected: ObjectId,
+        /// The object the manifest names.
+        actual: ObjectId,
+    },
+    /// The block size or count is impossible for the size.
+    #[error("manifest block layout is invalid: fetch the whole object instead")]
+    BadLayout,
+}
+
+/// The block signatures of one object. Build it with [`Manifest::build`] (server), read it
+/// with [`Manifest::decode`] (client).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The object described.
+    pub object: ObjectId,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Bytes per block; the last block holds what remains.
+    pub block_size: u32,
+    /// Per block: (weak rolling checksum, first 8 bytes of the block's MD5).
+    pub blocks: Vec<(u32, [u8; 8])>,
+}
+
+/// The id under which a server serves the manifest of `object`: a digest of a fixed label and
+/// `object`'s id, of the same algorithm. Both sides derive it; it is not the digest of the
+/// manifest's bytes (those are checked by the manifest's own trailing digest).
+pub fn manifest_id(object: &ObjectId) -> ObjectId {
+    let mut h = object.hasher();
+    h.update(b"udpferry manifest v1\0");
+    h.update(&[object.algorithm()]);
+    h.update(object.digest());
+    h.finish()
+}
+
+/// The block size for an object of `size` bytes: about its square root, rounded to a power of
+/// two within 512 B ..= 1 MiB (docs/PROTOCOL.md section 8 explains the trade-off).
+pub fn block_size_for(size: u64) -> u32 {
+    let root = (size as f64).sqrt() as u64;
+    let pow2 = root.max(1).next_power_of_two();
+    pow2.clamp(u64::from(MIN_BLOCK), u64::from(MAX_BLOCK)) as u32
+}
+
+/// The weak rolling checksum of rsync (two 16-bit sums) over a window, updated in O(1) per
+/// byte as the window slides.
+#[derive(Debug, Clone, Copy)]
+struct Rolling {
+    a: u32,
+    b: u32,
+    len: u32,
+}
+
+impl Rolling {
+    fn new(window: &[u8]) -> Self {
+        let (mut a, mut b) = (0u32, 0u32);
+        let len = window.len() as u32;
+        for (i, &x) in window.iter().enumerate() {
+            a = a.wrapping_add(u32::from(x));
+            b = b.wrapping_add((len - i as u32).wrapping_mul(u32::from(x)));
+        }
+        Rolling { a, b, len }
+    }
+
+    fn value(&self) -> u32 {
+        (self.a & 0xffff) | (self.b << 16)
+    }
+
+    /// Slides the window one byte: `out` leaves at the front, `inn` enters at the back.
+    fn roll(&mut self, out: u8, inn: u8) {
+        self.a = self
+            .a
+            .wrapping_sub(u32::from(out))
+            .wrapping_add(u32::from(inn));
+        self.b = self
+            .b
+            .wrapping_sub(self.len.wrapping_mul(u32::from(out)))
+            .wrapping_add(self.a);
+    }
+}
+
+fn strong(block: &[u8]) -> [u8; 8] {
+    let d: [u8; 16] = Md5::digest(block).into();
+    let mut s = [0u8; 8];
+    s.copy_from_slice(&d[..8]);
+    s
+}
+
+impl Manifest {
+    /// Computes the manifest of `object`, reading its `size` bytes from `reader` in order.
+    /// Call it once per object and cache the result (see [`encode`](Self::encode)).
+    pub fn build(object: ObjectId, size: u64, mut reader: impl Read) -> io::Result<Self> {
+        let block_size = block_size_for(size);
+        let mut blocks = Vec::with_capacity(size.div_ceil(u64::from(block_size)) as usize);
+        let mut buf = vec![0u8; block_size as usize];
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(u64::from(block_size)) as usize;
+            reader.read_exact(&mut buf[..n])?;
+            blocks.push((Rolling::new(&buf[..n]).value(), strong(&buf[..n])));
+            left -= n as u64;
+        }
+        Ok(Manifest {
+            object,
+            size,
+            block_size,
+            blocks,
+        })
+    }
+
+    /// The manifest's bytes, its own digest last.
+    pub fn encode(&self) -> Vec<u8> {
+        let digest = self.object.digest();
+        let mut out = Vec::with_capacity(4 + 1 + digest.len() + 16 + self.blocks.len() * 12 + 16);
+        out.extend_from_slice(&MAGIC);
+        out.push(self.object.algorithm());
+        out.extend_from_slice(digest);
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&self.block_size.to_be_bytes());
+        out.extend_from_slice(&(self.blocks.len() as u32).to_be_bytes());
+        for (weak, strong) in &self.blocks {
+            out.extend_from_slice(&weak.to_be_bytes());
+            out.extend_from_slice(strong);
+        }
+        let own: [u8; 16] = Md5::digest(&out).into();
+        out.extend_from_slice(&own);
+        out
+    }
+
+    /// Parses and checks manifest bytes received for `expected`: the magic, the trailing
+    /// digest, that it names `expected`, and that its block layout fits its size. Never
+    /// panics. On any error, fall back to fetching the whole object.
+    pub fn decode(bytes: &[u8], expected: &ObjectId) -> Result<Self, ManifestError> {
+        if bytes.len() < 4 + 1 + 16 || bytes[..4] != MAGIC {
+            return Err(ManifestError::Malformed);
+        }
+        let (body, own) = bytes.split_at(bytes.len() - 16);
+        let digest: [u8; 16] = Md5::digest(body).into();
+        if digest[..] != *own {
+            return Err(ManifestError::BadDigest);
+        }
+        let algorithm = body[4];
+        let dlen = ObjectId::digest_len(algorithm).ok_or(ManifestError::Malformed)?;
+        let fixed = 5 + dlen + 8 + 4 + 4;
+        if body.len() < fixed {
+            return Err(ManifestError::Malformed);
+        }
+        let object =
+            ObjectId::from_parts(algorithm, &body[5..5 + dlen]).ok_or(ManifestError::Malformed)?;
+        if object != *expected {
+            return Err(ManifestError::WrongObject {
+                expected: *expected,
+                actual: object,
+            });
+        }
+        let at = 5 + dlen;
+        let be = |r: Range<usize>| body[r].iter().fold(0u64, |v, &b| (v << 8) | u64::from(b));
+        let size = be(at..at + 8);
+        let block_size = be(at + 8..at + 12) as u32;
+        let count = be(at + 12..at + 16) as usize;
+        if !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size)
+            || size.div_ceil(u64::from(block_size)) != count as u64
+        {
+            return Err(ManifestError::BadLayout);
+        }
+        let entries = &body[fixed..];
+        if entries.len()
+            != count
+                .checked_mul(ENTRY_LEN)
+                .ok_or(ManifestError::BadLayout)?
+        {
+            return Err(ManifestError::Malformed);
+        }
+        let blocks = entries
+            .chunks_exact(ENTRY_LEN)
+            .map(|e| {
+                let weak = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+                let mut strong = [0u8; 8];
+                strong.copy_from_slice(&e[4..12]);
+                (weak, strong)
+            })
+            .collect();
+        Ok(Manifest {
+            object,
+            size,
+            block_size,
+            blocks,
+        })
+    }
+
+    /// The byte range block `i` covers in the object.
+    pub fn block_range(&self, i: usize) -> Range<u64> {
+        let start = i as u64 * u64::from(self.block_size);
+        start..(start + u64::from(self.block_size)).min(self.size)
+    }
+
+    /// Finds, in `local` (the bytes of a file the client already has, such as an older version
+    /// of the object), every full-size block of this object: for each block index found, the
+    /// offset in `local` where its bytes are. Slides a rolling checksum over every offset and
+    /// confirms weak matches with the strong hash; after a match it jumps a block ahead (as
+    /// zsync does). The last block, if shorter, is not searched (it is fetched). Blocks already
+    /// in `found` are skipped, so several local files can be searched in turn.
+    pub fn find_blocks(
+        &self,
+        local: &[u8],
+        found: &mut std::collections::BTreeMap<usize, Src>,
+        file: usize,
+    ) {
+        let bs = self.block_size as usize;
+        if local.len() < bs {
+            return;
+        }
+        let mut by_weak: std::collections::HashMap<u32, Vec<usize>> =
+            std::collections::HashMap::new();
+        for (i, (weak, _)) in self.blocks.iter().enumerate() {
+            if self.block_range(i).end - self.block_range(i).start == bs as u64
+                && !found.contains_key(&i)
+            {
+                by_weak.entry(*weak).or_default().push(i);
+            }
+        }
+        if by_weak.is_empty() {
+            return;
+        }
+        let mut at = 0usize;
+        let mut roll = Rolling::new(&local[..bs]);
+        loop {
+            let mut matched = false;
+            if let Some(candidates) = by_weak.get(&roll.value()) {
+                let s = strong(&local[at..at + bs]);
+                for &i in candidates {
+                    if self.blocks[i].1 == s && !found.contains_key(&i) {
+                        found.insert(
+                            i,
+                            Src {
+                                file,
+                                offset: at as u64,
+                            },
+                        );
+                        matched = true;
+                    }
+                }
+            }
+            let next = if matched { at + bs } else { at + 1 };
+            if next + bs > local.len() {
+                break;
+            }
+            if matched {
+                roll = Rolling::new(&local[next..next + bs]);
+            } else {
+                roll.roll(local[at], local[at + bs]);
+            }
+            at = next;
+        }
+    }
+}
+
+/// Where a block was found locally: which of the searched files, at which offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Src {
+    /// Index of the local file (in the order they were searched).
+    pub file: usize,
+    /// Offset of the block's bytes in that file.
+    pub offset: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn data(n: usize, seed: u32) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rolling_matches_a_fresh_sum_at_every_offset() {
+        let d = data(5000, 1);
+        let w = 700;
+        let mut r = Rolling::new(&d[..w]);
+        for at in 0..d.len() - w {
+            assert_eq!(
+                r.value(),
+                Rolling::new(&d[at..at + w]).value(),
+                "offset {at}"
+            );
+            r.roll(d[at], d[at + w]);
+        }
+    }
+
+    #[test]
+    fn round_trips_and_refuses_damage_and_other_objects() {
+        let d = data(100_000, 2);
+        let id = ObjectId::md5_of(&d);
+        let m = Manifest::build(id, d.len() as u64, &d[..]).unwrap();
+        let bytes = m.encode();
+        assert_eq!(Manifest::decode(&bytes, &id), Ok(m));
+        let mut bad = bytes.clone();
+        bad[40] ^= 1;
+        assert_eq!(Manifest::decode(&bad, &id), Err(ManifestError::BadDigest));
+        assert!(matches!(
+            Manifest::decode(&bytes, &ObjectId::md5_of(b"other")),
+            Err(ManifestError::WrongObject { .. })
+        ));
+        for cut in 0..bytes.len() {
+            assert!(Manifest::decode(&bytes[..cut], &id).is_err(), "cut {cut}");
+        }
+    }
+
+    #[test]
+    fn finds_shifted_blocks_after_an_insertion() {
+        let v1 = data(200_000, 3);
+        let mut v2 = v1.clone();
+        v2.splice(1000..1000, data(100, 4));
+        let id = ObjectId::md5_of(&v2);
+        let m = Manifest::build(id, v2.len() as u64, &v2[..]).unwrap();
+        let mut found = BTreeMap::new();
+        m.find_blocks(&v1, &mut found, 0);
+        let full_blocks = (v2.len() / m.block_size as usize) as u64;
+        // Only the blocks the insertion touches (at most two) are missing, and the short last
+        // block, which is not searched.
+        assert!(
+            found.len() as u64 >= full_blocks - 2,
+            "{} of {full_blocks}",
+            found.len()
+        );
+        for (&i, src) in &found {
+            let r = m.block_range(i);
+            let local = &v1[src.offset as usize..src.offset as usize + (r.end - r.start) as usize];
+            assert_eq!(local, &v2[r.start as usize..r.end as usize], "block {i}");
+        }
+    }
+
+    #[test]
+    fn block_size_grows_with_the_square_root() {
+        assert_eq!(block_size_for(0), MIN_BLOCK);
+        assert_eq!(block_size_for(1 << 20), 1024);
+        assert_eq!(block_size_for(16 << 20), 4096);
+        assert_eq!(block_size_for(1 << 40), MAX_BLOCK);
+    }
+}

@@ -1,0 +1,173 @@
+//! Delta downloads over loopback: a client that holds an older version of a map fetches the
+//! new one's manifest, copies the blocks it already has and downloads only the rest.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, SystemTime};
+
+use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
+use udpferry::sim::Rng;
+use udpferry::store::ContentStore;
+use udpferry::ObjectId;
+
+const MIB: usize = 1 << 20;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("udpferry-delta-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    Rng::new(seed).fill_bytes(&mut v);
+    v
+}
+
+/// Writes `data` and dates it a minute back (a served map is not being written right now).
+fn put(path: &Path, data: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(60)))
+        .unwrap();
+}
+
+struct Serving {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    sent: Arc<std::sync::atomic::AtomicU64>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Serving {
+    fn start(dir: &Path) -> Self {
+        let store = ContentStore::open(dir).unwrap();
+        let mut server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            store,
+            ServerConfig::default(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let sent = server.bytes_sent_counter();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = thread::spawn(move || {
+            server.run_until(&flag, |_| {}).unwrap();
+        });
+        Serving {
+            addr,
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    /// UDP payload bytes the server has sent so far (updated after every loop turn).
+    fn sent(&self) -> u64 {
+        thread::sleep(Duration::from_millis(100)); // let the counter catch up
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The figure: 16 MiB v1; v2 = v1 with 100 bytes inserted near the start (shifting
+/// everything after), 4 KiB overwritten in the middle and 10 KiB appended. The server sends at
+/// most 2% of 16 MiB (manifest, replies and data together).
+#[test]
+fn a_client_with_the_old_version_fetches_under_two_percent_of_the_new() {
+    let tmp = TempDir::new("figure");
+    let v1 = bytes(16 * MIB, 1);
+    let mut v2 = v1.clone();
+    v2.splice(3000..3000, bytes(100, 2));
+    let middle = 8 * MIB;
+    v2[middle..middle + 4096].copy_from_slice(&bytes(4096, 3));
+    v2.extend_from_slice(&bytes(10 * 1024, 4));
+    let id = ObjectId::md5_of(&v2);
+    put(&tmp.0.join("served/maps/level.bsp"), &v2);
+    let old = tmp.0.join("old/level.bsp");
+    put(&old, &v1);
+
+    let server = Serving::start(&tmp.0.join("served"));
+    std::fs::create_dir_all(tmp.0.join("new")).unwrap();
+    let mut options = FetchOptions::new(tmp.0.join("cache"));
+    options.output = Some(tmp.0.join("new/level.bsp"));
+    options.bases = vec![old];
+    options.timeout = Some(Duration::from_secs(60));
+    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    let sent = server.sent();
+    assert_eq!(std::fs::read(tmp.0.join("new/level.bsp")).unwrap(), v2);
+    let limit = (16 * MIB) as u64 / 50;
+    println!(
+        "delta: object {} bytes, reused {} bytes from v1, server sent {} bytes = {:.3}% of 16 MiB (limit 2%)",
+        v2.len(),
+        report.reused_bytes,
+        sent,
+        100.0 * sent as f64 / (16 * MIB) as f64
+    );
+    assert!(
+        sent <= limit,
+        "server sent {sent} bytes, more than 2% ({limit})"
+    );
+    assert!(report.reused_bytes > v2.len() as u64 * 9 / 10);
+}
+
+/// A base with nothing in common costs the manifest and changes nothing else; the output file
+/// that already holds the exact object is used as a base without being named.
+#[test]
+fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
+    let tmp = TempDir::new("fallback");
+    let v = bytes(3 * MIB + 5, 9);
+    let id = ObjectId::md5_of(&v);
+    put(&tmp.0.join("served/a.map"), &v);
+    let junk = tmp.0.join("junk.bin");
+    put(&junk, &bytes(2 * MIB, 10));
+    let server = Serving::start(&tmp.0.join("served"));
+
+    let mut options = FetchOptions::new(tmp.0.join("cache1"));
+    options.bases = vec![junk, tmp.0.join("does-not-exist")];
+    options.output = Some(tmp.0.join("out1.map"));
+    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    assert_eq!(report.reused_bytes, 0);
+    assert_eq!(std::fs::read(tmp.0.join("out1.map")).unwrap(), v);
+    let full = server.sent();
+    assert!(full >= v.len() as u64, "the whole object was sent: {full}");
+
+    // Same object again into a fresh cache, with the output already in place: only the
+    // manifest and the short last block travel.
+    let mut options = FetchOptions::new(tmp.0.join("cache2"));
+    options.output = Some(tmp.0.join("out1.map"));
+    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    let second = server.sent() - full;
+    assert_eq!(std::fs::read(tmp.0.join("out1.map")).unwrap(), v);
+    assert!(report.reused_bytes >= v.len() as u64 - 4096, "{report:?}");
+    assert!(
+        second < v.len() as u64 / 50,
+        "second fetch sent {second} bytes"
+    );
+}
