@@ -52,7 +52,8 @@ enum Command {
     },
     /// Download one object by its MD5 (or SHA-256), verify it, and store it in the cache and/or PATH.
     Get {
-        /// Server address (host:port).
+        /// Server address (host:port), or several separated by commas to fetch from all of them
+        /// at once (faster servers deliver more; one that sends wrong bytes is dropped).
         server: String,
         /// The object's id: its MD5 (32 hex digits, optionally prefixed with `md5:`) or
         /// `sha256:` and its SHA-256 (64 hex digits).
@@ -291,9 +292,20 @@ fn get(
         );
         bar
     });
+    // Several servers, comma-separated: fetch from all of them at once.
+    let servers: Vec<&str> = server.split(',').map(str::trim).collect();
+    let mut addrs: Vec<SocketAddr> = Vec::new();
+    if servers.len() > 1 {
+        for s in &servers {
+            match std::net::ToSocketAddrs::to_socket_addrs(s).map(|mut a| a.next()) {
+                Ok(Some(a)) => addrs.push(a),
+                _ => return fail("get", &format!("cannot resolve server address {s:?}")),
+            }
+        }
+    }
     let started = Instant::now();
     let mut last_line: Option<(Instant, u64)> = None;
-    let result = Client::fetch(server, id, &options, |p| {
+    let on_progress = |p: &udpferry::net::Progress| {
         if let Some(bar) = &bar {
             bar.set_length(p.total);
             bar.set_position(p.bytes_done);
@@ -321,7 +333,12 @@ fn get(
                 last_line = Some((now, p.bytes_done));
             }
         }
-    });
+    };
+    let result = if addrs.is_empty() {
+        Client::fetch(server, id, &options, on_progress)
+    } else {
+        Client::fetch_from(&addrs, id, &options, on_progress)
+    };
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
@@ -388,6 +405,14 @@ fn summary(r: &Report) -> String {
             format!(", reused {} bytes from local files", r.reused_bytes)
         } else {
             String::new()
+        } + &if r.bad_sources.is_empty() {
+            String::new()
+        } else {
+            let named: Vec<String> = r.bad_sources.iter().map(|a| a.to_string()).collect();
+            format!(
+                "; dropped {} for sending wrong bytes",
+                named.join(", ")
+            )
         }
     )
 }

@@ -32,6 +32,7 @@ use crate::store::{Cache, ContentStore, PartialFile, StoreError};
 mod delta;
 mod driver;
 mod hasher;
+mod multi;
 pub use driver::{Activity, Driver};
 pub use hasher::HashThread;
 
@@ -209,6 +210,9 @@ pub struct Report {
     pub resumed_bytes: u64,
     /// Bytes copied from local files (`FetchOptions::bases`) instead of downloaded.
     pub reused_bytes: u64,
+    /// Sources of a multi-source download ([`Client::fetch_from`]) that delivered bytes that
+    /// did not match the object's manifest, and were dropped.
+    pub bad_sources: Vec<SocketAddr>,
     /// Wall-clock time of the download.
     pub duration: Duration,
     /// The transfer's counters (zero when served from the cache).
@@ -253,29 +257,8 @@ impl Client {
     ) -> Result<Report, FetchError> {
         let started = Instant::now();
         let cache = Cache::open(&options.cache_dir)?;
-        if cache.contains(&id) {
-            let path = cache.path_of(&id);
-            let size = std::fs::metadata(&path)
-                .map_err(|e| StoreError::io("read metadata of", &path, e))?
-                .len();
-            if let Some(out) = &options.output {
-                cache.copy_out(&id, out)?;
-            }
-            progress(&Progress {
-                bytes_done: size,
-                total: size,
-                stats: Stats::default(),
-            });
-            return Ok(Report {
-                object: id,
-                size,
-                path,
-                from_cache: true,
-                resumed_bytes: size,
-                reused_bytes: 0,
-                duration: started.elapsed(),
-                stats: Stats::default(),
-            });
+        if let Some(report) = from_cache(&cache, id, options, &mut progress, started)? {
+            return Ok(report);
         }
         let server = server
             .to_socket_addrs()?
@@ -394,6 +377,7 @@ impl Client {
                     from_cache: false,
                     resumed_bytes,
                     reused_bytes,
+                    bad_sources: Vec::new(),
                     duration: started.elapsed(),
                     stats,
                 })
@@ -413,6 +397,66 @@ impl Client {
             ))),
         }
     }
+
+    /// Fetches `id` from several servers at once: each delivers pieces of it (cut along the
+    /// object's manifest, which every server is asked for), faster servers deliver more, every
+    /// piece is checked against the manifest's block hashes, and a server that fails or sends
+    /// bytes that do not match is dropped (and named in [`Report::bad_sources`]) while the
+    /// others take over its pieces. The object's own digest checks the result. Needs servers
+    /// that serve manifests (any `net::Server` over a `ContentStore`); with one server, use
+    /// [`fetch`](Self::fetch). Caching, `output`, `bases` and `timeout` work as in `fetch`.
+    ///
+    /// Blocks until the object is verified or no server is left.
+    pub fn fetch_from(
+        servers: &[SocketAddr],
+        id: ObjectId,
+        options: &FetchOptions,
+        mut progress: impl FnMut(&Progress),
+    ) -> Result<Report, FetchError> {
+        let started = Instant::now();
+        let cache = Cache::open(&options.cache_dir)?;
+        if let Some(report) = from_cache(&cache, id, options, &mut progress, started)? {
+            return Ok(report);
+        }
+        multi::fetch_from(servers, id, options, &mut progress, started, &cache)
+    }
+}
+
+/// The report for an object the cache already holds (copied to `options.output` if set), or
+/// `None` when it does not hold it.
+fn from_cache(
+    cache: &Cache,
+    id: ObjectId,
+    options: &FetchOptions,
+    progress: &mut dyn FnMut(&Progress),
+    started: Instant,
+) -> Result<Option<Report>, FetchError> {
+    if !cache.contains(&id) {
+        return Ok(None);
+    }
+    let path = cache.path_of(&id);
+    let size = std::fs::metadata(&path)
+        .map_err(|e| StoreError::io("read metadata of", &path, e))?
+        .len();
+    if let Some(out) = &options.output {
+        cache.copy_out(&id, out)?;
+    }
+    progress(&Progress {
+        bytes_done: size,
+        total: size,
+        stats: Stats::default(),
+    });
+    Ok(Some(Report {
+        object: id,
+        size,
+        path,
+        from_cache: true,
+        resumed_bytes: size,
+        reused_bytes: 0,
+        bad_sources: Vec::new(),
+        duration: started.elapsed(),
+        stats: Stats::default(),
+    }))
 }
 
 fn linger<P: ObjectProvider, K: ChunkSink>(

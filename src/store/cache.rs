@@ -410,6 +410,25 @@ impl PartialFile {
         self.size = Some(size);
     }
 
+    /// The id of the first `size` bytes written, computed with `like`'s algorithm (reading
+    /// them back). For a download whose transfers did not hash as they went (multi-source):
+    /// compare it with the object's id before [`finalize`](Self::finalize).
+    pub fn digest(&mut self, like: &ObjectId, size: u64) -> Result<ObjectId, StoreError> {
+        self.write_run()
+            .map_err(|e| StoreError::io("write", &self.part, e))?;
+        let mut hasher = like.hasher();
+        let mut buf = vec![0u8; BUF_LEN];
+        let mut at = 0u64;
+        while at < size {
+            let n = (size - at).min(BUF_LEN as u64) as usize;
+            read_exact_at(&self.file, &mut buf[..n], at)
+                .map_err(|e| StoreError::io("read", &self.part, e))?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(hasher.finish())
+    }
+
     /// Checks that the file system can hold the rest of the object (its size, known from the
     /// journal or [`set_size`](Self::set_size), less what is already here). Call it after
     /// `set_size`: a server may offer any size up to the receiver's `max_object_size`, and a
