@@ -409,10 +409,7 @@ fn summary(r: &Report) -> String {
             String::new()
         } else {
             let named: Vec<String> = r.bad_sources.iter().map(|a| a.to_string()).collect();
-            format!(
-                "; dropped {} for sending wrong bytes",
-                named.join(", ")
-            )
+            format!("; dropped {} for sending wrong bytes", named.join(", "))
         }
     )
 }
