@@ -171,3 +171,43 @@ fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
         "second fetch sent {second} bytes"
     );
 }
+
+/// Blocks copied from a base are journaled like received ones: a delta download interrupted
+/// right after the copy (here by a deadline that has already passed) resumes without the base
+/// and still fetches only what changed.
+#[test]
+fn an_interrupted_delta_download_resumes_from_its_journal() {
+    let tmp = TempDir::new("resume");
+    let v1 = bytes(4 * MIB, 5);
+    let mut v2 = v1.clone();
+    v2.splice(777..777, bytes(50, 6));
+    let id = ObjectId::md5_of(&v2);
+    put(&tmp.0.join("served/m.bsp"), &v2);
+    let old = tmp.0.join("old.bsp");
+    put(&old, &v1);
+    let server = Serving::start(&tmp.0.join("served"));
+
+    let mut options = FetchOptions::new(tmp.0.join("cache"));
+    options.bases = vec![old];
+    options.timeout = Some(Duration::from_millis(1));
+    let first = Client::fetch(server.addr, id, &options, |_| {});
+    assert!(
+        matches!(first, Err(udpferry::net::FetchError::Deadline(_))),
+        "{first:?}"
+    );
+    let after_manifest = server.sent();
+
+    let mut options = FetchOptions::new(tmp.0.join("cache"));
+    options.output = Some(tmp.0.join("m.out"));
+    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    let second = server.sent() - after_manifest;
+    assert_eq!(std::fs::read(tmp.0.join("m.out")).unwrap(), v2);
+    assert!(
+        report.resumed_bytes > v2.len() as u64 * 9 / 10,
+        "resumed from the copied blocks: {report:?}"
+    );
+    assert!(
+        second < v2.len() as u64 / 50,
+        "second run sent {second} bytes"
+    );
+}
