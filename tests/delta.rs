@@ -1,53 +1,21 @@
 //! Delta downloads over loopback: a client that holds an older version of a map fetches the
 //! new one's manifest, copies the blocks it already has and downloads only the rest.
 
+mod common;
+
+use common::{object, put_dated, TempDir};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
-use udpferry::sim::Rng;
 use udpferry::store::ContentStore;
 use udpferry::ObjectId;
 
 const MIB: usize = 1 << 20;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("udpferry-delta-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    Rng::new(seed).fill_bytes(&mut v);
-    v
-}
-
-/// Writes `data` and dates it a minute back (a served map is not being written right now).
-fn put(path: &Path, data: &[u8]) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, data).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(60)))
-        .unwrap();
-}
 
 struct Serving {
     addr: SocketAddr,
@@ -102,26 +70,26 @@ impl Drop for Serving {
 #[test]
 fn a_client_with_the_old_version_fetches_under_two_percent_of_the_new() {
     let tmp = TempDir::new("figure");
-    let v1 = bytes(16 * MIB, 1);
+    let v1 = object(16 * MIB, 1);
     let mut v2 = v1.clone();
-    v2.splice(3000..3000, bytes(100, 2));
+    v2.splice(3000..3000, object(100, 2));
     let middle = 8 * MIB;
-    v2[middle..middle + 4096].copy_from_slice(&bytes(4096, 3));
-    v2.extend_from_slice(&bytes(10 * 1024, 4));
+    v2[middle..middle + 4096].copy_from_slice(&object(4096, 3));
+    v2.extend_from_slice(&object(10 * 1024, 4));
     let id = ObjectId::md5_of(&v2);
-    put(&tmp.0.join("served/maps/level.bsp"), &v2);
-    let old = tmp.0.join("old/level.bsp");
-    put(&old, &v1);
+    put_dated(&tmp.join("served/maps/level.bsp"), &v2);
+    let old = tmp.join("old/level.bsp");
+    put_dated(&old, &v1);
 
-    let server = Serving::start(&tmp.0.join("served"));
-    std::fs::create_dir_all(tmp.0.join("new")).unwrap();
-    let mut options = FetchOptions::new(tmp.0.join("cache"));
-    options.output = Some(tmp.0.join("new/level.bsp"));
+    let server = Serving::start(&tmp.join("served"));
+    std::fs::create_dir_all(tmp.join("new")).unwrap();
+    let mut options = FetchOptions::new(tmp.join("cache"));
+    options.output = Some(tmp.join("new/level.bsp"));
     options.bases = vec![old];
     options.timeout = Some(Duration::from_secs(60));
     let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
     let sent = server.sent();
-    assert_eq!(std::fs::read(tmp.0.join("new/level.bsp")).unwrap(), v2);
+    assert_eq!(std::fs::read(tmp.join("new/level.bsp")).unwrap(), v2);
     let limit = (16 * MIB) as u64 / 50;
     println!(
         "delta: object {} bytes, reused {} bytes from v1, server sent {} bytes = {:.3}% of 16 MiB (limit 2%)",
@@ -142,29 +110,29 @@ fn a_client_with_the_old_version_fetches_under_two_percent_of_the_new() {
 #[test]
 fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
     let tmp = TempDir::new("fallback");
-    let v = bytes(3 * MIB + 5, 9);
+    let v = object(3 * MIB + 5, 9);
     let id = ObjectId::md5_of(&v);
-    put(&tmp.0.join("served/a.map"), &v);
-    let junk = tmp.0.join("junk.bin");
-    put(&junk, &bytes(2 * MIB, 10));
-    let server = Serving::start(&tmp.0.join("served"));
+    put_dated(&tmp.join("served/a.map"), &v);
+    let junk = tmp.join("junk.bin");
+    put_dated(&junk, &object(2 * MIB, 10));
+    let server = Serving::start(&tmp.join("served"));
 
-    let mut options = FetchOptions::new(tmp.0.join("cache1"));
-    options.bases = vec![junk, tmp.0.join("does-not-exist")];
-    options.output = Some(tmp.0.join("out1.map"));
+    let mut options = FetchOptions::new(tmp.join("cache1"));
+    options.bases = vec![junk, tmp.join("does-not-exist")];
+    options.output = Some(tmp.join("out1.map"));
     let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
     assert_eq!(report.reused_bytes, 0);
-    assert_eq!(std::fs::read(tmp.0.join("out1.map")).unwrap(), v);
+    assert_eq!(std::fs::read(tmp.join("out1.map")).unwrap(), v);
     let full = server.sent();
     assert!(full >= v.len() as u64, "the whole object was sent: {full}");
 
     // Same object again into a fresh cache, with the output already in place: only the
     // manifest and the short last block travel.
-    let mut options = FetchOptions::new(tmp.0.join("cache2"));
-    options.output = Some(tmp.0.join("out1.map"));
+    let mut options = FetchOptions::new(tmp.join("cache2"));
+    options.output = Some(tmp.join("out1.map"));
     let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
     let second = server.sent() - full;
-    assert_eq!(std::fs::read(tmp.0.join("out1.map")).unwrap(), v);
+    assert_eq!(std::fs::read(tmp.join("out1.map")).unwrap(), v);
     assert!(report.reused_bytes >= v.len() as u64 - 4096, "{report:?}");
     assert!(
         second < v.len() as u64 / 50,
@@ -178,16 +146,16 @@ fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
 #[test]
 fn an_interrupted_delta_download_resumes_from_its_journal() {
     let tmp = TempDir::new("resume");
-    let v1 = bytes(4 * MIB, 5);
+    let v1 = object(4 * MIB, 5);
     let mut v2 = v1.clone();
-    v2.splice(777..777, bytes(50, 6));
+    v2.splice(777..777, object(50, 6));
     let id = ObjectId::md5_of(&v2);
-    put(&tmp.0.join("served/m.bsp"), &v2);
-    let old = tmp.0.join("old.bsp");
-    put(&old, &v1);
-    let server = Serving::start(&tmp.0.join("served"));
+    put_dated(&tmp.join("served/m.bsp"), &v2);
+    let old = tmp.join("old.bsp");
+    put_dated(&old, &v1);
+    let server = Serving::start(&tmp.join("served"));
 
-    let mut options = FetchOptions::new(tmp.0.join("cache"));
+    let mut options = FetchOptions::new(tmp.join("cache"));
     options.bases = vec![old];
     options.timeout = Some(Duration::from_millis(1));
     let first = Client::fetch(server.addr, id, &options, |_| {});
@@ -197,11 +165,11 @@ fn an_interrupted_delta_download_resumes_from_its_journal() {
     );
     let after_manifest = server.sent();
 
-    let mut options = FetchOptions::new(tmp.0.join("cache"));
-    options.output = Some(tmp.0.join("m.out"));
+    let mut options = FetchOptions::new(tmp.join("cache"));
+    options.output = Some(tmp.join("m.out"));
     let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
     let second = server.sent() - after_manifest;
-    assert_eq!(std::fs::read(tmp.0.join("m.out")).unwrap(), v2);
+    assert_eq!(std::fs::read(tmp.join("m.out")).unwrap(), v2);
     assert!(
         report.resumed_bytes > v2.len() as u64 * 9 / 10,
         "resumed from the copied blocks: {report:?}"

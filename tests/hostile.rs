@@ -3,6 +3,9 @@
 //! (Wrong content, vanishing peers and oversized offers are in tests/lifecycle.rs; floods in
 //! tests/cli.rs and tests/loopback.rs.)
 
+mod common;
+
+use common::TempDir;
 use std::net::UdpSocket;
 use std::ops::Range;
 use std::thread;
@@ -27,24 +30,6 @@ fn encode(conn: ConnectionId, frame: Frame<'_>) -> Vec<u8> {
     .unwrap();
     buf.truncate(n);
     buf
-}
-
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p =
-            std::env::temp_dir().join(format!("udpferry-hostile-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// A server that answers the first request with an offer of 4 TiB (more than any disk here has

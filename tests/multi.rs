@@ -1,55 +1,24 @@
 //! Multi-source downloads over loopback: two rate-capped servers share the work; a server that
 //! serves wrong bytes under the right name is found out, dropped and named.
 
+mod common;
+
+use common::{object, put_dated, TempDir};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use udpferry::core::{Endpoint, EndpointConfig};
 use udpferry::net::{Client, Driver, FetchOptions, Server, ServerConfig};
-use udpferry::sim::Rng;
 use udpferry::store::manifest::{manifest_id, Manifest};
 use udpferry::store::ContentStore;
 use udpferry::ObjectId;
 
 const MIB: usize = 1 << 20;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("udpferry-multi-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn bytes(n: usize, seed: u64) -> Vec<u8> {
-    let mut v = vec![0u8; n];
-    Rng::new(seed).fill_bytes(&mut v);
-    v
-}
-
-fn put(path: &Path, data: &[u8]) {
-    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    std::fs::write(path, data).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(SystemTime::now() - Duration::from_secs(60)))
-        .unwrap();
-}
 
 /// A running server thread; stops on drop.
 struct Running {
@@ -130,19 +99,19 @@ fn liar(id: ObjectId, served: Vec<u8>, manifest: Vec<u8>) -> Running {
 #[test]
 fn two_capped_servers_share_the_work() {
     let tmp = TempDir::new("share");
-    let data = bytes(6 * MIB, 21);
+    let data = object(6 * MIB, 21);
     let id = ObjectId::md5_of(&data);
-    put(&tmp.0.join("a/map.bsp"), &data);
-    put(&tmp.0.join("b/copy-of-map.bsp"), &data);
-    let a = honest(&tmp.0.join("a"), 1 << 20);
-    let b = honest(&tmp.0.join("b"), 1 << 20);
-    let mut options = FetchOptions::new(tmp.0.join("cache"));
-    options.output = Some(tmp.0.join("map.out"));
+    put_dated(&tmp.join("a/map.bsp"), &data);
+    put_dated(&tmp.join("b/copy-of-map.bsp"), &data);
+    let a = honest(&tmp.join("a"), 1 << 20);
+    let b = honest(&tmp.join("b"), 1 << 20);
+    let mut options = FetchOptions::new(tmp.join("cache"));
+    options.output = Some(tmp.join("map.out"));
     options.timeout = Some(Duration::from_secs(60));
     let started = Instant::now();
     let report = Client::fetch_from(&[a.addr, b.addr], id, &options, |_| {}).unwrap();
     let secs = started.elapsed().as_secs_f64();
-    assert_eq!(std::fs::read(tmp.0.join("map.out")).unwrap(), data);
+    assert_eq!(std::fs::read(tmp.join("map.out")).unwrap(), data);
     assert!(report.bad_sources.is_empty());
     thread::sleep(Duration::from_millis(100));
     let (sa, sb) = (
@@ -167,10 +136,10 @@ fn two_capped_servers_share_the_work() {
 #[test]
 fn a_lying_source_is_dropped_and_named_and_the_download_completes() {
     let tmp = TempDir::new("liar");
-    let data = bytes(2 * MIB + 333, 22);
+    let data = object(2 * MIB + 333, 22);
     let id = ObjectId::md5_of(&data);
-    put(&tmp.0.join("good/map.bsp"), &data);
-    let good = honest(&tmp.0.join("good"), 0);
+    put_dated(&tmp.join("good/map.bsp"), &data);
+    let good = honest(&tmp.join("good"), 0);
     let mut corrupt = data.clone();
     for b in corrupt.iter_mut().step_by(4097) {
         *b ^= 0x5a;
@@ -179,11 +148,11 @@ fn a_lying_source_is_dropped_and_named_and_the_download_completes() {
         .unwrap()
         .encode();
     let bad = liar(id, corrupt, manifest);
-    let mut options = FetchOptions::new(tmp.0.join("cache"));
-    options.output = Some(tmp.0.join("map.out"));
+    let mut options = FetchOptions::new(tmp.join("cache"));
+    options.output = Some(tmp.join("map.out"));
     options.timeout = Some(Duration::from_secs(60));
     // The liar first, so it gets pieces before it is found out.
     let report = Client::fetch_from(&[bad.addr, good.addr], id, &options, |_| {}).unwrap();
-    assert_eq!(std::fs::read(tmp.0.join("map.out")).unwrap(), data);
+    assert_eq!(std::fs::read(tmp.join("map.out")).unwrap(), data);
     assert_eq!(report.bad_sources, vec![bad.addr], "the liar is named");
 }
