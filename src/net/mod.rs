@@ -171,6 +171,26 @@ pub struct FetchOptions {
 }
 
 impl FetchOptions {
+    /// A driver on a socket bound to `bind`, or to the wildcard address of `server`'s family.
+    fn driver_for(&self, server: SocketAddr) -> io::Result<Driver> {
+        let local = self.bind.unwrap_or(if server.is_ipv6() {
+            SocketAddr::from(([0u16; 8], 0))
+        } else {
+            SocketAddr::from(([0u8; 4], 0))
+        });
+        Driver::new(bind(local)?)
+    }
+
+    /// The files a delta download searches: `bases`, and `output` if it already exists (an
+    /// older version under the same name).
+    fn all_bases(&self) -> Vec<PathBuf> {
+        let mut bases = self.bases.clone();
+        if let Some(out) = self.output.as_ref().filter(|o| o.is_file()) {
+            bases.push(out.clone());
+        }
+        bases
+    }
+
     /// Options with the given cache directory and defaults otherwise.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         FetchOptions {
@@ -264,20 +284,12 @@ impl Client {
             .to_socket_addrs()?
             .next()
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "server address not found"))?;
-        let local = options.bind.unwrap_or(if server.is_ipv6() {
-            SocketAddr::from(([0u16; 8], 0))
-        } else {
-            SocketAddr::from(([0u8; 4], 0))
-        });
-        let mut driver = Driver::new(bind(local)?)?;
+        let mut driver = options.driver_for(server)?;
         let (mut partial, have) = cache.begin(&id)?;
         partial.set_background_journal(true)?;
         let resumed_bytes = have.covered();
         // Delta: blocks of the object that local files already hold are copied, not fetched.
-        let mut bases = options.bases.clone();
-        if let Some(out) = options.output.as_ref().filter(|o| o.is_file()) {
-            bases.push(out.clone());
-        }
+        let bases = options.all_bases();
         let mut reused_bytes = 0;
         let have = match bases.is_empty() {
             true => have,

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 
-use super::{delta, Driver, FetchError, FetchOptions, Progress, Report, MAX_WAIT};
+use super::{delta, FetchError, FetchOptions, Progress, Report, MAX_WAIT};
 use crate::core::{
     ChunkSink, Endpoint, Event, NoObjects, PrefixHasher, RangeSet, Stats, TransferError, TransferId,
 };
@@ -91,12 +91,7 @@ pub(super) fn fetch_from(
         .first()
         .copied()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no server given"))?;
-    let local = options.bind.unwrap_or(if first.is_ipv6() {
-        SocketAddr::from(([0u16; 8], 0))
-    } else {
-        SocketAddr::from(([0u8; 4], 0))
-    });
-    let mut driver = Driver::new(super::bind(local)?)?;
+    let mut driver = options.driver_for(first)?;
 
     // Manifests: every source's; the one most of them agree on is used.
     let mut candidates: Vec<(Manifest, usize)> = Vec::new();
@@ -123,10 +118,7 @@ pub(super) fn fetch_from(
     partial.set_background_journal(true)?;
     partial.set_size(manifest.size);
     let resumed_bytes = have.covered();
-    let mut bases = options.bases.clone();
-    if let Some(out) = options.output.as_ref().filter(|o| o.is_file()) {
-        bases.push(out.clone());
-    }
+    let bases = options.all_bases();
     let reused_bytes = if bases.is_empty() {
         0
     } else {
