@@ -5,6 +5,9 @@
 //! - `serve DIR [--listen ADDR] [--rate R] [--client-rate R] [--list]` prints
 //!   `object <md5hex> <bytes> <path>` per object (with `--list`), then one `listening on <ADDR>`
 //!   line, and exits 0 on SIGINT or SIGTERM;
+//! - with `--list`, `bundle <md5hex> <files> <dir>/` per top-level subdirectory after them;
+//! - `get SERVER ID -o DIR --bundle` installs every file of a bundle under DIR and, run again,
+//!   fetches nothing;
 //! - `get SERVER MD5 [-o PATH] [--cache DIR] [--timeout S]` exits 0 only with verified bytes,
 //!   prints a one-line summary on stderr, resumes from the cache's journal, copies from the cache
 //!   without the network, and on failure exits non-zero with one line naming the cause.
@@ -25,6 +28,9 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
+use udpferry::store::bundle::{Bundle, BundleEntry};
+use udpferry::store::SafePath;
+use udpferry::ObjectId;
 
 const BIN: &str = env!("CARGO_BIN_EXE_udpferry");
 const MIB: usize = 1 << 20;
@@ -442,12 +448,25 @@ fn serve_lists_objects_and_get_downloads_64_mib() {
     let (_server, addr, list) = spawn_server(&dir, &["--list"]);
     let mut got = list.clone();
     got.sort();
+    // The top-level subdirectory `maps` is also served as a bundle, listed after the objects.
+    let maps = Bundle::build(vec![BundleEntry {
+        path: SafePath::parse("big.map").unwrap(),
+        size: big.len() as u64,
+        id: ObjectId::md5_of(&big),
+    }])
+    .unwrap();
+    let maps_id = Bundle::id(&maps.encode());
     let mut want = vec![
         format!("object {small_md5} {} a.txt", small.len()),
         format!("object {big_md5} {} maps/big.map", big.len()),
+        format!("bundle {maps_id} 1 maps/"),
     ];
     want.sort();
     assert_eq!(got, want, "--list output");
+    assert!(
+        list.last().is_some_and(|l| l.starts_with("bundle ")),
+        "bundle lines come after the object lines: {list:?}"
+    );
 
     let out = tmp.join("out");
     let cache = tmp.join("c");
@@ -1048,4 +1067,46 @@ fn get_by_sha256_id_verifies_with_sha256() {
     );
     assert_fails_with(&missing, &["not found"], "an unknown sha256 id");
     drop(server);
+}
+
+#[test]
+fn get_bundle_installs_a_directory_and_skips_it_the_second_time() {
+    let tmp = TempDir::new("bundle");
+    let dir = tmp.join("served");
+    let big = content(3 * MIB, 7);
+    put_file(&dir, "maps/level.bsp", &big);
+    put_file(&dir, "maps/textures/wall.png", b"wall");
+    put_file(&dir, "maps/empty", b"");
+    put_file(&dir, "readme.txt", b"not in any bundle");
+    let (_server, addr, list) = spawn_server(&dir, &["--list"]);
+    let line = list
+        .iter()
+        .find(|l| l.starts_with("bundle ") && l.ends_with(" 3 maps/"))
+        .unwrap_or_else(|| panic!("no bundle line for maps/: {list:?}"));
+    let id = line.split(' ').nth(1).unwrap().to_string();
+
+    let out = tmp.join("out");
+    let cache = tmp.join("c");
+    let r = get(addr, &id, &out, &cache, &["--bundle"], GET_LIMIT);
+    assert!(r.status.success(), "get --bundle failed: {r:?}");
+    assert!(r.stderr.contains("3 downloaded"), "{r:?}");
+    assert_file_eq(&out.join("level.bsp"), &big);
+    assert_file_eq(&out.join("textures/wall.png"), b"wall");
+    assert_file_eq(&out.join("empty"), b"");
+    assert_eq!(entries(&out), vec!["empty", "level.bsp", "textures"]);
+
+    let again = get(addr, &id, &out, &cache, &["--bundle"], GET_LIMIT);
+    assert!(
+        again.status.success(),
+        "second get --bundle failed: {again:?}"
+    );
+    assert!(again.stderr.contains("0 downloaded"), "{again:?}");
+    assert!(again.stderr.contains("3 already present"), "{again:?}");
+
+    // --bundle needs a directory.
+    let no_dir = run(
+        &[os("get"), os(&addr.to_string()), os(&id), os("--bundle")],
+        GET_LIMIT,
+    );
+    assert_eq!(no_dir.status.code(), Some(2), "{no_dir:?}");
 }

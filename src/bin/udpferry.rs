@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use udpferry::core::{Event, RangeSet, Receiver, TransferConfig};
-use udpferry::net::{Client, FetchError, FetchOptions, Report, Server, ServerConfig};
+use udpferry::net::{
+    BundleFetchError, BundleReport, Client, FetchError, FetchOptions, Report, Server, ServerConfig,
+};
 use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 use udpferry::store::{Cache, ContentStore};
 use udpferry::wire::ConnectionId;
@@ -43,7 +45,8 @@ enum Command {
         /// Cap on each client, bytes per second (same units as --rate).
         #[arg(long, value_parser = parse_rate)]
         client_rate: Option<u64>,
-        /// Print one line per object before listening: `object <md5hex> <bytes> <path>`.
+        /// Print one line per object before listening: `object <md5hex> <bytes> <path>`, then
+        /// one per bundle (each top-level subdirectory): `bundle <md5hex> <files> <dir>/`.
         #[arg(long)]
         list: bool,
         /// Report transfers on stderr, and one status line per second while any is active.
@@ -75,6 +78,10 @@ enum Command {
         /// file at --output is searched too.
         #[arg(long = "base", value_name = "PATH")]
         bases: Vec<PathBuf>,
+        /// The id names a bundle (as `serve --list` prints them): install every file it lists
+        /// under the directory given with -o, fetching only files not already there.
+        #[arg(long, requires = "output", conflicts_with = "bases")]
+        bundle: bool,
     },
     /// Send a generated map from a server to a client in this process and print what it cost.
     Demo {
@@ -109,11 +116,22 @@ fn main() -> ExitCode {
         Command::Get {
             server,
             md5,
+            output: Some(dir),
+            cache,
+            timeout,
+            verbose,
+            bundle: true,
+            ..
+        } => get_bundle(&server, md5, dir, cache, timeout, verbose),
+        Command::Get {
+            server,
+            md5,
             bases,
             output,
             cache,
             timeout,
             verbose,
+            ..
         } => get(&server, md5, output, cache, timeout, verbose, bases),
         Command::Demo {
             size_mib,
@@ -172,6 +190,9 @@ fn serve(
     if list {
         for o in store.objects() {
             let _ = writeln!(stdout, "object {} {} {}", o.id, o.size, o.path.display());
+        }
+        for b in store.bundles() {
+            let _ = writeln!(stdout, "bundle {} {} {}/", b.id, b.files, b.dir);
         }
     }
     let mut config = ServerConfig::default();
@@ -351,6 +372,89 @@ fn get(
             ExitCode::SUCCESS
         }
         Err(e) => fail("get", &describe(&e)),
+    }
+}
+
+/// `get --bundle`: installs every file of bundle `id` under `dir` (see
+/// `Client::fetch_bundle`), with one summary line on stderr.
+fn get_bundle(
+    server: &str,
+    id: ObjectId,
+    dir: PathBuf,
+    cache: Option<PathBuf>,
+    timeout: Option<f64>,
+    verbose: bool,
+) -> ExitCode {
+    if server.contains(',') {
+        return fail("get", "--bundle takes a single server address");
+    }
+    let Some(cache_dir) = cache.or_else(Cache::default_dir) else {
+        return fail(
+            "get",
+            "no cache directory: pass --cache DIR (or set XDG_CACHE_HOME or HOME)",
+        );
+    };
+    let mut options = FetchOptions::new(cache_dir);
+    options.timeout = match timeout {
+        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
+        Some(_) => return fail("get", "--timeout must be a positive number of seconds"),
+        None => None,
+    };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let result = Client::fetch_bundle(server, id, &dir, &options, |p| {
+        if let Some(bar) = &bar {
+            bar.set_length(p.bytes_total);
+            bar.set_position(p.bytes_done);
+            bar.set_message(format!("{}/{} files", p.files_done, p.files_total));
+        }
+    });
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let line = |r: &BundleReport| {
+        format!(
+            "bundle {}: {} files, {} bytes: {} downloaded ({} bytes), {} from the cache, {} already present, in {:.2} s",
+            r.bundle,
+            r.files,
+            r.bytes,
+            r.fetched,
+            r.fetched_bytes,
+            r.from_cache,
+            r.skipped,
+            r.duration.as_secs_f64()
+        )
+    };
+    match result {
+        Ok(report) => {
+            eprintln!("{}", line(&report));
+            ExitCode::SUCCESS
+        }
+        Err(BundleFetchError::Files { failed, report }) => {
+            for f in &failed {
+                eprintln!("udpferry get: {}: {}", f.path, f.error);
+            }
+            if verbose {
+                eprintln!("{}", line(&report));
+            }
+            fail(
+                "get",
+                &format!(
+                    "{} of {} files were not installed (run again to resume)",
+                    failed.len(),
+                    report.files
+                ),
+            )
+        }
+        Err(e) => fail("get", &e.to_string()),
     }
 }
 

@@ -29,10 +29,14 @@ use crate::core::{
 use crate::id::ObjectId;
 use crate::store::{Cache, ContentStore, PartialFile, StoreError};
 
+mod bundle;
 mod delta;
 mod driver;
 mod hasher;
 mod multi;
+pub use bundle::{
+    BundleFetchError, BundleProgress, BundleReport, FileError, FileFailure, CONCURRENT_FILES,
+};
 pub use driver::{Activity, Driver};
 pub use hasher::HashThread;
 

@@ -6,6 +6,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use super::bundle::{Bundle, BundleEntry};
 use super::manifest::{block_size_for, manifest_id, Manifest};
 use super::{hash_file, read_exact_at, FileIds, SafePath, StoreError};
 use crate::core::ChunkSource;
@@ -65,6 +66,28 @@ pub struct ObjectInfo {
     pub path: PathBuf,
 }
 
+/// One bundle served, as listed by [`ContentStore::bundles`]: a top-level subdirectory of the
+/// store's root and every file under it (see [`super::bundle`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BundleInfo {
+    /// MD5 of the encoded listing: the id a client fetches the bundle by.
+    pub id: ObjectId,
+    /// The subdirectory, relative to the store's root (one component).
+    pub dir: SafePath,
+    /// How many files it lists.
+    pub files: usize,
+    /// Their sizes added up.
+    pub bytes: u64,
+}
+
+/// A bundle served from memory.
+#[derive(Debug)]
+struct ServedBundle {
+    info: BundleInfo,
+    listing: std::sync::Arc<[u8]>,
+}
+
 /// What [`ContentStore::recheck`] found.
 enum Recheck {
     /// Still (or again) the requested bytes: serve this.
@@ -106,6 +129,9 @@ pub struct ContentStore {
     manifest_of: HashMap<ObjectId, ObjectId>,
     /// Encoded manifests built so far, by object id: computed once, served to every client.
     manifests: HashMap<ObjectId, std::sync::Arc<[u8]>>,
+    /// One bundle per top-level subdirectory holding files, sorted by directory; rebuilt with
+    /// the index.
+    bundles: Vec<ServedBundle>,
 }
 
 impl ContentStore {
@@ -124,6 +150,7 @@ impl ContentStore {
             by_id: HashMap::new(),
             manifest_of: HashMap::new(),
             manifests: HashMap::new(),
+            bundles: Vec::new(),
         };
         store.rescan()?;
         Ok(store)
@@ -138,6 +165,16 @@ impl ContentStore {
     /// all listed.
     pub fn objects(&self) -> impl Iterator<Item = &ObjectInfo> {
         self.entries.iter().map(|e| &e.info)
+    }
+
+    /// Every bundle served, sorted by directory: one per top-level subdirectory of the root
+    /// that holds at least one served file, listing those files (recursively) by their paths
+    /// relative to it, with their sizes and MD5s as last indexed. Rebuilt whenever the index
+    /// is ([`rescan`](Self::rescan), or a request that found a file changed), so a bundle's id
+    /// changes when one of its files does. A subdirectory whose files cannot form a bundle (two
+    /// names equal but for case) is not served as one.
+    pub fn bundles(&self) -> impl Iterator<Item = &BundleInfo> {
+        self.bundles.iter().map(|b| &b.info)
     }
 
     /// The object named `id` as last indexed, or `None` if no file has those bytes. To serve it,
@@ -269,25 +306,88 @@ impl ContentStore {
         // Manifests of objects no file holds any more go.
         let by_id = &self.by_id;
         self.manifests.retain(|id, _| by_id.contains_key(id));
+        self.rebuild_bundles();
     }
 
-    /// What a client may ask for by `id`: an object (its size from the index), or the manifest
-    /// of one (its size computed from the object's); `None` if neither. Reads nothing.
+    /// Builds one bundle per top-level subdirectory from the index (entries are sorted by path,
+    /// so each directory's files are adjacent). Reads nothing from disk.
+    fn rebuild_bundles(&mut self) {
+        let mut groups: Vec<(String, Vec<BundleEntry>)> = Vec::new();
+        for e in &self.entries {
+            let Some((top, rest)) = e.name.as_str().split_once('/') else {
+                continue; // a file directly in the root belongs to no bundle
+            };
+            // `rest` is a suffix of a SafePath made of whole components: a SafePath too.
+            let Ok(path) = SafePath::parse(rest) else {
+                continue;
+            };
+            let entry = BundleEntry {
+                path,
+                size: e.info.size,
+                id: e.info.id,
+            };
+            match groups.last_mut() {
+                Some((dir, files)) if dir == top => files.push(entry),
+                _ => groups.push((top.to_owned(), vec![entry])),
+            }
+        }
+        self.bundles = groups
+            .into_iter()
+            .filter_map(|(dir, files)| {
+                let dir = SafePath::parse(&dir).ok()?;
+                let bundle = Bundle::build(files).ok()?;
+                let listing: std::sync::Arc<[u8]> = bundle.encode().into();
+                Some(ServedBundle {
+                    info: BundleInfo {
+                        id: Bundle::id(&listing),
+                        dir,
+                        files: bundle.len(),
+                        bytes: bundle.total_bytes(),
+                    },
+                    listing,
+                })
+            })
+            .collect();
+        self.bundles.sort_by(|a, b| a.info.dir.cmp(&b.info.dir));
+    }
+
+    /// The listing of the bundle named `id`, if one is served.
+    fn bundle_listing(&self, id: &ObjectId) -> Option<&std::sync::Arc<[u8]>> {
+        self.bundles
+            .iter()
+            .find(|b| b.info.id == *id)
+            .map(|b| &b.listing)
+    }
+
+    /// What a client may ask for by `id`: an object (its size from the index), a bundle listing
+    /// (see [`bundles`](Self::bundles)), or the manifest of an object (its size computed from
+    /// the object's); `None` if none of these. Reads nothing.
     pub fn size_of_any(&self, id: &ObjectId) -> Option<u64> {
         if let Some(info) = self.get(id) {
             return Some(info.size);
+        }
+        if let Some(listing) = self.bundle_listing(id) {
+            return Some(listing.len() as u64);
         }
         let object = self.manifest_of.get(id)?;
         let info = self.get(object)?;
         Some(manifest_len(object, info.size))
     }
 
-    /// Opens an object ([`open_object`](Self::open_object)) or the manifest of one, for one
-    /// transfer. A manifest is built the first time it is asked for (reading the object once)
-    /// and kept in memory, so later clients cost nothing; it is dropped if the object changes.
+    /// Opens an object ([`open_object`](Self::open_object)), a bundle listing or the manifest
+    /// of an object, for one transfer. Bundle listings are built with the index and served
+    /// from memory. A manifest is built the first time it is asked for (reading the object
+    /// once) and kept in memory, so later clients cost nothing; it is dropped if the object
+    /// changes.
     pub fn open_any(&mut self, id: &ObjectId) -> Result<Option<(u64, Served)>, StoreError> {
         if let Some((size, source)) = self.open_object(id)? {
             return Ok(Some((size, Served::File(source))));
+        }
+        if let Some(listing) = self.bundle_listing(id) {
+            return Ok(Some((
+                listing.len() as u64,
+                Served::Memory(listing.clone()),
+            )));
         }
         let Some(object) = self.manifest_of.get(id).copied() else {
             return Ok(None);
@@ -422,12 +522,12 @@ impl io::Read for SourceReader<'_> {
     }
 }
 
-/// What [`ContentStore::open_any`] serves: a file, or a manifest from memory.
+/// What [`ContentStore::open_any`] serves: a file, or a manifest or bundle listing from memory.
 #[derive(Debug)]
 pub enum Served {
     /// An object's file.
     File(FileSource),
-    /// A manifest's bytes.
+    /// A manifest's or bundle listing's bytes.
     Memory(std::sync::Arc<[u8]>),
 }
 

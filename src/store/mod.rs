@@ -6,6 +6,8 @@
 //! - [`Cache`] (client): finished objects as `<root>/<md5hex>`, downloads in progress as
 //!   `<md5hex>.part` plus a resume [`journal`] (`<md5hex>.journal`) through [`PartialFile`], a
 //!   [`ChunkSink`](crate::core::ChunkSink).
+//! - [`bundle`]: listings of named files (each with its size and id) that a server serves for
+//!   each top-level subdirectory and a client installs file by file.
 //! - [`SafePath`]: the one type for names that reach the file system. Relative, length-limited,
 //!   no `..`, no drive letters or Windows device names; both of the above build their file names
 //!   through it.
@@ -34,6 +36,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod bundle;
 mod cache;
 mod content;
 pub mod journal;
@@ -46,7 +49,7 @@ use std::path::{Path, PathBuf};
 
 pub(crate) use cache::random_u64;
 pub use cache::{Cache, PartialFile, JOURNAL_INTERVAL_BYTES};
-pub use content::{ContentStore, FileSource, ObjectInfo, Served};
+pub use content::{BundleInfo, ContentStore, FileSource, ObjectInfo, Served};
 pub use safe_path::{NameError, SafePath};
 
 use crate::id::ObjectId;

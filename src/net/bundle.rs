@@ -1,0 +1,729 @@
+//! Bundle downloads: [`Client::fetch_bundle`] fetches a bundle listing (see
+//! [`store::bundle`](crate::store::bundle)), checks it, and installs each file it lists under a
+//! directory, several files at a time over one socket.
+
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use super::{bind, linger, random_seed, Client, Driver, FetchOptions, HashThread, MAX_WAIT};
+use crate::core::{Endpoint, Event, NoObjects, TransferError, TransferId};
+use crate::id::ObjectId;
+use crate::store::bundle::{Bundle, BundleError, MAX_LISTING_BYTES};
+use crate::store::{Cache, PartialFile, SafePath, StoreError};
+
+/// Files downloaded at once. They share one socket and one endpoint, so on the server they are
+/// one path (pooled base delay, windows evened out: docs/ARCHITECTURE.md section 5.5) and
+/// together take about the share of one download, not four. The server's default limit is 8
+/// transfers per client address.
+pub const CONCURRENT_FILES: usize = 4;
+/// How often a file the server answered "busy" for is asked again (after 0.25 s, 0.5 s, ...).
+const BUSY_RETRIES: u32 = 5;
+/// How often the progress callback is called at most.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// How far a bundle download got, for [`Client::fetch_bundle`]'s progress callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BundleProgress {
+    /// Files finished (installed, skipped or failed).
+    pub files_done: usize,
+    /// Files the bundle lists.
+    pub files_total: usize,
+    /// Bytes of the listed files held so far (skipped and cached files count whole).
+    pub bytes_done: u64,
+    /// The listed files' sizes added up.
+    pub bytes_total: u64,
+}
+
+/// What a bundle download did: how each listed file got into the directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct BundleReport {
+    /// The bundle, whose listing was verified and checked.
+    pub bundle: ObjectId,
+    /// Files it lists.
+    pub files: usize,
+    /// Their sizes added up.
+    pub bytes: u64,
+    /// Files downloaded (wholly or in part) and installed.
+    pub fetched: usize,
+    /// Bytes those downloads received over the network (not counting resumed bytes).
+    pub fetched_bytes: u64,
+    /// Bytes the cache held from an earlier, interrupted run of those downloads.
+    pub resumed_bytes: u64,
+    /// Files the cache already held, installed without the network.
+    pub from_cache: usize,
+    /// Files already in the directory with the right size and digest: left as they were.
+    pub skipped: usize,
+    /// True when the listing itself came from the cache.
+    pub listing_from_cache: bool,
+    /// Wall-clock time of the whole call.
+    pub duration: Duration,
+}
+
+/// Why one file of a bundle was not installed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileError {
+    /// Its transfer failed (not found, busy, timed out, digest mismatch...). Bytes that did not
+    /// match were thrown away; others stay in the cache for a resume.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The server offered another size than the listing gives: the transfer was cancelled
+    /// before any data.
+    #[error("the server offered {offered} bytes, the bundle lists {listed}")]
+    SizeMismatch {
+        /// Size in the listing.
+        listed: u64,
+        /// Size the server offered.
+        offered: u64,
+    },
+    /// The cache or the directory could not be used: full disk, a parent in the directory that
+    /// is a file or a symbolic link, ...
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The overall timeout passed before it finished (what arrived is kept for a resume).
+    #[error("gave up after {0:?}")]
+    Deadline(Duration),
+    /// It has the same bytes (the same id) as another file of the bundle, which was fetched
+    /// once for both and failed.
+    #[error("same bytes as `{0}`, which failed")]
+    SameAs(SafePath),
+}
+
+/// One file of a bundle that was not installed, and why.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct FileFailure {
+    /// Its path in the bundle.
+    pub path: SafePath,
+    /// What went wrong.
+    pub error: FileError,
+}
+
+/// Why [`Client::fetch_bundle`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BundleFetchError {
+    /// The listing could not be fetched; nothing was written to the directory.
+    #[error("could not fetch bundle listing {id}: {source}")]
+    Listing {
+        /// The bundle asked for.
+        id: ObjectId,
+        /// Why.
+        #[source]
+        source: Box<FileError>,
+    },
+    /// The listing arrived and matches its id, but is not a valid bundle (an unsafe name, a
+    /// duplicate, a conflict, too many files...). Nothing was written to the directory; the id
+    /// came from somewhere untrustworthy or names something that is not a bundle.
+    #[error("{id} is not a valid bundle listing ({source}); nothing was installed")]
+    Invalid {
+        /// The bundle asked for.
+        id: ObjectId,
+        /// What is wrong with it.
+        #[source]
+        source: BundleError,
+    },
+    /// Some files could not be installed; the others were (see the report). Running the call
+    /// again resumes: installed files are skipped, partial downloads continue.
+    #[error("{} of {} files of bundle {} were not installed; the first, `{}`: {}",
+        .failed.len(), .report.files, .report.bundle,
+        .failed.first().map_or("", |f| f.path.as_str()),
+        .failed.first().map_or(String::new(), |f| f.error.to_string()))]
+    Files {
+        /// Each file not installed.
+        failed: Vec<FileFailure>,
+        /// What happened to the others.
+        report: Box<BundleReport>,
+    },
+    /// The cache or the target directory could not be opened or created.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The socket failed, or the server address did not resolve. What arrived is kept.
+    #[error("network error: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// One object to download: a file of the bundle (its listed size) or the listing itself.
+#[derive(Debug, Clone)]
+struct Job {
+    id: ObjectId,
+    /// The size the listing gives; `None` for the listing (at most [`MAX_LISTING_BYTES`]).
+    size: Option<u64>,
+    /// Indexes of the bundle's entries with these bytes.
+    entries: Vec<usize>,
+}
+
+/// How a download ended.
+#[derive(Debug)]
+struct Fetched {
+    size: u64,
+    resumed: u64,
+}
+
+/// A download in flight.
+#[derive(Debug)]
+struct Active {
+    job: usize,
+    retries: u32,
+    resumed: u64,
+    done: u64,
+    /// Why the owner cancelled it, if it did.
+    rejected: Option<FileError>,
+}
+
+/// Several downloads at once from one server through one endpoint and one socket.
+struct Downloads<'a> {
+    driver: Option<Driver>,
+    endpoint: Endpoint<NoObjects, PartialFile>,
+    server: SocketAddr,
+    options: &'a FetchOptions,
+    cache: &'a Cache,
+    started: Instant,
+}
+
+impl Downloads<'_> {
+    /// The socket, bound on first use (nothing is bound when everything is local).
+    fn driver(&mut self) -> io::Result<&mut Driver> {
+        if self.driver.is_none() {
+            let local = self.options.bind.unwrap_or(if self.server.is_ipv6() {
+                SocketAddr::from(([0u16; 8], 0))
+            } else {
+                SocketAddr::from(([0u8; 4], 0))
+            });
+            self.driver = Some(Driver::new(bind(local)?)?);
+        }
+        self.driver
+            .as_mut()
+            .ok_or_else(|| io::Error::other("no socket"))
+    }
+
+    /// Downloads every job into the cache, at most [`CONCURRENT_FILES`] at a time, and calls
+    /// `on_done` as each ends (finalized in the cache, or failed); `on_bytes` gets the bytes
+    /// held by downloads in flight. Returns an error only if the socket fails.
+    fn run(
+        &mut self,
+        jobs: &[Job],
+        on_done: &mut dyn FnMut(usize, Result<Fetched, FileError>),
+        on_bytes: &mut dyn FnMut(u64),
+    ) -> io::Result<()> {
+        let mut queue: VecDeque<(usize, u32, Instant)> =
+            (0..jobs.len()).map(|i| (i, 0, self.started)).collect();
+        let mut active: HashMap<TransferId, Active> = HashMap::new();
+        let deadline = self.options.timeout;
+        while !queue.is_empty() || !active.is_empty() {
+            let now = Instant::now();
+            if let Some(limit) = deadline.filter(|l| self.started.elapsed() >= *l) {
+                self.stop_all(&mut active, on_done, Some(limit));
+                for (job, _, _) in queue.drain(..) {
+                    on_done(job, Err(FileError::Deadline(limit)));
+                }
+                return Ok(());
+            }
+            while active.len() < CONCURRENT_FILES {
+                let Some(at) = queue
+                    .iter()
+                    .position(|(_, _, not_before)| *not_before <= now)
+                else {
+                    break;
+                };
+                let Some((job, retries, _)) = queue.remove(at) else {
+                    break;
+                };
+                match self.start(&jobs[job], now) {
+                    Ok((transfer, resumed)) => {
+                        active.insert(
+                            transfer,
+                            Active {
+                                job,
+                                retries,
+                                resumed,
+                                done: resumed,
+                                rejected: None,
+                            },
+                        );
+                    }
+                    Err(e) => on_done(job, Err(e.into())),
+                }
+            }
+            let mut finished: Vec<(TransferId, Result<u64, TransferError>)> = Vec::new();
+            let endpoint = &mut self.endpoint;
+            let Some(driver) = self.driver.as_mut() else {
+                // Nothing started yet: only "busy" files waiting for their retry.
+                std::thread::sleep(MAX_WAIT);
+                continue;
+            };
+            let turned = driver.turn(endpoint, MAX_WAIT, &mut |ep, e| {
+                let Some(a) = active.get_mut(&e.transfer) else {
+                    return;
+                };
+                match e.event {
+                    Event::Started { size } => {
+                        let listed = jobs[a.job].size;
+                        a.rejected = match listed {
+                            Some(listed) if listed != size => Some(FileError::SizeMismatch {
+                                listed,
+                                offered: size,
+                            }),
+                            None if size > MAX_LISTING_BYTES => {
+                                Some(FileError::Transfer(TransferError::TooLarge {
+                                    size,
+                                    max: MAX_LISTING_BYTES,
+                                }))
+                            }
+                            _ => ep.sink_mut(e.transfer).and_then(|p| {
+                                p.set_size(size);
+                                p.ensure_space().err().map(FileError::Store)
+                            }),
+                        };
+                        if a.rejected.is_some() {
+                            // Before the Start goes out: the server is told, nothing is sent.
+                            ep.cancel(e.transfer);
+                        }
+                    }
+                    Event::Progress { bytes_done, .. } => a.done = bytes_done,
+                    Event::Completed(c) => finished.push((e.transfer, Ok(c.size))),
+                    Event::Failed(err) => finished.push((e.transfer, Err(err))),
+                }
+            });
+            if let Err(e) = turned {
+                self.stop_all(&mut active, on_done, None);
+                return Err(e);
+            }
+            for (transfer, result) in finished {
+                let Some(mut a) = active.remove(&transfer) else {
+                    continue;
+                };
+                let Some(mut partial) = self.endpoint.take_sink(transfer) else {
+                    on_done(a.job, Err(lost().into()));
+                    continue;
+                };
+                match result {
+                    Ok(size) => match partial.finalize() {
+                        Ok(_) => on_done(
+                            a.job,
+                            Ok(Fetched {
+                                size,
+                                resumed: a.resumed,
+                            }),
+                        ),
+                        Err(e) => on_done(a.job, Err(e.into())),
+                    },
+                    Err(TransferError::Busy) if a.retries < BUSY_RETRIES => {
+                        let _ = partial.checkpoint();
+                        drop(partial);
+                        let wait = Duration::from_millis(250) * (1 << a.retries);
+                        queue.push_back((a.job, a.retries + 1, Instant::now() + wait));
+                    }
+                    Err(err) => {
+                        if matches!(err, TransferError::DigestMismatch { .. }) {
+                            // Some stored bytes are wrong and nothing says which: start afresh.
+                            let _ = partial.discard();
+                        } else {
+                            let _ = partial.checkpoint();
+                        }
+                        on_done(a.job, Err(a.rejected.take().unwrap_or(err.into())));
+                    }
+                }
+            }
+            on_bytes(active.values().map(|a| a.done).sum());
+        }
+        Ok(())
+    }
+
+    /// Opens (or resumes) the cache's partial file for `job` and starts its transfer.
+    fn start(&mut self, job: &Job, now: Instant) -> Result<(TransferId, u64), StoreError> {
+        let (mut partial, have) = self.cache.begin_sized(&job.id, job.size)?;
+        partial.set_background_journal(true)?;
+        if let Err(e) = self.driver() {
+            return Err(StoreError::Io {
+                action: "open a socket for",
+                path: self.cache.path_of(&job.id),
+                source: e,
+            });
+        }
+        let transfer = self
+            .endpoint
+            .fetch(now, self.server, job.id, &have, partial);
+        // The digest on another core; without a thread, on this one.
+        if let Ok(hasher) = HashThread::for_id(&job.id) {
+            self.endpoint.set_hasher(transfer, Box::new(hasher));
+        }
+        Ok((transfer, have.covered()))
+    }
+
+    /// Cancels every download in flight, tells the server, keeps what arrived (checkpoint) and
+    /// reports each as failed: past the deadline `deadline` if given, else cancelled.
+    fn stop_all(
+        &mut self,
+        active: &mut HashMap<TransferId, Active>,
+        on_done: &mut dyn FnMut(usize, Result<Fetched, FileError>),
+        deadline: Option<Duration>,
+    ) {
+        for transfer in active.keys() {
+            self.endpoint.cancel(*transfer);
+        }
+        if let Some(driver) = self.driver.as_mut() {
+            driver.flush(&mut self.endpoint);
+        }
+        for (transfer, a) in active.drain() {
+            if let Some(mut partial) = self.endpoint.take_sink(transfer) {
+                let _ = partial.checkpoint();
+            }
+            let error = match deadline {
+                Some(d) => FileError::Deadline(d),
+                None => FileError::Transfer(TransferError::Cancelled),
+            };
+            on_done(a.job, Err(error));
+        }
+    }
+
+    /// Answers, in the background, a server that missed a Done (as `Client::fetch` does).
+    fn finish(self) {
+        if let Some(mut driver) = self.driver {
+            let mut endpoint = self.endpoint;
+            driver.flush(&mut endpoint);
+            std::thread::spawn(move || {
+                linger(&mut driver, &mut endpoint, Duration::from_millis(500))
+            });
+        }
+    }
+}
+
+fn lost() -> StoreError {
+    StoreError::io(
+        "finish",
+        Path::new("(download)"),
+        io::Error::other("download lost its partial file"),
+    )
+}
+
+impl Client {
+    /// Fetches bundle `bundle` from `server` and installs every file it lists under `dir`.
+    ///
+    /// 1. The listing is fetched by its id (or read from the cache) and checked by its digest,
+    ///    then parsed with [`Bundle::decode`]: an unsafe name, a duplicate or any other flaw
+    ///    fails with [`BundleFetchError::Invalid`] before anything is written to `dir`.
+    /// 2. `dir` is created if needed. A file already at `dir/<path>` with the listed size and
+    ///    digest is left alone (`skipped`); one the cache holds is copied from it.
+    /// 3. The rest download into the cache, [`CONCURRENT_FILES`] at a time over one socket,
+    ///    resuming partial downloads the cache holds, and each is installed at `dir/<path>`
+    ///    atomically ([`Cache::copy_out`]: temporary file, digest check, rename). Parent
+    ///    directories are created inside `dir` only, never through a symbolic link.
+    ///
+    /// `options.cache_dir`, `timeout` (for the whole call), `endpoint` and `bind` apply;
+    /// `output` and `bases` are ignored. `progress` is called at most every 100 ms.
+    ///
+    /// Files that fail do not stop the others: the call then returns
+    /// [`BundleFetchError::Files`] with the report; calling it again fetches only what is
+    /// missing. Blocks until every file is installed or has failed.
+    pub fn fetch_bundle(
+        server: impl ToSocketAddrs,
+        bundle: ObjectId,
+        dir: &Path,
+        options: &FetchOptions,
+        mut progress: impl FnMut(&BundleProgress),
+    ) -> Result<BundleReport, BundleFetchError> {
+        let started = Instant::now();
+        let cache = Cache::open(&options.cache_dir)?;
+        let server = server
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "server address not found"))?;
+        let mut config = options.endpoint.clone();
+        config.seed = random_seed();
+        let mut downloads = Downloads {
+            driver: None,
+            endpoint: Endpoint::new(config, NoObjects),
+            server,
+            options,
+            cache: &cache,
+            started,
+        };
+        let mut report = BundleReport {
+            bundle,
+            files: 0,
+            bytes: 0,
+            fetched: 0,
+            fetched_bytes: 0,
+            resumed_bytes: 0,
+            from_cache: 0,
+            skipped: 0,
+            listing_from_cache: cache.contains(&bundle),
+            duration: Duration::ZERO,
+        };
+
+        // 1. The listing.
+        if !report.listing_from_cache {
+            let mut outcome = None;
+            let job = Job {
+                id: bundle,
+                size: None,
+                entries: Vec::new(),
+            };
+            downloads.run(&[job], &mut |_, r| outcome = Some(r), &mut |_| {})?;
+            match outcome {
+                Some(Ok(_)) => {}
+                Some(Err(source)) => {
+                    downloads.finish();
+                    return Err(BundleFetchError::Listing {
+                        id: bundle,
+                        source: Box::new(source),
+                    });
+                }
+                None => return Err(lost().into()),
+            }
+        }
+        let listing = read_listing(&cache, &bundle)?;
+        let bundle_list = match Bundle::decode(&listing) {
+            Ok(b) => b,
+            Err(source) => {
+                downloads.finish();
+                return Err(BundleFetchError::Invalid { id: bundle, source });
+            }
+        };
+        drop(listing);
+        let entries = bundle_list.entries();
+        report.files = entries.len();
+        report.bytes = bundle_list.total_bytes();
+
+        // 2. What is already there.
+        fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
+        let mut failed: Vec<FileFailure> = Vec::new();
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut job_of: HashMap<ObjectId, usize> = HashMap::new();
+        let mut bytes_settled = 0u64;
+        for (i, entry) in entries.iter().enumerate() {
+            match installed(dir, &entry.path, entry.size, &entry.id) {
+                Ok(true) => {
+                    report.skipped += 1;
+                    bytes_settled += entry.size;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    failed.push(FileFailure {
+                        path: entry.path.clone(),
+                        error: e.into(),
+                    });
+                    continue;
+                }
+            }
+            match job_of.get(&entry.id) {
+                Some(&j) if jobs[j].size == Some(entry.size) => jobs[j].entries.push(i),
+                Some(&j) => failed.push(FileFailure {
+                    path: entry.path.clone(),
+                    error: FileError::SizeMismatch {
+                        listed: entry.size,
+                        offered: jobs[j].size.unwrap_or(0),
+                    },
+                }),
+                None => {
+                    job_of.insert(entry.id, jobs.len());
+                    jobs.push(Job {
+                        id: entry.id,
+                        size: Some(entry.size),
+                        entries: vec![i],
+                    });
+                }
+            }
+        }
+        let files_done = Cell::new(report.skipped + failed.len());
+        let bytes_settled = Cell::new(bytes_settled);
+        let install = |job: &Job, failed: &mut Vec<FileFailure>| -> usize {
+            let mut ok = 0;
+            for &i in &job.entries {
+                let entry = &entries[i];
+                match install_from_cache(&cache, dir, &entry.path, &job.id) {
+                    Ok(()) => ok += 1,
+                    Err(e) => failed.push(FileFailure {
+                        path: entry.path.clone(),
+                        error: e.into(),
+                    }),
+                }
+            }
+            ok
+        };
+        let mut remote = Vec::new();
+        for job in jobs {
+            if cache.contains(&job.id) {
+                report.from_cache += install(&job, &mut failed);
+                files_done.set(files_done.get() + job.entries.len());
+                bytes_settled
+                    .set(bytes_settled.get() + job.size.unwrap_or(0) * job.entries.len() as u64);
+            } else {
+                remote.push(job);
+            }
+        }
+        let total = report.files;
+        let bytes_total = report.bytes;
+        progress(&BundleProgress {
+            files_done: files_done.get(),
+            files_total: total,
+            bytes_done: bytes_settled.get(),
+            bytes_total,
+        });
+
+        // 3. The rest, over the network.
+        let mut last_progress = Instant::now();
+        let run = downloads.run(
+            &remote,
+            &mut |j, result| {
+                let job = &remote[j];
+                files_done.set(files_done.get() + job.entries.len());
+                bytes_settled
+                    .set(bytes_settled.get() + job.size.unwrap_or(0) * job.entries.len() as u64);
+                match result {
+                    Ok(f) => {
+                        report.fetched += install(job, &mut failed);
+                        report.fetched_bytes += f.size - f.resumed.min(f.size);
+                        report.resumed_bytes += f.resumed;
+                    }
+                    Err(error) => {
+                        let first = entries[job.entries[0]].path.clone();
+                        for &i in &job.entries[1..] {
+                            failed.push(FileFailure {
+                                path: entries[i].path.clone(),
+                                error: FileError::SameAs(first.clone()),
+                            });
+                        }
+                        failed.push(FileFailure { path: first, error });
+                    }
+                }
+            },
+            &mut |in_flight| {
+                if last_progress.elapsed() >= PROGRESS_INTERVAL {
+                    last_progress = Instant::now();
+                    progress(&BundleProgress {
+                        files_done: files_done.get(),
+                        files_total: total,
+                        bytes_done: bytes_settled.get() + in_flight,
+                        bytes_total,
+                    });
+                }
+            },
+        );
+        downloads.finish();
+        run?;
+        progress(&BundleProgress {
+            files_done: files_done.get(),
+            files_total: total,
+            bytes_done: bytes_settled.get(),
+            bytes_total,
+        });
+        report.duration = started.elapsed();
+        if failed.is_empty() {
+            Ok(report)
+        } else {
+            failed.sort_by(|a, b| a.path.cmp(&b.path));
+            Err(BundleFetchError::Files {
+                failed,
+                report: Box::new(report),
+            })
+        }
+    }
+}
+
+/// Reads the listing `id` from the cache and checks it still hashes to `id` (it sat on disk).
+fn read_listing(cache: &Cache, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+    let path = cache.path_of(id);
+    let file = File::open(&path).map_err(|e| StoreError::io("open", &path, e))?;
+    let mut bytes = Vec::new();
+    // One byte more than the limit, so that an oversized entry shows.
+    file.take(MAX_LISTING_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| StoreError::io("read", &path, e))?;
+    let mut hasher = id.hasher();
+    hasher.update(&bytes);
+    let actual = hasher.finish();
+    if actual != *id {
+        return Err(StoreError::Corrupt {
+            path,
+            expected: *id,
+            actual,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Checks the directories between `dir` and the file `path` names: each must be a real
+/// directory (not a symbolic link, not a file). With `create`, missing ones are created;
+/// without, `Ok(false)` says one is missing. Nothing outside `dir` is touched.
+fn parents(dir: &Path, path: &SafePath, create: bool) -> Result<bool, StoreError> {
+    let components: Vec<&str> = path.components().collect();
+    let mut at = dir.to_path_buf();
+    for c in &components[..components.len().saturating_sub(1)] {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StoreError::io(
+                    "install into",
+                    &at,
+                    io::Error::other("a bundle file needs this to be a directory, and it is not"),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !create {
+                    return Ok(false);
+                }
+                match fs::create_dir(&at) {
+                    Ok(()) => {}
+                    // Created meanwhile: check it on the next pass through the loop's rules.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        if !fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
+                            return Err(StoreError::io("create directory", &at, e));
+                        }
+                    }
+                    Err(e) => return Err(StoreError::io("create directory", &at, e)),
+                }
+            }
+            Err(e) => return Err(StoreError::io("inspect", &at, e)),
+        }
+    }
+    Ok(true)
+}
+
+/// True when `dir/<path>` is a regular file (not a link) of `size` bytes hashing to `id`.
+fn installed(dir: &Path, path: &SafePath, size: u64, id: &ObjectId) -> Result<bool, StoreError> {
+    if !parents(dir, path, false)? {
+        return Ok(false);
+    }
+    let target = path.join_to(dir);
+    match fs::symlink_metadata(&target) {
+        Ok(m) if m.is_file() && m.len() == size => {}
+        _ => return Ok(false),
+    }
+    let Ok(mut file) = File::open(&target) else {
+        return Ok(false);
+    };
+    let mut hasher = id.hasher();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        match file.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => hasher.update(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Ok(false),
+        }
+    }
+    Ok(hasher.finish() == *id)
+}
+
+/// Installs the cached object `id` at `dir/<path>`: parents created inside `dir`, then
+/// [`Cache::copy_out`] (temporary file next to it, digest check, rename).
+fn install_from_cache(
+    cache: &Cache,
+    dir: &Path,
+    path: &SafePath,
+    id: &ObjectId,
+) -> Result<(), StoreError> {
+    parents(dir, path, true)?;
+    cache.copy_out(id, &path.join_to(dir))
+}
