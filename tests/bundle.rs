@@ -3,6 +3,8 @@
 //! changed, resumes, and refuses hostile listings and wrong bytes without writing anything it
 //! should not.
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,34 +23,9 @@ use udpferry::store::bundle::{Bundle, BundleEntry, BundleError, MAGIC};
 use udpferry::store::{ContentStore, SafePath};
 use udpferry::ObjectId;
 
+use common::TempDir;
+
 const MIB: usize = 1 << 20;
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "udpferry-bundle-{name}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-
-    fn join(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut v = vec![0u8; n];
