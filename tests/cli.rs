@@ -1109,4 +1109,17 @@ fn get_bundle_installs_a_directory_and_skips_it_the_second_time() {
         GET_LIMIT,
     );
     assert_eq!(no_dir.status.code(), Some(2), "{no_dir:?}");
+
+    // The form, without --bundle: the id turns out to name a bundle listing, so -o is
+    // the directory its files go to (a fresh cache and directory).
+    let plain_out = tmp.join("plain");
+    let plain = get(addr, &id, &plain_out, &tmp.join("c2"), &[], GET_LIMIT);
+    assert!(
+        plain.status.success(),
+        "get of a bundle id failed: {plain:?}"
+    );
+    assert!(plain_out.is_dir(), "-o became a directory");
+    assert_file_eq(&plain_out.join("level.bsp"), &big);
+    assert_file_eq(&plain_out.join("textures/wall.png"), b"wall");
+    assert_eq!(entries(&plain_out), vec!["empty", "level.bsp", "textures"]);
 }

@@ -79,7 +79,9 @@ enum Command {
         #[arg(long = "base", value_name = "PATH")]
         bases: Vec<PathBuf>,
         /// The id names a bundle (as `serve --list` prints them): install every file it lists
-        /// under the directory given with -o, fetching only files not already there.
+        /// under the directory given with -o, fetching only files not already there. Without
+        /// the flag, a fetched object that turns out to be a bundle listing is installed the
+        /// same way.
         #[arg(long, requires = "output", conflicts_with = "bases")]
         bundle: bool,
     },
@@ -295,9 +297,14 @@ fn get(
             "no cache directory: pass --cache DIR (or set XDG_CACHE_HOME or HOME)",
         );
     };
-    let mut options = FetchOptions::new(cache_dir);
-    options.output = output;
+    let mut options = FetchOptions::new(cache_dir.clone());
+    // The object goes to the cache first: if it turns out to be a bundle listing, -o names the
+    // directory to install its files in, not a file to write (see `bundle_listing`). An
+    // existing file at -o is still searched for reusable blocks.
     options.bases = bases;
+    if let Some(out) = output.as_ref().filter(|o| o.is_file()) {
+        options.bases.push(out.clone());
+    }
     options.timeout = match timeout {
         Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
         Some(_) => return fail("get", "--timeout must be a positive number of seconds"),
@@ -365,6 +372,18 @@ fn get(
     }
     match result {
         Ok(report) => {
+            if let Some(out) = output {
+                if bundle_listing(&report.path) {
+                    // A bundle: install its files under `out` (the listing is cached now).
+                    let first = server.split(',').next().unwrap_or(server);
+                    return get_bundle(first, id, out, Some(cache_dir), timeout, verbose);
+                }
+                let installed = udpferry::store::Cache::open(&cache_dir)
+                    .and_then(|cache| cache.copy_out(&id, &out));
+                if let Err(e) = installed {
+                    return fail("get", &describe(&FetchError::Store(e)));
+                }
+            }
             eprintln!("{}", summary(&report));
             if verbose {
                 eprintln!("{:?}", report.stats);
@@ -373,6 +392,20 @@ fn get(
         }
         Err(e) => fail("get", &describe(&e)),
     }
+}
+
+/// Whether the cached object at `path` is a bundle listing (so `get -o DIR` installs its files
+/// instead of writing the listing): it starts with the listing's magic and decodes as one.
+fn bundle_listing(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let starts = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
+    if starts.is_err() || magic != udpferry::store::bundle::MAGIC {
+        return false;
+    }
+    std::fs::read(path)
+        .ok()
+        .is_some_and(|bytes| udpferry::store::bundle::Bundle::decode(&bytes).is_ok())
 }
 
 /// `get --bundle`: installs every file of bundle `id` under `dir` (see
