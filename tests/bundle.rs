@@ -8,22 +8,20 @@ mod common;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use proptest::prelude::*;
 use udpferry::core::{Endpoint, EndpointConfig};
-use udpferry::net::{
-    BundleFetchError, Client, Driver, FetchOptions, FileError, Server, ServerConfig,
-};
+use udpferry::net::{BundleFetchError, Client, Driver, FetchOptions, FileError, ServerConfig};
 use udpferry::sim::Rng;
 use udpferry::store::bundle::{Bundle, BundleEntry, BundleError, MAGIC};
 use udpferry::store::{ContentStore, SafePath};
 use udpferry::ObjectId;
 
-use common::TempDir;
+use common::{Serving, TempDir};
 
 const MIB: usize = 1 << 20;
 
@@ -66,45 +64,6 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     }
     out.sort();
     out
-}
-
-struct Serving {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Serving {
-    fn start(store: ContentStore, config: ServerConfig) -> Self {
-        let mut server = Server::bind("127.0.0.1:0".parse().unwrap(), store, config).unwrap();
-        let addr = server.local_addr().unwrap();
-        let sent = server.bytes_sent_counter();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || server.run_until(&flag, |_| {}).unwrap());
-        Serving {
-            addr,
-            stop,
-            sent,
-            thread: Some(thread),
-        }
-    }
-
-    /// UDP payload bytes the server has sent so far (updated after every loop turn).
-    fn sent(&self) -> u64 {
-        thread::sleep(Duration::from_millis(150)); // let the counter catch up
-        self.sent.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// A server that serves whatever bytes it is given under whatever ids it is given: a hostile

@@ -3,66 +3,13 @@
 
 mod common;
 
-use common::{object, put_dated, TempDir};
-use std::net::SocketAddr;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread;
+use common::{object, put_dated, Serving, TempDir};
 use std::time::Duration;
 
-use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
-use udpferry::store::ContentStore;
+use udpferry::net::{Client, FetchOptions};
 use udpferry::ObjectId;
 
 const MIB: usize = 1 << 20;
-
-struct Serving {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    sent: Arc<std::sync::atomic::AtomicU64>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Serving {
-    fn start(dir: &Path) -> Self {
-        let store = ContentStore::open(dir).unwrap();
-        let mut server = Server::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            store,
-            ServerConfig::default(),
-        )
-        .unwrap();
-        let addr = server.local_addr().unwrap();
-        let sent = server.bytes_sent_counter();
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            server.run_until(&flag, |_| {}).unwrap();
-        });
-        Serving {
-            addr,
-            stop,
-            sent,
-            thread: Some(thread),
-        }
-    }
-
-    /// UDP payload bytes the server has sent so far (updated after every loop turn).
-    fn sent(&self) -> u64 {
-        thread::sleep(Duration::from_millis(100)); // let the counter catch up
-        self.sent.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Serving {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// The figure: 16 MiB v1; v2 = v1 with 100 bytes inserted near the start (shifting
 /// everything after), 4 KiB overwritten in the middle and 10 KiB appended. The server sends at
@@ -81,7 +28,7 @@ fn a_client_with_the_old_version_fetches_under_two_percent_of_the_new() {
     let old = tmp.join("old/level.bsp");
     put_dated(&old, &v1);
 
-    let server = Serving::start(&tmp.join("served"));
+    let server = Serving::dir(&tmp.join("served"));
     std::fs::create_dir_all(tmp.join("new")).unwrap();
     let mut options = FetchOptions::new(tmp.join("cache"));
     options.output = Some(tmp.join("new/level.bsp"));
@@ -115,7 +62,7 @@ fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
     put_dated(&tmp.join("served/a.map"), &v);
     let junk = tmp.join("junk.bin");
     put_dated(&junk, &object(2 * MIB, 10));
-    let server = Serving::start(&tmp.join("served"));
+    let server = Serving::dir(&tmp.join("served"));
 
     let mut options = FetchOptions::new(tmp.join("cache1"));
     options.bases = vec![junk, tmp.join("does-not-exist")];
@@ -153,7 +100,7 @@ fn an_interrupted_delta_download_resumes_from_its_journal() {
     put_dated(&tmp.join("served/m.bsp"), &v2);
     let old = tmp.join("old.bsp");
     put_dated(&old, &v1);
-    let server = Serving::start(&tmp.join("served"));
+    let server = Serving::dir(&tmp.join("served"));
 
     let mut options = FetchOptions::new(tmp.join("cache"));
     options.bases = vec![old];

@@ -3,9 +3,8 @@
 
 mod common;
 
-use common::{object, put_dated, TempDir};
+use common::{object, put_dated, Serving, TempDir};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,56 +12,23 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use udpferry::core::{Endpoint, EndpointConfig};
-use udpferry::net::{Client, Driver, FetchOptions, Server, ServerConfig};
+use udpferry::net::{Client, Driver, FetchOptions, ServerConfig};
 use udpferry::store::manifest::{manifest_id, Manifest};
 use udpferry::store::ContentStore;
 use udpferry::ObjectId;
 
 const MIB: usize = 1 << 20;
 
-/// A running server thread; stops on drop.
-struct Running {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// A `net::Server` over `dir` with its uplink capped at `rate` bytes per second.
-fn honest(dir: &Path, rate: u64) -> Running {
+fn honest(dir: &Path, rate: u64) -> Serving {
     let mut config = ServerConfig::default();
     config.endpoint.rate_limit_bytes_per_sec = rate;
-    let mut server = Server::bind(
-        "127.0.0.1:0".parse().unwrap(),
-        ContentStore::open(dir).unwrap(),
-        config,
-    )
-    .unwrap();
-    let addr = server.local_addr().unwrap();
-    let sent = server.bytes_sent_counter();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = thread::spawn(move || server.run_until(&flag, |_| {}).unwrap());
-    Running {
-        addr,
-        stop,
-        sent,
-        thread: Some(thread),
-    }
+    Serving::start(ContentStore::open(dir).unwrap(), config)
 }
 
 /// A server that answers for `id` with `served` bytes (which may be wrong) and for the
 /// manifest of `id` with `manifest` bytes.
-fn liar(id: ObjectId, served: Vec<u8>, manifest: Vec<u8>) -> Running {
+fn liar(id: ObjectId, served: Vec<u8>, manifest: Vec<u8>) -> Serving {
     let mut objects: HashMap<ObjectId, Arc<[u8]>> = HashMap::new();
     objects.insert(id, served.into());
     objects.insert(manifest_id(&id), manifest.into());
@@ -85,7 +51,7 @@ fn liar(id: ObjectId, served: Vec<u8>, manifest: Vec<u8>) -> Running {
             counter.store(endpoint.stats().bytes_sent, Ordering::Relaxed);
         }
     });
-    Running {
+    Serving {
         addr,
         stop,
         sent,

@@ -305,21 +305,11 @@ fn get(
     if let Some(out) = output.as_ref().filter(|o| o.is_file()) {
         options.bases.push(out.clone());
     }
-    options.timeout = match timeout {
-        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-        Some(_) => return fail("get", "--timeout must be a positive number of seconds"),
-        None => None,
+    options.timeout = match timeout.map(seconds).transpose() {
+        Ok(t) => t,
+        Err(()) => return fail("get", "--timeout must be a positive number of seconds"),
     };
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
+    let bar = progress_bar("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
     // Several servers, comma-separated: fetch from all of them at once.
     let servers: Vec<&str> = server.split(',').map(str::trim).collect();
     let mut addrs: Vec<SocketAddr> = Vec::new();
@@ -428,21 +418,11 @@ fn get_bundle(
         );
     };
     let mut options = FetchOptions::new(cache_dir);
-    options.timeout = match timeout {
-        Some(t) if t.is_finite() && t > 0.0 => Some(Duration::from_secs_f64(t)),
-        Some(_) => return fail("get", "--timeout must be a positive number of seconds"),
-        None => None,
+    options.timeout = match timeout.map(seconds).transpose() {
+        Ok(t) => t,
+        Err(()) => return fail("get", "--timeout must be a positive number of seconds"),
     };
-    let bar = std::io::stderr().is_terminal().then(|| {
-        let bar = indicatif::ProgressBar::new(0);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
+    let bar = progress_bar("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}");
     let result = Client::fetch_bundle(server, id, &dir, &options, |p| {
         if let Some(bar) = &bar {
             bar.set_length(p.bytes_total);
@@ -489,6 +469,25 @@ fn get_bundle(
         }
         Err(e) => fail("get", &e.to_string()),
     }
+}
+
+/// A positive, finite number of seconds.
+fn seconds(t: f64) -> Result<Duration, ()> {
+    (t.is_finite() && t > 0.0)
+        .then(|| Duration::from_secs_f64(t))
+        .ok_or(())
+}
+
+/// A progress bar with `template` when stderr is a terminal.
+fn progress_bar(template: &str) -> Option<indicatif::ProgressBar> {
+    std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    })
 }
 
 fn describe(e: &FetchError) -> String {

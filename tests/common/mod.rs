@@ -235,3 +235,57 @@ pub fn put_dated(path: &std::path::Path, data: &[u8]) {
         .and_then(|f| f.set_modified(std::time::SystemTime::now() - Duration::from_secs(60)))
         .unwrap();
 }
+
+/// A `net::Server` running on its own thread over 127.0.0.1, stopped on drop.
+pub struct Serving {
+    pub addr: std::net::SocketAddr,
+    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// UDP payload bytes sent, updated after every loop turn.
+    pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pub thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Serves `store` with `config`.
+    pub fn start(
+        store: udpferry::store::ContentStore,
+        config: udpferry::net::ServerConfig,
+    ) -> Self {
+        let mut server =
+            udpferry::net::Server::bind("127.0.0.1:0".parse().unwrap(), store, config).unwrap();
+        let addr = server.local_addr().unwrap();
+        let sent = server.bytes_sent_counter();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || server.run_until(&flag, |_| {}).unwrap());
+        Serving {
+            addr,
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    /// Serves the directory `dir` with default settings.
+    pub fn dir(dir: &std::path::Path) -> Self {
+        Self::start(
+            udpferry::store::ContentStore::open(dir).unwrap(),
+            udpferry::net::ServerConfig::default(),
+        )
+    }
+
+    /// UDP payload bytes sent so far, after a pause that lets the counter catch up.
+    pub fn sent(&self) -> u64 {
+        std::thread::sleep(Duration::from_millis(150));
+        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
