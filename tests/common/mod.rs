@@ -157,22 +157,22 @@ pub fn download_with(
 }
 
 /// A well-formed request datagram for `id` on connection `conn`, with no have-set.
-/// The Start a client sends to echo `nonce` for the request `request_datagram(conn, id)` makes.
-#[allow(dead_code)]
-pub fn start_datagram(conn: u64, id: ObjectId, nonce: u64) -> Vec<u8> {
-    use udpferry::wire::{Datagram, Frame, HaveRanges, Request};
+/// The request `request_datagram` and `start_datagram` carry: `id`, 1200-byte datagrams, no cap,
+/// nothing held.
+fn plain_request(id: ObjectId) -> udpferry::wire::Request<'static> {
+    udpferry::wire::Request {
+        object: id,
+        max_datagram_size: 1200,
+        max_rate_bytes_per_sec: 0,
+        have: udpferry::wire::HaveRanges::List(&[]),
+    }
+}
+
+fn encoded(conn: u64, frame: udpferry::wire::Frame<'_>) -> Vec<u8> {
     let mut buf = vec![0u8; 1500];
-    let n = Datagram {
+    let n = udpferry::wire::Datagram {
         conn_id: ConnectionId(conn),
-        frame: Frame::Start {
-            nonce,
-            request: Request {
-                object: id,
-                max_datagram_size: 1200,
-                max_rate_bytes_per_sec: 0,
-                have: HaveRanges::List(&[]),
-            },
-        },
+        frame,
     }
     .encode(&mut buf)
     .unwrap();
@@ -180,22 +180,14 @@ pub fn start_datagram(conn: u64, id: ObjectId, nonce: u64) -> Vec<u8> {
     buf
 }
 
+/// The Start a client sends to echo `nonce` for the request `request_datagram(conn, id)` makes.
+pub fn start_datagram(conn: u64, id: ObjectId, nonce: u64) -> Vec<u8> {
+    let request = plain_request(id);
+    encoded(conn, udpferry::wire::Frame::Start { nonce, request })
+}
+
 pub fn request_datagram(conn: u64, id: ObjectId) -> Vec<u8> {
-    use udpferry::wire::{Datagram, Frame, HaveRanges, Request};
-    let mut buf = vec![0u8; 1500];
-    let n = Datagram {
-        conn_id: ConnectionId(conn),
-        frame: Frame::Request(Request {
-            object: id,
-            max_datagram_size: 1200,
-            max_rate_bytes_per_sec: 0,
-            have: HaveRanges::List(&[]),
-        }),
-    }
-    .encode(&mut buf)
-    .unwrap();
-    buf.truncate(n);
-    buf
+    encoded(conn, udpferry::wire::Frame::Request(plain_request(id)))
 }
 
 static TEMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
