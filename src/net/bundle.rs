@@ -10,7 +10,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{bind, linger, random_seed, Client, Driver, FetchOptions, HashThread, MAX_WAIT};
+use super::{
+    accept_size, fetch_hashed, keep_or_discard, linger, random_seed, Client, Driver, FetchOptions,
+    MAX_WAIT,
+};
 use crate::core::{Endpoint, Event, NoObjects, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::bundle::{Bundle, BundleError, MAX_LISTING_BYTES};
@@ -192,12 +195,7 @@ impl Downloads<'_> {
     /// The socket, bound on first use (nothing is bound when everything is local).
     fn driver(&mut self) -> io::Result<&mut Driver> {
         if self.driver.is_none() {
-            let local = self.options.bind.unwrap_or(if self.server.is_ipv6() {
-                SocketAddr::from(([0u16; 8], 0))
-            } else {
-                SocketAddr::from(([0u8; 4], 0))
-            });
-            self.driver = Some(Driver::new(bind(local)?)?);
+            self.driver = Some(self.options.driver_for(self.server)?);
         }
         self.driver
             .as_mut()
@@ -236,7 +234,7 @@ impl Downloads<'_> {
                 let Some((job, retries, _)) = queue.remove(at) else {
                     break;
                 };
-                match self.start(&jobs[job], now) {
+                match self.start(&jobs[job]) {
                     Ok((transfer, resumed)) => {
                         active.insert(
                             transfer,
@@ -277,14 +275,14 @@ impl Downloads<'_> {
                                     max: MAX_LISTING_BYTES,
                                 }))
                             }
-                            _ => ep.sink_mut(e.transfer).and_then(|p| {
-                                p.set_size(size);
-                                p.ensure_space().err().map(FileError::Store)
-                            }),
+                            _ => None,
                         };
                         if a.rejected.is_some() {
                             // Before the Start goes out: the server is told, nothing is sent.
                             ep.cancel(e.transfer);
+                        } else {
+                            // Cancels the same way if the disk cannot hold it.
+                            a.rejected = accept_size(ep, e.transfer, size).map(FileError::Store);
                         }
                     }
                     Event::Progress { bytes_done, .. } => a.done = bytes_done,
@@ -322,12 +320,7 @@ impl Downloads<'_> {
                         queue.push_back((a.job, a.retries + 1, Instant::now() + wait));
                     }
                     Err(err) => {
-                        if matches!(err, TransferError::DigestMismatch { .. }) {
-                            // Some stored bytes are wrong and nothing says which: start afresh.
-                            let _ = partial.discard();
-                        } else {
-                            let _ = partial.checkpoint();
-                        }
+                        keep_or_discard(partial, &err);
                         on_done(a.job, Err(a.rejected.take().unwrap_or(err.into())));
                     }
                 }
@@ -338,7 +331,7 @@ impl Downloads<'_> {
     }
 
     /// Opens (or resumes) the cache's partial file for `job` and starts its transfer.
-    fn start(&mut self, job: &Job, now: Instant) -> Result<(TransferId, u64), StoreError> {
+    fn start(&mut self, job: &Job) -> Result<(TransferId, u64), StoreError> {
         let (mut partial, have) = self.cache.begin_sized(&job.id, job.size)?;
         partial.set_background_journal(true)?;
         if let Err(e) = self.driver() {
@@ -348,13 +341,7 @@ impl Downloads<'_> {
                 source: e,
             });
         }
-        let transfer = self
-            .endpoint
-            .fetch(now, self.server, job.id, &have, partial);
-        // The digest on another core; without a thread, on this one.
-        if let Ok(hasher) = HashThread::for_id(&job.id) {
-            self.endpoint.set_hasher(transfer, Box::new(hasher));
-        }
+        let transfer = fetch_hashed(&mut self.endpoint, self.server, job.id, &have, partial);
         Ok((transfer, have.covered()))
     }
 
@@ -700,20 +687,10 @@ fn installed(dir: &Path, path: &SafePath, size: u64, id: &ObjectId) -> Result<bo
         Ok(m) if m.is_file() && m.len() == size => {}
         _ => return Ok(false),
     }
-    let Ok(mut file) = File::open(&target) else {
+    let Ok(file) = File::open(&target) else {
         return Ok(false);
     };
-    let mut hasher = id.hasher();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        match file.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => hasher.update(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return Ok(false),
-        }
-    }
-    Ok(hasher.finish() == *id)
+    Ok(crate::store::id_of_file(&file, size, id).is_ok_and(|actual| actual == *id))
 }
 
 /// Installs the cached object `id` at `dir/<path>`: parents created inside `dir`, then

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::core::{
-    ChunkSink, Endpoint, EndpointConfig, EndpointEvent, Event, NoObjects, ObjectProvider, Stats,
-    TransferError,
+    ChunkSink, Endpoint, EndpointConfig, EndpointEvent, Event, NoObjects, ObjectProvider, RangeSet,
+    Stats, TransferError, TransferId,
 };
 use crate::id::ObjectId;
 use crate::store::{Cache, ContentStore, PartialFile, StoreError};
@@ -314,11 +314,7 @@ impl Client {
         let mut config = options.endpoint.clone();
         config.seed = random_seed();
         let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
-        let transfer = endpoint.fetch(Instant::now(), server, id, &have, partial);
-        // The digest on a second core; without a thread, on this one.
-        if let Ok(hasher) = HashThread::for_id(&id) {
-            endpoint.set_hasher(transfer, Box::new(hasher));
-        }
+        let transfer = fetch_hashed(&mut endpoint, server, id, &have, partial);
         let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;
         let mut no_space: Option<StoreError> = None;
         while outcome.is_none() && no_space.is_none() {
@@ -333,16 +329,7 @@ impl Client {
                 }
             }
             driver.turn(&mut endpoint, MAX_WAIT, &mut |ep, e| match e.event {
-                Event::Started { size } => {
-                    if let Some(p) = ep.sink_mut(e.transfer) {
-                        p.set_size(size);
-                        no_space = p.ensure_space().err();
-                    }
-                    if no_space.is_some() {
-                        // Before the Start goes out: the server is told, nothing is sent.
-                        ep.cancel(e.transfer);
-                    }
-                }
+                Event::Started { size } => no_space = accept_size(ep, e.transfer, size),
                 Event::Progress { bytes_done, total } => {
                     let stats = ep.transfer_stats(e.transfer).unwrap_or_default();
                     progress(&Progress {
@@ -363,7 +350,7 @@ impl Client {
             }
             return Err(e.into());
         }
-        let Some(mut partial) = endpoint.take_sink(transfer) else {
+        let Some(partial) = endpoint.take_sink(transfer) else {
             return Err(FetchError::Io(io::Error::other(
                 "download lost its partial file",
             )));
@@ -399,12 +386,7 @@ impl Client {
                 })
             }
             Some(Err(err)) => {
-                if matches!(err, TransferError::DigestMismatch { .. }) {
-                    // Some stored bytes are wrong and nothing says which: start afresh next time.
-                    let _ = partial.discard();
-                } else {
-                    let _ = partial.checkpoint();
-                }
+                keep_or_discard(partial, &err);
                 driver.flush(&mut endpoint);
                 Err(err.into())
             }
@@ -435,6 +417,51 @@ impl Client {
             return Ok(report);
         }
         multi::fetch_from(servers, id, options, &mut progress, started, &cache)
+    }
+}
+
+/// Starts downloading `id` from `server` into `partial` (holding `have` already), with the
+/// digest computed on a second core ([`HashThread`]), or on this one if no thread can start.
+fn fetch_hashed(
+    endpoint: &mut Endpoint<NoObjects, PartialFile>,
+    server: SocketAddr,
+    id: ObjectId,
+    have: &RangeSet,
+    partial: PartialFile,
+) -> TransferId {
+    let transfer = endpoint.fetch(Instant::now(), server, id, have, partial);
+    if let Ok(hasher) = HashThread::for_id(&id) {
+        endpoint.set_hasher(transfer, Box::new(hasher));
+    }
+    transfer
+}
+
+/// On a download's `Started` event: records the offered size and checks that the disk can hold
+/// it. If not, cancels the transfer before its Start goes out (the server is told, nothing is
+/// sent) and returns why.
+fn accept_size(
+    endpoint: &mut Endpoint<NoObjects, PartialFile>,
+    transfer: TransferId,
+    size: u64,
+) -> Option<StoreError> {
+    let refused = endpoint.sink_mut(transfer).and_then(|p| {
+        p.set_size(size);
+        p.ensure_space().err()
+    });
+    if refused.is_some() {
+        endpoint.cancel(transfer);
+    }
+    refused
+}
+
+/// After a failed download: keeps what arrived for a resume (checkpoint), except after a
+/// digest mismatch, where some stored bytes are wrong and nothing says which, so the partial is
+/// thrown away and the next attempt starts afresh.
+fn keep_or_discard(mut partial: PartialFile, err: &TransferError) {
+    if matches!(err, TransferError::DigestMismatch { .. }) {
+        let _ = partial.discard();
+    } else {
+        let _ = partial.checkpoint();
     }
 }
 

@@ -416,17 +416,7 @@ impl PartialFile {
     pub fn digest(&mut self, like: &ObjectId, size: u64) -> Result<ObjectId, StoreError> {
         self.write_run()
             .map_err(|e| StoreError::io("write", &self.part, e))?;
-        let mut hasher = like.hasher();
-        let mut buf = vec![0u8; BUF_LEN];
-        let mut at = 0u64;
-        while at < size {
-            let n = (size - at).min(BUF_LEN as u64) as usize;
-            read_exact_at(&self.file, &mut buf[..n], at)
-                .map_err(|e| StoreError::io("read", &self.part, e))?;
-            hasher.update(&buf[..n]);
-            at += n as u64;
-        }
-        Ok(hasher.finish())
+        super::id_of_file(&self.file, size, like).map_err(|e| StoreError::io("read", &self.part, e))
     }
 
     /// Checks that the file system can hold the rest of the object (its size, known from the

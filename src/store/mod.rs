@@ -178,25 +178,42 @@ pub(crate) struct FileIds {
     pub(crate) sha256: ObjectId,
 }
 
-/// Hashes the first `len` bytes of `file` through a fixed 1 MiB buffer, MD5 and SHA-256 in one
-/// pass (a client may ask by either).
-pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<FileIds> {
-    let mut md5 = crate::id::IdHasher::new(ObjectId::ALG_MD5).unwrap_or_default();
-    let mut sha256 = crate::id::IdHasher::new(ObjectId::ALG_SHA256).unwrap_or_default();
+/// Feeds the first `len` bytes of `file` to `f`, in order, through one 1 MiB buffer. An
+/// `UnexpectedEof` error means the file is shorter than `len`.
+fn for_each_block(file: &File, len: u64, mut f: impl FnMut(&[u8])) -> io::Result<()> {
     let mut buf = vec![0u8; BUF_LEN];
     let mut offset = 0u64;
     while offset < len {
         let n = usize::try_from(len - offset).map_or(BUF_LEN, |left| left.min(BUF_LEN));
         let chunk = &mut buf[..n];
         read_exact_at(file, chunk, offset)?;
-        md5.update(chunk);
-        sha256.update(chunk);
+        f(chunk);
         offset += n as u64;
     }
+    Ok(())
+}
+
+/// Hashes the first `len` bytes of `file`, MD5 and SHA-256 in one pass (a client may ask by
+/// either).
+pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<FileIds> {
+    let mut md5 = crate::id::IdHasher::new(ObjectId::ALG_MD5).unwrap_or_default();
+    let mut sha256 = crate::id::IdHasher::new(ObjectId::ALG_SHA256).unwrap_or_default();
+    for_each_block(file, len, |chunk| {
+        md5.update(chunk);
+        sha256.update(chunk);
+    })?;
     Ok(FileIds {
         md5: md5.finish(),
         sha256: sha256.finish(),
     })
+}
+
+/// The id of the first `len` bytes of `file` under `like`'s algorithm: compare it with `like`
+/// to check a file against the id it should have.
+pub fn id_of_file(file: &File, len: u64, like: &ObjectId) -> io::Result<ObjectId> {
+    let mut hasher = like.hasher();
+    for_each_block(file, len, |chunk| hasher.update(chunk))?;
+    Ok(hasher.finish())
 }
 
 /// Makes a rename or unlink in `dir` durable (a no-op where directories cannot be synced).
