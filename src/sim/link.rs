@@ -2,7 +2,7 @@
 //!
 //! A [`Link`] takes datagrams at a virtual time with [`Link::send`], applies
 //! the impairments described by its [`LinkConfig`] (loss, burst loss, MTU,
-//! bottleneck queue, corruption, duplication, latency and jitter) and hands
+//! bottleneck queue, corruption, mutation, duplication, latency and jitter) and hands
 //! them back, in delivery-time order, through [`Link::deliver`]. All random
 //! choices come from the link's own [`Rng`], so a link is exactly
 //! reproducible from its seed and its inputs.
@@ -12,6 +12,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::rng::Rng;
+use crate::wire::TRAILER_LEN;
 
 /// Nanoseconds per second, for exact serialisation-time arithmetic.
 const NANOS_PER_SEC: u128 = 1_000_000_000;
@@ -59,6 +60,13 @@ pub struct LinkConfig {
     /// Probability that 1 to 3 distinct random bits of a datagram are flipped
     /// (default 0). Empty datagrams are never corrupted.
     pub corrupt: f64,
+    /// Probability that 1 to 3 distinct random bits of a datagram are flipped
+    /// *before* its 4-byte CRC32 trailer and the trailer is then recomputed
+    /// (CRC32 of everything before it, big-endian, as in docs/PROTOCOL.md
+    /// section 1.3), so the damage passes the checksum (default 0). Models a
+    /// buggy middlebox, a broken NIC offload or an on-path attacker.
+    /// Datagrams of 4 bytes or fewer are never mutated.
+    pub mutate: f64,
     /// Bottleneck serialisation rate in bytes per second; `None` means
     /// infinite (default). `Some(0)` carries nothing: every datagram is
     /// counted as queue-dropped.
@@ -81,6 +89,7 @@ impl Default for LinkConfig {
             burst_loss: None,
             duplicate: 0.0,
             corrupt: 0.0,
+            mutate: 0.0,
             bandwidth_bytes_per_sec: None,
             queue_bytes: 256 * 1024,
             mtu: 65_535,
@@ -118,6 +127,14 @@ impl LinkConfig {
     /// Sets the probability that a datagram has 1 to 3 bits flipped.
     pub fn with_corrupt(mut self, p: f64) -> Self {
         self.corrupt = p;
+        self
+    }
+
+    /// Sets the probability that a datagram has 1 to 3 bits flipped before
+    /// its CRC32 trailer and the trailer fixed up, so it still passes the
+    /// checksum (see [`LinkConfig::mutate`]).
+    pub fn with_mutate(mut self, p: f64) -> Self {
+        self.mutate = p;
         self
     }
 
@@ -166,6 +183,9 @@ pub struct LinkStats {
     pub duplicated: u64,
     /// Accepted datagrams whose bits were flipped.
     pub corrupted: u64,
+    /// Accepted datagrams whose bits before the CRC32 trailer were flipped
+    /// and whose trailer was recomputed (they pass the checksum).
+    pub mutated: u64,
     /// Datagrams dropped for exceeding the MTU.
     pub oversize: u64,
 }
@@ -252,7 +272,7 @@ impl Link {
     /// Gilbert-Elliott state steps once per datagram), the MTU check, the
     /// bottleneck queue (departure = max(now, previous departure) + len /
     /// bandwidth, tail drop if the bytes still awaiting departure would
-    /// exceed `queue_bytes`), corruption and duplication, and is then
+    /// exceed `queue_bytes`), corruption, mutation and duplication, and is then
     /// scheduled for delivery at departure + latency + jitter (a duplicate
     /// gets its own jitter). Call with non-decreasing `now`.
     pub fn send(&mut self, now: Instant, datagram: &[u8]) {
@@ -280,6 +300,13 @@ impl Link {
         if self.rng.chance(self.config.corrupt) && !data.is_empty() {
             self.flip_bits(&mut data);
             self.stats.corrupted += 1;
+        }
+        if self.rng.chance(self.config.mutate) && data.len() > TRAILER_LEN {
+            let body = data.len() - TRAILER_LEN;
+            self.flip_bits(&mut data[..body]);
+            let crc = crc32fast::hash(&data[..body]);
+            data[body..].copy_from_slice(&crc.to_be_bytes());
+            self.stats.mutated += 1;
         }
         let duplicate = self.rng.chance(self.config.duplicate).then(|| data.clone());
         if !self.schedule(departure, data) {
@@ -657,6 +684,75 @@ mod tests {
         assert_eq!(out, sent);
     }
 
+    #[test]
+    fn mutation_flips_bits_before_the_trailer_and_fixes_the_crc() {
+        let t0 = Instant::now();
+        let mut link = Link::new(LinkConfig::default().with_mutate(1.0), Rng::new(61));
+        let mut payload_rng = Rng::new(62);
+        let mut sent = Vec::new();
+        for _ in 0..1000 {
+            let mut d = vec![0u8; 40];
+            payload_rng.fill_bytes(&mut d[..36]);
+            let crc = crc32fast::hash(&d[..36]);
+            d[36..].copy_from_slice(&crc.to_be_bytes());
+            link.send(t0, &d);
+            sent.push(d);
+        }
+        let mut flips_seen = [0u32; 4];
+        for ((_, got), want) in drain_all(&mut link).iter().zip(&sent) {
+            assert_eq!(got.len(), want.len());
+            let body = got.len() - TRAILER_LEN;
+            let flipped: u32 = got[..body]
+                .iter()
+                .zip(&want[..body])
+                .map(|(a, b)| (a ^ b).count_ones())
+                .sum();
+            assert!((1..=3).contains(&flipped), "{flipped} bits flipped");
+            flips_seen[flipped as usize] += 1;
+            let crc = crc32fast::hash(&got[..body]).to_be_bytes();
+            assert_eq!(got[body..], crc, "trailer not recomputed");
+        }
+        assert!(flips_seen[1..].iter().all(|&c| c > 200), "{flips_seen:?}");
+        assert_eq!(link.stats().mutated, 1000);
+        assert_eq!(link.stats().corrupted, 0);
+
+        // A real datagram still passes the checksum: whatever decode says, it is not that.
+        let mut buf = [0u8; 64];
+        let n = crate::wire::Datagram {
+            conn_id: crate::wire::ConnectionId(7),
+            frame: crate::wire::Frame::Done,
+        }
+        .encode(&mut buf)
+        .expect("a Done fits 64 bytes");
+        for _ in 0..200 {
+            link.send(t0, &buf[..n]);
+        }
+        for (_, got) in drain_all(&mut link) {
+            assert_ne!(got, buf[..n]);
+            assert!(!matches!(
+                crate::wire::decode(&got),
+                Err(crate::wire::DecodeError::BadChecksum { .. })
+            ));
+        }
+
+        // Datagrams with nothing before a trailer are left alone and not counted.
+        link.send(t0, &[1, 2, 3, 4]);
+        link.send(t0, &[]);
+        let out = drain_all(&mut link);
+        assert_eq!(out[0].1, vec![1, 2, 3, 4]);
+        assert!(out[1].1.is_empty());
+        assert_eq!(link.stats().mutated, 1200);
+
+        // Off by default: the same seed without mutation leaves the bytes alone.
+        let mut clean = Link::new(LinkConfig::default(), Rng::new(61));
+        for d in &sent {
+            clean.send(t0, d);
+        }
+        let out: Vec<Vec<u8>> = drain_all(&mut clean).into_iter().map(|(_, d)| d).collect();
+        assert_eq!(out, sent);
+        assert_eq!(clean.stats().mutated, 0);
+    }
+
     fn arrival_order(jitter: Duration) -> Vec<u32> {
         let t0 = Instant::now();
         let mut link = Link::new(LinkConfig::default().with_jitter(jitter), Rng::new(7));
@@ -839,6 +935,7 @@ mod tests {
             }),
             duplicate: 1.0,
             corrupt: 1.0,
+            mutate: 1.0,
             bandwidth_bytes_per_sec: Some(1),
             queue_bytes: usize::MAX,
             mtu: usize::MAX,
@@ -890,6 +987,7 @@ mod tests {
             })
             .with_duplicate(0.03)
             .with_corrupt(0.02)
+            .with_mutate(0.02)
             .with_bottleneck(500_000, 20_000);
         let mut link = Link::new(config, Rng::new(seed));
         let mut payloads = Rng::new(99);
@@ -917,6 +1015,7 @@ mod tests {
         assert_eq!(a, b);
         assert_eq!(sa, sb);
         assert!(sa.lost > 0 && sa.queue_dropped > 0 && sa.duplicated > 0 && sa.corrupted > 0);
+        assert!(sa.mutated > 0);
         assert_accounting(&sa);
         let (c, sc) = impaired_run(1235);
         assert_ne!(a, c);

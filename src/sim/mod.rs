@@ -9,8 +9,9 @@
 //!   determines every random choice of a run.
 //! * [`Link`] is one direction of a path. Its [`LinkConfig`] sets latency,
 //!   jitter (reordering), random and Gilbert-Elliott burst loss,
-//!   duplication, bit corruption, an MTU, and a bandwidth bottleneck with a
-//!   tail-drop queue. [`LinkStats`] counts what happened.
+//!   duplication, bit corruption, mutation that passes the CRC32, an MTU,
+//!   and a bandwidth bottleneck with a tail-drop queue. [`LinkStats`]
+//!   counts what happened.
 //! * [`Pair`] joins two [`Peer`]s with a link in each direction and runs them
 //!   in *virtual time*: instead of sleeping, the clock jumps straight to the
 //!   next event (a datagram arrival or a peer's timer). A transfer that would
