@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +15,7 @@ use udpferry::net::{
     BundleFetchError, BundleReport, Client, FetchError, FetchOptions, Report, Server, ServerConfig,
 };
 use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
-use udpferry::store::{Cache, ContentStore};
+use udpferry::store::{resolve_target, Cache, ContentStore, StoreError};
 use udpferry::wire::ConnectionId;
 use udpferry::ObjectId;
 
@@ -67,9 +67,9 @@ enum Command {
         /// Cache directory (default: the platform cache directory, e.g. $XDG_CACHE_HOME/udpferry).
         #[arg(long)]
         cache: Option<PathBuf>,
-        /// Give up after this many seconds in total.
-        #[arg(long)]
-        timeout: Option<f64>,
+        /// Give up after this many seconds in total (above 0, at most a week; fractions allowed).
+        #[arg(long, value_parser = parse_timeout)]
+        timeout: Option<Duration>,
         /// One status line per second on stderr, and the transfer's counters at the end.
         #[arg(short, long)]
         verbose: bool,
@@ -87,17 +87,17 @@ enum Command {
     },
     /// Send a generated map from a server to a client in this process and print what it cost.
     Demo {
-        /// Map size in MiB.
-        #[arg(long, default_value_t = 32)]
+        /// Map size in MiB (1 to 2048; the demo holds the map in memory).
+        #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=2048))]
         size_mib: u64,
         /// Use the deterministic network simulator instead of loopback sockets.
         #[arg(long)]
         simulated: bool,
-        /// Random loss on each direction, in percent (simulated only).
-        #[arg(long, default_value_t = 2.0)]
+        /// Random loss on each direction, in percent, 0 to 100 (simulated only).
+        #[arg(long, default_value_t = 2.0, value_parser = parse_percent)]
         loss_percent: f64,
-        /// One-way latency in milliseconds (simulated only).
-        #[arg(long, default_value_t = 15)]
+        /// One-way latency in milliseconds, at most 60000 (simulated only).
+        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(0..=60_000))]
         latency_ms: u64,
         /// Seed for the map's bytes and the simulated network.
         #[arg(long, default_value_t = 1)]
@@ -144,6 +144,36 @@ fn main() -> ExitCode {
         } => simulated_demo(size_mib, loss_percent / 100.0, latency_ms, seed),
         Command::Demo { size_mib, seed, .. } => loopback_demo(size_mib, seed),
     }
+}
+
+/// Longest `--timeout` accepted: a week. Anything longer is a typo, and would overflow the
+/// deadline arithmetic of a clock long before it mattered.
+const MAX_TIMEOUT_SECS: f64 = 7.0 * 24.0 * 3600.0;
+
+/// Parses `--timeout`: seconds, above zero and at most a week, fractions allowed.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds (examples: 30, 2.5)"))?;
+    if !(secs > 0.0 && secs <= MAX_TIMEOUT_SECS) {
+        return Err(format!(
+            "`{text}` is out of range: give a number of seconds above 0 and at most {MAX_TIMEOUT_SECS} (a week)"
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
+}
+
+/// Parses a loss percentage: 0 to 100.
+fn parse_percent(text: &str) -> Result<f64, String> {
+    let p: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a percentage (examples: 0, 2.5)"))?;
+    if !(0.0..=100.0).contains(&p) {
+        return Err(format!("`{text}` is out of range: give 0 to 100"));
+    }
+    Ok(p)
 }
 
 /// Parses a rate: a plain integer or one with a suffix K, M, G, KiB, MiB, GiB (all binary:
@@ -287,7 +317,7 @@ fn get(
     id: ObjectId,
     output: Option<PathBuf>,
     cache: Option<PathBuf>,
-    timeout: Option<f64>,
+    timeout: Option<Duration>,
     verbose: bool,
     bases: Vec<PathBuf>,
 ) -> ExitCode {
@@ -297,17 +327,30 @@ fn get(
             "no cache directory: pass --cache DIR (or set XDG_CACHE_HOME or HOME)",
         );
     };
+    // Refuse an -o that is a device, FIFO or socket before using the network. A directory may
+    // still be right: if the object is a bundle listing, -o names the directory to install its
+    // files in (see `bundle_listing`); otherwise it is refused after the download.
+    if let Some(out) = &output {
+        match resolve_target(out, None) {
+            Err(StoreError::NotAFile {
+                kind: "a directory",
+                ..
+            }) => {}
+            Err(e) => return fail("get", &e.to_string()),
+            Ok(_) => {}
+        }
+    }
     let mut options = FetchOptions::new(cache_dir.clone());
-    // The object goes to the cache first: if it turns out to be a bundle listing, -o names the
-    // directory to install its files in, not a file to write (see `bundle_listing`). An
-    // existing file at -o is still searched for reusable blocks.
+    // The object goes to the cache first. An existing file at -o is searched for reusable
+    // blocks.
     options.bases = bases;
     if let Some(out) = output.as_ref().filter(|o| o.is_file()) {
         options.bases.push(out.clone());
     }
-    options.timeout = match timeout.map(seconds).transpose() {
-        Ok(t) => t,
-        Err(()) => return fail("get", "--timeout must be a positive number of seconds"),
+    options.timeout = timeout;
+    options.stop = match stop_on_signals() {
+        Ok(stop) => Some(stop),
+        Err(e) => return fail("get", &e),
     };
     let bar = progress_bar("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
     // Several servers, comma-separated: fetch from all of them at once.
@@ -380,6 +423,10 @@ fn get(
             }
             ExitCode::SUCCESS
         }
+        Err(e @ FetchError::Stopped) => {
+            eprintln!("udpferry get: {}", describe(&e));
+            ExitCode::from(EXIT_STOPPED)
+        }
         Err(e) => fail("get", &describe(&e)),
     }
 }
@@ -405,7 +452,7 @@ fn get_bundle(
     id: ObjectId,
     dir: PathBuf,
     cache: Option<PathBuf>,
-    timeout: Option<f64>,
+    timeout: Option<Duration>,
     verbose: bool,
 ) -> ExitCode {
     if server.contains(',') {
@@ -418,10 +465,7 @@ fn get_bundle(
         );
     };
     let mut options = FetchOptions::new(cache_dir);
-    options.timeout = match timeout.map(seconds).transpose() {
-        Ok(t) => t,
-        Err(()) => return fail("get", "--timeout must be a positive number of seconds"),
-    };
+    options.timeout = timeout;
     let bar = progress_bar("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta} {msg}");
     let result = Client::fetch_bundle(server, id, &dir, &options, |p| {
         if let Some(bar) = &bar {
@@ -471,12 +515,19 @@ fn get_bundle(
     }
 }
 
-/// A positive, finite number of seconds.
-fn seconds(t: f64) -> Result<Duration, ()> {
-    (t.is_finite() && t > 0.0)
-        .then(|| Duration::from_secs_f64(t))
-        .ok_or(())
+/// A flag that SIGINT and SIGTERM set: a download stops at its next turn and keeps what
+/// arrived for a resume (see `FetchOptions::stop`).
+fn stop_on_signals() -> Result<Arc<AtomicBool>, String> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone())
+            .map_err(|e| format!("cannot handle signals: {e}"))?;
+    }
+    Ok(stop)
 }
+
+/// Exit status of a download stopped by SIGINT or SIGTERM (128 + SIGINT, as shells report it).
+const EXIT_STOPPED: u8 = 130;
 
 /// A progress bar with `template` when stderr is a terminal.
 fn progress_bar(template: &str) -> Option<indicatif::ProgressBar> {
@@ -511,12 +562,22 @@ fn describe(e: &FetchError) -> String {
         FetchError::Transfer(T::Storage { message, .. }) => {
             format!("disk error: {message} (the partial download is kept)")
         }
+        FetchError::Store(s @ (StoreError::NotAFile { .. } | StoreError::LinkOutside { .. })) => {
+            s.to_string()
+        }
         FetchError::Store(s) => format!("disk error: {s}"),
+        FetchError::Stopped => {
+            "interrupted: what arrived is kept in the cache; run the same command again to resume"
+                .into()
+        }
         other => other.to_string(),
     }
 }
 
 fn summary(r: &Report) -> String {
+    let damaged = r.damaged_entry.as_ref().map_or(String::new(), |problem| {
+        format!("; the cached copy was damaged ({problem}) and has been repaired")
+    });
     if r.from_cache {
         return format!(
             "{}: {} bytes, already in the cache ({})",
@@ -541,12 +602,27 @@ fn summary(r: &Report) -> String {
             format!(", reused {} bytes from local files", r.reused_bytes)
         } else {
             String::new()
-        } + &if r.bad_sources.is_empty() {
-            String::new()
+        } + &if r.salvaged_bytes > 0 {
+            format!(
+                ", kept {} unjournaled bytes that matched the manifest",
+                r.salvaged_bytes
+            )
         } else {
-            let named: Vec<String> = r.bad_sources.iter().map(|a| a.to_string()).collect();
-            format!("; dropped {} for sending wrong bytes", named.join(", "))
-        }
+            String::new()
+        } + &if r.repaired_bytes > 0 {
+            format!(
+                ", re-fetched {} bytes that arrived altered",
+                r.repaired_bytes
+            )
+        } else {
+            String::new()
+        } + &damaged
+            + &if r.bad_sources.is_empty() {
+                String::new()
+            } else {
+                let named: Vec<String> = r.bad_sources.iter().map(|a| a.to_string()).collect();
+                format!("; dropped {} for sending wrong bytes", named.join(", "))
+            }
     )
 }
 
@@ -565,17 +641,35 @@ fn fail(command: &str, message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// A directory removed when dropped: on success, on error, on a panic's unwinding, and after
+/// SIGINT or SIGTERM (which stop the demo's download rather than the process).
+struct TempDirGuard(PathBuf);
+
+impl Drop for TempDirGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn loopback_demo(size_mib: u64, seed: u64) -> ExitCode {
-    let dir = std::env::temp_dir().join(format!("udpferry-demo-{}", std::process::id()));
-    let result = run_loopback_demo(&dir, size_mib, seed);
-    let _ = std::fs::remove_dir_all(&dir);
-    match result {
+    let stop = match stop_on_signals() {
+        Ok(stop) => stop,
+        Err(e) => return fail("demo", &e),
+    };
+    let dir =
+        TempDirGuard(std::env::temp_dir().join(format!("udpferry-demo-{}", std::process::id())));
+    match run_loopback_demo(&dir.0, size_mib, seed, stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => fail("demo", &message),
     }
 }
 
-fn run_loopback_demo(dir: &std::path::Path, size_mib: u64, seed: u64) -> Result<(), String> {
+fn run_loopback_demo(
+    dir: &std::path::Path,
+    size_mib: u64,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
     let maps = dir.join("maps");
     std::fs::create_dir_all(&maps).map_err(|e| e.to_string())?;
     let mut map = vec![0u8; (size_mib << 20) as usize];
@@ -593,12 +687,13 @@ fn run_loopback_demo(dir: &std::path::Path, size_mib: u64, seed: u64) -> Result<
     .map_err(|e| e.to_string())?;
     let addr = server.local_addr().map_err(|e| e.to_string())?;
     println!("server: listening on {addr} (loopback, real UDP sockets)");
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let thread = std::thread::spawn(move || server.run_until(&stop2, |_| {}));
-    let options = FetchOptions::new(dir.join("cache"));
+    let server_stop = Arc::new(AtomicBool::new(false));
+    let flag = server_stop.clone();
+    let thread = std::thread::spawn(move || server.run_until(&flag, |_| {}));
+    let mut options = FetchOptions::new(dir.join("cache"));
+    options.stop = Some(stop);
     let result = Client::fetch(addr, id, &options, |_| {});
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    server_stop.store(true, Ordering::Relaxed);
     let _ = thread.join();
     let report = result.map_err(|e| describe(&e))?;
     let secs = report.duration.as_secs_f64();

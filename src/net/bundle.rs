@@ -17,7 +17,7 @@ use super::{
 use crate::core::{Endpoint, Event, NoObjects, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::bundle::{Bundle, BundleError, MAX_LISTING_BYTES};
-use crate::store::{Cache, PartialFile, SafePath, StoreError};
+use crate::store::{Cache, Lookup, PartialFile, SafePath, StoreError};
 
 /// Files downloaded at once. They share one socket and one endpoint, so on the server they are
 /// one path (pooled base delay, windows evened out: docs/ARCHITECTURE.md section 5.5) and
@@ -65,6 +65,9 @@ pub struct BundleReport {
     pub skipped: usize,
     /// True when the listing itself came from the cache.
     pub listing_from_cache: bool,
+    /// Damaged cache entries (truncated, changed since they were verified) that were set aside
+    /// and downloaded again instead of installed.
+    pub damaged_in_cache: usize,
     /// Wall-clock time of the whole call.
     pub duration: Duration,
 }
@@ -442,9 +445,11 @@ impl Client {
             resumed_bytes: 0,
             from_cache: 0,
             skipped: 0,
-            listing_from_cache: cache.contains(&bundle),
+            listing_from_cache: false,
+            damaged_in_cache: 0,
             duration: Duration::ZERO,
         };
+        report.listing_from_cache = in_cache(&cache, &bundle, &mut report)?;
 
         // 1. The listing.
         if !report.listing_from_cache {
@@ -539,7 +544,7 @@ impl Client {
         };
         let mut remote = Vec::new();
         for job in jobs {
-            if cache.contains(&job.id) {
+            if in_cache(&cache, &job.id, &mut report)? {
                 report.from_cache += install(&job, &mut failed);
                 files_done.set(files_done.get() + job.entries.len());
                 bytes_settled
@@ -614,6 +619,20 @@ impl Client {
                 report: Box::new(report),
             })
         }
+    }
+}
+
+/// Whether the cache holds `id` verified ([`Cache::lookup`]). A damaged entry is set aside (its
+/// download starts over) and counted in `report`.
+fn in_cache(cache: &Cache, id: &ObjectId, report: &mut BundleReport) -> Result<bool, StoreError> {
+    match cache.lookup(id)? {
+        Lookup::Verified { .. } => Ok(true),
+        Lookup::Damaged { .. } => {
+            cache.set_aside_damaged(id)?;
+            report.damaged_in_cache += 1;
+            Ok(false)
+        }
+        _ => Ok(false),
     }
 }
 
@@ -694,7 +713,8 @@ fn installed(dir: &Path, path: &SafePath, size: u64, id: &ObjectId) -> Result<bo
 }
 
 /// Installs the cached object `id` at `dir/<path>`: parents created inside `dir`, then
-/// [`Cache::copy_out`] (temporary file next to it, digest check, rename).
+/// [`Cache::copy_out_within`] (temporary file next to it, digest check, rename; a regular file
+/// is the only node replaced, and a link is followed only inside `dir`).
 fn install_from_cache(
     cache: &Cache,
     dir: &Path,
@@ -702,5 +722,5 @@ fn install_from_cache(
     id: &ObjectId,
 ) -> Result<(), StoreError> {
     parents(dir, path, true)?;
-    cache.copy_out(id, &path.join_to(dir))
+    cache.copy_out_within(id, &path.join_to(dir), Some(dir))
 }

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{Driver, FetchError, MAX_WAIT};
-use crate::core::{ChunkSink, Endpoint, EndpointConfig, Event, NoObjects, PrefixHasher, RangeSet};
+use crate::core::{
+    ChunkSink, Endpoint, EndpointConfig, Event, NoObjects, PrefixHasher, RangeSet, TransferError,
+};
 use crate::id::ObjectId;
 use crate::store::manifest::{manifest_id, Manifest, Src};
 use crate::store::PartialFile;
@@ -39,16 +41,26 @@ impl PrefixHasher for ManifestCheck {
     }
 }
 
-/// Fetches and checks the manifest of `object` over `driver`. `None` when the server has none
-/// (an older server), it failed its check, or it took longer than `limit`: the caller then
-/// fetches the whole object.
+/// Why no manifest came back from [`fetch_manifest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NoManifest {
+    /// The server has none (an older server, or it does not have the object).
+    Refused,
+    /// It did not arrive within the limit.
+    TimedOut,
+    /// It arrived but failed its check (altered on its way, or forged): worth asking again.
+    Damaged,
+}
+
+/// Fetches and checks the manifest of `object` over `driver`, for at most `limit`. Without
+/// one, the caller fetches the whole object.
 pub(super) fn fetch_manifest(
     driver: &mut Driver,
     server: SocketAddr,
     object: ObjectId,
     mut config: EndpointConfig,
     limit: Duration,
-) -> Result<Option<Manifest>, FetchError> {
+) -> Result<Result<Manifest, NoManifest>, FetchError> {
     config.transfer.max_object_size = config.transfer.max_object_size.min(MAX_MANIFEST_BYTES);
     config.seed = super::random_seed();
     let mut endpoint: Endpoint<NoObjects, Vec<u8>> = Endpoint::new(config, NoObjects);
@@ -62,23 +74,29 @@ pub(super) fn fetch_manifest(
         }),
     );
     let until = Instant::now() + limit;
-    let mut done: Option<bool> = None;
+    let mut done: Option<Result<(), NoManifest>> = None;
     while done.is_none() && Instant::now() < until {
         driver.turn(&mut endpoint, MAX_WAIT, &mut |_, e| match e.event {
-            Event::Completed(_) => done = Some(true),
-            Event::Failed(_) => done = Some(false),
+            Event::Completed(_) => done = Some(Ok(())),
+            Event::Failed(TransferError::DigestMismatch { .. }) => {
+                done = Some(Err(NoManifest::Damaged))
+            }
+            Event::Failed(TransferError::TimedOut(_)) => done = Some(Err(NoManifest::TimedOut)),
+            Event::Failed(_) => done = Some(Err(NoManifest::Refused)),
             _ => {}
         })?;
     }
-    if done != Some(true) {
+    let done = done.unwrap_or(Err(NoManifest::TimedOut));
+    if let Err(why) = done {
         endpoint.cancel(transfer);
         driver.flush(&mut endpoint);
-        return Ok(None);
+        return Ok(Err(why));
     }
     driver.flush(&mut endpoint); // the Done
     Ok(endpoint
         .take_sink(transfer)
-        .and_then(|bytes| Manifest::decode(&bytes, &object).ok()))
+        .and_then(|bytes| Manifest::decode(&bytes, &object).ok())
+        .ok_or(NoManifest::Damaged))
 }
 
 /// Copies into `partial` every full block of `manifest` found in the files `bases`, skipping

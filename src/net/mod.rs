@@ -27,7 +27,7 @@ use crate::core::{
     Stats, TransferError, TransferId,
 };
 use crate::id::ObjectId;
-use crate::store::{Cache, ContentStore, PartialFile, StoreError};
+use crate::store::{self, Cache, ContentStore, Lookup, PartialFile, StoreError};
 
 mod bundle;
 mod delta;
@@ -159,7 +159,9 @@ impl Server {
 pub struct FetchOptions {
     /// The cache: verified objects by id, and partial downloads with their resume journals.
     pub cache_dir: PathBuf,
-    /// Also write the object here (atomically), if set.
+    /// Also write the object here (atomically), if set. Only a regular file is replaced: a
+    /// symbolic link is followed, and a directory, device, FIFO or socket is refused
+    /// ([`StoreError::NotAFile`]).
     pub output: Option<PathBuf>,
     /// Give up after this long in total (the idle timeout applies regardless).
     pub timeout: Option<Duration>,
@@ -172,6 +174,10 @@ pub struct FetchOptions {
     /// instead of downloaded. An existing file at `output` is searched too. Unreadable files
     /// are skipped. See docs/ARCHITECTURE.md section 13.
     pub bases: Vec<PathBuf>,
+    /// Set it to true (from another thread or a signal handler) to stop the download within
+    /// about 50 ms: what arrived is written to the journal and the fetch returns
+    /// [`FetchError::Stopped`]; the next fetch resumes from there.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 impl FetchOptions {
@@ -195,6 +201,26 @@ impl FetchOptions {
         bases
     }
 
+    /// Why a download that began at `started` must stop now, if it must: the caller's stop
+    /// flag, or the overall timeout.
+    fn must_stop(&self, started: Instant) -> Option<FetchError> {
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(Ordering::Relaxed))
+        {
+            return Some(FetchError::Stopped);
+        }
+        let limit = self.timeout?;
+        (started.elapsed() >= limit).then_some(FetchError::Deadline(limit))
+    }
+
+    /// How long a step may still take before the overall timeout, capped at `step`.
+    fn time_left(&self, started: Instant, step: Duration) -> Duration {
+        self.timeout
+            .map_or(step, |t| t.saturating_sub(started.elapsed()).min(step))
+    }
+
     /// Options with the given cache directory and defaults otherwise.
     pub fn new(cache_dir: impl Into<PathBuf>) -> Self {
         FetchOptions {
@@ -204,6 +230,7 @@ impl FetchOptions {
             endpoint: EndpointConfig::default(),
             bind: None,
             bases: Vec::new(),
+            stop: None,
         }
     }
 }
@@ -228,12 +255,21 @@ pub struct Report {
     pub size: u64,
     /// Where the verified object is in the cache.
     pub path: PathBuf,
-    /// True when the cache already had it and the network was not used.
+    /// True when the cache already had it (verified, unchanged) and the network was not used.
     pub from_cache: bool,
-    /// Bytes the cache held from an earlier, interrupted run.
+    /// Bytes the cache held from an earlier, interrupted run (its journal vouched for them).
     pub resumed_bytes: u64,
+    /// Bytes found on disk without a journal to vouch for them (a kill between two journal
+    /// updates, a damaged cache entry) that matched the object's manifest and were kept.
+    pub salvaged_bytes: u64,
     /// Bytes copied from local files (`FetchOptions::bases`) instead of downloaded.
     pub reused_bytes: u64,
+    /// Set when the cache held a damaged copy of the object (what was wrong with it): the copy
+    /// was set aside, checked against the manifest, and repaired by this download.
+    pub damaged_entry: Option<String>,
+    /// Bytes downloaded again because the first delivery did not match the object's manifest
+    /// (altered on the way despite the checksum): the download repaired them instead of failing.
+    pub repaired_bytes: u64,
     /// Sources of a multi-source download ([`Client::fetch_from`]) that delivered bytes that
     /// did not match the object's manifest, and were dropped.
     pub bad_sources: Vec<SocketAddr>,
@@ -260,7 +296,26 @@ pub enum FetchError {
     /// The overall timeout passed.
     #[error("gave up after {0:?}")]
     Deadline(Duration),
+    /// [`FetchOptions::stop`] was set. What arrived is kept in the cache for a resume.
+    #[error("stopped; what arrived is kept for a resume")]
+    Stopped,
+    /// The server's bytes do not hash to the id asked for, and repairing them from the
+    /// object's manifest did not help: the server serves a wrong object under this id. Nothing
+    /// was kept as done; try another server.
+    #[error("{server} serves bytes that do not match {id}: {detail}")]
+    BadServer {
+        /// The server.
+        server: SocketAddr,
+        /// The object asked for.
+        id: ObjectId,
+        /// What showed it.
+        detail: String,
+    },
 }
+
+/// Repair rounds after a digest mismatch before the server is blamed (each re-fetches only
+/// the blocks that disagree with the manifest).
+const MAX_REPAIR_ROUNDS: u32 = 4;
 
 /// Downloads objects over UDP into a cache.
 #[derive(Debug)]
@@ -269,8 +324,15 @@ pub struct Client;
 impl Client {
     /// Fetches `id` from `server` into the cache (and `options.output`), resuming a partial
     /// download found in the cache, or copying from the cache without touching the network when
-    /// it already holds the object. `progress` is called as bytes arrive (at most every 100 ms)
-    /// with what arrived and the transfer's counters.
+    /// it already holds the object (verified and unchanged: see [`Cache::lookup`]). `progress`
+    /// is called as bytes arrive (at most every 100 ms) with what arrived and the transfer's
+    /// counters.
+    ///
+    /// Self-repairing: bytes on disk that no journal vouches for (a damaged cache entry, a kill
+    /// between journal updates) are checked against the object's manifest and kept where they
+    /// match; a digest mismatch at the end (a datagram altered on its way despite its checksum)
+    /// re-fetches only the blocks that disagree with the manifest, a few rounds at most, and
+    /// fails with [`FetchError::BadServer`] only when the server's own bytes disagree with `id`.
     ///
     /// Blocks until the object is verified or the transfer failed.
     pub fn fetch(
@@ -281,9 +343,11 @@ impl Client {
     ) -> Result<Report, FetchError> {
         let started = Instant::now();
         let cache = Cache::open(&options.cache_dir)?;
-        if let Some(report) = from_cache(&cache, id, options, &mut progress, started)? {
-            return Ok(report);
-        }
+        let damaged_entry = match from_cache(&cache, id, options, &mut progress, started)? {
+            CacheHit::Served(report) => return Ok(*report),
+            CacheHit::Damaged(problem) => Some(problem),
+            CacheHit::Missing => None,
+        };
         let server = server
             .to_socket_addrs()?
             .next()
@@ -292,107 +356,107 @@ impl Client {
         let (mut partial, have) = cache.begin(&id)?;
         partial.set_background_journal(true)?;
         let resumed_bytes = have.covered();
-        // Delta: blocks of the object that local files already hold are copied, not fetched.
+        // Unvouched bytes and local files both need the manifest: blocks that match it are
+        // kept or copied instead of fetched.
         let bases = options.all_bases();
-        let mut reused_bytes = 0;
-        let have = match bases.is_empty() {
-            true => have,
-            false => match delta::fetch_manifest(
+        let mut manifest = None;
+        let (mut salvaged_bytes, mut reused_bytes) = (0, 0);
+        if !bases.is_empty() || partial.has_unverified() {
+            manifest = fetch_manifest(&mut driver, server, id, options, started)?;
+            if let Some(manifest) = &manifest {
+                if partial.has_unverified() {
+                    salvaged_bytes = partial.salvage(manifest)?.gained;
+                }
+                if !bases.is_empty() {
+                    reused_bytes = delta::reuse_blocks(manifest, &bases, &mut partial)?;
+                }
+            }
+        }
+        let mut repaired_bytes = 0;
+        let mut rounds = 0;
+        loop {
+            let have = partial.received().clone();
+            let Attempt {
+                mut endpoint,
+                partial: partial_back,
+                outcome,
+            } = download_once(
                 &mut driver,
                 server,
                 id,
-                options.endpoint.clone(),
-                MANIFEST_WAIT,
-            )? {
-                Some(manifest) => {
-                    reused_bytes = delta::reuse_blocks(&manifest, &bases, &mut partial)?;
-                    partial.received().clone()
-                }
-                None => have,
-            },
-        };
-        let mut config = options.endpoint.clone();
-        config.seed = random_seed();
-        let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
-        let transfer = fetch_hashed(&mut endpoint, server, id, &have, partial);
-        let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;
-        let mut no_space: Option<StoreError> = None;
-        while outcome.is_none() && no_space.is_none() {
-            if let Some(limit) = options.timeout {
-                if started.elapsed() >= limit {
-                    endpoint.cancel(transfer);
+                &have,
+                partial,
+                options,
+                started,
+                &mut progress,
+            )?;
+            partial = partial_back;
+            let (size, stats) = match outcome {
+                Ok(done) => done,
+                Err(TransferError::DigestMismatch { expected, actual }) => {
+                    // Some stored bytes are wrong. Which ones the manifest says.
                     driver.flush(&mut endpoint);
-                    if let Some(mut partial) = endpoint.take_sink(transfer) {
-                        let _ = partial.checkpoint();
+                    if manifest.is_none() {
+                        manifest = fetch_manifest(&mut driver, server, id, options, started)?;
                     }
-                    return Err(FetchError::Deadline(limit));
+                    let Some(manifest) = &manifest else {
+                        // An older server without manifests: nothing says which bytes are
+                        // wrong, so none can be kept.
+                        let _ = partial.discard();
+                        return Err(TransferError::DigestMismatch { expected, actual }.into());
+                    };
+                    let check = partial.verify_blocks(manifest)?;
+                    let blame = if check.held == manifest.size {
+                        Some("every block matches its manifest, but the whole does not".to_string())
+                    } else if rounds >= MAX_REPAIR_ROUNDS {
+                        Some(format!("still wrong after {rounds} repairs"))
+                    } else {
+                        None
+                    };
+                    if let Some(detail) = blame {
+                        let _ = partial.discard();
+                        return Err(FetchError::BadServer { server, id, detail });
+                    }
+                    rounds += 1;
+                    repaired_bytes += manifest.size - check.held;
+                    continue;
                 }
+                Err(err) => {
+                    let _ = partial.checkpoint();
+                    driver.flush(&mut endpoint);
+                    return Err(err.into());
+                }
+            };
+            progress(&Progress {
+                bytes_done: size,
+                total: size,
+                stats: stats.clone(),
+            });
+            let path = partial.finalize()?;
+            if let Some(out) = &options.output {
+                cache.copy_out(&id, out)?;
             }
-            driver.turn(&mut endpoint, MAX_WAIT, &mut |ep, e| match e.event {
-                Event::Started { size } => no_space = accept_size(ep, e.transfer, size),
-                Event::Progress { bytes_done, total } => {
-                    let stats = ep.transfer_stats(e.transfer).unwrap_or_default();
-                    progress(&Progress {
-                        bytes_done,
-                        total,
-                        stats,
-                    })
-                }
-                Event::Completed(c) => outcome = Some(Ok((c.size, c.stats))),
-                Event::Failed(err) => outcome = Some(Err(err)),
-            })?;
-        }
-        if let Some(e) = no_space {
-            // The offered object does not fit (the transfer was cancelled): keep what is here.
+            // Answer a sender that missed our Done for about one of its probe timeouts
+            // (bounded), in the background so the caller has its object at once. If the
+            // process exits first, the sender times out on its own.
+            let linger_for = (stats.smoothed_rtt * 3 + Duration::from_millis(30))
+                .min(Duration::from_millis(500));
             driver.flush(&mut endpoint);
-            if let Some(mut partial) = endpoint.take_sink(transfer) {
-                let _ = partial.checkpoint();
-            }
-            return Err(e.into());
-        }
-        let Some(partial) = endpoint.take_sink(transfer) else {
-            return Err(FetchError::Io(io::Error::other(
-                "download lost its partial file",
-            )));
-        };
-        match outcome {
-            Some(Ok((size, stats))) => {
-                progress(&Progress {
-                    bytes_done: size,
-                    total: size,
-                    stats: stats.clone(),
-                });
-                let path = partial.finalize()?;
-                if let Some(out) = &options.output {
-                    cache.copy_out(&id, out)?;
-                }
-                // Answer a sender that missed our Done for about one of its probe timeouts
-                // (bounded), in the background so the caller has its object at once. If the
-                // process exits first, the sender times out on its own.
-                let linger_for = (stats.smoothed_rtt * 3 + Duration::from_millis(30))
-                    .min(Duration::from_millis(500));
-                driver.flush(&mut endpoint);
-                std::thread::spawn(move || linger(&mut driver, &mut endpoint, linger_for));
-                Ok(Report {
-                    object: id,
-                    size,
-                    path,
-                    from_cache: false,
-                    resumed_bytes,
-                    reused_bytes,
-                    bad_sources: Vec::new(),
-                    duration: started.elapsed(),
-                    stats,
-                })
-            }
-            Some(Err(err)) => {
-                keep_or_discard(partial, &err);
-                driver.flush(&mut endpoint);
-                Err(err.into())
-            }
-            None => Err(FetchError::Io(io::Error::other(
-                "download ended without a result",
-            ))),
+            std::thread::spawn(move || linger(&mut driver, &mut endpoint, linger_for));
+            return Ok(Report {
+                object: id,
+                size,
+                path,
+                from_cache: false,
+                resumed_bytes,
+                salvaged_bytes,
+                reused_bytes,
+                damaged_entry,
+                repaired_bytes,
+                bad_sources: Vec::new(),
+                duration: started.elapsed(),
+                stats,
+            });
         }
     }
 
@@ -413,10 +477,14 @@ impl Client {
     ) -> Result<Report, FetchError> {
         let started = Instant::now();
         let cache = Cache::open(&options.cache_dir)?;
-        if let Some(report) = from_cache(&cache, id, options, &mut progress, started)? {
-            return Ok(report);
-        }
-        multi::fetch_from(servers, id, options, &mut progress, started, &cache)
+        let damaged_entry = match from_cache(&cache, id, options, &mut progress, started)? {
+            CacheHit::Served(report) => return Ok(*report),
+            CacheHit::Damaged(problem) => Some(problem),
+            CacheHit::Missing => None,
+        };
+        let mut report = multi::fetch_from(servers, id, options, &mut progress, started, &cache)?;
+        report.damaged_entry = damaged_entry;
+        Ok(report)
     }
 }
 
@@ -455,8 +523,9 @@ fn accept_size(
 }
 
 /// After a failed download: keeps what arrived for a resume (checkpoint), except after a
-/// digest mismatch, where some stored bytes are wrong and nothing says which, so the partial is
-/// thrown away and the next attempt starts afresh.
+/// digest mismatch, where some stored bytes are wrong and nothing here says which, so the
+/// partial is thrown away and the next attempt starts afresh. ([`Client::fetch`] repairs a
+/// mismatch from the manifest instead.)
 fn keep_or_discard(mut partial: PartialFile, err: &TransferError) {
     if matches!(err, TransferError::DigestMismatch { .. }) {
         let _ = partial.discard();
@@ -465,22 +534,34 @@ fn keep_or_discard(mut partial: PartialFile, err: &TransferError) {
     }
 }
 
-/// The report for an object the cache already holds (copied to `options.output` if set), or
-/// `None` when it does not hold it.
+/// What the cache holds for a download, from [`from_cache`].
+enum CacheHit {
+    /// Verified and unchanged: served without the network (copied to `output` if set).
+    Served(Box<Report>),
+    /// A damaged entry, set aside as an unverified partial download for this download to
+    /// check and repair; what was wrong with it.
+    Damaged(String),
+    /// Nothing finished in the cache.
+    Missing,
+}
+
+/// Looks `id` up in the cache ([`Cache::lookup`]): a verified entry is copied to
+/// `options.output` (if set) and reported; a damaged one is set aside for repair.
 fn from_cache(
     cache: &Cache,
     id: ObjectId,
     options: &FetchOptions,
     progress: &mut dyn FnMut(&Progress),
     started: Instant,
-) -> Result<Option<Report>, FetchError> {
-    if !cache.contains(&id) {
-        return Ok(None);
-    }
-    let path = cache.path_of(&id);
-    let size = std::fs::metadata(&path)
-        .map_err(|e| StoreError::io("read metadata of", &path, e))?
-        .len();
+) -> Result<CacheHit, FetchError> {
+    let (path, size) = match cache.lookup(&id)? {
+        Lookup::Verified { path, size } => (path, size),
+        Lookup::Damaged { problem, .. } => {
+            cache.set_aside_damaged(&id)?;
+            return Ok(CacheHit::Damaged(problem));
+        }
+        _ => return Ok(CacheHit::Missing),
+    };
     if let Some(out) = &options.output {
         cache.copy_out(&id, out)?;
     }
@@ -489,17 +570,119 @@ fn from_cache(
         total: size,
         stats: Stats::default(),
     });
-    Ok(Some(Report {
+    Ok(CacheHit::Served(Box::new(Report {
         object: id,
         size,
         path,
         from_cache: true,
         resumed_bytes: size,
+        salvaged_bytes: 0,
         reused_bytes: 0,
+        damaged_entry: None,
+        repaired_bytes: 0,
         bad_sources: Vec::new(),
         duration: started.elapsed(),
         stats: Stats::default(),
-    }))
+    })))
+}
+
+/// One transfer of `id` from `server` into `partial`, which holds `have` already: drives it
+/// until it completes or fails, handing out progress. Returns the endpoint (to send the Done
+/// and linger), the partial file and the outcome. A stop, the overall timeout or a disk that
+/// cannot hold the object cancel the transfer, checkpoint the partial and return the error.
+#[allow(clippy::too_many_arguments)]
+fn download_once(
+    driver: &mut Driver,
+    server: SocketAddr,
+    id: ObjectId,
+    have: &RangeSet,
+    partial: PartialFile,
+    options: &FetchOptions,
+    started: Instant,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<Attempt, FetchError> {
+    let mut config = options.endpoint.clone();
+    config.seed = random_seed();
+    let mut endpoint: Endpoint<NoObjects, PartialFile> = Endpoint::new(config, NoObjects);
+    let transfer = fetch_hashed(&mut endpoint, server, id, have, partial);
+    let mut outcome: Option<Result<(u64, Stats), TransferError>> = None;
+    let mut no_space: Option<StoreError> = None;
+    let stopped = loop {
+        if let Some(why) = options.must_stop(started) {
+            break Some(why);
+        }
+        driver.turn(&mut endpoint, MAX_WAIT, &mut |ep, e| match e.event {
+            Event::Started { size } => no_space = accept_size(ep, e.transfer, size),
+            Event::Progress { bytes_done, total } => {
+                let stats = ep.transfer_stats(e.transfer).unwrap_or_default();
+                progress(&Progress {
+                    bytes_done,
+                    total,
+                    stats,
+                })
+            }
+            Event::Completed(c) => outcome = Some(Ok((c.size, c.stats))),
+            Event::Failed(err) => outcome = Some(Err(err)),
+        })?;
+        if let Some(e) = no_space.take() {
+            // The offered object does not fit (the transfer was cancelled): keep what is here.
+            break Some(e.into());
+        }
+        if outcome.is_some() {
+            break None;
+        }
+    };
+    if let Some(why) = stopped {
+        endpoint.cancel(transfer);
+        driver.flush(&mut endpoint);
+        if let Some(mut partial) = endpoint.take_sink(transfer) {
+            let _ = partial.checkpoint();
+        }
+        return Err(why);
+    }
+    let Some(partial) = endpoint.take_sink(transfer) else {
+        return Err(FetchError::Io(io::Error::other(
+            "download lost its partial file",
+        )));
+    };
+    let outcome = outcome.unwrap_or(Err(TransferError::Cancelled));
+    Ok(Attempt {
+        endpoint,
+        partial,
+        outcome,
+    })
+}
+
+/// What one transfer of [`download_once`] left: the endpoint (to send the Done and linger),
+/// the partial file, and the outcome (size and counters, or why it failed).
+struct Attempt {
+    endpoint: Endpoint<NoObjects, PartialFile>,
+    partial: PartialFile,
+    outcome: Result<(u64, Stats), TransferError>,
+}
+
+/// The manifest of `id` from `server` (checked), within what is left of the overall timeout:
+/// `None` when the server has none or does not answer in time. A manifest altered on its way
+/// fails its own digest and is fetched again, a few times at most.
+fn fetch_manifest(
+    driver: &mut Driver,
+    server: SocketAddr,
+    id: ObjectId,
+    options: &FetchOptions,
+    started: Instant,
+) -> Result<Option<store::manifest::Manifest>, FetchError> {
+    for _ in 0..4 {
+        if let Some(why) = options.must_stop(started) {
+            return Err(why);
+        }
+        let limit = options.time_left(started, MANIFEST_WAIT);
+        match delta::fetch_manifest(driver, server, id, options.endpoint.clone(), limit)? {
+            Ok(manifest) => return Ok(Some(manifest)),
+            Err(delta::NoManifest::Damaged) => continue,
+            Err(_) => return Ok(None),
+        }
+    }
+    Ok(None)
 }
 
 fn linger<P: ObjectProvider, K: ChunkSink>(

@@ -96,7 +96,7 @@ pub(super) fn fetch_from(
     // Manifests: every source's; the one most of them agree on is used.
     let mut candidates: Vec<(Manifest, usize)> = Vec::new();
     for &server in servers {
-        if let Some(m) = delta::fetch_manifest(
+        if let Ok(m) = delta::fetch_manifest(
             &mut driver,
             server,
             id,
@@ -118,6 +118,13 @@ pub(super) fn fetch_from(
     partial.set_background_journal(true)?;
     partial.set_size(manifest.size);
     let resumed_bytes = have.covered();
+    // Bytes on disk no journal vouches for (a kill, a damaged entry set aside): keep the
+    // blocks that match.
+    let salvaged_bytes = if partial.has_unverified() {
+        partial.salvage(&manifest)?.gained
+    } else {
+        0
+    };
     let bases = options.all_bases();
     let reused_bytes = if bases.is_empty() {
         0
@@ -274,7 +281,10 @@ pub(super) fn fetch_from(
         path,
         from_cache: false,
         resumed_bytes,
+        salvaged_bytes,
         reused_bytes,
+        damaged_entry: None,
+        repaired_bytes: 0,
         duration: started.elapsed(),
         stats,
         bad_sources,

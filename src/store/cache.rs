@@ -5,15 +5,25 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::journal::{self, UNKNOWN_SIZE};
-use super::{read_exact_at, sync_dir, write_all_at, SafePath, StoreError, BUF_LEN};
+use super::manifest::Manifest;
+use super::stamp::Stamp;
+use super::{read_exact_at, resolve_target, sync_dir, write_all_at, SafePath, StoreError, BUF_LEN};
 use crate::core::{ChunkSink, RangeSet};
 use crate::id::ObjectId;
 
 /// New bytes a [`PartialFile`] writes between two automatic journal updates: a kill loses at
 /// most this much progress.
 pub const JOURNAL_INTERVAL_BYTES: u64 = 4 << 20;
+/// Longest a [`PartialFile`] goes between two automatic journal updates while bytes arrive: at a
+/// game server's per-client cap (256 KiB/s to 1 MiB/s) [`JOURNAL_INTERVAL_BYTES`] takes seconds
+/// to fill, and a kill would lose all of it.
+pub const JOURNAL_INTERVAL_TIME: Duration = Duration::from_millis(500);
+/// Writes between two looks at the clock for [`JOURNAL_INTERVAL_TIME`] (a look costs about as
+/// much as a small write's bookkeeping; one per chunk would show at loopback speed).
+const CLOCK_EVERY_WRITES: u32 = 32;
 /// Contiguous received bytes a [`PartialFile`] gathers in memory before one write: chunks
 /// arrive about 1.2 KB at a time, and one system call each would cost more than the copy.
 const WRITE_RUN_BYTES: usize = 256 << 10;
@@ -24,6 +34,31 @@ const OBJECT: &str = "";
 const PART: &str = ".part";
 const JOURNAL: &str = ".journal";
 const JOURNAL_TMP: &str = ".journal.tmp";
+const VERIFIED: &str = ".verified";
+
+/// What the cache holds for one object, from [`Cache::lookup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Lookup {
+    /// The finished object, verified when it was stored and unchanged since: load `path`.
+    Verified {
+        /// The object's file.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// A file is there under the object's name but it is not the object (truncated, changed,
+    /// not a regular file). Never load it: call [`Cache::set_aside_damaged`] and download again
+    /// (blocks that still match the object's manifest can be kept).
+    Damaged {
+        /// The damaged entry.
+        path: PathBuf,
+        /// What is wrong, in words.
+        problem: String,
+    },
+    /// Not in the cache: download it.
+    Missing,
+}
 
 /// A directory of objects named by their MD5 (client side).
 ///
@@ -85,18 +120,112 @@ impl Cache {
         }
     }
 
-    /// True when the finished object is in the cache: load [`path_of`](Self::path_of) instead of
-    /// downloading.
+    /// True when the finished object is in the cache and verified ([`Lookup::Verified`]): load
+    /// [`path_of`](Self::path_of) instead of downloading. See [`lookup`](Self::lookup) to learn
+    /// about a damaged entry.
     pub fn contains(&self, id: &ObjectId) -> bool {
-        self.path_of(id).is_file()
+        matches!(self.lookup(id), Ok(Lookup::Verified { .. }))
+    }
+
+    /// Whether the finished object `id` is here and still the object that was verified.
+    ///
+    /// [`PartialFile::finalize`] records the entry's size, modification and status-change times
+    /// and inode in `<hex>.verified` after checking its digest; a hit whose file still matches that
+    /// record costs two `stat`s and a small read, not a re-hash. An entry without a matching
+    /// record (stored by an older version, touched, truncated, replaced) is hashed again once:
+    /// if it still hashes to `id` it is recorded anew and served, otherwise it is
+    /// [`Lookup::Damaged`]. A change that keeps size, times and inode (bit rot under the file
+    /// system) is not seen here; `udpferry cache verify` re-hashes everything.
+    pub fn lookup(&self, id: &ObjectId) -> Result<Lookup, StoreError> {
+        let path = self.path_of(id);
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Lookup::Missing),
+            Err(e) => return Err(StoreError::io("inspect", &path, e)),
+        };
+        if !meta.is_file() {
+            let problem = format!("it is {}", super::node_kind(&meta.file_type()));
+            return Ok(Lookup::Damaged { path, problem });
+        }
+        let stamp = Stamp::of(&meta);
+        let recorded = fs::read_to_string(self.entry(id, VERIFIED))
+            .ok()
+            .and_then(|t| Stamp::decode(&t));
+        if recorded == Some(stamp) && !stamp.is_racy() {
+            return Ok(Lookup::Verified {
+                path,
+                size: stamp.size(),
+            });
+        }
+        let file = File::open(&path).map_err(|e| StoreError::io("open", &path, e))?;
+        let actual = super::id_of_file(&file, stamp.size(), id)
+            .map_err(|e| StoreError::io("read", &path, e))?;
+        if actual != *id {
+            let problem = match recorded {
+                Some(r) if r.size() != stamp.size() => format!(
+                    "it holds {} bytes, {} when it was stored",
+                    stamp.size(),
+                    r.size()
+                ),
+                _ => format!("its bytes hash to {actual}"),
+            };
+            return Ok(Lookup::Damaged { path, problem });
+        }
+        self.record_verified(id, &file, &path);
+        Ok(Lookup::Verified {
+            path,
+            size: stamp.size(),
+        })
+    }
+
+    /// Writes `<hex>.verified` for the entry `file` at `path`, which was just checked. Best
+    /// effort: without the record the next lookup only hashes again.
+    fn record_verified(&self, id: &ObjectId, file: &File, path: &Path) {
+        let Ok(meta) = file.metadata() else { return };
+        let record = self.entry(id, VERIFIED);
+        let _ = fs::remove_file(&record);
+        // Only if the name still leads to the file that was checked.
+        if fs::symlink_metadata(path).is_ok_and(|m| Stamp::of(&m) == Stamp::of(&meta)) {
+            let _ = fs::write(&record, Stamp::of(&meta).encode());
+        }
+    }
+
+    /// Turns a [`Lookup::Damaged`] entry into a partial download without a journal, so that the
+    /// next [`begin`](Self::begin) treats its bytes as unverified: the download can check them
+    /// against the object's manifest and keep the blocks that match
+    /// ([`PartialFile::verify_blocks`]). An entry that is not a regular file is left alone and
+    /// the error says what it is.
+    pub fn set_aside_damaged(&self, id: &ObjectId) -> Result<(), StoreError> {
+        let path = self.path_of(id);
+        let meta = fs::symlink_metadata(&path).map_err(|e| StoreError::io("inspect", &path, e))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotAFile {
+                path,
+                kind: super::node_kind(&meta.file_type()),
+            });
+        }
+        for stale in [VERIFIED, JOURNAL, JOURNAL_TMP] {
+            let stale = self.entry(id, stale);
+            match fs::remove_file(&stale) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    return Err(StoreError::io("remove", &stale, e))
+                }
+                _ => {}
+            }
+        }
+        let part = self.entry(id, PART);
+        fs::rename(&path, &part).map_err(|e| StoreError::io("move aside", &path, e))?;
+        sync_dir(&self.root)
     }
 
     /// Starts or resumes downloading `id`: returns the sink for the core's receiver and the byte
     /// ranges already held, to pass as `have` to `Receiver::new`.
     ///
     /// Opens (or creates) `<hex>.part` and reads `<hex>.journal`. A journal that is missing,
-    /// damaged, or for another object is not trusted: the partial file is truncated and the
-    /// have-set is empty. Once the offer's size is known, call [`PartialFile::set_size`].
+    /// damaged, or for another object is not trusted: the have-set is empty, but the partial
+    /// file's bytes are kept as unverified ([`PartialFile::has_unverified`]): check them against
+    /// the object's manifest with [`PartialFile::verify_blocks`] to keep what matches, or let the
+    /// download overwrite them. Once the offer's size is known, call [`PartialFile::set_size`].
     /// Run one download per object at a time: two partial files for the same id share files.
     pub fn begin(&self, id: &ObjectId) -> Result<(PartialFile, RangeSet), StoreError> {
         self.begin_sized(id, None)
@@ -142,20 +271,17 @@ impl Cache {
         let (size, received) = match trusted {
             Some(t) => t,
             None => {
-                // Forget the journal before touching the data, so no crash can pair it with
-                // bytes it never vouched for.
+                // Forget the journal before anything else is written, so no crash can pair it
+                // with bytes it never vouched for. The bytes stay, unverified.
                 if journal_exists {
                     fs::remove_file(&journal)
                         .map_err(|e| StoreError::io("remove stale journal", &journal, e))?;
                     sync_dir(&self.root)?;
                 }
-                if part_len > 0 {
-                    file.set_len(0)
-                        .map_err(|e| StoreError::io("truncate partial download", &part, e))?;
-                }
                 (size, RangeSet::new())
             }
         };
+        let unverified = part_len > received.covered();
         let partial = PartialFile {
             file,
             id: *id,
@@ -172,6 +298,9 @@ impl Cache {
             run: Vec::new(),
             run_at: 0,
             syncer: None,
+            last_journal: Instant::now(),
+            writes_since_clock: 0,
+            unverified,
         };
         Ok((partial, received))
     }
@@ -179,7 +308,23 @@ impl Cache {
     /// Copies the finished object `id` to `dest` atomically: the bytes go to a temporary file
     /// next to `dest`, are checked against the MD5, synced, and renamed over `dest`. Call it to
     /// install a cached map where the game loads maps from.
+    ///
+    /// Only a regular file is ever replaced: a symbolic link at `dest` is followed (the file it
+    /// points to is replaced, the link stays), and a directory, device, FIFO or socket is refused
+    /// with [`StoreError::NotAFile`] before anything is written (see [`resolve_target`]).
     pub fn copy_out(&self, id: &ObjectId, dest: &Path) -> Result<(), StoreError> {
+        self.copy_out_within(id, dest, None)
+    }
+
+    /// [`copy_out`](Self::copy_out) for a file installed inside `within` (a bundle's
+    /// directory): a symbolic link at `dest` is followed only to a target inside `within`.
+    pub fn copy_out_within(
+        &self,
+        id: &ObjectId,
+        dest: &Path,
+        within: Option<&Path>,
+    ) -> Result<(), StoreError> {
+        let dest = &resolve_target(dest, within)?;
         let src_path = self.path_of(id);
         let mut src = match File::open(&src_path) {
             Ok(f) => f,
@@ -288,6 +433,13 @@ pub struct PartialFile {
     run_at: u64,
     /// The thread that makes automatic journal updates, if any.
     syncer: Option<Syncer>,
+    /// When the journal was last brought up to date (or the download began).
+    last_journal: Instant,
+    /// Writes since the clock was last read for [`JOURNAL_INTERVAL_TIME`].
+    writes_since_clock: u32,
+    /// True while the file may hold bytes the have-set does not vouch for (no or a damaged
+    /// journal, a damaged cache entry set aside, or a kill after the last journal update).
+    unverified: bool,
 }
 
 /// Where a partial download's journal goes.
@@ -478,7 +630,89 @@ impl PartialFile {
         let bytes = journal::encode(&self.id, self.size.unwrap_or(UNKNOWN_SIZE), &self.received);
         write_journal(&self.file, self.durable, &self.paths(), &bytes)?;
         self.unjournaled = 0;
+        self.last_journal = Instant::now();
         Ok(())
+    }
+
+    /// True when the partial file may hold bytes beyond what [`received`](Self::received)
+    /// vouches for: it was left without a (valid) journal, by a kill between two journal
+    /// updates, or it is a damaged cache entry set aside ([`Cache::set_aside_damaged`]). Such
+    /// bytes are never trusted as they are; [`verify_blocks`](Self::verify_blocks) keeps those
+    /// that match the object's manifest.
+    pub fn has_unverified(&self) -> bool {
+        self.unverified
+    }
+
+    /// Checks every block of the object in the file against `manifest` (the block's strong
+    /// hash) and makes the have-set exactly the blocks that match: unverified bytes that match
+    /// are kept, held bytes that do not (a chunk altered on its way, bits flipped on the disk)
+    /// are dropped for downloading again. Writes the journal. Call it with the object's
+    /// manifest (already checked by [`Manifest::decode`]) after a digest mismatch, then resume
+    /// the download with the new [`received`](Self::received) as the have-set.
+    pub fn verify_blocks(&mut self, manifest: &Manifest) -> Result<BlockCheck, StoreError> {
+        self.check_blocks(manifest, true)
+    }
+
+    /// Like [`verify_blocks`](Self::verify_blocks), but trusts what the have-set already holds
+    /// and checks only the other blocks: call it when [`has_unverified`](Self::has_unverified)
+    /// is true (a kill after the last journal update, a lost journal, a damaged cache entry set
+    /// aside) to keep the unverified bytes that match.
+    pub fn salvage(&mut self, manifest: &Manifest) -> Result<BlockCheck, StoreError> {
+        self.check_blocks(manifest, false)
+    }
+
+    fn check_blocks(
+        &mut self,
+        manifest: &Manifest,
+        recheck: bool,
+    ) -> Result<BlockCheck, StoreError> {
+        self.write_run()
+            .map_err(|e| StoreError::io("write", &self.part, e))?;
+        self.set_size(manifest.size);
+        let on_disk = self
+            .file
+            .metadata()
+            .map_err(|e| StoreError::io("inspect", &self.part, e))?
+            .len();
+        let before = self.received.covered();
+        let mut good = RangeSet::new();
+        let mut buf = vec![0u8; manifest.block_size as usize];
+        for i in 0..manifest.blocks.len() {
+            let range = manifest.block_range(i);
+            if range.end > on_disk {
+                break;
+            }
+            if !recheck && self.received.contains_range(range.clone()) {
+                good.insert(range);
+                continue;
+            }
+            let bytes = &mut buf[..(range.end - range.start) as usize];
+            read_exact_at(&self.file, bytes, range.start)
+                .map_err(|e| StoreError::io("read", &self.part, e))?;
+            if manifest.block_matches(i, bytes) {
+                good.insert(range);
+            }
+        }
+        if !recheck {
+            // Held bytes of partly held blocks stay held.
+            for r in self.received.iter() {
+                good.insert(r);
+            }
+        }
+        let mut both = good.clone();
+        let missing: Vec<_> = self.received.gaps(0..manifest.size).collect();
+        for gap in missing {
+            both.remove(gap);
+        }
+        let check = BlockCheck {
+            held: good.covered(),
+            dropped: before.saturating_sub(both.covered()),
+            gained: good.covered().saturating_sub(both.covered()),
+        };
+        self.received = good;
+        self.unverified = false;
+        self.checkpoint()?;
+        Ok(check)
     }
 
     /// Updates the journal from the background thread if there is one and it is idle (else
@@ -496,6 +730,7 @@ impl PartialFile {
             syncer.submit(bytes)?;
         }
         self.unjournaled = 0;
+        self.last_journal = Instant::now();
         Ok(())
     }
 
@@ -560,6 +795,12 @@ impl PartialFile {
             .map_err(|e| StoreError::io("sync", &self.part, e))?;
         fs::rename(&self.part, &self.final_path)
             .map_err(|e| StoreError::io("rename into place", &self.final_path, e))?;
+        // What the entry looks like now that it is verified, so that a hit can tell it is
+        // unchanged without hashing it again (`Cache::lookup`).
+        if let Ok(meta) = self.file.metadata() {
+            let record = self.dir.join(format!("{}{VERIFIED}", self.id.to_hex()));
+            let _ = fs::write(record, Stamp::of(&meta).encode());
+        }
         sync_dir(&self.dir)?;
         for stale in [&self.journal, &self.tmp] {
             match fs::remove_file(stale) {
@@ -592,7 +833,32 @@ impl PartialFile {
     }
 }
 
+/// What [`PartialFile::verify_blocks`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlockCheck {
+    /// Bytes of the object the partial file now holds, every block matching the manifest.
+    pub held: u64,
+    /// Bytes the have-set listed that did not match (they will be downloaded again).
+    pub dropped: u64,
+    /// Bytes that were on disk unverified and matched (they will not be downloaded).
+    pub gained: u64,
+}
+
 impl PartialFile {
+    /// True when bytes arrived since the journal was last written and
+    /// [`JOURNAL_INTERVAL_TIME`] has passed (the clock is read every few writes only).
+    fn journal_due(&mut self) -> bool {
+        if self.unjournaled == 0 {
+            return false;
+        }
+        self.writes_since_clock += 1;
+        if self.writes_since_clock < CLOCK_EVERY_WRITES {
+            return false;
+        }
+        self.writes_since_clock = 0;
+        self.last_journal.elapsed() >= JOURNAL_INTERVAL_TIME
+    }
+
     /// Writes the gathered run of received bytes to the file.
     fn write_run(&mut self) -> io::Result<()> {
         if !self.run.is_empty() {
@@ -634,7 +900,10 @@ impl ChunkSink for PartialFile {
         let complete = self
             .size
             .is_some_and(|s| self.received.contains_range(0..s));
-        if self.unjournaled >= self.interval || (complete && self.unjournaled > 0) {
+        if self.unjournaled >= self.interval
+            || (complete && self.unjournaled > 0)
+            || self.journal_due()
+        {
             self.auto_checkpoint()?;
         }
         Ok(())

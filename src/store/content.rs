@@ -4,53 +4,19 @@ use std::collections::HashMap;
 use std::fs::{self, File, Metadata};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
 
 use super::bundle::{Bundle, BundleEntry};
 use super::manifest::{block_size_for, manifest_id, Manifest};
+use super::stamp::Stamp;
 use super::{hash_file, read_exact_at, FileIds, SafePath, StoreError};
 use crate::core::ChunkSource;
 use crate::id::ObjectId;
-
-/// A file modified this close to the moment it was hashed may change again without its timestamps
-/// moving (file systems keep coarse clocks), so it is re-hashed when opened.
-const RACY_WINDOW: Duration = Duration::from_secs(3);
 
 /// How many reads a [`FileSource`] serves between two checks of the file's metadata.
 const CHECK_EVERY: u64 = 64;
 
 /// The error text a [`FileSource`] returns once its file changed.
 const CHANGED: &str = "object changed on disk since it was indexed";
-
-/// What identifies one version of a file without reading it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    size: u64,
-    mtime: Option<SystemTime>,
-    /// Status-change time: moves on every write, even when the mtime is set back.
-    #[cfg(unix)]
-    ctime: (i64, i64),
-}
-
-impl Stamp {
-    fn of(meta: &Metadata) -> Self {
-        #[cfg(unix)]
-        use std::os::unix::fs::MetadataExt;
-        Stamp {
-            size: meta.len(),
-            mtime: meta.modified().ok(),
-            #[cfg(unix)]
-            ctime: (meta.ctime(), meta.ctime_nsec()),
-        }
-    }
-
-    /// True when the file may still change within its timestamps' resolution.
-    fn is_racy(&self) -> bool {
-        let now = SystemTime::now();
-        self.mtime
-            .is_none_or(|m| now.duration_since(m).map_or(true, |age| age < RACY_WINDOW))
-    }
-}
 
 /// One served file, as listed by [`ContentStore::objects`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,18 +197,18 @@ impl ContentStore {
         };
         let stamp = Stamp::of(&meta);
         if stamp != entry.stamp || entry.racy {
-            let Some(ids) = hash_settled(&file, stamp.size, &path)? else {
+            let Some(ids) = hash_settled(&file, stamp.size(), &path)? else {
                 entry.racy = true; // shrinking under us: not servable now, re-check next time
                 return Ok(Recheck::NotNow);
             };
             entry.info.id = ids.md5;
             entry.info.sha256 = ids.sha256;
-            entry.info.size = stamp.size;
+            entry.info.size = stamp.size();
             entry.stamp = stamp;
             entry.racy = stamp.is_racy();
         }
         Ok(if entry.info.id == *id || entry.info.sha256 == *id {
-            Recheck::Serve(stamp.size, FileSource::new(file, stamp, path))
+            Recheck::Serve(stamp.size(), FileSource::new(file, stamp, path))
         } else {
             Recheck::Changed
         })
@@ -272,7 +238,7 @@ impl ContentStore {
             };
             let stamp = Stamp::of(&meta);
             // Shrinking while being read: being rewritten; the next rescan picks it up.
-            let Some(ids) = hash_settled(&file, stamp.size, &abs)? else {
+            let Some(ids) = hash_settled(&file, stamp.size(), &abs)? else {
                 continue;
             };
             let unchanged = file.metadata().is_ok_and(|m| Stamp::of(&m) == stamp);
@@ -280,7 +246,7 @@ impl ContentStore {
                 info: ObjectInfo {
                     id: ids.md5,
                     sha256: ids.sha256,
-                    size: stamp.size,
+                    size: stamp.size(),
                     path: name.to_path_buf(),
                 },
                 name,
@@ -568,7 +534,7 @@ impl FileSource {
 
     /// The object's size as opened (also returned by `open_object`): pass it to the sender.
     pub fn size(&self) -> u64 {
-        self.stamp.size
+        self.stamp.size()
     }
 
     /// The file served, for logging which file a transfer reads.

@@ -243,6 +243,12 @@ impl Manifest {
         })
     }
 
+    /// Whether `bytes` are block `i` of the object (its strong hash matches); `false` for an
+    /// index past the end.
+    pub fn block_matches(&self, i: usize, bytes: &[u8]) -> bool {
+        self.blocks.get(i).is_some_and(|(_, s)| strong(bytes) == *s)
+    }
+
     /// The byte range block `i` covers in the object.
     pub fn block_range(&self, i: usize) -> Range<u64> {
         let start = i as u64 * u64::from(self.block_size);

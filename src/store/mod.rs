@@ -41,15 +41,20 @@ mod cache;
 mod content;
 pub mod journal;
 pub mod manifest;
+mod output;
 mod safe_path;
+mod stamp;
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
 pub(crate) use cache::random_u64;
-pub use cache::{Cache, PartialFile, JOURNAL_INTERVAL_BYTES};
+pub use cache::{
+    BlockCheck, Cache, Lookup, PartialFile, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
+};
 pub use content::{BundleInfo, ContentStore, FileSource, ObjectInfo, Served};
+pub use output::{node_kind, resolve_target};
 pub use safe_path::{NameError, SafePath};
 
 use crate::id::ObjectId;
@@ -113,6 +118,24 @@ pub enum StoreError {
         expected: ObjectId,
         /// What its bytes hash to.
         actual: ObjectId,
+    },
+    /// A verified object was to be written over something that is not a regular file (a
+    /// directory, a device, a FIFO, a socket): refused, the node is untouched.
+    #[error("refusing to write {}: it is {kind}, not a regular file; give a file path instead", path.display())]
+    NotAFile {
+        /// The path given.
+        path: PathBuf,
+        /// What is there, in words ("a directory", "a character device", ...).
+        kind: &'static str,
+    },
+    /// A bundle file's path is a symbolic link that leads outside the bundle's directory:
+    /// refused, nothing outside is written.
+    #[error("refusing to write {}: it is a symbolic link to {}, outside the directory being installed", path.display(), target.display())]
+    LinkOutside {
+        /// The path inside the bundle's directory.
+        path: PathBuf,
+        /// Where the link leads.
+        target: PathBuf,
     },
 }
 

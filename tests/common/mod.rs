@@ -10,6 +10,8 @@ use udpferry::sim::{Direction, LinkConfig, OneShotServer, Pair, Rng, RunOutcome}
 use udpferry::wire::ConnectionId;
 use udpferry::ObjectId;
 
+pub mod cli;
+
 /// What one simulated download produced.
 pub struct Outcome {
     pub seed: u64,
@@ -207,6 +209,10 @@ impl TempDir {
 
     pub fn join(&self, rel: &str) -> std::path::PathBuf {
         self.0.join(rel)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
     }
 }
 
