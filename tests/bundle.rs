@@ -449,6 +449,85 @@ fn a_symbolic_link_in_the_directory_is_not_followed() {
 }
 
 #[test]
+fn a_bundle_file_never_replaces_a_node_or_follows_a_link_out() {
+    let tmp = TempDir::new("filelink");
+    let root = tmp.join("served");
+    let s = serve_tree(&root);
+    let store = ContentStore::open(&root).unwrap();
+    let maps = store.bundles().next().unwrap().id;
+    let server = Serving::start(store, ServerConfig::default());
+    let dir = tmp.join("install");
+    let outside = tmp.join("outside");
+    std::fs::create_dir_all(dir.join("textures/stone")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    // level.bsp: a link to a file outside the bundle's directory; wall.png: a FIFO;
+    // empty.cfg: a link to a file inside it, which is followed.
+    std::fs::write(outside.join("victim"), b"precious").unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), dir.join("level.bsp")).unwrap();
+    let fifo = dir.join("textures/stone/wall.png");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(dir.join("old.cfg"), b"old").unwrap();
+    std::os::unix::fs::symlink("old.cfg", dir.join("empty.cfg")).unwrap();
+    let opts = options(tmp.join("cache"));
+    let Err(BundleFetchError::Files { failed, .. }) =
+        Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+    else {
+        panic!("installed over a link out and a FIFO");
+    };
+    let mut why: Vec<(String, String)> = failed
+        .iter()
+        .map(|f| (f.path.as_str().to_string(), f.error.to_string()))
+        .collect();
+    why.sort();
+    assert_eq!(why.len(), 2, "{why:?}");
+    assert_eq!(why[0].0, "level.bsp");
+    assert!(why[0].1.contains("outside"), "{why:?}");
+    assert_eq!(why[1].0, "textures/stone/wall.png");
+    assert!(why[1].1.contains("FIFO"), "{why:?}");
+    assert_eq!(std::fs::read(outside.join("victim")).unwrap(), b"precious");
+    assert!(
+        !std::fs::symlink_metadata(&fifo).unwrap().is_file(),
+        "the FIFO was replaced"
+    );
+    assert!(std::fs::symlink_metadata(dir.join("empty.cfg"))
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(dir.join("old.cfg")).unwrap(), b"");
+    drop(s);
+}
+
+#[test]
+fn a_damaged_cache_entry_is_fetched_again_not_installed() {
+    let tmp = TempDir::new("damaged");
+    let root = tmp.join("served");
+    let s = serve_tree(&root);
+    let store = ContentStore::open(&root).unwrap();
+    let maps = store.bundles().next().unwrap().id;
+    let level = ObjectId::md5_of(&s.level);
+    let server = Serving::start(store, ServerConfig::default());
+    let cache = tmp.join("cache");
+    let opts = options(cache.clone());
+    Client::fetch_bundle(server.addr, maps, &tmp.join("first"), &opts, |_| {}).unwrap();
+    // The cached copy of level.bsp is truncated: a second install elsewhere must not copy it.
+    std::fs::File::options()
+        .write(true)
+        .open(cache.join(level.to_hex()))
+        .unwrap()
+        .set_len(1000)
+        .unwrap();
+    let dir = tmp.join("second");
+    let report = Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {}).unwrap();
+    assert_eq!(report.damaged_in_cache, 1);
+    assert_eq!(report.fetched, 1);
+    assert_eq!(std::fs::read(dir.join("level.bsp")).unwrap(), s.level);
+}
+
+#[test]
 fn decode_refuses_what_build_refuses() {
     assert!(matches!(
         Bundle::decode(&raw_listing(&[
