@@ -88,7 +88,7 @@ fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
 }
 
 /// Blocks copied from a base are journaled like received ones: a delta download interrupted
-/// right after the copy (here by a deadline that has already passed) resumes without the base
+/// right after the copy (here stopped at its first progress report) resumes without the base
 /// and still fetches only what changed.
 #[test]
 fn an_interrupted_delta_download_resumes_from_its_journal() {
@@ -96,18 +96,28 @@ fn an_interrupted_delta_download_resumes_from_its_journal() {
     let v1 = object(4 * MIB, 5);
     let mut v2 = v1.clone();
     v2.splice(777..777, object(50, 6));
+    // 64 KiB of new bytes at 64 KiB/s: the download runs long enough to be stopped.
+    v2.extend(object(64 << 10, 7));
     let id = ObjectId::md5_of(&v2);
     put_dated(&tmp.join("served/m.bsp"), &v2);
     let old = tmp.join("old.bsp");
     put_dated(&old, &v1);
-    let server = Serving::dir(&tmp.join("served"));
+    let mut config = udpferry::net::ServerConfig::default();
+    config.endpoint.rate_limit_bytes_per_sec = 64 << 10;
+    let server = Serving::start(
+        udpferry::store::ContentStore::open(tmp.join("served")).unwrap(),
+        config,
+    );
 
     let mut options = FetchOptions::new(tmp.join("cache"));
     options.bases = vec![old];
-    options.timeout = Some(Duration::from_millis(1));
-    let first = Client::fetch(server.addr, id, &options, |_| {});
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    options.stop = Some(stop.clone());
+    let first = Client::fetch(server.addr, id, &options, |_| {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed)
+    });
     assert!(
-        matches!(first, Err(udpferry::net::FetchError::Deadline(_))),
+        matches!(first, Err(udpferry::net::FetchError::Stopped)),
         "{first:?}"
     );
     let after_manifest = server.sent();
