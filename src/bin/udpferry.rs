@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use udpferry::core::{Event, RangeSet, Receiver, TransferConfig};
-use udpferry::net::{
-    BundleFetchError, BundleReport, Client, FetchError, FetchOptions, Report, Server, ServerConfig,
-};
+use udpferry::net::{BundleFetchError, Client, FetchError, FetchOptions, Server, ServerConfig};
 use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 use udpferry::store::{resolve_target, Cache, ContentStore, StoreError};
 use udpferry::wire::ConnectionId;
@@ -406,7 +404,7 @@ fn get(
     match result {
         Ok(report) => {
             if let Some(out) = output {
-                if bundle_listing(&report.path) {
+                if udpferry::store::bundle::is_listing_file(&report.path) {
                     // A bundle: install its files under `out` (the listing is cached now).
                     let first = server.split(',').next().unwrap_or(server);
                     return get_bundle(first, id, out, Some(cache_dir), timeout, verbose);
@@ -414,35 +412,21 @@ fn get(
                 let installed = udpferry::store::Cache::open(&cache_dir)
                     .and_then(|cache| cache.copy_out(&id, &out));
                 if let Err(e) = installed {
-                    return fail("get", &describe(&FetchError::Store(e)));
+                    return fail("get", &FetchError::Store(e).to_string());
                 }
             }
-            eprintln!("{}", summary(&report));
+            eprintln!("{report}");
             if verbose {
                 eprintln!("{:?}", report.stats);
             }
             ExitCode::SUCCESS
         }
         Err(e @ FetchError::Stopped) => {
-            eprintln!("udpferry get: {}", describe(&e));
+            eprintln!("udpferry get: {}", e.to_string());
             ExitCode::from(EXIT_STOPPED)
         }
-        Err(e) => fail("get", &describe(&e)),
+        Err(e) => fail("get", &e.to_string()),
     }
-}
-
-/// Whether the cached object at `path` is a bundle listing (so `get -o DIR` installs its files
-/// instead of writing the listing): it starts with the listing's magic and decodes as one.
-fn bundle_listing(path: &std::path::Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    let starts = std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic));
-    if starts.is_err() || magic != udpferry::store::bundle::MAGIC {
-        return false;
-    }
-    std::fs::read(path)
-        .ok()
-        .is_some_and(|bytes| udpferry::store::bundle::Bundle::decode(&bytes).is_ok())
 }
 
 /// `get --bundle`: installs every file of bundle `id` under `dir` (see
@@ -477,22 +461,9 @@ fn get_bundle(
     if let Some(bar) = &bar {
         bar.finish_and_clear();
     }
-    let line = |r: &BundleReport| {
-        format!(
-            "bundle {}: {} files, {} bytes: {} downloaded ({} bytes), {} from the cache, {} already present, in {:.2} s",
-            r.bundle,
-            r.files,
-            r.bytes,
-            r.fetched,
-            r.fetched_bytes,
-            r.from_cache,
-            r.skipped,
-            r.duration.as_secs_f64()
-        )
-    };
     match result {
         Ok(report) => {
-            eprintln!("{}", line(&report));
+            eprintln!("{report}");
             ExitCode::SUCCESS
         }
         Err(BundleFetchError::Files { failed, report }) => {
@@ -500,7 +471,7 @@ fn get_bundle(
                 eprintln!("udpferry get: {}: {}", f.path, f.error);
             }
             if verbose {
-                eprintln!("{}", line(&report));
+                eprintln!("{report}");
             }
             fail(
                 "get",
@@ -539,91 +510,6 @@ fn progress_bar(template: &str) -> Option<indicatif::ProgressBar> {
         );
         bar
     })
-}
-
-fn describe(e: &FetchError) -> String {
-    use udpferry::core::TransferError as T;
-    match e {
-        FetchError::Transfer(T::TimedOut(d)) => {
-            format!(
-                "timed out: no answer from the server for {:.0} s",
-                d.as_secs_f64()
-            )
-        }
-        FetchError::Transfer(T::NotFound) => {
-            "not found: the server does not have this object".into()
-        }
-        FetchError::Transfer(T::Busy) => "server busy: try again later".into(),
-        FetchError::Transfer(T::DigestMismatch { actual, .. }) => {
-            format!(
-                "digest mismatch: the received bytes hash to {actual}; nothing was saved as done"
-            )
-        }
-        FetchError::Transfer(T::Storage { message, .. }) => {
-            format!("disk error: {message} (the partial download is kept)")
-        }
-        FetchError::Store(s @ (StoreError::NotAFile { .. } | StoreError::LinkOutside { .. })) => {
-            s.to_string()
-        }
-        FetchError::Store(s) => format!("disk error: {s}"),
-        FetchError::Stopped => {
-            "interrupted: what arrived is kept in the cache; run the same command again to resume"
-                .into()
-        }
-        other => other.to_string(),
-    }
-}
-
-fn summary(r: &Report) -> String {
-    let damaged = r.damaged_entry.as_ref().map_or(String::new(), |problem| {
-        format!("; the cached copy was damaged ({problem}) and has been repaired")
-    });
-    if r.from_cache {
-        return format!(
-            "{}: {} bytes, already in the cache ({})",
-            r.object,
-            r.size,
-            r.path.display()
-        );
-    }
-    let secs = r.duration.as_secs_f64().max(1e-9);
-    format!(
-        "{}: {} bytes in {:.2} s ({:.2} MB/s), {} bytes retransmitted{}",
-        r.object,
-        r.size,
-        secs,
-        (r.size - (r.resumed_bytes + r.reused_bytes).min(r.size)) as f64 / secs / 1e6,
-        r.stats.bytes_retransmitted,
-        if r.resumed_bytes > 0 {
-            format!(", resumed from {} bytes", r.resumed_bytes)
-        } else {
-            String::new()
-        } + &if r.reused_bytes > 0 {
-            format!(", reused {} bytes from local files", r.reused_bytes)
-        } else {
-            String::new()
-        } + &if r.salvaged_bytes > 0 {
-            format!(
-                ", kept {} unjournaled bytes that matched the manifest",
-                r.salvaged_bytes
-            )
-        } else {
-            String::new()
-        } + &if r.repaired_bytes > 0 {
-            format!(
-                ", re-fetched {} bytes that arrived altered",
-                r.repaired_bytes
-            )
-        } else {
-            String::new()
-        } + &damaged
-            + &if r.bad_sources.is_empty() {
-                String::new()
-            } else {
-                let named: Vec<String> = r.bad_sources.iter().map(|a| a.to_string()).collect();
-                format!("; dropped {} for sending wrong bytes", named.join(", "))
-            }
-    )
 }
 
 /// The size, duration and goodput lines both demos print.
@@ -695,7 +581,7 @@ fn run_loopback_demo(
     let result = Client::fetch(addr, id, &options, |_| {});
     server_stop.store(true, Ordering::Relaxed);
     let _ = thread.join();
-    let report = result.map_err(|e| describe(&e))?;
+    let report = result.map_err(|e| e.to_string())?;
     let secs = report.duration.as_secs_f64();
     println!(
         "verified: md5 {} matches ({})",

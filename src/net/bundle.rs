@@ -72,6 +72,32 @@ pub struct BundleReport {
     pub duration: Duration,
 }
 
+/// One line: files, bytes, what was downloaded, copied from the cache or already present.
+impl std::fmt::Display for BundleReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bundle {}: {} files, {} bytes: {} downloaded ({} bytes), {} from the cache, {} already present, in {:.2} s",
+            self.bundle,
+            self.files,
+            self.bytes,
+            self.fetched,
+            self.fetched_bytes,
+            self.from_cache,
+            self.skipped,
+            self.duration.as_secs_f64()
+        )?;
+        if self.damaged_in_cache > 0 {
+            write!(
+                f,
+                "; {} damaged cache entries fetched again",
+                self.damaged_in_cache
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// Why one file of a bundle was not installed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

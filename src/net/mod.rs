@@ -279,16 +279,16 @@ pub struct Report {
     pub stats: Stats,
 }
 
-/// Why [`Client::fetch`] failed.
+/// Why [`Client::fetch`] failed. Displays as one sentence a player can act on.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {
     /// The transfer failed (timed out, not found, busy, digest mismatch, disk error...). What
     /// arrived is kept in the cache for a resume.
-    #[error(transparent)]
+    #[error("{}", transfer_sentence(.0))]
     Transfer(#[from] TransferError),
-    /// The cache could not be used.
-    #[error(transparent)]
+    /// The cache could not be used, or the output path cannot be written.
+    #[error("{}", store_sentence(.0))]
     Store(#[from] StoreError),
     /// The socket failed, or the server address did not resolve.
     #[error("network error: {0}")]
@@ -297,7 +297,9 @@ pub enum FetchError {
     #[error("gave up after {0:?}")]
     Deadline(Duration),
     /// [`FetchOptions::stop`] was set. What arrived is kept in the cache for a resume.
-    #[error("stopped; what arrived is kept for a resume")]
+    #[error(
+        "interrupted: what arrived is kept in the cache; run the same command again to resume"
+    )]
     Stopped,
     /// The server's bytes do not hash to the id asked for, and repairing them from the
     /// object's manifest did not help: the server serves a wrong object under this id. Nothing
@@ -311,6 +313,88 @@ pub enum FetchError {
         /// What showed it.
         detail: String,
     },
+}
+
+/// A transfer error in the words a player reads.
+fn transfer_sentence(e: &TransferError) -> String {
+    match e {
+        TransferError::TimedOut(d) => format!(
+            "timed out: no answer from the server for {:.0} s",
+            d.as_secs_f64()
+        ),
+        TransferError::NotFound => "not found: the server does not have this object".into(),
+        TransferError::Busy => "server busy: try again later".into(),
+        TransferError::DigestMismatch { actual, .. } => format!(
+            "digest mismatch: the received bytes hash to {actual}; nothing was saved as done"
+        ),
+        TransferError::Storage { message, .. } => {
+            format!("disk error: {message} (the partial download is kept)")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A store error in the words a player reads: disk trouble says so; a refused output path
+/// speaks for itself.
+fn store_sentence(e: &StoreError) -> String {
+    match e {
+        StoreError::NotAFile { .. } | StoreError::LinkOutside { .. } => e.to_string(),
+        _ => format!("disk error: {e}"),
+    }
+}
+
+/// One line for a finished download: what arrived, how fast, and what was resumed, salvaged,
+/// reused, repaired or refused. `udpferry get` prints it; docs/ARCHITECTURE.md section 8 lists
+/// its forms.
+impl std::fmt::Display for Report {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.from_cache {
+            return write!(
+                f,
+                "{}: {} bytes, already in the cache ({})",
+                self.object,
+                self.size,
+                self.path.display()
+            );
+        }
+        let secs = self.duration.as_secs_f64().max(1e-9);
+        let local = (self.resumed_bytes + self.salvaged_bytes + self.reused_bytes).min(self.size);
+        write!(
+            f,
+            "{}: {} bytes in {secs:.2} s ({:.2} MB/s), {} bytes retransmitted",
+            self.object,
+            self.size,
+            (self.size - local) as f64 / secs / 1e6,
+            self.stats.bytes_retransmitted
+        )?;
+        for (bytes, what) in [
+            (self.resumed_bytes, "resumed from {} bytes"),
+            (self.reused_bytes, "reused {} bytes from local files"),
+            (
+                self.salvaged_bytes,
+                "kept {} unjournaled bytes that matched the manifest",
+            ),
+            (
+                self.repaired_bytes,
+                "re-fetched {} bytes that arrived altered",
+            ),
+        ] {
+            if bytes > 0 {
+                write!(f, ", {}", what.replace("{}", &bytes.to_string()))?;
+            }
+        }
+        if let Some(problem) = &self.damaged_entry {
+            write!(
+                f,
+                "; the cached copy was damaged ({problem}) and has been repaired"
+            )?;
+        }
+        if !self.bad_sources.is_empty() {
+            let named: Vec<String> = self.bad_sources.iter().map(|a| a.to_string()).collect();
+            write!(f, "; dropped {} for sending wrong bytes", named.join(", "))?;
+        }
+        Ok(())
+    }
 }
 
 /// Repair rounds after a digest mismatch before the server is blamed (each re-fetches only
