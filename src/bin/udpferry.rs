@@ -422,7 +422,7 @@ fn get(
             ExitCode::SUCCESS
         }
         Err(e @ FetchError::Stopped) => {
-            eprintln!("udpferry get: {}", e.to_string());
+            eprintln!("udpferry get: {e}");
             ExitCode::from(EXIT_STOPPED)
         }
         Err(e) => fail("get", &e.to_string()),
