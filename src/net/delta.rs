@@ -3,6 +3,7 @@
 //! (a resume) bring the rest.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use crate::core::{
 };
 use crate::id::ObjectId;
 use crate::store::manifest::{manifest_id, Manifest, Src};
-use crate::store::PartialFile;
+use crate::store::{self, PartialFile};
 
 /// Largest manifest accepted (a 4 GiB object's is under 1 MiB; 1 TiB's about 12 MiB).
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
@@ -101,7 +102,8 @@ pub(super) fn fetch_manifest(
 
 /// Copies into `partial` every full block of `manifest` found in the files `bases`, skipping
 /// bytes the partial already holds, and records them (a checkpoint follows). Returns the bytes
-/// copied. A base that cannot be read is skipped.
+/// copied. A base that cannot be read is skipped. Bases are scanned as streams (about 1 MiB
+/// held at a time) and blocks read back from them by offset, so a base of any size fits.
 pub(super) fn reuse_blocks(
     manifest: &Manifest,
     bases: &[PathBuf],
@@ -111,27 +113,37 @@ pub(super) fn reuse_blocks(
     let mut found: BTreeMap<usize, Src> = BTreeMap::new();
     let mut files = Vec::new();
     for path in bases {
-        let Ok(bytes) = std::fs::read(path) else {
+        let Ok(file) = File::open(path) else {
             continue;
         };
-        manifest.find_blocks(&bytes, &mut found, files.len());
-        files.push(bytes);
+        let mut scan = found.clone();
+        if manifest
+            .find_blocks_in(&file, &mut scan, files.len())
+            .is_ok()
+        {
+            found = scan;
+            files.push(file);
+        }
     }
     let mut copied = 0;
+    let mut buf = vec![0u8; manifest.block_size as usize];
     for (i, src) in found {
         let range = manifest.block_range(i);
         if partial.received().contains_range(range.clone()) {
             continue;
         }
-        let len = (range.end - range.start) as usize;
-        let Some(bytes) = files
-            .get(src.file)
-            .and_then(|f| f.get(src.offset as usize..src.offset as usize + len))
-        else {
+        let bytes = &mut buf[..(range.end - range.start) as usize];
+        let Some(file) = files.get(src.file) else {
             continue;
         };
+        // A base that changed since it was scanned: the block is fetched instead.
+        if store::read_exact_at(file, bytes, src.offset).is_err()
+            || !manifest.block_matches(i, bytes)
+        {
+            continue;
+        }
         partial.write_at(range.start, bytes)?;
-        copied += len as u64;
+        copied += bytes.len() as u64;
     }
     partial.checkpoint()?;
     Ok(copied)

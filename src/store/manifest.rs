@@ -267,10 +267,21 @@ impl Manifest {
         found: &mut std::collections::BTreeMap<usize, Src>,
         file: usize,
     ) {
+        // Reading a slice cannot fail.
+        let _ = self.find_blocks_in(local, found, file);
+    }
+
+    /// [`find_blocks`](Self::find_blocks) over a reader (an open base file): it holds about
+    /// 1 MiB plus two blocks in memory, whatever the file's size. Errors are the reader's.
+    pub fn find_blocks_in(
+        &self,
+        mut reader: impl Read,
+        found: &mut std::collections::BTreeMap<usize, Src>,
+        file: usize,
+    ) -> io::Result<()> {
+        /// Bytes scanned before the buffer drops what lies behind the window.
+        const WINDOW: usize = 1 << 20;
         let bs = self.block_size as usize;
-        if local.len() < bs {
-            return;
-        }
         let mut by_weak: std::collections::HashMap<u32, Vec<usize>> =
             std::collections::HashMap::new();
         for (i, (weak, _)) in self.blocks.iter().enumerate() {
@@ -281,21 +292,45 @@ impl Manifest {
             }
         }
         if by_weak.is_empty() {
-            return;
+            return Ok(());
+        }
+        // `buf` holds the file's bytes from offset `base` on; `at` is relative to `base`.
+        let mut buf: Vec<u8> = Vec::with_capacity(WINDOW + 2 * bs);
+        let mut base = 0u64;
+        let mut eof = false;
+        let mut fill = |buf: &mut Vec<u8>, need: usize| -> io::Result<()> {
+            while buf.len() < need && !eof {
+                let old = buf.len();
+                buf.resize(need.max(old + (64 << 10)), 0);
+                let n = loop {
+                    match reader.read(&mut buf[old..]) {
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        other => break other,
+                    }
+                };
+                let n = n.inspect_err(|_| buf.truncate(old))?;
+                buf.truncate(old + n);
+                eof = n == 0;
+            }
+            Ok(())
+        };
+        fill(&mut buf, bs)?;
+        if buf.len() < bs {
+            return Ok(());
         }
         let mut at = 0usize;
-        let mut roll = Rolling::new(&local[..bs]);
+        let mut roll = Rolling::new(&buf[..bs]);
         loop {
             let mut matched = false;
             if let Some(candidates) = by_weak.get(&roll.value()) {
-                let s = strong(&local[at..at + bs]);
+                let s = strong(&buf[at..at + bs]);
                 for &i in candidates {
                     if self.blocks[i].1 == s && !found.contains_key(&i) {
                         found.insert(
                             i,
                             Src {
                                 file,
-                                offset: at as u64,
+                                offset: base + at as u64,
                             },
                         );
                         matched = true;
@@ -303,15 +338,21 @@ impl Manifest {
                 }
             }
             let next = if matched { at + bs } else { at + 1 };
-            if next + bs > local.len() {
-                break;
+            fill(&mut buf, next + bs)?;
+            if next + bs > buf.len() {
+                return Ok(());
             }
             if matched {
-                roll = Rolling::new(&local[next..next + bs]);
+                roll = Rolling::new(&buf[next..next + bs]);
             } else {
-                roll.roll(local[at], local[at + bs]);
+                roll.roll(buf[at], buf[at + bs]);
             }
             at = next;
+            if at >= WINDOW {
+                buf.drain(..at);
+                base += at as u64;
+                at = 0;
+            }
         }
     }
 }
@@ -373,6 +414,36 @@ mod tests {
         ));
         for cut in 0..bytes.len() {
             assert!(Manifest::decode(&bytes[..cut], &id).is_err(), "cut {cut}");
+        }
+    }
+
+    /// A reader that hands out at most 777 bytes per read, so every refill path is taken.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(777).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_stream_larger_than_the_window_finds_every_block_at_its_offset() {
+        // 3 MiB behind a 1-byte prefix: every block sits one byte off, across several 1 MiB
+        // windows, and must be found where it is.
+        let d = data(3 << 20, 5);
+        let id = ObjectId::md5_of(&d);
+        let m = Manifest::build(id, d.len() as u64, &d[..]).unwrap();
+        let mut local = vec![0x5a];
+        local.extend_from_slice(&d);
+        let mut found = BTreeMap::new();
+        m.find_blocks_in(Trickle(&local), &mut found, 7).unwrap();
+        assert_eq!(found.len(), m.blocks.len(), "every block is full-size here");
+        for (&i, src) in &found {
+            assert_eq!(src.file, 7);
+            assert_eq!(src.offset, m.block_range(i).start + 1, "block {i}");
         }
     }
 
