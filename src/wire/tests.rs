@@ -114,6 +114,156 @@ fn golden_data_and_ack_match_protocol_doc() {
     );
 }
 
+/// The handshake examples of docs/PROTOCOL.md sections 6.3 to 6.5 (the object `map!`); if this
+/// test changes, update the doc (tests/conformance.rs reads the doc's hex and checks it too).
+#[test]
+fn golden_handshake_matches_protocol_doc() {
+    let conn_id = ConnectionId(0x1122_3344_5566_7788);
+    let nonce = 0x0123_4567_89ab_cdef;
+    let cases = [
+        (
+            ObjectId::md5_of(b"map!"),
+            [
+                "5546525901011122334455667788 01f0a87e38a0288e12550da21e4d5344d0 04b0 \
+                 0000000000000000 0000 8caa777f",
+                "5546525901021122334455667788 01f0a87e38a0288e12550da21e4d5344d0 \
+                 0000000000000004 048e 0123456789abcdef 6653c0c0",
+                "5546525901031122334455667788 0123456789abcdef \
+                 01f0a87e38a0288e12550da21e4d5344d0 04b0 0000000000000000 0000 fd7f1960",
+            ],
+        ),
+        (
+            ObjectId::sha256_of(b"map!"),
+            [
+                "5546525901011122334455667788 \
+                 02f7e8b0b0fff507d5d7452ad91fe02df8205219aa39c77d08ad113dc583db5080 04b0 \
+                 0000000000000000 0000 110c3145",
+                "5546525901021122334455667788 \
+                 02f7e8b0b0fff507d5d7452ad91fe02df8205219aa39c77d08ad113dc583db5080 \
+                 0000000000000004 048e 0123456789abcdef 73b7f9ee",
+                "5546525901031122334455667788 0123456789abcdef \
+                 02f7e8b0b0fff507d5d7452ad91fe02df8205219aa39c77d08ad113dc583db5080 04b0 \
+                 0000000000000000 0000 9135da64",
+            ],
+        ),
+    ];
+    let squeeze = |s: &str| s.split_whitespace().collect::<String>();
+    for (object, [request_hex, offer_hex, start_hex]) in cases {
+        let request = Request {
+            object,
+            max_datagram_size: 1200,
+            max_rate_bytes_per_sec: 0,
+            have: HaveRanges::List(&[]),
+        };
+        let bytes = round_trip(&Datagram {
+            conn_id,
+            frame: Frame::Request(request.clone()),
+        });
+        assert_eq!(hex(&bytes), squeeze(request_hex));
+        let bytes = round_trip(&Datagram {
+            conn_id,
+            frame: Frame::Offer(Offer {
+                object,
+                size: 4,
+                chunk_size: 1166,
+                nonce,
+            }),
+        });
+        assert_eq!(hex(&bytes), squeeze(offer_hex));
+        let bytes = round_trip(&Datagram {
+            conn_id,
+            frame: Frame::Start { nonce, request },
+        });
+        assert_eq!(hex(&bytes), squeeze(start_hex));
+    }
+    let data = round_trip(&Datagram {
+        conn_id,
+        frame: Frame::Data(Data {
+            seq: 0,
+            send_time_us: 250,
+            chunk: 0,
+            payload: b"map!",
+        }),
+    });
+    assert_eq!(
+        hex(&data),
+        "5546525901041122334455667788 0000000000000000 000000fa 00000000 6d617021 4e7f59c0"
+            .replace(' ', "")
+    );
+    let done = round_trip(&Datagram {
+        conn_id,
+        frame: Frame::Done,
+    });
+    assert_eq!(hex(&done), "5546525901061122334455667788d42a996c");
+    let error = round_trip(&Datagram {
+        conn_id,
+        frame: Frame::Error(ErrorFrame {
+            code: ErrorCode::NotFound,
+            reason: "no such object",
+        }),
+    });
+    assert_eq!(
+        hex(&error),
+        "5546525901071122334455667788 0001 0e 6e6f2073756368206f626a656374 0fcd9561"
+            .replace(' ', "")
+    );
+}
+
+/// docs/PROTOCOL.md sections 1.3 and 1.4: the CRC32 check value, and the varint examples both
+/// ways (a longer-than-needed encoding decodes too).
+#[test]
+fn checksum_and_varint_examples_match_protocol_doc() {
+    use super::cursor::{Reader, Writer};
+    assert_eq!(crc32fast::hash(b"123456789"), 0xCBF4_3926);
+    for (value, encoded) in [
+        (37u64, "25"),
+        (300, "412c"),
+        (16_384, "80004000"),
+        (70_000, "80011170"),
+        ((1 << 32) - 1, "c0000000ffffffff"),
+    ] {
+        let mut buf = [0u8; 8];
+        let mut w = Writer::new(&mut buf);
+        w.varint(value).unwrap();
+        let n = w.position();
+        assert_eq!(hex(&buf[..n]), encoded);
+        let mut r = Reader::new(&buf[..n], "varint");
+        assert_eq!(r.varint(), Ok(value));
+        r.finish().unwrap();
+    }
+    assert_eq!(Reader::new(&[0x40, 0x02], "varint").varint(), Ok(2));
+}
+
+/// Every error code of docs/PROTOCOL.md section 3.7 decodes to itself, and so does an unknown
+/// one: no code makes an Error datagram undecodable.
+#[test]
+fn every_error_code_decodes() {
+    let named = [
+        (1, ErrorCode::NotFound),
+        (2, ErrorCode::Busy),
+        (3, ErrorCode::BadRequest),
+        (4, ErrorCode::DigestMismatch),
+        (5, ErrorCode::Cancelled),
+        (6, ErrorCode::TooLarge),
+        (7, ErrorCode::ProtocolViolation),
+        (8, ErrorCode::Internal),
+    ];
+    for n in [0u16, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0xffff] {
+        let code = ErrorCode::from_u16(n);
+        let expected = named
+            .iter()
+            .find(|(m, _)| *m == n)
+            .map_or(ErrorCode::Other(n), |(_, c)| *c);
+        assert_eq!(code, expected);
+        assert_eq!(code.to_u16(), n);
+        let bytes = round_trip(&Datagram {
+            conn_id: ConnectionId(9),
+            frame: Frame::Error(ErrorFrame { code, reason: "" }),
+        });
+        assert_eq!(&bytes[14..17], &[(n >> 8) as u8, n as u8, 0]);
+    }
+}
+
 #[test]
 fn in_place_data_matches_encode() {
     let payload = [0xabu8; 300];
