@@ -100,6 +100,15 @@ impl Controller {
         self.bytes_acked_in_avoidance = 0;
     }
 
+    /// Acknowledgements for `bytes` turned out false (the receiver's later acks show the data
+    /// missing): take back what they gave, the window growth they allowed (at most their size)
+    /// and the room they freed in flight (their size). Unlike a loss, this is not a congestion
+    /// signal, so slow start and the recovery period are left as they are.
+    pub fn on_acks_withdrawn(&mut self, bytes: u64) {
+        let window = self.window.saturating_sub(bytes.saturating_mul(2));
+        self.window = window.max(self.min_window());
+    }
+
     /// The controller in use.
     pub fn kind(&self) -> CongestionControl {
         self.kind
@@ -233,9 +242,16 @@ impl Controller {
 /// `BASE_HISTORY` minutes) and a current delay (the minimum of the last `CURRENT_FILTER`
 /// samples). Samples are relative to the first one, in wrapping arithmetic, so the unknown
 /// clock offset between the two hosts cancels out.
+///
+/// The base delay takes the higher of each two consecutive samples (so there is none before the
+/// second): a single sample that is far too low (its time stamp was damaged in flight) would
+/// otherwise stay the base for ten minutes and make every honest sample look like a long queue.
+/// A real drop in delay shows in every later sample, so it is taken one sample late.
 #[derive(Debug, Clone, Default)]
 struct DelayEstimator {
     reference: Option<u32>,
+    /// The previous relative sample.
+    last: Option<i64>,
     current: [i64; CURRENT_FILTER],
     current_len: usize,
     current_next: usize,
@@ -252,16 +268,8 @@ impl DelayEstimator {
         self.current[self.current_next] = relative;
         self.current_next = (self.current_next + 1) % CURRENT_FILTER;
         self.current_len = (self.current_len + 1).min(CURRENT_FILTER);
-        match self.base.last_mut() {
-            Some((start, min)) if now < *start + Duration::from_secs(60) => {
-                *min = (*min).min(relative)
-            }
-            _ => {
-                if self.base.len() == BASE_HISTORY {
-                    self.base.remove(0);
-                }
-                self.base.push((now, relative));
-            }
+        if let Some(last) = self.last.replace(relative) {
+            record_minute_min(&mut self.base, last.max(relative), now);
         }
     }
 
@@ -278,10 +286,28 @@ impl DelayEstimator {
 
 /// The lowest one-way delay seen on one path by all transfers of an endpoint, over the last
 /// `BASE_HISTORY` minutes, as a raw wire value for [`Controller::set_base_hint`].
+/// Like the base delay of [`DelayEstimator`], it takes the higher of each two consecutive
+/// samples, so one damaged time stamp does not become the path's base.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct PathBase {
     reference: Option<u32>,
+    last: Option<i64>,
     minutes: Vec<(Instant, i64)>,
+}
+
+/// Folds `value` into the per-minute minima `minutes` (newest last, at most `BASE_HISTORY`).
+fn record_minute_min(minutes: &mut Vec<(Instant, i64)>, value: i64, now: Instant) {
+    match minutes.last_mut() {
+        Some((start, min)) if now.saturating_duration_since(*start) < Duration::from_secs(60) => {
+            *min = (*min).min(value)
+        }
+        _ => {
+            if minutes.len() == BASE_HISTORY {
+                minutes.remove(0);
+            }
+            minutes.push((now, value));
+        }
+    }
 }
 
 impl PathBase {
@@ -289,16 +315,8 @@ impl PathBase {
     pub(crate) fn sample(&mut self, owd_us: u32, now: Instant) {
         let reference = *self.reference.get_or_insert(owd_us);
         let relative = i64::from(owd_us.wrapping_sub(reference) as i32);
-        match self.minutes.last_mut() {
-            Some((start, min)) if now < *start + Duration::from_secs(60) => {
-                *min = (*min).min(relative)
-            }
-            _ => {
-                if self.minutes.len() == BASE_HISTORY {
-                    self.minutes.remove(0);
-                }
-                self.minutes.push((now, relative));
-            }
+        if let Some(last) = self.last.replace(relative) {
+            record_minute_min(&mut self.minutes, last.max(relative), now);
         }
     }
 
@@ -419,11 +437,66 @@ mod tests {
         let t0 = Instant::now();
         let mut cc = background();
         cc.on_delay_sample(u32::MAX - 1000, t0);
+        cc.on_delay_sample(u32::MAX - 1000, t0);
         // 3000 us later in wrapping arithmetic.
         for _ in 0..4 {
             cc.on_delay_sample(1999, t0);
         }
         assert_eq!(cc.queueing_delay(), Some(Duration::from_micros(3000)));
+    }
+
+    #[test]
+    fn withdrawn_acks_take_back_twice_their_size_without_leaving_slow_start() {
+        let t0 = Instant::now();
+        let mut cc = Controller::new_reno(1000);
+        for _ in 0..10 {
+            cc.on_ack(t0, 1000, t0, false);
+        }
+        assert_eq!(cc.window(), 20_000);
+        cc.on_acks_withdrawn(3000);
+        assert_eq!(cc.window(), 14_000);
+        assert!(cc.in_slow_start());
+        cc.on_acks_withdrawn(u64::MAX);
+        assert_eq!(cc.window(), 2000);
+    }
+
+    #[test]
+    fn one_damaged_low_sample_does_not_become_the_base() {
+        let t0 = Instant::now();
+        let mut cc = background();
+        for _ in 0..4 {
+            cc.on_delay_sample(50_000, t0);
+        }
+        // A time stamp damaged in flight makes one sample 40 ms too low.
+        cc.on_delay_sample(10_000, t0);
+        for _ in 0..4 {
+            cc.on_delay_sample(52_000, t0);
+        }
+        assert_eq!(cc.queueing_delay(), Some(Duration::from_micros(2000)));
+        // A real drop shows in every later sample and is taken.
+        for _ in 0..4 {
+            cc.on_delay_sample(30_000, t0);
+        }
+        assert_eq!(cc.queueing_delay(), Some(Duration::ZERO));
+        for _ in 0..4 {
+            cc.on_delay_sample(31_000, t0);
+        }
+        assert_eq!(cc.queueing_delay(), Some(Duration::from_micros(1000)));
+
+        let mut path = PathBase::default();
+        for owd in [50_000, 50_000, 10_000, 52_000, 52_000] {
+            path.sample(owd, t0);
+        }
+        assert_eq!(path.base(), Some(50_000));
+
+        // Nor does a damaged first sample.
+        let mut cc = background();
+        cc.on_delay_sample(10_000, t0);
+        assert_eq!(cc.queueing_delay(), None);
+        for _ in 0..4 {
+            cc.on_delay_sample(50_000, t0);
+        }
+        assert_eq!(cc.queueing_delay(), Some(Duration::ZERO));
     }
 
     #[test]

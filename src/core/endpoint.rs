@@ -175,7 +175,7 @@ pub struct EndpointStats {
     /// Requests dropped unanswered because their address sent too many.
     pub rate_limited: u64,
     /// Starts for no transfer whose nonce was not one this endpoint issued (recently) for
-    /// that address, connection and request: dropped.
+    /// that address, connection and request: answered like a request, with a fresh offer.
     pub bad_starts: u64,
     /// Transfers accepted (serving).
     pub accepted: u64,
@@ -475,7 +475,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             return;
         }
         match &datagram.frame {
-            Frame::Request(_) => self.offer(now, from, &datagram),
+            Frame::Request(request) => self.offer(now, from, datagram.conn_id, request),
             Frame::Start { .. } => self.accept(now, from, &datagram, data.len()),
             _ => self.stats.unknown_connection += 1,
         }
@@ -552,58 +552,51 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// the client's address, connection id and request (see [`cookie`](Self::cookie)). The
     /// transfer is created only when a Start echoes it (`accept`), so requests from forged
     /// addresses hold nothing.
-    fn offer(&mut self, now: Instant, from: SocketAddr, datagram: &Datagram<'_>) {
-        let Frame::Request(request) = &datagram.frame else {
-            return;
-        };
+    fn offer(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        conn_id: ConnectionId,
+        request: &Request<'_>,
+    ) {
         if !self.requests.allow(from.ip(), now) {
             self.stats.rate_limited += 1;
             return;
         }
-        if self.at_limit(from, datagram.conn_id) {
+        if self.at_limit(from, conn_id) {
             return;
         }
         let size = match self.provider.size_of(&request.object) {
             Ok(Some(size)) => size,
             Ok(None) => {
                 self.stats.not_found += 1;
-                self.reply_error(
-                    from,
-                    datagram.conn_id,
-                    ErrorCode::NotFound,
-                    "no such object",
-                );
+                self.reply_error(from, conn_id, ErrorCode::NotFound, "no such object");
                 return;
             }
             Err(_) => {
-                self.reply_error(
-                    from,
-                    datagram.conn_id,
-                    ErrorCode::Internal,
-                    "cannot read object",
-                );
+                self.reply_error(from, conn_id, ErrorCode::Internal, "cannot read object");
                 return;
             }
         };
         let bucket = self.cookie_bucket(now);
-        let nonce = self.cookie(from, datagram.conn_id, request, bucket);
+        let nonce = self.cookie(from, conn_id, request, bucket);
         match super::sender::offer_for(request, size, nonce, &self.config.transfer) {
             Ok(offer) => {
                 self.stats.offers += 1;
-                self.queue_reply(from, datagram.conn_id, Reply::Offer(offer));
+                self.queue_reply(from, conn_id, Reply::Offer(offer));
             }
-            Err(_) => self.reply_error(
-                from,
-                datagram.conn_id,
-                ErrorCode::TooLarge,
-                "object too large",
-            ),
+            Err(_) => self.reply_error(from, conn_id, ErrorCode::TooLarge, "object too large"),
         }
     }
 
     /// A Start for no transfer: if its nonce is one `offer` made for this address, connection
     /// and request in this or the previous cookie period, the client has proved its address, and
     /// the transfer starts sending.
+    ///
+    /// Any other Start is answered like the request it repeats: with a fresh offer (under the
+    /// same per-address limit as requests). The client's offer or request may have been damaged
+    /// in flight, or its offer may have expired; the new offer lets it start. A Start is larger
+    /// than an offer, so this cannot amplify.
     fn accept(&mut self, now: Instant, from: SocketAddr, datagram: &Datagram<'_>, len: usize) {
         let Frame::Start { nonce, request } = &datagram.frame else {
             return;
@@ -613,6 +606,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             || (bucket > 0 && *nonce == self.cookie(from, datagram.conn_id, request, bucket - 1));
         if !valid {
             self.stats.bad_starts += 1;
+            self.offer(now, from, datagram.conn_id, request);
             return;
         }
         if self.at_limit(from, datagram.conn_id) {

@@ -18,6 +18,15 @@ use crate::wire::{
 
 /// Longest wait between keep-alive acknowledgements while data is missing.
 const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// Data datagrams in a row whose chunk index or length does not fit the offer: the offer itself
+/// was damaged in flight (one such datagram is a damaged data datagram; many in a row are not),
+/// and the transfer cannot complete. The same chunk index arriving unfit twice says the same
+/// sooner (a damaged offer's size makes only the last chunk unfit).
+const MAX_INVALID_DATA_IN_A_ROW: u32 = 8;
+/// Data datagrams in a row older than the newest sequence number seen: that number came from a
+/// damaged datagram (the sender never sent it and ignores acks that name it), so the receiver
+/// forgets it and reports the newest it actually gets.
+const MAX_SEQ_BELOW_LARGEST: u32 = 4;
 
 /// Largest number of have-ranges one request carries.
 fn max_have_ranges(datagram_size: usize) -> usize {
@@ -77,6 +86,10 @@ pub struct Receiver<K> {
     largest_seq: Option<u64>,
     largest_seq_at: Instant,
     largest_seq_owd: u32,
+    /// Data datagrams in a row with a sequence number below `largest_seq`.
+    seq_below_largest: u32,
+    /// Data datagrams in a row that did not fit the offer, and their chunk indices.
+    invalid_data: Vec<u32>,
     unacked: u32,
     ack_now: bool,
     ack_deadline: Option<Instant>,
@@ -131,6 +144,8 @@ impl<K: ChunkSink> Receiver<K> {
             largest_seq: None,
             largest_seq_at: now,
             largest_seq_owd: 0,
+            seq_below_largest: 0,
+            invalid_data: Vec::new(),
             unacked: 0,
             ack_now: false,
             ack_deadline: None,
@@ -296,12 +311,18 @@ impl<K: ChunkSink> Receiver<K> {
             self.stats.dropped.unexpected += 1;
             return;
         }
-        if let Some(known) = self.object {
-            // A repeated offer: our start was lost.
+        if let Some(known) = &mut self.object {
+            // A repeated offer: our start was lost, or it echoed a nonce damaged in flight (the
+            // server offers again with a fresh one). The newest nonce is the one to echo.
             if known.size == offer.size && u64::from(offer.chunk_size) == known.chunk_size {
+                known.nonce = offer.nonce;
                 self.handshake_pending = true;
             } else {
-                self.stats.dropped.unexpected += 1;
+                // An honest server offers one object one way; one of the offers was damaged,
+                // and which one cannot be told.
+                self.fail_with(TransferError::ProtocolViolation(
+                    "the server's offers disagree about the object's size",
+                ));
             }
             return;
         }
@@ -358,12 +379,29 @@ impl<K: ChunkSink> Receiver<K> {
         let range = chunk_bytes(chunk, object.chunk_size, object.size);
         if chunk >= object.chunks || data.payload.len() as u64 != range.end - range.start {
             self.stats.dropped.invalid += 1;
+            let repeated = self.invalid_data.contains(&data.chunk);
+            self.invalid_data.push(data.chunk);
+            if repeated || self.invalid_data.len() >= MAX_INVALID_DATA_IN_A_ROW as usize {
+                self.fail_with(TransferError::ProtocolViolation(
+                    "the data does not fit the offer's size and chunk size",
+                ));
+            }
             return;
         }
+        self.invalid_data.clear();
         self.state = State::Receiving;
         self.keepalives = 0;
         self.keepalive_due = now + self.keepalive_interval();
-        if self.largest_seq.is_none_or(|l| data.seq > l) {
+        let newest = match self.largest_seq {
+            Some(l) if data.seq < l => {
+                self.seq_below_largest += 1;
+                self.seq_below_largest >= MAX_SEQ_BELOW_LARGEST
+            }
+            Some(l) => data.seq > l,
+            None => true,
+        };
+        if newest {
+            self.seq_below_largest = 0;
             self.largest_seq = Some(data.seq);
             self.largest_seq_at = now;
             self.largest_seq_owd =

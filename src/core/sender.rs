@@ -30,6 +30,10 @@ const MAX_PTO: Duration = Duration::from_secs(2);
 const MAX_OFFER_REPEATS: u32 = 1;
 /// Probe timeouts in a row that count as persistent congestion.
 const PERSISTENT_CONGESTION_PTOS: u32 = 3;
+/// Acknowledgements in a row that claim every chunk without the receiver finishing: it took the
+/// object for a larger one (a damaged offer), and the transfer cannot end. One such ack can be a
+/// damaged ack; several in a row are not.
+const MAX_ACKS_PAST_END: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -96,6 +100,11 @@ pub struct Sender<S> {
     pto_count: u32,
     probes_pending: u32,
     window_end: u64,
+    /// Acknowledgements in a row whose cumulative point is at or past the last chunk.
+    acks_past_end: u32,
+    /// Chunks counted as acknowledged that the newest ack showed missing: withdrawn when the
+    /// next newest ack shows them missing too (see `recover_reneged`).
+    renege_suspects: Vec<u64>,
 
     rtt: RttEstimator,
     congestion: Controller,
@@ -209,6 +218,8 @@ impl<S: ChunkSource> Sender<S> {
             pto_count: 0,
             probes_pending: 0,
             window_end: window_end.max(1),
+            acks_past_end: 0,
+            renege_suspects: Vec::new(),
             rtt: RttEstimator::new(config.initial_rtt),
             congestion: Controller::new(config.congestion, datagram_size as u64),
             pacer: Pacer::new(0, burst),
@@ -252,6 +263,11 @@ impl<S: ChunkSource> Sender<S> {
     /// share a path (same peer host), keeping their sum.
     pub fn set_congestion_window(&mut self, bytes: u64) {
         self.congestion.set_window(bytes);
+    }
+
+    /// Takes the source back, ending the transfer (nothing more is sent or reported).
+    pub fn into_source(self) -> S {
+        self.source
     }
 
     /// True while data is flowing (after the client's start, before the end).
@@ -335,6 +351,12 @@ impl<S: ChunkSource> Sender<S> {
                     self.state = State::Sending;
                 }
             }
+            Frame::Start { .. } if self.state == State::Offering => {
+                // The client echoes another nonce: our offer reached it damaged. Offer again,
+                // once per start (a start is larger than an offer, so this cannot amplify).
+                self.stats.dropped.unexpected += 1;
+                self.offer_pending = true;
+            }
             Frame::Ack(ack) if self.state == State::Sending => self.on_ack(now, ack),
             Frame::Done if self.state != State::Closed => self.complete(now),
             Frame::Error(e) => {
@@ -348,9 +370,29 @@ impl<S: ChunkSource> Sender<S> {
 
     fn on_ack(&mut self, now: Instant, ack: &Ack<'_>) {
         if ack.largest_seq >= self.next_seq {
-            // Acknowledges a datagram never sent: a confused or lying peer. Ignore it whole.
+            // Acknowledges a datagram never sent: a confused or lying peer, a damaged ack, or a
+            // receiver whose newest sequence number came from a damaged data datagram (it
+            // forgets that number after a few datagrams). Ignore it whole.
             self.stats.dropped.invalid += 1;
             return;
+        }
+        // An ack that does not list the chunk of the datagram it names as the newest was
+        // damaged in flight. Its ranges may still be right, so they are used, but it gives no
+        // round-trip or delay sample and does not advance loss detection.
+        let seq_sent = self.ack_covers_largest(ack);
+        // An ack no older than any before it describes the receiver as it is now.
+        let newest = seq_sent && self.largest_acked_seq.is_none_or(|l| ack.largest_seq >= l);
+        if self.chunks > 0 && u64::from(ack.cumulative) >= self.chunks {
+            // An honest receiver that holds every chunk verifies and sends Done, never an ack.
+            self.acks_past_end += 1;
+            if self.acks_past_end >= MAX_ACKS_PAST_END {
+                self.fail_with(TransferError::ProtocolViolation(
+                    "the receiver holds every chunk but does not finish: it expects a larger object",
+                ));
+                return;
+            }
+        } else {
+            self.acks_past_end = 0;
         }
         let mut newly_acked = false;
         let app_limited = self.bytes_in_flight * 2 < self.congestion.window();
@@ -390,7 +432,10 @@ impl<S: ChunkSource> Sender<S> {
                 }
             });
         }
-        if self.largest_acked_seq.is_none_or(|l| ack.largest_seq > l) {
+        if newest {
+            self.recover_reneged(ack);
+        }
+        if seq_sent && self.largest_acked_seq.is_none_or(|l| ack.largest_seq > l) {
             self.largest_acked_seq = Some(ack.largest_seq);
             self.congestion.on_delay_sample(ack.owd_us, now);
             self.delay_sample = Some(ack.owd_us);
@@ -410,6 +455,65 @@ impl<S: ChunkSource> Sender<S> {
         self.window_end = self.window_end.max(u64::from(ack.window_end));
         self.detect_losses(now);
         self.report_progress(now);
+    }
+
+    /// Whether `ack` covers the chunk of the datagram it names as the newest received. An honest
+    /// receiver always does (unless it holds more ranges than an ack lists); when that datagram
+    /// is no longer tracked, there is nothing to check.
+    fn ack_covers_largest(&self, ack: &Ack<'_>) -> bool {
+        let index = ack.largest_seq.checked_sub(self.first_seq);
+        let Some(p) = index.and_then(|i| self.sent.get(usize::try_from(i).ok()?)) else {
+            return true;
+        };
+        let chunk = u64::from(p.chunk);
+        chunk < u64::from(ack.cumulative) || ack.ranges.iter().any(|r| r.contains(&chunk))
+    }
+
+    /// SACK reneging recovery. The newest ack proves that the receiver lacks its cumulative
+    /// point and the chunk just past each listed range (the ranges are whole runs of what it
+    /// holds). When an earlier ack claimed such a chunk (it was damaged in flight, or the
+    /// receiver lies) and the next newest ack says the same (a damaged ack can claim too little
+    /// as well as too much), the claim is withdrawn for the run of claimed chunks from there up
+    /// to the next range the receiver lists, and the chunks are queued again. The receiver may
+    /// hold some of them after all (it lists at most `max_ack_ranges` ranges); they are sent
+    /// twice.
+    ///
+    /// The congestion window gives back what the withdrawn claims gave it, so a receiver that
+    /// acknowledges what it never got (to make the sender overrun its window) gains nothing.
+    fn recover_reneged(&mut self, ack: &Ack<'_>) {
+        let cumulative = u64::from(ack.cumulative);
+        let ranges: Vec<_> = ack
+            .ranges
+            .iter()
+            .filter(|r| r.start > cumulative && r.start < self.chunks)
+            .collect();
+        let suspects: Vec<u64> = std::iter::once(cumulative)
+            .chain(ranges.iter().map(|r| r.end))
+            .filter(|&c| c < self.chunks && self.acked.contains(c))
+            .collect();
+        let previous = std::mem::replace(&mut self.renege_suspects, suspects);
+        let mut reneged = 0;
+        for &chunk in self.renege_suspects.iter().filter(|c| previous.contains(c)) {
+            let Some(claimed) = self.acked.range_containing(chunk) else {
+                continue;
+            };
+            let next_listed = ranges
+                .iter()
+                .map(|r| r.start)
+                .find(|&s| s > chunk)
+                .unwrap_or(self.chunks);
+            let gap = chunk..claimed.end.min(next_listed);
+            self.acked.remove(gap.clone());
+            // Chunks at or past `next_new_chunk` go out as new data anyway.
+            let sent_before = gap.start..gap.end.min(self.next_new_chunk);
+            reneged += self.lost.insert(sent_before);
+        }
+        if reneged > 0 {
+            self.stats.chunks_reneged += reneged;
+            let datagram = DATA_OVERHEAD as u64 + self.chunk_size;
+            self.congestion
+                .on_acks_withdrawn(reneged.saturating_mul(datagram));
+        }
     }
 
     /// Declares lost every in-flight datagram that later acknowledgements outran (RFC 9002
@@ -703,7 +807,10 @@ impl<S: ChunkSource> Sender<S> {
             self.pto_count += 1;
             self.stats.probe_timeouts += 1;
             self.probes_pending = 2;
-            if self.pto_count >= PERSISTENT_CONGESTION_PTOS {
+            // With every chunk acknowledged the probes only ask for the receiver's Done; their
+            // fate says nothing about how much data the path carries.
+            let data_outstanding = self.acked.covered() < self.chunks;
+            if self.pto_count >= PERSISTENT_CONGESTION_PTOS && data_outstanding {
                 self.congestion.on_persistent_congestion();
             }
         }

@@ -27,6 +27,9 @@ pub struct Stats {
     pub duplicate_chunks: u64,
     /// Times the probe timer fired (sender).
     pub probe_timeouts: u64,
+    /// Chunks an earlier acknowledgement claimed and a later one showed missing (a damaged or
+    /// false ack), queued again (sender).
+    pub chunks_reneged: u64,
     /// Datagrams dropped, by reason.
     pub dropped: DropStats,
     /// Smoothed round-trip time.

@@ -27,7 +27,9 @@ impl<K: ChunkSink> Peer for Receiver<K> {
 
 /// A server for one object and one transfer, enough to drive a [`Receiver`] through the
 /// simulator: it answers the first request for its object with a [`Sender`], and any request for
-/// another object with a not-found error.
+/// another object with a not-found error. A request from another connection before the client's
+/// start arrived replaces the sender (the first request may have been damaged in flight). It is
+/// finished when its sender is, or once it has refused a request without ever starting a sender.
 ///
 /// Events of the sender are collected in [`events`](Self::events).
 pub struct OneShotServer<S> {
@@ -38,6 +40,8 @@ pub struct OneShotServer<S> {
     nonce: u64,
     sender: Option<Sender<S>>,
     not_found: Option<wire::ConnectionId>,
+    /// A not-found answer went out.
+    refused: bool,
     /// Every event the sender reported, in order.
     pub events: Vec<Event>,
     /// Datagrams that were not for the transfer (before it started or for another connection).
@@ -56,6 +60,7 @@ impl<S: ChunkSource> OneShotServer<S> {
             nonce,
             sender: None,
             not_found: None,
+            refused: false,
             events: Vec::new(),
             stray: 0,
         }
@@ -69,17 +74,31 @@ impl<S: ChunkSource> OneShotServer<S> {
 
 impl<S: ChunkSource> Peer for OneShotServer<S> {
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
+        let decoded = wire::decode(datagram);
         if let Some(sender) = &mut self.sender {
-            sender.handle_datagram(now, datagram);
-            while let Some(e) = sender.poll_event() {
-                self.events.push(e);
+            let replace = match &decoded {
+                Ok(Datagram {
+                    conn_id,
+                    frame: Frame::Request(_),
+                }) => {
+                    let offering = !sender.is_sending() && !sender.is_finished();
+                    *conn_id != sender.connection_id() && offering
+                }
+                _ => false,
+            };
+            if !replace {
+                sender.handle_datagram(now, datagram);
+                while let Some(e) = sender.poll_event() {
+                    self.events.push(e);
+                }
+                return;
             }
-            return;
+            self.source = self.sender.take().map(Sender::into_source);
         }
         let Ok(Datagram {
             conn_id,
             frame: Frame::Request(request),
-        }) = wire::decode(datagram)
+        }) = decoded
         else {
             self.stray += 1;
             return;
@@ -105,6 +124,7 @@ impl<S: ChunkSource> Peer for OneShotServer<S> {
 
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         if let Some(conn_id) = self.not_found.take() {
+            self.refused = true;
             return Datagram {
                 conn_id,
                 frame: Frame::Error(ErrorFrame {
@@ -137,6 +157,9 @@ impl<S: ChunkSource> Peer for OneShotServer<S> {
     }
 
     fn is_finished(&self) -> bool {
-        self.sender.as_ref().is_some_and(|s| s.is_finished())
+        match &self.sender {
+            Some(sender) => sender.is_finished(),
+            None => self.refused,
+        }
     }
 }
