@@ -315,6 +315,19 @@ pub enum FetchError {
     },
 }
 
+/// Whether `err` is what an altered control datagram leaves behind (a protocol violation seen
+/// by either side), worth one more attempt rather than a failure.
+fn garbled(err: &TransferError) -> bool {
+    matches!(
+        err,
+        TransferError::ProtocolViolation(_)
+            | TransferError::Peer {
+                code: crate::wire::ErrorCode::ProtocolViolation,
+                ..
+            }
+    )
+}
+
 /// A transfer error in the words a player reads.
 fn transfer_sentence(e: &TransferError) -> String {
     match e {
@@ -417,6 +430,8 @@ impl Client {
     /// match; a digest mismatch at the end (a datagram altered on its way despite its checksum)
     /// re-fetches only the blocks that disagree with the manifest, a few rounds at most, and
     /// fails with [`FetchError::BadServer`] only when the server's own bytes disagree with `id`.
+    /// A protocol violation (what an altered Offer or ack leaves behind) is retried the same
+    /// way, resuming what is held.
     ///
     /// Blocks until the object is verified or the transfer failed.
     pub fn fetch(
@@ -503,6 +518,15 @@ impl Client {
                     }
                     rounds += 1;
                     repaired_bytes += manifest.size - check.held;
+                    continue;
+                }
+                Err(err) if garbled(&err) && rounds < MAX_REPAIR_ROUNDS => {
+                    // A control datagram altered on its way (an Offer with another size, say)
+                    // broke the exchange, not the server: ask again, resuming what is held.
+                    // Bytes written under a garbled offer are caught by the digest and repaired.
+                    driver.flush(&mut endpoint);
+                    partial.checkpoint()?;
+                    rounds += 1;
                     continue;
                 }
                 Err(err) => {
