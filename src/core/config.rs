@@ -13,24 +13,31 @@ use crate::wire::{DATA_OVERHEAD, DEFAULT_MAX_DATAGRAM_SIZE, MAX_DATAGRAM_SIZE, M
 /// the constructor; a transfer copies it and never changes it.
 ///
 /// Set fields with struct update syntax: `TransferConfig { idle_timeout, ..Default::default() }`.
+///
+/// Every value of every field is accepted without a panic. Durations too long to add to an
+/// `Instant` (up to `Duration::MAX`) mean "never"; values that make no sense are clamped where
+/// they are used, as each field says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferConfig {
     /// Largest datagram this side sends or accepts, headers and checksum included. The chunk size
     /// follows from it: `max_datagram_size - 34`. Clamped to `290..=65_507`.
     pub max_datagram_size: usize,
     /// A transfer that hears nothing from its peer for this long fails with
-    /// [`TransferError::TimedOut`](super::TransferError::TimedOut).
+    /// [`TransferError::TimedOut`](super::TransferError::TimedOut). One too long to add to an
+    /// instant (`Duration::MAX`, say) never expires.
     pub idle_timeout: Duration,
     /// Round-trip time assumed before the first measurement.
     pub initial_rtt: Duration,
     /// Longest a receiver waits before acknowledging data (it acknowledges sooner after every
-    /// `ack_every` datagrams or on a gap). The sender adds it to its probe timeout.
+    /// `ack_every` datagrams or on a gap, and with its keep-alives). The sender adds it to its
+    /// probe timeout (which never exceeds 2 s).
     pub max_ack_delay: Duration,
-    /// A receiver acknowledges after this many data datagrams.
+    /// A receiver acknowledges after this many data datagrams (0 acts as 1).
     pub ack_every: u32,
-    /// Most received ranges one acknowledgement carries (at most 255).
+    /// Most received ranges one acknowledgement carries (clamped to 1..=255).
     pub max_ack_ranges: usize,
-    /// Flow control: how far (in bytes) past its in-order point a receiver lets the sender run.
+    /// Flow control: how far (in bytes) past its in-order point a receiver lets the sender run
+    /// (at least one chunk).
     pub receive_window_bytes: u64,
     /// A receiver refuses offers of objects larger than this.
     pub max_object_size: u64,
@@ -38,12 +45,14 @@ pub struct TransferConfig {
     pub max_rate_bytes_per_sec: u64,
     /// Congestion controller: delay-based background mode (the default) or loss-based standard.
     pub congestion: CongestionControl,
-    /// Datagrams the pacer may send back to back after an idle period.
+    /// Datagrams the pacer may send back to back after an idle period (0 acts as 1).
     pub burst_datagrams: u32,
-    /// Least time between two `Event::Progress` reports.
+    /// Least time between two `Event::Progress` reports (one too long to add to an instant:
+    /// only the first).
     pub progress_interval: Duration,
     /// How long a receiver that finished keeps answering a sender that missed its `Done` (at
-    /// least; it waits longer on slow paths).
+    /// least; it waits longer on slow paths, and at most a minute: the sender probes at least
+    /// every 2 s).
     pub linger: Duration,
 }
 

@@ -26,6 +26,8 @@ const BASE_HISTORY: usize = 10;
 /// A queueing delay this many times the target is treated like a loss: the window halves (once
 /// per round trip). LEDBAT's linear decrease alone drains an overfull queue too slowly.
 const OVERLOAD_FACTOR: u32 = 4;
+/// The largest queueing-delay target honoured (RFC 6817: TARGET MUST NOT exceed 100 ms).
+const MAX_TARGET: Duration = Duration::from_millis(100);
 /// Strength of the multiplicative decrease above the target (LEDBAT++ uses 1). Larger values
 /// make competing background transfers converge to equal shares faster.
 const DECREASE_GAIN: i128 = 4;
@@ -36,7 +38,8 @@ pub enum CongestionControl {
     /// Delay-based background transfer (LEDBAT-like): keeps the queueing delay it causes near
     /// `target`, so game packets behind the same bottleneck keep their latency.
     Background {
-        /// Queueing delay to aim for (RFC 6817 TARGET; 25 ms by default, at most 100 ms).
+        /// Queueing delay to aim for (RFC 6817 TARGET; 25 ms by default). Clamped to 1 to
+        /// 100 ms.
         target: Duration,
     },
     /// Loss-based (NewReno), for dedicated links.
@@ -153,7 +156,9 @@ impl Controller {
         let target = match self.kind {
             CongestionControl::Standard if app_limited => return,
             CongestionControl::Standard => return self.reno_increase(bytes),
-            CongestionControl::Background { target } => target.max(Duration::from_millis(1)),
+            CongestionControl::Background { target } => {
+                target.clamp(Duration::from_millis(1), MAX_TARGET)
+            }
         };
         let Some(queueing) = self.delay.queueing_delay() else {
             if !app_limited {
@@ -161,7 +166,7 @@ impl Controller {
             }
             return;
         };
-        if queueing > target * OVERLOAD_FACTOR {
+        if queueing > target.saturating_mul(OVERLOAD_FACTOR) {
             self.reduce(now);
             return;
         }

@@ -340,6 +340,32 @@ pub(crate) fn held_chunks(
     held
 }
 
+/// Flow control's window in chunks of `chunk_size` bytes: `receive_window_bytes`, at least one
+/// chunk (a window of none would let nothing through). Both sides use it.
+pub(crate) fn window_chunks(config: &TransferConfig, chunk_size: u64) -> u64 {
+    (config.receive_window_bytes / chunk_size.max(1)).max(1)
+}
+
+/// `base + d`, or the latest instant (to the second) that can be represented when that overflows
+/// the platform's clock type: a deadline from a configured or received duration so long that it
+/// never comes, without a panic.
+pub(crate) fn later(base: std::time::Instant, d: std::time::Duration) -> std::time::Instant {
+    if let Some(t) = base.checked_add(d) {
+        return t;
+    }
+    // Binary search the largest whole number of seconds that still fits.
+    let (mut lo, mut hi) = (0u64, d.as_secs());
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if base.checked_add(Duration::from_secs(mid)).is_some() {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    base.checked_add(Duration::from_secs(lo)).unwrap_or(base)
+}
+
 /// Microseconds since `epoch`, wrapping at 2^32 (about 71 minutes), as carried on the wire.
 pub(crate) fn wire_micros(now: std::time::Instant, epoch: std::time::Instant) -> u32 {
     now.saturating_duration_since(epoch).as_micros() as u32

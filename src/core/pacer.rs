@@ -15,6 +15,8 @@
 
 use std::time::{Duration, Instant};
 
+use super::later;
+
 /// Token scale: one byte is this many byte-nanoseconds.
 const SCALE: i128 = 1_000_000_000;
 
@@ -52,25 +54,6 @@ fn duration_from_nanos(ns: i128) -> Duration {
         Ok(secs) => Duration::new(secs, u32::try_from(ns % SCALE).unwrap_or(0)),
         Err(_) => Duration::MAX,
     }
-}
-
-/// `base + d`, or the latest representable instant (to the second) if that
-/// overflows the platform's clock type.
-fn instant_add_saturating(base: Instant, d: Duration) -> Instant {
-    if let Some(t) = base.checked_add(d) {
-        return t;
-    }
-    // Binary search the largest whole number of seconds that still fits.
-    let (mut lo, mut hi) = (0u64, d.as_secs());
-    while hi - lo > 1 {
-        let mid = lo + (hi - lo) / 2;
-        if base.checked_add(Duration::from_secs(mid)).is_some() {
-            lo = mid;
-        } else {
-            hi = mid;
-        }
-    }
-    base.checked_add(Duration::from_secs(lo)).unwrap_or(base)
 }
 
 impl Pacer {
@@ -231,7 +214,7 @@ impl Pacer {
             ns = ns.saturating_add(1);
         }
         let base = self.last.unwrap_or(now);
-        instant_add_saturating(base, duration_from_nanos(ns))
+        later(base, duration_from_nanos(ns))
     }
 }
 

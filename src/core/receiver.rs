@@ -7,8 +7,8 @@ use super::ranges::RangeSet;
 use super::report::{emit, Report};
 use super::rtt::RttEstimator;
 use super::{
-    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSink, Completion, Event, InlineHasher,
-    PrefixHasher, Stats, TransferConfig, TransferError,
+    chunk_bytes, chunk_count, held_chunks, later, window_chunks, wire_micros, ChunkSink,
+    Completion, Event, InlineHasher, PrefixHasher, Stats, TransferConfig, TransferError,
 };
 use crate::id::ObjectId;
 use crate::wire::{
@@ -27,6 +27,10 @@ const MAX_INVALID_DATA_IN_A_ROW: u32 = 8;
 /// damaged datagram (the sender never sent it and ignores acks that name it), so the receiver
 /// forgets it and reports the newest it actually gets.
 const MAX_SEQ_BELOW_LARGEST: u32 = 4;
+
+/// The longest a completed receiver lingers, whatever `TransferConfig::linger` says: a sender
+/// that missed the Done probes at least every 2 s, so a minute answers it many times over.
+const MAX_LINGER: Duration = Duration::from_secs(60);
 
 /// Largest number of have-ranges one request carries.
 fn max_have_ranges(datagram_size: usize) -> usize {
@@ -391,7 +395,7 @@ impl<K: ChunkSink> Receiver<K> {
         self.invalid_data.clear();
         self.state = State::Receiving;
         self.keepalives = 0;
-        self.keepalive_due = now + self.keepalive_interval();
+        self.keepalive_due = later(now, self.keepalive_interval());
         let newest = match self.largest_seq {
             Some(l) if data.seq < l => {
                 self.seq_below_largest += 1;
@@ -431,7 +435,9 @@ impl<K: ChunkSink> Receiver<K> {
         if !in_order || self.unacked >= self.config.ack_every {
             self.ack_now = true;
         } else if self.ack_deadline.is_none() {
-            self.ack_deadline = Some(now + self.config.max_ack_delay);
+            // None when the delay is too long to add to an instant: acks then go out every
+            // `ack_every` datagrams, on gaps, and as keep-alives.
+            self.ack_deadline = now.checked_add(self.config.max_ack_delay);
         }
         self.report_progress(now);
     }
@@ -482,9 +488,10 @@ impl<K: ChunkSink> Receiver<K> {
         let linger = self
             .config
             .linger
-            .max(self.rtt.pto(self.config.max_ack_delay) * 4);
+            .max(self.rtt.pto(self.config.max_ack_delay).saturating_mul(4))
+            .min(MAX_LINGER);
         self.state = State::Lingering {
-            until: now + linger,
+            until: later(now, linger),
         };
         let completion = Completion {
             object: self.id,
@@ -560,7 +567,7 @@ impl<K: ChunkSink> Receiver<K> {
         let mut chosen = std::mem::take(&mut self.ack_ranges);
         chosen.clear();
         let budget = self.config.datagram_size() - ACK_BASE_LEN;
-        let max_ranges = self.config.max_ack_ranges.min(255);
+        let max_ranges = self.config.max_ack_ranges.clamp(1, 255);
         let mut bytes = 0;
         let recent = std::mem::take(&mut self.recent);
         let highest = self.received.iter().rev();
@@ -591,7 +598,7 @@ impl<K: ChunkSink> Receiver<K> {
         self.recent = recent;
         self.recent.clear();
         let window_end = cumulative
-            .saturating_add(self.config.receive_window_bytes / object.chunk_size)
+            .saturating_add(window_chunks(&self.config, object.chunk_size))
             .min(object.chunks)
             .min(u64::from(u32::MAX));
         let ack = Ack {
@@ -620,15 +627,16 @@ impl<K: ChunkSink> Receiver<K> {
             State::Closed => None,
             State::Lingering { until } => Some(until),
             State::Requesting | State::Starting | State::Receiving => {
-                let idle = self.last_heard + self.config.idle_timeout;
+                // An idle timeout too long to add to an instant never expires.
+                let idle = self.last_heard.checked_add(self.config.idle_timeout);
                 let handshake = match (self.state, self.handshake_sent) {
                     (State::Requesting | State::Starting, Some(sent)) => {
-                        Some(sent + self.handshake_timeout())
+                        Some(later(sent, self.handshake_timeout()))
                     }
                     _ => None,
                 };
                 let keepalive = (self.state == State::Receiving).then_some(self.keepalive_due);
-                [Some(idle), handshake, self.ack_deadline, keepalive]
+                [idle, handshake, self.ack_deadline, keepalive]
                     .into_iter()
                     .flatten()
                     .min()
@@ -640,12 +648,18 @@ impl<K: ChunkSink> Receiver<K> {
     /// loses most acks this keeps the sender informed (and its idle timer fed) while it waits on
     /// its probe timer.
     fn keepalive_interval(&self) -> Duration {
-        let interval = self.rtt.pto(self.config.max_ack_delay) * (1 << self.keepalives.min(6));
+        let interval = self
+            .rtt
+            .pto(self.config.max_ack_delay)
+            .saturating_mul(1 << self.keepalives.min(6));
         interval.min(MAX_KEEPALIVE_INTERVAL)
     }
 
     fn handshake_timeout(&self) -> Duration {
-        let pto = self.rtt.pto(Duration::ZERO) * (1 << self.handshake_retries.min(6));
+        let pto = self
+            .rtt
+            .pto(Duration::ZERO)
+            .saturating_mul(1 << self.handshake_retries.min(6));
         pto.min(MAX_KEEPALIVE_INTERVAL)
     }
 
@@ -660,21 +674,29 @@ impl<K: ChunkSink> Receiver<K> {
                 }
             }
             State::Requesting | State::Starting | State::Receiving => {
-                if now >= self.last_heard + self.config.idle_timeout {
+                let idle = self.last_heard.checked_add(self.config.idle_timeout);
+                if idle.is_some_and(|t| now >= t) {
                     self.state = State::Closed;
                     self.report.finish(Event::Failed(TransferError::TimedOut(
                         self.config.idle_timeout,
                     )));
                     return;
                 }
+                if self.ack_deadline.is_some_and(|t| t <= now) {
+                    // The delayed ack is due: it goes out with the next poll_transmit. The timer
+                    // is spent, so a caller that cannot send yet (an endpoint's uplink budget)
+                    // is not woken again and again until it can.
+                    self.ack_deadline = None;
+                    self.ack_now = true;
+                }
                 if self.state == State::Receiving && now >= self.keepalive_due {
                     self.keepalives += 1;
-                    self.keepalive_due = now + self.keepalive_interval();
+                    self.keepalive_due = later(now, self.keepalive_interval());
                     self.ack_now = true;
                 }
                 if self.state != State::Receiving {
                     if let Some(sent) = self.handshake_sent {
-                        if now >= sent + self.handshake_timeout() {
+                        if now >= later(sent, self.handshake_timeout()) {
                             self.handshake_retries += 1;
                             self.handshake_pending = true;
                             self.handshake_sent = None;

@@ -52,7 +52,9 @@ impl Report {
         bytes_done: u64,
         total: u64,
     ) {
-        if self.last_progress.is_some_and(|t| now < t + interval) {
+        // An interval too long to add to an instant means "never again".
+        let too_soon = |t: Instant| t.checked_add(interval).is_none_or(|due| now < due);
+        if self.last_progress.is_some_and(too_soon) {
             return;
         }
         self.last_progress = Some(now);

@@ -9,8 +9,8 @@ use super::ranges::RangeSet;
 use super::report::{emit, Report};
 use super::rtt::RttEstimator;
 use super::{
-    chunk_bytes, chunk_count, held_chunks, wire_micros, ChunkSource, Completion, Event, Stats,
-    TransferConfig, TransferError,
+    chunk_bytes, chunk_count, held_chunks, window_chunks, wire_micros, ChunkSource, Completion,
+    Event, Stats, TransferConfig, TransferError,
 };
 use crate::id::ObjectId;
 use crate::wire::{
@@ -187,7 +187,9 @@ impl<S: ChunkSource> Sender<S> {
         let burst = u64::from(config.burst_datagrams.max(1)) * datagram_size as u64;
         // Flow control starts from the first chunk the client lacks, so resuming a large
         // partial is not stuck behind a window measured from zero.
-        let window_end = acked.first_missing_from(0) + config.receive_window_bytes / chunk_size;
+        let window_end = acked
+            .first_missing_from(0)
+            .saturating_add(window_chunks(&config, chunk_size));
         Ok(Sender {
             conn_id,
             source,
@@ -531,9 +533,11 @@ impl<S: ChunkSource> Sender<S> {
                     break;
                 }
                 let by_count = seq + PACKET_THRESHOLD <= largest;
-                let by_time = p.sent + loss_delay <= now;
+                // A loss delay too long to add to an instant never expires.
+                let lost_at = p.sent.checked_add(loss_delay);
+                let by_time = lost_at.is_some_and(|t| t <= now);
                 if !(by_count || by_time) {
-                    self.loss_time = Some(p.sent + loss_delay);
+                    self.loss_time = lost_at;
                     break;
                 }
                 self.bytes_in_flight -= u64::from(p.bytes);
@@ -724,7 +728,8 @@ impl<S: ChunkSource> Sender<S> {
         // Pace at 1.25 windows per round trip (as quinn and Linux do), under the rate cap.
         let rtt = self.rtt.smoothed().max(Duration::from_micros(100));
         let window_rate =
-            (u128::from(self.congestion.window()) * 5 * 1_000_000 / 4 / rtt.as_micros()) as u64;
+            u128::from(self.congestion.window()) * 5 * 1_000_000 / 4 / rtt.as_micros();
+        let window_rate = u64::try_from(window_rate).unwrap_or(u64::MAX);
         let rate = match self.rate_cap {
             0 => window_rate,
             cap => window_rate.min(cap),
@@ -740,9 +745,10 @@ impl<S: ChunkSource> Sender<S> {
         if self.report.is_finished() {
             return None;
         }
-        let idle = self.last_heard + self.config.idle_timeout;
+        // An idle timeout too long to add to an instant never expires.
+        let idle = self.last_heard.checked_add(self.config.idle_timeout);
         [
-            Some(idle),
+            idle,
             self.loss_time,
             self.pto_deadline(),
             self.pacing_wait,
@@ -760,8 +766,11 @@ impl<S: ChunkSource> Sender<S> {
         if self.state != State::Offering || self.offer_repeats >= MAX_OFFER_REPEATS {
             return None;
         }
-        let pto = self.rtt.pto(self.config.max_ack_delay) * (1 << self.offer_repeats);
-        Some(self.offer_sent? + pto.min(MAX_PTO))
+        let pto = self
+            .rtt
+            .pto(self.config.max_ack_delay)
+            .saturating_mul(1 << self.offer_repeats.min(MAX_PTO_BACKOFF));
+        self.offer_sent?.checked_add(pto.min(MAX_PTO))
     }
 
     fn pto_deadline(&self) -> Option<Instant> {
@@ -774,9 +783,11 @@ impl<S: ChunkSource> Sender<S> {
             // Waiting on flow control or the pacer, not on the network.
             return None;
         }
-        let pto =
-            self.rtt.pto(self.config.max_ack_delay) * (1 << self.pto_count.min(MAX_PTO_BACKOFF));
-        Some(last + pto.min(MAX_PTO))
+        let pto = self
+            .rtt
+            .pto(self.config.max_ack_delay)
+            .saturating_mul(1 << self.pto_count.min(MAX_PTO_BACKOFF));
+        last.checked_add(pto.min(MAX_PTO))
     }
 
     /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed, then drain
@@ -785,7 +796,8 @@ impl<S: ChunkSource> Sender<S> {
         if self.report.is_finished() {
             return;
         }
-        if now >= self.last_heard + self.config.idle_timeout {
+        let idle = self.last_heard.checked_add(self.config.idle_timeout);
+        if idle.is_some_and(|t| now >= t) {
             self.state = State::Closed;
             self.report.finish(Event::Failed(TransferError::TimedOut(
                 self.config.idle_timeout,

@@ -46,7 +46,8 @@ impl GameTraffic {
         if due > now || buf.len() < self.size {
             return None;
         }
-        self.next = Some(due + self.interval);
+        // An interval too long to add to an instant: this was the last packet.
+        self.next = due.checked_add(self.interval);
         buf[..self.size].fill(0);
         buf[0] = GAME;
         buf[1..9].copy_from_slice(&self.seq.to_be_bytes());
