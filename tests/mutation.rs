@@ -7,6 +7,8 @@
 //! in a digest mismatch (the net layer repairs those with the manifest). With mutation towards
 //! the server only (acks, requests, starts), every download must complete.
 //!
+//! The last tests run real sockets through a loopback relay (tests/common/relay.rs).
+//!
 //! A failing seed is printed; replay it alone with
 //! `UDPFERRY_SEED=<seed> cargo test --release --test mutation`. Print the tallies with
 //! `-- --nocapture`; run more seeds per test with `UDPFERRY_SEEDS=<n>`.
@@ -19,9 +21,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::object;
+use common::relay::{Impairment, Relay, RelayConfig};
 use udpferry::core::{
     Endpoint, EndpointConfig, Event, NoObjects, RangeSet, Receiver, TransferConfig, TransferError,
 };
+use udpferry::net::{Client, FetchOptions};
 use udpferry::sim::{EndpointPeer, LinkConfig, OneShotServer, Pair, Peer, Rng};
 use udpferry::wire::{self, Ack, AckRanges, ConnectionId, Datagram, Frame, Offer};
 use udpferry::ObjectId;
@@ -557,4 +561,148 @@ fn a_damaged_offer_nonce_is_answered_with_a_fresh_offer() {
     to_server(&mut rx, &mut server);
     assert_eq!(server.stats().accepted, 1, "{:?}", server.stats());
     assert_eq!(server.transfer_count(), 1);
+}
+
+/// The relay itself, in front of a plain echo server: every datagram it mutates still passes
+/// its CRC32 and differs in 1 to 3 bits before the trailer; loss drops about the share asked
+/// for; the counters add up; it stops on drop.
+#[test]
+fn the_relay_mutates_with_a_valid_crc_and_counts_what_it_did() {
+    let echo = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind an echo socket");
+    let upstream = echo.local_addr().expect("echo address");
+    echo.set_read_timeout(Some(Duration::from_millis(20)))
+        .expect("set a read timeout");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let echoer = std::thread::spawn(move || {
+        let mut buf = [0u8; 2048];
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                let _ = echo.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let client = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a client socket");
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .expect("set a read timeout");
+    let mut rng = Rng::new(6);
+    let mut datagram = move || {
+        let mut d = vec![0u8; 64];
+        rng.fill_bytes(&mut d[..60]);
+        let crc = crc32fast::hash(&d[..60]);
+        d[60..].copy_from_slice(&crc.to_be_bytes());
+        d
+    };
+
+    // Everything mutated on the way in, nothing lost: each echo is checked against its original.
+    let relay = Relay::start(
+        upstream,
+        RelayConfig {
+            seed: 5,
+            to_server: Impairment::mutate(1.0),
+            to_client: Impairment::default(),
+        },
+    );
+    let mut buf = [0u8; 2048];
+    for _ in 0..300 {
+        let d = datagram();
+        client.send_to(&d, relay.addr()).expect("send to the relay");
+        let n = client.recv(&mut buf).expect("the echo");
+        let got = &buf[..n];
+        assert_eq!(n, 64);
+        let flipped: u32 = got[..60]
+            .iter()
+            .zip(&d[..60])
+            .map(|(a, b)| (a ^ b).count_ones())
+            .sum();
+        assert!((1..=3).contains(&flipped), "{flipped} bits flipped");
+        assert_eq!(got[60..], crc32fast::hash(&got[..60]).to_be_bytes());
+    }
+    // The relay counts a datagram just after sending it: let the last count land.
+    let waited = Instant::now();
+    while relay.stats().to_client.forwarded < 300 && waited.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let stats = relay.stats();
+    assert_eq!(stats.clients, 1);
+    assert_eq!(stats.to_server.forwarded, 300, "{stats:?}");
+    assert_eq!(stats.to_server.mutated, 300, "{stats:?}");
+    assert_eq!(stats.to_client.forwarded, 300, "{stats:?}");
+    assert_eq!(stats.to_client.mutated + stats.to_client.dropped, 0);
+    let dropped_at = Instant::now();
+    drop(relay);
+    assert!(
+        dropped_at.elapsed() < Duration::from_secs(1),
+        "the relay took long to stop"
+    );
+
+    // Half lost on the way in: the counters account for every datagram.
+    let relay = Relay::start(
+        upstream,
+        RelayConfig {
+            seed: 7,
+            to_server: Impairment::loss(0.5),
+            to_client: Impairment::default(),
+        },
+    );
+    for _ in 0..400 {
+        client
+            .send_to(&datagram(), relay.addr())
+            .expect("send to the relay");
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    let waited = Instant::now();
+    while relay.stats().to_client.forwarded < relay.stats().to_server.forwarded
+        || relay.stats().to_server.forwarded + relay.stats().to_server.dropped < 400
+    {
+        assert!(
+            waited.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            relay.stats()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stats = relay.stats();
+    assert_eq!(stats.to_server.forwarded + stats.to_server.dropped, 400);
+    assert!((140..=260).contains(&stats.to_server.dropped), "{stats:?}");
+    assert_eq!(stats.to_server.mutated, 0);
+    drop(relay);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = echoer.join();
+}
+
+/// A real `net::Server` over a `ContentStore`, and a plain `Client::fetch` through the relay
+/// losing 5% of the datagrams each way (no mutation): the download completes with the right
+/// bytes.
+#[test]
+fn a_real_download_through_a_lossy_relay_completes() {
+    let dir = common::TempDir::new("relay-loss");
+    let data = object(1 << 20, 0x5e1a);
+    let id = ObjectId::md5_of(&data);
+    common::put_dated(&dir.join("maps/map.bsp"), &data);
+    let serving = common::Serving::dir(&dir.join("maps"));
+    let relay = Relay::start(
+        serving.addr,
+        RelayConfig::both(0x5e1a, Impairment::loss(0.05)),
+    );
+    let mut options = FetchOptions::new(dir.join("cache"));
+    options.timeout = Some(Duration::from_secs(60));
+    let report = Client::fetch(relay.addr(), id, &options, |_| {});
+    let stats = relay.stats();
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => panic!("the download failed: {e} (relay {stats:?})"),
+    };
+    assert!(!report.from_cache);
+    let got = std::fs::read(&report.path).unwrap_or_default();
+    assert!(got == data, "the cached object differs");
+    assert!(
+        stats.to_server.dropped > 0 && stats.to_client.dropped > 0,
+        "{stats:?}"
+    );
+    assert_eq!(stats.to_server.mutated + stats.to_client.mutated, 0);
+    // At least every chunk of 1166 bytes came through.
+    assert!(stats.to_client.forwarded > (1 << 20) / 1166, "{stats:?}");
+    eprintln!("through the relay: {stats:?}");
 }

@@ -298,14 +298,10 @@ impl Link {
 
         let mut data = datagram.to_vec();
         if self.rng.chance(self.config.corrupt) && !data.is_empty() {
-            self.flip_bits(&mut data);
+            flip_bits(&mut self.rng, &mut data);
             self.stats.corrupted += 1;
         }
-        if self.rng.chance(self.config.mutate) && data.len() > TRAILER_LEN {
-            let body = data.len() - TRAILER_LEN;
-            self.flip_bits(&mut data[..body]);
-            let crc = crc32fast::hash(&data[..body]);
-            data[body..].copy_from_slice(&crc.to_be_bytes());
+        if self.rng.chance(self.config.mutate) && mutate(&mut self.rng, &mut data) {
             self.stats.mutated += 1;
         }
         let duplicate = self.rng.chance(self.config.duplicate).then(|| data.clone());
@@ -455,34 +451,51 @@ impl Link {
         self.in_flight.push(Reverse(InFlight { at, seq, data }));
         true
     }
+}
 
-    /// Flips 1 to 3 distinct random bits of a non-empty `data`.
-    fn flip_bits(&mut self, data: &mut [u8]) {
-        let bits = (data.len() as u64).saturating_mul(8);
-        let n = self.rng.gen_range(1, 4).min(bits) as usize;
-        // Choose `n` distinct bit positions: draw an index among the bits not
-        // yet chosen and map it past the chosen ones (kept sorted).
-        let mut chosen = [0u64; 3];
-        for i in 0..n {
-            let mut r = self.rng.gen_range(0, bits - i as u64);
-            for &c in &chosen[..i] {
-                if r >= c {
-                    r += 1;
-                }
-            }
-            chosen[i] = r;
-            let mut j = i;
-            while j > 0 && chosen[j - 1] > chosen[j] {
-                chosen.swap(j - 1, j);
-                j -= 1;
+/// Flips 1 to 3 distinct random bits of `data`, drawn from `rng` (nothing when it is empty).
+fn flip_bits(rng: &mut Rng, data: &mut [u8]) {
+    let bits = (data.len() as u64).saturating_mul(8);
+    let n = rng.gen_range(1, 4).min(bits) as usize;
+    // Choose `n` distinct bit positions: draw an index among the bits not
+    // yet chosen and map it past the chosen ones (kept sorted).
+    let mut chosen = [0u64; 3];
+    for i in 0..n {
+        let mut r = rng.gen_range(0, bits - i as u64);
+        for &c in &chosen[..i] {
+            if r >= c {
+                r += 1;
             }
         }
-        for &bit in &chosen[..n] {
-            if let Some(byte) = data.get_mut((bit / 8) as usize) {
-                *byte ^= 1 << (bit % 8);
-            }
+        chosen[i] = r;
+        let mut j = i;
+        while j > 0 && chosen[j - 1] > chosen[j] {
+            chosen.swap(j - 1, j);
+            j -= 1;
         }
     }
+    for &bit in &chosen[..n] {
+        if let Some(byte) = data.get_mut((bit / 8) as usize) {
+            *byte ^= 1 << (bit % 8);
+        }
+    }
+}
+
+/// Damages `datagram` so that it still passes its checksum, as [`LinkConfig::mutate`] does:
+/// flips 1 to 3 distinct random bits (from `rng`) before the 4-byte CRC32 trailer and rewrites
+/// the trailer (CRC32 of everything before it, big-endian). Returns `false`, changing nothing,
+/// for a datagram with nothing before a trailer (4 bytes or fewer).
+///
+/// For anything that carries udpferry datagrams and wants to play a buggy middlebox or an
+/// on-path attacker (the simulator's links, a test relay between real sockets).
+pub fn mutate(rng: &mut Rng, datagram: &mut [u8]) -> bool {
+    let Some(body) = datagram.len().checked_sub(TRAILER_LEN).filter(|&b| b > 0) else {
+        return false;
+    };
+    flip_bits(rng, &mut datagram[..body]);
+    let crc = crc32fast::hash(&datagram[..body]);
+    datagram[body..].copy_from_slice(&crc.to_be_bytes());
+    true
 }
 
 /// `t + nanos`, or `None` if that is not representable.

@@ -81,7 +81,7 @@ mod peers;
 mod rng;
 
 pub use game::{EndpointPeer, GameTraffic};
-pub use link::{GilbertElliott, Link, LinkConfig, LinkStats};
+pub use link::{mutate, GilbertElliott, Link, LinkConfig, LinkStats};
 pub use pair::{Direction, Pair, Peer, RunOutcome};
 pub use peers::OneShotServer;
 pub use rng::{seed_from_env, Rng};

@@ -11,6 +11,7 @@ use udpferry::wire::ConnectionId;
 use udpferry::ObjectId;
 
 pub mod cli;
+pub mod relay;
 
 /// What one simulated download produced.
 pub struct Outcome {

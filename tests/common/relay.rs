@@ -1,0 +1,307 @@
+//! A loopback UDP relay that impairs what it forwards, for tests over real sockets.
+//!
+//! [`Relay::start`] binds 127.0.0.1:0 and forwards every datagram a client sends it to the
+//! upstream server, and the server's answers back, through one upstream socket per client
+//! address (as a NAT does). Each direction is a [`Lane`] with its own seeded random stream that
+//! decides per datagram what happens to it ([`Impairment`]): dropped (`loss`), or damaged so that
+//! it still passes the CRC32 (`mutate`, exactly as the simulator's `LinkConfig::mutate`).
+//! [`Relay::stats`] counts what each direction forwarded, mutated and dropped. Dropping the relay
+//! stops it (its thread is joined within a few milliseconds).
+//!
+//! One thread polls every socket without blocking and naps for 200 µs when nothing came. A later
+//! link emulator (rate, queue, delay, burst loss) fits in [`Lane::pass`] and a release queue in
+//! that loop; rebinding a client's port is replacing its entry in the NAT table.
+
+use std::collections::hash_map::{Entry, HashMap};
+use std::io::ErrorKind;
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use udpferry::sim::Rng;
+
+/// Most datagrams taken from one socket before the others get a turn.
+const BATCH: usize = 256;
+/// Nap when a whole round found nothing to forward.
+const IDLE_NAP: Duration = Duration::from_micros(200);
+
+/// What happens to the datagrams of one direction.
+#[derive(Clone, Debug, Default)]
+pub struct Impairment {
+    /// Probability that a datagram is dropped.
+    pub loss: f64,
+    /// Probability that a datagram gets 1 to 3 bits flipped before its CRC32 trailer and the
+    /// trailer recomputed (it still passes the checksum).
+    pub mutate: f64,
+}
+
+impl Impairment {
+    /// Drops datagrams with probability `p`.
+    pub fn loss(p: f64) -> Self {
+        Impairment {
+            loss: p,
+            ..Impairment::default()
+        }
+    }
+
+    /// Mutates datagrams (valid CRC) with probability `p`.
+    pub fn mutate(p: f64) -> Self {
+        Impairment {
+            mutate: p,
+            ..Impairment::default()
+        }
+    }
+}
+
+/// Settings of a [`Relay`].
+#[derive(Clone, Debug, Default)]
+pub struct RelayConfig {
+    /// Seeds both directions' random streams.
+    pub seed: u64,
+    /// Client to server.
+    pub to_server: Impairment,
+    /// Server to client.
+    pub to_client: Impairment,
+}
+
+impl RelayConfig {
+    /// The same impairment both ways.
+    pub fn both(seed: u64, impairment: Impairment) -> Self {
+        RelayConfig {
+            seed,
+            to_server: impairment.clone(),
+            to_client: impairment,
+        }
+    }
+}
+
+/// What one direction did so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LaneStats {
+    /// Datagrams passed on (mutated ones included).
+    pub forwarded: u64,
+    /// Datagrams passed on damaged (with a valid CRC).
+    pub mutated: u64,
+    /// Datagrams dropped by `loss`.
+    pub dropped: u64,
+    /// Datagrams the relay could not send on (its socket buffer was full).
+    pub unsent: u64,
+}
+
+/// What the relay did so far, per direction.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Client to server.
+    pub to_server: LaneStats,
+    /// Server to client.
+    pub to_client: LaneStats,
+    /// Client addresses seen (one upstream socket each).
+    pub clients: u64,
+}
+
+#[derive(Default)]
+struct LaneCounters {
+    forwarded: AtomicU64,
+    mutated: AtomicU64,
+    dropped: AtomicU64,
+    unsent: AtomicU64,
+}
+
+impl LaneCounters {
+    fn snapshot(&self) -> LaneStats {
+        LaneStats {
+            forwarded: self.forwarded.load(Ordering::Relaxed),
+            mutated: self.mutated.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            unsent: self.unsent.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    to_server: LaneCounters,
+    to_client: LaneCounters,
+    clients: AtomicU64,
+}
+
+/// One direction: its impairment, random stream and counters.
+struct Lane {
+    impairment: Impairment,
+    rng: Rng,
+    counters: Arc<Counters>,
+    to_server: bool,
+}
+
+impl Lane {
+    fn counters(&self) -> &LaneCounters {
+        if self.to_server {
+            &self.counters.to_server
+        } else {
+            &self.counters.to_client
+        }
+    }
+
+    /// Decides the fate of `datagram` (possibly damaging it in place): true to send it on.
+    fn pass(&mut self, datagram: &mut [u8]) -> bool {
+        // Both draws for every datagram, so one direction's decisions depend only on its seed
+        // and how many datagrams it carried.
+        let lost = self.rng.chance(self.impairment.loss);
+        let mutate = self.rng.chance(self.impairment.mutate);
+        if lost {
+            self.counters().dropped.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        if mutate && udpferry::sim::mutate(&mut self.rng, datagram) {
+            self.counters().mutated.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Counts the outcome of sending a passed datagram.
+    fn sent(&self, result: std::io::Result<usize>) {
+        let counter = match result {
+            Ok(_) => &self.counters().forwarded,
+            Err(_) => &self.counters().unsent,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A running relay; stopped (and its thread joined) on drop.
+pub struct Relay {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Relays between clients of 127.0.0.1:<some port> and `upstream`, impairing as `config`
+    /// says. Panics if loopback sockets cannot be bound (a broken test machine).
+    pub fn start(upstream: SocketAddr, config: RelayConfig) -> Relay {
+        let front = udpferry::net::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+            .expect("bind the relay's front socket");
+        front
+            .set_nonblocking(true)
+            .expect("make the relay's front socket non-blocking");
+        let addr = front.local_addr().expect("the relay's front address");
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters::default());
+        let mut root = Rng::new(config.seed);
+        let to_server = Lane {
+            impairment: config.to_server,
+            rng: root.fork(),
+            counters: counters.clone(),
+            to_server: true,
+        };
+        let to_client = Lane {
+            impairment: config.to_client,
+            rng: root.fork(),
+            counters: counters.clone(),
+            to_server: false,
+        };
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("relay".into())
+            .spawn(move || run(front, upstream, to_server, to_client, &flag))
+            .expect("spawn the relay thread");
+        Relay {
+            addr,
+            stop,
+            counters,
+            thread: Some(thread),
+        }
+    }
+
+    /// Where clients send to reach `upstream` through the relay.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> RelayStats {
+        RelayStats {
+            to_server: self.counters.to_server.snapshot(),
+            to_client: self.counters.to_client.snapshot(),
+            clients: self.counters.clients.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The relay's loop: drain the front socket into the clients' upstream sockets and every
+/// upstream socket back to its client, until `stop`.
+fn run(
+    front: UdpSocket,
+    upstream: SocketAddr,
+    mut to_server: Lane,
+    mut to_client: Lane,
+    stop: &AtomicBool,
+) {
+    let mut nat: HashMap<SocketAddr, UdpSocket> = HashMap::new();
+    let mut buf = vec![0u8; 65_536];
+    while !stop.load(Ordering::Relaxed) {
+        let mut busy = false;
+        for _ in 0..BATCH {
+            let (n, client) = match front.recv_from(&mut buf) {
+                Ok(got) => got,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                // WouldBlock: nothing more now. Anything else (an ICMP error reported on the
+                // socket, say) is not the relay's business either.
+                Err(_) => break,
+            };
+            busy = true;
+            let socket = match nat.entry(client) {
+                Entry::Occupied(entry) => entry.into_mut(),
+                Entry::Vacant(entry) => {
+                    let Some(socket) = connect_upstream(upstream) else {
+                        continue;
+                    };
+                    to_server.counters.clients.fetch_add(1, Ordering::Relaxed);
+                    entry.insert(socket)
+                }
+            };
+            let datagram = &mut buf[..n];
+            if to_server.pass(datagram) {
+                to_server.sent(socket.send(datagram));
+            }
+        }
+        for (client, socket) in &nat {
+            for _ in 0..BATCH {
+                let n = match socket.recv(&mut buf) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                busy = true;
+                let datagram = &mut buf[..n];
+                if to_client.pass(datagram) {
+                    to_client.sent(front.send_to(datagram, client));
+                }
+            }
+        }
+        if !busy {
+            std::thread::sleep(IDLE_NAP);
+        }
+    }
+}
+
+/// A fresh non-blocking socket on 127.0.0.1 connected to `upstream`, or `None` if the system
+/// refuses one (the client's datagrams are then dropped, as by a full NAT table).
+fn connect_upstream(upstream: SocketAddr) -> Option<UdpSocket> {
+    let socket = udpferry::net::bind(SocketAddr::from(([127, 0, 0, 1], 0))).ok()?;
+    socket.connect(upstream).ok()?;
+    socket.set_nonblocking(true).ok()?;
+    Some(socket)
+}
