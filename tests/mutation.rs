@@ -225,7 +225,7 @@ impl Tally {
         let failed: u32 = self.failed.values().sum();
         eprintln!(
             "{name}: {} completed, {failed} failed cleanly {:?}; slowest verdict {:?}, \
-             slowest end of both sides {:?}; {} chunks reneged and sent again",
+             slowest end of both sides {:?}; {} falsely acked chunks queued again",
             self.completed, self.failed, self.slowest_verdict, self.slowest_end, self.reneged
         );
     }
