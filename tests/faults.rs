@@ -402,3 +402,60 @@ fn demo_removes_its_temporary_directory_when_interrupted() {
     println!("demo after SIGINT: {exit:?}");
     assert!(!dir.exists(), "{} left behind", dir.display());
 }
+
+/// The self-repair target: through a relay that alters 3% of the datagrams each way and
+/// fixes up their CRC32, at least 4 of 5 downloads of 4 MiB end with the right bytes, and the
+/// others fail cleanly within their `--timeout`; never a wrong file at `-o` or in the cache.
+#[test]
+fn downloads_through_a_mutating_path_repair_themselves() {
+    use common::relay::{Impairment, Relay, RelayConfig};
+    const SIZE: usize = 4 * MIB;
+    let tmp = TempDir::new("mutating");
+    let data = content(SIZE, 31);
+    let md5 = put_file(&tmp.join("maps"), "m.map", &data);
+    let (_server, addr, _) = spawn_server(&tmp.join("maps"), &[]);
+    // UDPFERRY_SEED picks other relay seeds (a failing run prints its own).
+    let base: u64 = std::env::var("UDPFERRY_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(100);
+    let mut correct = 0;
+    for run_no in 0..5u64 {
+        let seed = base + run_no;
+        let relay = Relay::start(addr, RelayConfig::both(seed, Impairment::mutate(0.03)));
+        let cache = tmp.join(&format!("cache{run_no}"));
+        let out = tmp.join(&format!("out{run_no}.map"));
+        let r = get(
+            relay.addr(),
+            &md5,
+            &out,
+            &cache,
+            &["--timeout", "60"],
+            GET_LIMIT,
+        );
+        let stats = relay.stats();
+        println!(
+            "run {run_no} (relay seed {seed}): {:?} in {:.1} s; relay altered {} to the server, {} to the client; {}",
+            r.status.code(),
+            r.elapsed.as_secs_f64(),
+            stats.to_server.mutated,
+            stats.to_client.mutated,
+            r.stderr.trim()
+        );
+        if r.status.success() {
+            assert_file_eq(&out, &data);
+            assert_cache_done(&cache, &md5, &data);
+            correct += 1;
+        } else {
+            assert_eq!(r.status.code(), Some(1), "{r:?}");
+            assert!(r.elapsed < Duration::from_secs(75), "{r:?}");
+            assert!(!out.exists(), "a failed run wrote -o");
+            assert!(
+                !cache.join(&md5).exists(),
+                "a failed run finished a cache entry"
+            );
+        }
+    }
+    println!("{correct} of 5 downloads through 3% mutation each way ended correct");
+    assert!(correct >= 4, "only {correct} of 5 correct");
+}

@@ -290,6 +290,77 @@ fn resume_fetches_only_what_is_missing() {
     );
 }
 
+/// A sink that records every write, over a byte vector.
+struct Recording {
+    bytes: Vec<u8>,
+    writes: Vec<std::ops::Range<u64>>,
+}
+
+impl udpferry::core::ChunkSink for Recording {
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.writes.push(offset..offset + data.len() as u64);
+        self.bytes.write_at(offset, data)
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.bytes.read_at(offset, buf)
+    }
+}
+
+/// A have-set more fragmented than one Start can list (a repair after scattered damage): the
+/// Start lists the largest ranges, the sender re-sends what it was not told about, and the
+/// receiver never writes over a chunk it holds (a re-sent copy could be altered on its way).
+#[test]
+fn a_fragmented_have_set_is_never_written_over() {
+    use udpferry::core::ChunkSink;
+    let data = object(2 << 20, 7);
+    let id = ObjectId::md5_of(&data);
+    // Held: everything but 300 holes of 3000 bytes, one every ~7 KB; the last hole at the end.
+    let mut have = RangeSet::new();
+    have.insert(0..data.len() as u64);
+    for i in 0..300u64 {
+        let at = 1000 + i * 6990;
+        have.remove(at..at + 3000);
+    }
+    assert!(have.len() > 200, "{} ranges", have.len());
+    let mut bytes = vec![0u8; data.len()];
+    for r in have.iter() {
+        bytes[r.start as usize..r.end as usize]
+            .copy_from_slice(&data[r.start as usize..r.end as usize]);
+    }
+    let sink = Recording {
+        bytes,
+        writes: Vec::new(),
+    };
+    let start = Instant::now();
+    let server = server(id, data.clone(), TransferConfig::default());
+    let rx = receiver(start, id, &have, sink, TransferConfig::default());
+    let mut pair = Pair::new(8, start, server, rx, link(), link());
+    assert_eq!(
+        pair.run(1_000_000, start + Duration::from_secs(60)),
+        RunOutcome::BothFinished
+    );
+    let events = receiver_events(&mut pair.b);
+    assert!(
+        matches!(events.last(), Some(Event::Completed(_))),
+        "{events:?}"
+    );
+    let sink = pair.b.sink();
+    assert!(sink.bytes == data);
+    let chunk = 1200 - 34;
+    for w in &sink.writes {
+        let first = w.start / chunk;
+        let held = have.contains_range(first * chunk..((first + 1) * chunk).min(data.len() as u64));
+        assert!(!held, "wrote {w:?}, a chunk the receiver held");
+    }
+    let stats = pair.b.stats();
+    println!(
+        "{} ranges held, {} writes, {} duplicate chunks ignored",
+        have.len(),
+        sink.writes.len(),
+        stats.duplicate_chunks
+    );
+}
+
 #[test]
 fn resuming_a_partial_larger_than_the_flow_control_window_does_not_stall() {
     // 20 MiB already held, more than the 16 MiB receive window: the window must count from the

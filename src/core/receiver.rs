@@ -33,10 +33,25 @@ const MAX_SEQ_BELOW_LARGEST: u32 = 4;
 const MAX_LINGER: Duration = Duration::from_secs(60);
 
 /// Largest number of have-ranges one request carries.
-fn max_have_ranges(datagram_size: usize) -> usize {
-    // Start (the larger: a Request plus the nonce): header, nonce (8), id (17), datagram size
-    // (2), rate (8), count (2), ranges, trailer.
-    (datagram_size - HEADER_LEN - 8 - 17 - 2 - 8 - 2 - TRAILER_LEN) / 16
+/// The `limit` largest ranges of `have`, in ascending order: what a Request can announce when
+/// the have-set is more fragmented than one datagram holds. Dropping the smallest ranges costs
+/// the fewest re-sent bytes.
+fn largest_ranges(have: &RangeSet, limit: usize) -> Vec<Range<u64>> {
+    let mut ranges: Vec<Range<u64>> = have.iter().collect();
+    if ranges.len() > limit {
+        ranges.sort_by_key(|r| std::cmp::Reverse(r.end - r.start));
+        ranges.truncate(limit);
+        ranges.sort_by_key(|r| r.start);
+    }
+    ranges
+}
+
+fn max_have_ranges(datagram_size: usize, id: &ObjectId) -> usize {
+    // Start (the larger: a Request plus the nonce): header, nonce (8), id (algorithm byte and
+    // digest: 17 for MD5, 33 for SHA-256), datagram size (2), rate (8), count (2), ranges,
+    // trailer.
+    let id_len = 1 + id.digest().len();
+    datagram_size.saturating_sub(HEADER_LEN + 8 + id_len + 2 + 8 + 2 + TRAILER_LEN) / 16
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +90,11 @@ pub struct Receiver<K> {
     config: TransferConfig,
     sink: K,
     id: ObjectId,
-    have: Vec<Range<u64>>,
+    /// Every byte range already in the sink: chunks wholly inside are never written again.
+    have: RangeSet,
+    /// The part of `have` the Request and Start list: at most as many ranges as fit in one
+    /// datagram, the largest ones, so what the sender re-sends for want of room is small.
+    announced: Vec<Range<u64>>,
     state: State,
     created: Instant,
     /// One-way delay samples count from here (see `set_clock_epoch`).
@@ -130,13 +149,13 @@ impl<K: ChunkSink> Receiver<K> {
         sink: K,
         config: TransferConfig,
     ) -> Self {
-        let limit = max_have_ranges(config.datagram_size());
-        let have = have.iter().take(limit).collect();
+        let limit = max_have_ranges(config.datagram_size(), &id);
         Receiver {
             conn_id,
             sink,
             id,
-            have,
+            announced: largest_ranges(have, limit),
+            have: have.clone(),
             state: State::Requesting,
             created: now,
             clock_epoch: now,
@@ -361,9 +380,10 @@ impl<K: ChunkSink> Receiver<K> {
         };
         self.object = Some(object);
         self.scratch = vec![0; chunk_size as usize];
-        // Chunks wholly inside the have-set are already here (the sender applies the same rule).
-        // The have-set itself is kept: the Start repeats the request.
-        self.received = held_chunks(self.have.iter().cloned(), object.size, chunk_size);
+        // Chunks wholly inside the have-set are already here (the sender applies the same rule
+        // to the announced part; chunks held beyond it may be sent again, and are then
+        // duplicates, never written over what is held). The Start repeats the request.
+        self.received = held_chunks(self.have.iter(), object.size, chunk_size);
         self.report.push(Event::Started { size: offer.size });
         self.state = State::Starting;
         self.handshake_pending = true;
@@ -533,7 +553,7 @@ impl<K: ChunkSink> Receiver<K> {
                 self.handshake_sent = Some(now);
                 // The Start repeats the request exactly, so a server can check its nonce
                 // against the request without having kept any state.
-                let have = std::mem::take(&mut self.have);
+                let have = std::mem::take(&mut self.announced);
                 let request = Request {
                     object: self.id,
                     max_datagram_size: self.config.datagram_size() as u16,
@@ -548,7 +568,7 @@ impl<K: ChunkSink> Receiver<K> {
                     },
                 };
                 let n = emit(self.conn_id, &mut self.stats, buf, frame);
-                self.have = have;
+                self.announced = have;
                 n
             }
             State::Receiving if self.ack_now || self.ack_deadline.is_some_and(|t| t <= now) => {

@@ -43,14 +43,34 @@ impl PrefixHasher for ManifestCheck {
 }
 
 /// Why no manifest came back from [`fetch_manifest`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum NoManifest {
     /// The server has none (an older server, or it does not have the object).
     Refused,
     /// It did not arrive within the limit.
     TimedOut,
     /// It arrived but failed its check (altered on its way, or forged): worth asking again.
-    Damaged,
+    /// The bytes that arrived, for a vote between copies ([`vote`]).
+    Damaged(Vec<u8>),
+}
+
+/// Bytes that at least two of `copies` agree on at every position, from copies of one object
+/// that each arrived with a few altered datagrams (at random places, so two copies are
+/// practically never altered alike): the original, when no position was altered in all but
+/// one copy. `None` when the copies differ in length or some position has no agreeing pair.
+pub(super) fn vote(copies: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let first = copies.first()?;
+    if copies.len() < 2 || copies.iter().any(|c| c.len() != first.len()) {
+        return None;
+    }
+    (0..first.len())
+        .map(|i| {
+            copies.iter().enumerate().find_map(|(a, copy)| {
+                let v = copy[i];
+                copies[a + 1..].iter().any(|c| c[i] == v).then_some(v)
+            })
+        })
+        .collect()
 }
 
 /// Fetches and checks the manifest of `object` over `driver`, for at most `limit`. Without
@@ -80,7 +100,7 @@ pub(super) fn fetch_manifest(
         driver.turn(&mut endpoint, MAX_WAIT, &mut |_, e| match e.event {
             Event::Completed(_) => done = Some(Ok(())),
             Event::Failed(TransferError::DigestMismatch { .. }) => {
-                done = Some(Err(NoManifest::Damaged))
+                done = Some(Err(NoManifest::Damaged(Vec::new())))
             }
             Event::Failed(TransferError::TimedOut(_)) => done = Some(Err(NoManifest::TimedOut)),
             Event::Failed(_) => done = Some(Err(NoManifest::Refused)),
@@ -91,13 +111,17 @@ pub(super) fn fetch_manifest(
     if let Err(why) = done {
         endpoint.cancel(transfer);
         driver.flush(&mut endpoint);
+        let why = match why {
+            NoManifest::Damaged(_) => {
+                NoManifest::Damaged(endpoint.take_sink(transfer).unwrap_or_default())
+            }
+            other => other,
+        };
         return Ok(Err(why));
     }
     driver.flush(&mut endpoint); // the Done
-    Ok(endpoint
-        .take_sink(transfer)
-        .and_then(|bytes| Manifest::decode(&bytes, &object).ok())
-        .ok_or(NoManifest::Damaged))
+    let bytes = endpoint.take_sink(transfer).unwrap_or_default();
+    Ok(Manifest::decode(&bytes, &object).map_err(|_| NoManifest::Damaged(bytes)))
 }
 
 /// Copies into `partial` every full block of `manifest` found in the files `bases`, skipping
@@ -147,4 +171,34 @@ pub(super) fn reuse_blocks(
     }
     partial.checkpoint()?;
     Ok(copied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::vote;
+
+    #[test]
+    fn three_copies_altered_in_different_places_vote_back_the_original() {
+        let original: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut copies = vec![original.clone(), original.clone(), original.clone()];
+        copies[0][10] ^= 1;
+        copies[0][4000..4100].fill(0);
+        copies[1][11] ^= 2;
+        copies[2][4200] ^= 0x80;
+        assert!(vote(&copies) == Some(original.clone()));
+        // Two copies agree everywhere but where one was altered: the third decides.
+        assert!(
+            vote(&copies[1..]).is_none(),
+            "two copies that differ cannot vote"
+        );
+        // Altered alike in every copy but one: no agreeing pair at that byte.
+        let mut lost = copies.clone();
+        lost[1][77] ^= 1;
+        lost[2][77] ^= 2;
+        lost[0][77] ^= 4;
+        assert!(vote(&lost).is_none());
+        // Copies of other lengths do not vote.
+        copies[2].push(0);
+        assert!(vote(&copies).is_none());
+    }
 }
