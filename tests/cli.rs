@@ -16,18 +16,10 @@
 //! running. Timings are printed, never asserted (shared, noisy machines); the only time limits are
 //! generous guards against hangs.
 
-use std::io::{BufRead, BufReader, Read};
 use std::net::{SocketAddr, UdpSocket};
-use std::ops::{Deref, DerefMut};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
 use udpferry::store::bundle::{Bundle, BundleEntry};
 use udpferry::store::SafePath;
 use udpferry::ObjectId;

@@ -311,7 +311,6 @@ impl udpferry::core::ChunkSink for Recording {
 /// receiver never writes over a chunk it holds (a re-sent copy could be altered on its way).
 #[test]
 fn a_fragmented_have_set_is_never_written_over() {
-    use udpferry::core::ChunkSink;
     let data = object(2 << 20, 7);
     let id = ObjectId::md5_of(&data);
     // Held: everything but 300 holes of 3000 bytes, one every ~7 KB; the last hole at the end.

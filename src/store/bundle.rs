@@ -298,6 +298,27 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Whether the file at `path` is a bundle listing: it starts with [`MAGIC`], is no longer than
+/// [`MAX_LISTING_BYTES`] and decodes. `udpferry get SERVER ID -o DIR` asks it of a fetched
+/// object to decide whether `-o` names a file to write or a directory to install into.
+pub fn is_listing_file(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut bytes = Vec::new();
+    if file
+        .take(MAX_LISTING_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .is_err()
+        || bytes.len() as u64 > MAX_LISTING_BYTES
+        || !bytes.starts_with(&MAGIC)
+    {
+        return false;
+    }
+    Bundle::decode(&bytes).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,25 +483,4 @@ mod tests {
         };
         assert_eq!(Bundle::decode(&bad_alg), Err(BundleError::Malformed));
     }
-}
-
-/// Whether the file at `path` is a bundle listing: it starts with [`MAGIC`], is no longer than
-/// [`MAX_LISTING_BYTES`] and decodes. `udpferry get SERVER ID -o DIR` asks it of a fetched
-/// object to decide whether `-o` names a file to write or a directory to install into.
-pub fn is_listing_file(path: &std::path::Path) -> bool {
-    use std::io::Read;
-    let Ok(file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut bytes = Vec::new();
-    if file
-        .take(MAX_LISTING_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .is_err()
-        || bytes.len() as u64 > MAX_LISTING_BYTES
-        || !bytes.starts_with(&MAGIC)
-    {
-        return false;
-    }
-    Bundle::decode(&bytes).is_ok()
 }
