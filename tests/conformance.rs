@@ -618,11 +618,13 @@ fn download(peer: &Peer, request: &[u8], known: &[u8], lose: &[u64]) -> Transcri
                 panic!("the server ended the transfer with Error {code}: {reason}");
             }
             // Section 5.2.1: a repeated Offer (this client may have repeated its Request) is
-            // answered with the Start again in STARTING, and dropped in RECEIVING.
+            // answered with the Start again in STARTING, echoing the newest Offer's nonce
+            // (section 5.2.2), and dropped in RECEIVING.
             0x02 => {
                 let again = read_offer(body);
                 assert_eq!((again.size, again.chunk_size), (size, cs));
                 if largest.is_none() {
+                    transcript.start = start(conn, again.nonce, request);
                     peer.send(&transcript.start);
                 }
                 continue;
