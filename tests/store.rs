@@ -217,8 +217,11 @@ fn cache_resumes_from_checkpoint_and_distrusts_bad_journals() {
     let part_path = cache.root().join(format!("{hex}.part"));
     let restarts = |damaged: &[u8]| {
         fs::write(&journal_path, damaged).unwrap();
-        let (_, have) = cache.begin(&id).unwrap();
-        let restarted = have.is_empty() && fs::metadata(&part_path).unwrap().len() == 0;
+        let (part, have) = cache.begin(&id).unwrap();
+        // Nothing is vouched for; the bytes stay, unverified, for a check against the manifest.
+        let restarted = have.is_empty()
+            && part.has_unverified()
+            && fs::metadata(&part_path).unwrap().len() == data.len() as u64;
         fs::write(&part_path, &data).unwrap();
         restarted
     };
@@ -268,10 +271,15 @@ fn journal_is_written_automatically_and_finalize_publishes_atomically() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
+    let mut names: Vec<String> = names
+        .into_iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    names.sort();
     assert_eq!(
         names,
-        vec![std::ffi::OsString::from(id.to_hex())],
-        "no .part, no journal"
+        vec![id.to_hex(), format!("{}.verified", id.to_hex())],
+        "no .part, no journal; the record of what was verified"
     );
 
     let dest = dir.0.join("game/maps/level.map");
