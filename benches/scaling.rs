@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet};
 use udpferry::net::Driver;
-use udpferry::sim::Rng;
 use udpferry::ObjectId;
+use udpferry_sim::Rng;
 
 // ---------------------------------------------------------------------------------------------
 // A global allocator that counts live heap bytes per thread (and their peak), so the server

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use udpferry::core::{Event, Pacer, PrefixHasher, RangeSet, Receiver, TransferConfig};
-use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 use udpferry::wire::{self, ConnectionId, Data, Datagram, Frame};
 use udpferry::ObjectId;
+use udpferry_sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 
 /// Says every object has the id it was asked for, without hashing: for timing the protocol
 /// without MD5. Never use it outside a benchmark.

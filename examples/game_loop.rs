@@ -18,8 +18,8 @@ use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, ObjectProvider, RangeSet};
 use udpferry::{is_udpferry_datagram, ObjectId};
+use udpferry::{Endpoint, EndpointConfig, Event, NoObjects, ObjectProvider, RangeSet};
 
 /// One tick at 60 Hz.
 pub const TICK: Duration = Duration::from_micros(16_667);
@@ -138,8 +138,8 @@ pub fn run(map_size: usize, limit: Duration) -> std::io::Result<Outcome> {
     let mut maps: HashMap<ObjectId, Arc<[u8]>> = HashMap::new();
     maps.insert(id, map.into());
 
-    let server_socket = udpferry::net::bind("127.0.0.1:0".parse().expect("address"))?;
-    let client_socket = udpferry::net::bind("127.0.0.1:0".parse().expect("address"))?;
+    let server_socket = udpferry::bind("127.0.0.1:0".parse().expect("address"))?;
+    let client_socket = udpferry::bind("127.0.0.1:0".parse().expect("address"))?;
     server_socket.set_nonblocking(true)?;
     client_socket.set_nonblocking(true)?;
     let server_addr = server_socket.local_addr()?;
@@ -149,7 +149,7 @@ pub fn run(map_size: usize, limit: Duration) -> std::io::Result<Outcome> {
     // times a second.
     let mut config = EndpointConfig::default();
     config.transfer.burst_datagrams = 32;
-    config.seed = udpferry::net::random_seed();
+    config.seed = udpferry::random_seed();
 
     let epoch = Instant::now();
     let server = std::thread::spawn({

@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
-use udpferry::sim::Rng;
-use udpferry::store::ContentStore;
+use udpferry::ContentStore;
 use udpferry::ObjectId;
+use udpferry::{Client, FetchOptions, Server, ServerConfig};
+use udpferry_sim::Rng;
 
 const MIB: usize = 1 << 20;
 

@@ -14,7 +14,7 @@ target="${CARGO_TARGET_DIR:-target}"
 log_dir="$target/bench-logs"
 mkdir -p "$log_dir"
 
-loopback_cmd="cargo bench --bench loopback"
+loopback_cmd="cargo bench -p udpferry-peers --bench loopback"
 transfer_cmd="cargo bench --bench transfer"
 scaling_cmd="cargo bench --bench scaling"
 env_note=""

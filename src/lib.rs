@@ -1,55 +1,99 @@
 //! udpferry moves files reliably over UDP for game netcode: a map named by the MD5 of its bytes
 //! travels over the game's own socket as checksummed, sequenced, selectively acknowledged and
-//! paced datagrams, and is reported complete only after its MD5 matched.
+//! paced datagrams, and is reported complete only after its digest matched.
+//!
+//! # Quick start: fetch a map
+//!
+//! A client that joins a match without its map fetches it by id from the game server, into a
+//! cache, resuming what an earlier attempt left and repairing what arrived damaged:
+//!
+//! ```no_run
+//! use udpferry::{Client, FetchOptions, ObjectId};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let map: ObjectId = "9e107d9d372bb6826bd81d3542a419d6".parse()?; // named by the server
+//! let mut options = FetchOptions::new("cache"); // or Cache::default_dir()
+//! options.output = Some("maps/next.bsp".into()); // also put it where the game loads maps
+//! let report = Client::fetch("game.example:7878", map, &options, |p| {
+//!     println!("{} of {} bytes", p.bytes_done, p.total);
+//! })?;
+//! println!("{report}"); // verified: "<md5>: <size> bytes in <secs> s ..."
+//! # Ok(()) }
+//! ```
+//!
+//! The server side is [`Server::bind`] over a [`ContentStore`] (a directory served by the
+//! digests of its files) and [`Server::run_until`].
+//!
+//! # In a game loop
+//!
+//! A game that keeps its own socket drives an [`Endpoint`] (many transfers, either role, behind
+//! one socket) from its tick: datagrams for which [`is_udpferry_datagram`] is true go to
+//! [`Endpoint::handle_datagram`]; then [`Endpoint::handle_timeout`] when
+//! [`Endpoint::poll_timeout`] is due; then [`Endpoint::poll_transmit`] until it returns `None`,
+//! sending each datagram; then [`Endpoint::poll_event`] for `Started`, `Progress`, `Completed`
+//! and `Failed`. examples/game_loop.rs is a complete 60 Hz loop; [`Receiver`] and [`Sender`] are
+//! the same state machines for a single transfer.
 //!
 //! # Layers
 //!
-//! - [`wire`]: the datagram format, [`wire::decode`] / [`wire::Datagram::encode`], and
-//!   [`is_udpferry_datagram`], the cheap check a game uses to route our datagrams off its socket.
-//! - [`core`]: the sans-IO state machines, [`core::Sender`] and [`core::Receiver`]. They never
-//!   read a clock, open a socket or touch a file: time is an argument, datagrams are byte slices,
-//!   object bytes go through [`core::ChunkSource`] / [`core::ChunkSink`].
-//! - [`sim`]: a seeded network simulator with virtual time, for tests and demos.
+//! Dependencies point down only: the binary on `net`, `net` on `store` and `core`, `core` on
+//! `wire`. All are private; this page lists what a game uses.
 //!
-//! # Quick start
+//! - `wire`: the datagram format (docs/PROTOCOL.md), zero-copy decode, CRC32, and
+//!   [`is_udpferry_datagram`], the cheap check that routes our datagrams off a shared socket.
+//! - `core`: the sans-IO state machines ([`Endpoint`], [`Receiver`], [`Sender`]): no sockets,
+//!   clocks, threads or files; time is an argument and object bytes go through [`ChunkSource`] /
+//!   [`ChunkSink`].
+//! - `store`: the file system: [`ContentStore`] (server), [`Cache`] and [`PartialFile`]
+//!   (client, with a crash-safe resume journal), manifests for delta downloads, bundles.
+//! - `net`: the `std::net::UdpSocket` driver ([`Driver`]), [`Client`] and [`Server`].
 //!
-//! One download, driven by hand through the simulator (a real driver swaps the [`sim::Pair`] for
-//! a socket and a clock; the calls are the same):
-//!
-//! ```
-//! use std::time::{Duration, Instant};
-//! use udpferry::core::{Event, RangeSet, Receiver, TransferConfig};
-//! use udpferry::sim::{LinkConfig, OneShotServer, Pair, RunOutcome};
-//! use udpferry::wire::ConnectionId;
-//! use udpferry::ObjectId;
-//!
-//! let map = vec![7u8; 100_000];
-//! let id = ObjectId::md5_of(&map);
-//! let now = Instant::now();
-//! let server = OneShotServer::new(id, map.len() as u64, map.clone(), TransferConfig::default(), 42);
-//! let client = Receiver::new(now, ConnectionId(1), id, &RangeSet::new(), Vec::new(),
-//!                            TransferConfig::default());
-//! let link = LinkConfig::clean(Duration::from_millis(20)).with_loss(0.05);
-//! let mut pair = Pair::new(1, now, server, client, link.clone(), link);
-//! assert_eq!(pair.run(100_000, now + Duration::from_secs(60)), RunOutcome::BothFinished);
-//! let completed = std::iter::from_fn(|| pair.b.poll_event())
-//!     .any(|e| matches!(e, Event::Completed(_)));
-//! assert!(completed);
-//! assert_eq!(pair.b.sink(), &map);
-//! ```
-//!
-//! The call order every driver follows is in the [`core`] module docs. docs/PROTOCOL.md specifies
-//! the wire format byte by byte; docs/ARCHITECTURE.md explains the design.
+//! The simulator that tests all of it in virtual time is a crate of its own, `udpferry-sim`
+//! (sim/ in the repository), so that no game links it. docs/ARCHITECTURE.md explains the
+//! design.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod core;
-pub mod id;
-pub mod net;
-pub mod sim;
-pub mod store;
-pub mod wire;
+// The layers are private: what a game needs is re-exported below. The `internals` feature
+// (udpferry's own tests, benches, fuzz targets and simulator turn it on) opens them, hidden
+// from the docs and without stability promises.
+macro_rules! layers {
+    ($($(#[$attr:meta])* $name:ident;)*) => {$(
+        $(#[$attr])*
+        #[cfg(feature = "internals")]
+        #[doc(hidden)]
+        pub mod $name;
+        $(#[$attr])*
+        #[cfg(not(feature = "internals"))]
+        mod $name;
+    )*};
+}
 
-pub use id::ObjectId;
-pub use wire::is_udpferry_datagram;
+layers! {
+    core;
+    id;
+    net;
+    store;
+    wire;
+}
+
+pub use crate::core::{
+    ChunkSink, ChunkSource, Completion, CongestionControl, DropStats, Endpoint, EndpointConfig,
+    EndpointEvent, EndpointStats, Event, NoObjects, ObjectProvider, PrefixHasher, RangeSet,
+    Receiver, Role, Sender, Stats, TransferConfig, TransferError, TransferId, TransferInfo,
+    Transmit,
+};
+pub use crate::id::{ObjectId, ParseIdError};
+pub use crate::net::{
+    bind, random_seed, Activity, BundleFetchError, BundleProgress, BundleReport, Client, Driver,
+    FetchError, FetchOptions, FileError, FileFailure, HashThread, Progress, Report, Server,
+    ServerConfig, CONCURRENT_FILES,
+};
+pub use crate::store::bundle::is_bundle_listing;
+pub use crate::store::resolve_target;
+pub use crate::store::{
+    BlockCheck, BundleInfo, Cache, ContentStore, Lookup, ObjectInfo, PartialFile, Served,
+    StoreError, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
+};
+pub use crate::wire::{is_udpferry_datagram, ConnectionId};

@@ -16,10 +16,10 @@ use std::time::{Duration, Instant, SystemTime};
 use proptest::prelude::*;
 use udpferry::core::{Endpoint, EndpointConfig};
 use udpferry::net::{BundleFetchError, Client, Driver, FetchOptions, FileError, ServerConfig};
-use udpferry::sim::Rng;
 use udpferry::store::bundle::{Bundle, BundleEntry, BundleError, MAGIC};
 use udpferry::store::{ContentStore, SafePath};
 use udpferry::ObjectId;
+use udpferry_sim::Rng;
 
 use common::{Serving, TempDir};
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::*;
 use udpferry::core::TransferConfig;
-use udpferry::sim::{seed_from_env, LinkConfig};
+use udpferry_sim::{seed_from_env, LinkConfig};
 
 fn ratio(size: usize, loss: f64) -> f64 {
     let seed = seed_from_env(0xeff1_c1e7);

@@ -334,7 +334,7 @@ fn serve_clients(
             Vec::new(),
         );
     }
-    let mut rng = udpferry::sim::Rng::new(7);
+    let mut rng = udpferry_sim::Rng::new(7);
     let mut done = vec![None; objects.len()];
     let mut buf = vec![0u8; 1500];
     let latency = Duration::from_millis(5);

@@ -19,8 +19,8 @@ use proptest::prelude::*;
 use udpferry::core::{
     CongestionControl, Endpoint, EndpointConfig, Event, NoObjects, RangeSet, TransferConfig,
 };
-use udpferry::sim::{EndpointPeer, LinkConfig, Pair, RunOutcome};
 use udpferry::ObjectId;
+use udpferry_sim::{EndpointPeer, LinkConfig, Pair, RunOutcome};
 
 type Maps = HashMap<ObjectId, Arc<[u8]>>;
 
@@ -242,7 +242,7 @@ proptest! {
         let patient = client.idle_timeout >= HORIZON / 4 || server.idle_timeout >= HORIZON / 4;
         let link = LinkConfig::clean(Duration::from_millis(10));
         let start = Instant::now();
-        let sender = udpferry::sim::OneShotServer::new(
+        let sender = udpferry_sim::OneShotServer::new(
             ObjectId::md5_of(&data), size as u64, data.clone(), server, 1);
         let receiver = udpferry::core::Receiver::new(
             start, udpferry::wire::ConnectionId(2), ObjectId::md5_of(&data), &RangeSet::new(),

@@ -343,11 +343,9 @@ fn numeric_flags_out_of_range_are_usage_errors_not_panics() {
         vec!["get", "127.0.0.1:9", id, "--timeout", "NaN"],
         vec!["get", "127.0.0.1:9", id, "--timeout", "inf"],
         vec!["demo", "--size-mib", "18446744073709551615"],
-        vec!["demo", "--size-mib", "17592186044416", "--simulated"],
+        vec!["demo", "--size-mib", "17592186044416"],
         vec!["demo", "--size-mib", "0"],
-        vec!["demo", "--simulated", "--loss-percent", "NaN"],
-        vec!["demo", "--simulated", "--loss-percent", "150"],
-        vec!["demo", "--simulated", "--latency-ms", "99999999999"],
+        vec!["demo", "--seed", "-1"],
         vec!["serve", ".", "--rate", "99999999999999999999"],
         vec!["serve", ".", "--client-rate", "0"],
     ];

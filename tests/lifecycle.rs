@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use udpferry::core::{Event, RangeSet, Receiver, TransferConfig, TransferError};
-use udpferry::sim::{LinkConfig, OneShotServer, Pair, Peer, RunOutcome};
 use udpferry::wire::{self, ConnectionId, Datagram, Frame, Offer};
 use udpferry::ObjectId;
+use udpferry_sim::{LinkConfig, OneShotServer, Pair, Peer, RunOutcome};
 
 fn link() -> LinkConfig {
     LinkConfig::clean(Duration::from_millis(10))

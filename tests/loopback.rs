@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use udpferry::core::EndpointStats;
 use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
-use udpferry::sim::Rng;
 use udpferry::store::ContentStore;
 use udpferry::wire::{ConnectionId, Datagram, Frame};
 use udpferry::ObjectId;
+use udpferry_sim::Rng;
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 

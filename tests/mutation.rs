@@ -26,9 +26,9 @@ use udpferry::core::{
     Endpoint, EndpointConfig, Event, NoObjects, RangeSet, Receiver, TransferConfig, TransferError,
 };
 use udpferry::net::{Client, FetchOptions};
-use udpferry::sim::{EndpointPeer, LinkConfig, OneShotServer, Pair, Peer, Rng};
 use udpferry::wire::{self, Ack, AckRanges, ConnectionId, Datagram, Frame, Offer};
 use udpferry::ObjectId;
+use udpferry_sim::{EndpointPeer, LinkConfig, OneShotServer, Pair, Peer, Rng};
 
 /// Seeds per test when `UDPFERRY_SEED` is not set (`UDPFERRY_SEEDS=<n>` runs more).
 const SEEDS: u64 = 48;
@@ -51,7 +51,7 @@ fn link() -> LinkConfig {
 /// The seeds to run: `UDPFERRY_SEED` alone when set, else `SEEDS` seeds from `base`.
 fn seeds(base: u64) -> Vec<u64> {
     match std::env::var("UDPFERRY_SEED") {
-        Ok(_) => vec![udpferry::sim::seed_from_env(base)],
+        Ok(_) => vec![udpferry_sim::seed_from_env(base)],
         Err(_) => {
             let n = std::env::var("UDPFERRY_SEEDS")
                 .ok()
@@ -93,10 +93,10 @@ fn drive<A: Peer, B: Peer>(
         if verdict_at.is_none() && is_client_done(pair) {
             verdict_at = Some(pair.now - start);
         }
-        if outcome == udpferry::sim::RunOutcome::BothFinished {
+        if outcome == udpferry_sim::RunOutcome::BothFinished {
             return (verdict_at, Some(pair.now - start));
         }
-        if outcome == udpferry::sim::RunOutcome::Stalled {
+        if outcome == udpferry_sim::RunOutcome::Stalled {
             break;
         }
     }
@@ -453,7 +453,7 @@ fn with_false_ack(seed: u64, nth: u32) -> (Duration, bool, udpferry::core::Stats
     };
     let mut pair = Pair::new(seed, start, server, client, link().with_loss(0.02), link());
     let outcome = pair.run(u64::MAX, start + BOUND);
-    let completed = outcome == udpferry::sim::RunOutcome::BothFinished
+    let completed = outcome == udpferry_sim::RunOutcome::BothFinished
         && std::iter::from_fn(|| pair.b.inner.poll_event())
             .any(|e| matches!(e, Event::Completed(_)))
         && pair.b.inner.sink() == &data;
@@ -470,7 +470,7 @@ fn with_false_ack(seed: u64, nth: u32) -> (Duration, bool, udpferry::core::Stats
 fn a_false_ack_claiming_every_chunk_is_withdrawn() {
     let mut withdrawn = 0;
     for nth in [1, 5, 40, 300, 1000] {
-        let seed = udpferry::sim::seed_from_env(0x3a7e_5000 + u64::from(nth));
+        let seed = udpferry_sim::seed_from_env(0x3a7e_5000 + u64::from(nth));
         let ctx = format!("false ack #{nth}, UDPFERRY_SEED={seed:#x}");
         let (honest, honest_ok, _) = with_false_ack(seed, 0);
         assert!(honest_ok, "{ctx}: the download without the lie failed");

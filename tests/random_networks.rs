@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use proptest::prelude::*;
 use udpferry::core::{Event, TransferConfig, TransferError};
-use udpferry::sim::{LinkConfig, RunOutcome};
+use udpferry_sim::{LinkConfig, RunOutcome};
 
 #[derive(Debug, Clone)]
 struct Net {

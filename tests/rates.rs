@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use udpferry::core::{
     CongestionControl, Endpoint, EndpointConfig, Event, NoObjects, RangeSet, TransferId,
 };
-use udpferry::sim::{Direction, EndpointPeer, GameTraffic, LinkConfig, Pair, Rng, RunOutcome};
 use udpferry::ObjectId;
+use udpferry_sim::{Direction, EndpointPeer, GameTraffic, LinkConfig, Pair, Rng, RunOutcome};
 
 type Maps = HashMap<ObjectId, Arc<[u8]>>;
 type Server = EndpointPeer<Maps, Vec<u8>>;
@@ -332,9 +332,9 @@ fn two_downloads_through_one_bottleneck_converge() {
 }
 
 /// Wakes only on a coarse timer, like a driver sleeping through `SO_RCVTIMEO` (jiffies).
-struct Coarse<P: udpferry::sim::Peer>(P, Instant, Duration);
+struct Coarse<P: udpferry_sim::Peer>(P, Instant, Duration);
 
-impl<P: udpferry::sim::Peer> udpferry::sim::Peer for Coarse<P> {
+impl<P: udpferry_sim::Peer> udpferry_sim::Peer for Coarse<P> {
     fn handle_datagram(&mut self, now: Instant, d: &[u8]) {
         self.0.handle_datagram(now, d)
     }

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use udpferry::core::{Event, TransferConfig};
-use udpferry::sim::{seed_from_env, GilbertElliott, LinkConfig, RunOutcome};
 use udpferry::wire::{DATA_OVERHEAD, DEFAULT_MAX_DATAGRAM_SIZE};
+use udpferry_sim::{seed_from_env, GilbertElliott, LinkConfig, RunOutcome};
 
 const CHUNK: usize = DEFAULT_MAX_DATAGRAM_SIZE - DATA_OVERHEAD;
 

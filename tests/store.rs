@@ -8,10 +8,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use md5::{Digest, Md5};
 use udpferry::core::{ChunkSink, ChunkSource, Event, Receiver, TransferConfig};
-use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 use udpferry::store::{journal, Cache, ContentStore, StoreError};
 use udpferry::wire::ConnectionId;
 use udpferry::ObjectId;
+use udpferry_sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 
 /// A directory under the system temp dir, removed on drop.
 struct TempDir(PathBuf);
@@ -326,7 +326,7 @@ fn journal_is_written_automatically_and_finalize_publishes_atomically() {
 }
 
 /// Steps `pair` until the receiver holds `target` bytes or the transfer ends.
-fn run_until<A: udpferry::sim::Peer, B: udpferry::sim::Peer>(
+fn run_until<A: udpferry_sim::Peer, B: udpferry_sim::Peer>(
     pair: &mut Pair<A, B>,
     mut done: impl FnMut(&Pair<A, B>) -> bool,
 ) {

@@ -10,12 +10,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
-use udpferry::core::{Event, RangeSet, Receiver, TransferConfig};
-use udpferry::net::{BundleFetchError, Client, FetchError, FetchOptions, Server, ServerConfig};
-use udpferry::sim::{LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
-use udpferry::store::{resolve_target, Cache, ContentStore, StoreError};
-use udpferry::wire::ConnectionId;
+use udpferry::Event;
 use udpferry::ObjectId;
+use udpferry::{resolve_target, Cache, ContentStore, StoreError};
+use udpferry::{BundleFetchError, Client, FetchError, FetchOptions, Server, ServerConfig};
 
 #[derive(Parser)]
 #[command(
@@ -83,21 +81,14 @@ enum Command {
         #[arg(long, requires = "output", conflicts_with = "bases")]
         bundle: bool,
     },
-    /// Send a generated map from a server to a client in this process and print what it cost.
+    /// Send a generated map from a server to a client in this process, over loopback UDP, and
+    /// print what it cost. (The same through the network simulator, with loss and latency:
+    /// `cargo run --release -p udpferry-sim --example simulated_demo`.)
     Demo {
         /// Map size in MiB (1 to 2048; the demo holds the map in memory).
         #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=2048))]
         size_mib: u64,
-        /// Use the deterministic network simulator instead of loopback sockets.
-        #[arg(long)]
-        simulated: bool,
-        /// Random loss on each direction, in percent, 0 to 100 (simulated only).
-        #[arg(long, default_value_t = 2.0, value_parser = parse_percent)]
-        loss_percent: f64,
-        /// One-way latency in milliseconds, at most 60000 (simulated only).
-        #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(0..=60_000))]
-        latency_ms: u64,
-        /// Seed for the map's bytes and the simulated network.
+        /// Seed for the map's bytes.
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
@@ -133,14 +124,7 @@ fn main() -> ExitCode {
             verbose,
             ..
         } => get(&server, md5, output, cache, timeout, verbose, bases),
-        Command::Demo {
-            size_mib,
-            simulated: true,
-            loss_percent,
-            latency_ms,
-            seed,
-        } => simulated_demo(size_mib, loss_percent / 100.0, latency_ms, seed),
-        Command::Demo { size_mib, seed, .. } => loopback_demo(size_mib, seed),
+        Command::Demo { size_mib, seed } => loopback_demo(size_mib, seed),
     }
 }
 
@@ -160,18 +144,6 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         ));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
-}
-
-/// Parses a loss percentage: 0 to 100.
-fn parse_percent(text: &str) -> Result<f64, String> {
-    let p: f64 = text
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{text}` is not a percentage (examples: 0, 2.5)"))?;
-    if !(0.0..=100.0).contains(&p) {
-        return Err(format!("`{text}` is out of range: give 0 to 100"));
-    }
-    Ok(p)
 }
 
 /// Parses a rate: a plain integer or one with a suffix K, M, G, KiB, MiB, GiB (all binary:
@@ -247,7 +219,7 @@ fn serve(
     }
     drop(stdout);
     let mut last_sent: Option<(Instant, u64)> = None;
-    let report = |ep: &udpferry::core::Endpoint<ContentStore, Vec<u8>>| {
+    let report = |ep: &udpferry::Endpoint<ContentStore, Vec<u8>>| {
         if !verbose {
             return;
         }
@@ -364,7 +336,7 @@ fn get(
     }
     let started = Instant::now();
     let mut last_line: Option<(Instant, u64)> = None;
-    let on_progress = |p: &udpferry::net::Progress| {
+    let on_progress = |p: &udpferry::Progress| {
         if let Some(bar) = &bar {
             bar.set_length(p.total);
             bar.set_position(p.bytes_done);
@@ -404,13 +376,13 @@ fn get(
     match result {
         Ok(report) => {
             if let Some(out) = output {
-                if udpferry::store::bundle::is_listing_file(&report.path) {
+                if udpferry::is_bundle_listing(&report.path) {
                     // A bundle: install its files under `out` (the listing is cached now).
                     let first = server.split(',').next().unwrap_or(server);
                     return get_bundle(first, id, out, Some(cache_dir), timeout, verbose);
                 }
-                let installed = udpferry::store::Cache::open(&cache_dir)
-                    .and_then(|cache| cache.copy_out(&id, &out));
+                let installed =
+                    udpferry::Cache::open(&cache_dir).and_then(|cache| cache.copy_out(&id, &out));
                 if let Err(e) = installed {
                     return fail("get", &FetchError::Store(e).to_string());
                 }
@@ -512,10 +484,25 @@ fn progress_bar(template: &str) -> Option<indicatif::ProgressBar> {
     })
 }
 
-/// The size, duration and goodput lines both demos print.
-fn print_size_and_rate(size: u64, secs: f64, clock: &str) {
+/// `len` pseudo-random bytes from `seed` (splitmix64): a map that does not compress.
+fn demo_map(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed;
+    let mut map = Vec::with_capacity(len + 8);
+    while map.len() < len {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        map.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    map.truncate(len);
+    map
+}
+
+/// The size, duration and goodput lines the demo prints.
+fn print_size_and_rate(size: u64, secs: f64) {
     println!("size:            {size} bytes");
-    println!("duration:        {secs:.2} s{clock}");
+    println!("duration:        {secs:.2} s");
     println!(
         "goodput:         {:.2} MB/s",
         size as f64 / secs.max(1e-9) / 1e6
@@ -558,8 +545,7 @@ fn run_loopback_demo(
 ) -> Result<(), String> {
     let maps = dir.join("maps");
     std::fs::create_dir_all(&maps).map_err(|e| e.to_string())?;
-    let mut map = vec![0u8; (size_mib << 20) as usize];
-    Rng::new(seed).fill_bytes(&mut map);
+    let map = demo_map((size_mib << 20) as usize, seed);
     let id = ObjectId::md5_of(&map);
     std::fs::write(maps.join("demo.map"), &map).map_err(|e| e.to_string())?;
     drop(map);
@@ -588,7 +574,7 @@ fn run_loopback_demo(
         report.object,
         report.path.display()
     );
-    print_size_and_rate(report.size, secs, "");
+    print_size_and_rate(report.size, secs);
     println!(
         "received:        {} datagrams",
         report.stats.datagrams_received
@@ -598,73 +584,6 @@ fn run_loopback_demo(
         report.stats.duplicate_chunks
     );
     Ok(())
-}
-
-fn simulated_demo(size_mib: u64, loss: f64, latency_ms: u64, seed: u64) -> ExitCode {
-    let size = (size_mib << 20) as usize;
-    let mut rng = Rng::new(seed);
-    let mut map = vec![0u8; size];
-    rng.fill_bytes(&mut map);
-    let id = ObjectId::md5_of(&map);
-    println!("map: {size} bytes, md5 {id}");
-    println!(
-        "network: {latency_ms} ms each way, {:.1}% loss each way (simulated, virtual time)",
-        loss * 100.0
-    );
-
-    let config = TransferConfig::default();
-    let start = Instant::now();
-    let server = OneShotServer::new(id, size as u64, map, config.clone(), rng.next_u64());
-    let client = Receiver::new(
-        start,
-        ConnectionId(rng.next_u64()),
-        id,
-        &RangeSet::new(),
-        Vec::with_capacity(size),
-        config,
-    );
-    let link = LinkConfig::clean(Duration::from_millis(latency_ms)).with_loss(loss);
-    let mut pair = Pair::new(seed, start, server, client, link.clone(), link);
-    let wall = Instant::now();
-    let outcome = pair.run(u64::MAX, start + Duration::from_secs(24 * 3600));
-    let wall = wall.elapsed();
-
-    let mut result = None;
-    while let Some(event) = pair.b.poll_event() {
-        match event {
-            Event::Completed(c) => result = Some(Ok(c)),
-            Event::Failed(e) => result = Some(Err(e)),
-            _ => {}
-        }
-    }
-    match (outcome, result) {
-        (RunOutcome::BothFinished, Some(Ok(done))) => {
-            let sender = pair.a.sender().map(|s| s.stats()).unwrap_or_default();
-            let secs = done.duration.as_secs_f64();
-            println!("verified: md5 {} matches", done.object);
-            print_size_and_rate(done.size, secs, " (virtual)");
-            println!(
-                "sent on wire:    {} bytes ({:.4}x the map)",
-                sender.bytes_sent,
-                sender.bytes_sent as f64 / done.size.max(1) as f64
-            );
-            println!(
-                "retransmissions: {} datagrams, {} bytes",
-                sender.chunks_retransmitted, sender.bytes_retransmitted
-            );
-            println!("smoothed rtt:    {:?}", sender.smoothed_rtt);
-            println!("simulated in:    {:.2} s of wall time", wall.as_secs_f64());
-            ExitCode::SUCCESS
-        }
-        (_, Some(Err(e))) => {
-            eprintln!("udpferry demo: transfer failed: {e}");
-            ExitCode::FAILURE
-        }
-        (outcome, _) => {
-            eprintln!("udpferry demo: simulation ended without a result ({outcome:?})");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 #[cfg(test)]

@@ -86,6 +86,7 @@ impl Controller {
         }
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// NewReno, as [`Controller::new`] with [`CongestionControl::Standard`].
     pub fn new_reno(max_datagram: u64) -> Self {
         Self::new(CongestionControl::Standard, max_datagram)
@@ -112,6 +113,7 @@ impl Controller {
         self.window = window.max(self.min_window());
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// The controller in use.
     pub fn kind(&self) -> CongestionControl {
         self.kind

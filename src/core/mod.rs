@@ -33,15 +33,19 @@ use std::io;
 use std::time::Duration;
 
 pub use config::TransferConfig;
-pub use congestion::{CongestionControl, Controller};
+pub use congestion::CongestionControl;
+#[cfg(feature = "internals")]
+pub use congestion::Controller;
 pub use endpoint::{
     Endpoint, EndpointConfig, EndpointEvent, EndpointStats, NoObjects, ObjectProvider, Role,
     TransferId, TransferInfo, Transmit,
 };
+#[cfg(feature = "internals")]
 pub use pacer::Pacer;
 pub use ranges::RangeSet;
 pub use receiver::Receiver;
 // PrefixHasher and InlineHasher are defined below.
+#[cfg(feature = "internals")]
 pub use rtt::RttEstimator;
 pub use sender::Sender;
 pub use stats::{DropStats, Stats};

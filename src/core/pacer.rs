@@ -119,6 +119,7 @@ impl Pacer {
         self.rate = rate_bytes_per_sec;
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// Changes the bucket capacity, first refilling up to `now`. Tokens above
     /// the new capacity are dropped; a larger capacity fills over time.
     ///
@@ -139,6 +140,7 @@ impl Pacer {
         self.rate
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// Returns the bucket capacity in bytes.
     ///
     /// Use it for reporting, or to size a batch of datagrams sent at once.
@@ -146,6 +148,7 @@ impl Pacer {
         self.burst
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// Refills up to `now` and returns the whole bytes that may be sent
     /// right now (0 while in debt, `u64::MAX` when unlimited).
     ///

@@ -103,6 +103,7 @@ impl RttEstimator {
         self.smoothed = from_nanos((7 * s + a) / 8);
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// Returns `true` once [`update`](Self::update) has been called.
     ///
     /// Use it to decide whether the values are measured or still the
@@ -119,6 +120,7 @@ impl RttEstimator {
         self.smoothed
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// Returns the RTT variation (`initial_rtt / 2` before any sample).
     ///
     /// Mostly useful for diagnostics; [`pto`](Self::pto) already folds it in.
@@ -126,6 +128,7 @@ impl RttEstimator {
         self.rttvar
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// Returns the minimum raw RTT sample seen (`initial_rtt` before any
     /// sample).
     ///
@@ -135,6 +138,7 @@ impl RttEstimator {
         self.min
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// Returns the most recent raw sample (`initial_rtt` before any sample).
     ///
     /// Use it for diagnostics; [`loss_delay`](Self::loss_delay) already

@@ -179,6 +179,7 @@ impl Bundle {
         self.entries.len()
     }
 
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
     /// True when it lists no file.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
@@ -301,7 +302,7 @@ impl<'a> Reader<'a> {
 /// Whether the file at `path` is a bundle listing: it starts with [`MAGIC`], is no longer than
 /// [`MAX_LISTING_BYTES`] and decodes. `udpferry get SERVER ID -o DIR` asks it of a fetched
 /// object to decide whether `-o` names a file to write or a directory to install into.
-pub fn is_listing_file(path: &std::path::Path) -> bool {
+pub fn is_bundle_listing(path: &std::path::Path) -> bool {
     use std::io::Read;
     let Ok(file) = std::fs::File::open(path) else {
         return false;

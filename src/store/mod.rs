@@ -53,7 +53,9 @@ pub(crate) use cache::random_u64;
 pub use cache::{
     BlockCheck, Cache, Lookup, PartialFile, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
 };
-pub use content::{BundleInfo, ContentStore, FileSource, ObjectInfo, Served};
+pub use content::{BundleInfo, ContentStore, ObjectInfo, Served};
+#[cfg(feature = "internals")]
+pub use content::FileSource;
 pub use output::{node_kind, resolve_target};
 pub use safe_path::{NameError, SafePath};
 

@@ -158,6 +158,7 @@ impl<'a> Writer<'a> {
     }
 }
 
+#[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
 /// How many bytes `Writer::varint` uses for `v`.
 pub(crate) fn varint_len(v: u64) -> usize {
     if v < 1 << 6 {

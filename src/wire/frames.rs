@@ -420,6 +420,7 @@ pub fn encode_data_in_place(
     finish(w)
 }
 
+#[cfg_attr(not(feature = "internals"), allow(dead_code))] // used by tests and benches
 /// How many bytes an ack with these ranges takes on the wire, so a receiver can stop adding
 /// ranges before the datagram outgrows its limit.
 pub fn ack_range_len(prev_end: u64, range: &Range<u64>) -> usize {

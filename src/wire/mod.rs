@@ -19,9 +19,11 @@ mod cursor;
 mod frames;
 
 pub use frames::{
-    ack_range_len, encode_data_in_place, Ack, AckRangeIter, AckRanges, Data, Datagram, ErrorCode,
-    ErrorFrame, Frame, HaveRanges, Offer, Request, ACK_BASE_LEN, DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
+    encode_data_in_place, Ack, AckRanges, Data, Datagram, ErrorCode, ErrorFrame, Frame,
+    HaveRanges, Offer, Request, ACK_BASE_LEN, DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
 };
+#[cfg(feature = "internals")]
+pub use frames::{ack_range_len, AckRangeIter};
 
 /// The first four bytes of every udpferry datagram.
 pub const MAGIC: [u8; 4] = *b"UFRY";

@@ -6,9 +6,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use udpferry::core::{Event, RangeSet, Receiver, TransferConfig, TransferError};
-use udpferry::sim::{Direction, LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 use udpferry::wire::ConnectionId;
 use udpferry::ObjectId;
+use udpferry_sim::{Direction, LinkConfig, OneShotServer, Pair, Rng, RunOutcome};
 
 pub mod cli;
 pub mod relay;

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use udpferry::sim::Rng;
+use udpferry_sim::Rng;
 
 /// Most datagrams taken from one socket before the others get a turn.
 const BATCH: usize = 256;
@@ -154,7 +154,7 @@ impl Lane {
             self.counters().dropped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        if mutate && udpferry::sim::mutate(&mut self.rng, datagram) {
+        if mutate && udpferry_sim::mutate(&mut self.rng, datagram) {
             self.counters().mutated.fetch_add(1, Ordering::Relaxed);
         }
         true

@@ -475,7 +475,7 @@ mod tests {
 
     #[test]
     fn ping_pong_completes_over_lossy_link() {
-        let seed = crate::sim::seed_from_env(0x5EED);
+        let seed = crate::seed_from_env(0x5EED);
         let start = Instant::now();
         let mut pair = ping_pair(seed, start, 200);
         let sent = Rc::new(RefCell::new([0u64; 2]));

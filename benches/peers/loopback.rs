@@ -2,9 +2,9 @@
 //! TCP + MD5, QUIC (quinn) + MD5, udpferry memory to memory, and udpferry file to file; plus
 //! time to first byte and to verified completion for a 1 MiB object.
 //!
-//! `cargo bench --bench loopback` (256 MiB, median of 3);
-//! `UDPFERRY_BENCH_SIZE_MIB=64 cargo bench --bench loopback` (other size);
-//! `cargo bench --bench loopback -- --smoke` or `UDPFERRY_BENCH_SMOKE=1` (8 MiB, one run).
+//! `cargo bench -p udpferry-peers --bench loopback` (256 MiB, median of 3);
+//! `UDPFERRY_BENCH_SIZE_MIB=64 cargo bench -p udpferry-peers --bench loopback` (other size);
+//! `cargo bench -p udpferry-peers --bench loopback -- --smoke` or `UDPFERRY_BENCH_SMOKE=1` (8 MiB, one run).
 //!
 //! Prints a table and writes the same numbers to `$CARGO_TARGET_DIR/loopback-bench.json`
 //! (`./target/loopback-bench.json` without that variable). MB is 10^6 bytes.
@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 use md5::{Digest, Md5};
 use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet};
 use udpferry::net::{Client, Driver, FetchOptions, HashThread, Server, ServerConfig};
-use udpferry::sim::Rng;
 use udpferry::store::ContentStore;
 use udpferry::ObjectId;
+use udpferry_sim::Rng;
 
 const MIB: usize = 1 << 20;
 const DATAGRAM: usize = 1200;

@@ -12,7 +12,7 @@ use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use super::rng::Rng;
-use crate::wire::TRAILER_LEN;
+use udpferry::wire::TRAILER_LEN;
 
 /// Nanoseconds per second, for exact serialisation-time arithmetic.
 const NANOS_PER_SEC: u128 = 1_000_000_000;
@@ -731,9 +731,9 @@ mod tests {
 
         // A real datagram still passes the checksum: whatever decode says, it is not that.
         let mut buf = [0u8; 64];
-        let n = crate::wire::Datagram {
-            conn_id: crate::wire::ConnectionId(7),
-            frame: crate::wire::Frame::Done,
+        let n = udpferry::wire::Datagram {
+            conn_id: udpferry::wire::ConnectionId(7),
+            frame: udpferry::wire::Frame::Done,
         }
         .encode(&mut buf)
         .expect("a Done fits 64 bytes");
@@ -743,8 +743,8 @@ mod tests {
         for (_, got) in drain_all(&mut link) {
             assert_ne!(got, buf[..n]);
             assert!(!matches!(
-                crate::wire::decode(&got),
-                Err(crate::wire::DecodeError::BadChecksum { .. })
+                udpferry::wire::decode(&got),
+                Err(udpferry::wire::DecodeError::BadChecksum { .. })
             ));
         }
 

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::pair::Peer;
-use crate::core::{ChunkSink, Endpoint, EndpointEvent, Event, ObjectProvider};
+use udpferry::core::{ChunkSink, Endpoint, EndpointEvent, Event, ObjectProvider};
 
 /// Game packets: a fixed-size datagram every `interval`, carrying its sequence number and send
 /// time, so the other side can measure what the network did to them.
@@ -140,7 +140,7 @@ impl<P: ObjectProvider, K: ChunkSink> EndpointPeer<P, K> {
 
 impl<P: ObjectProvider, K: ChunkSink> Peer for EndpointPeer<P, K> {
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
-        if crate::is_udpferry_datagram(datagram) {
+        if udpferry::is_udpferry_datagram(datagram) {
             self.endpoint.handle_datagram(now, self.remote, datagram);
             self.drain_events(now);
         } else if let Some(game) = &mut self.game {

@@ -1,8 +1,10 @@
-//! A seeded, sans-IO network emulator for deterministic tests of the core.
+//! A seeded, sans-IO network emulator for deterministic tests of the core: udpferry's test
+//! fixture, in a crate of its own so that no game links it (a dev-dependency of udpferry's tests
+//! and benches).
 //!
 //! udpferry's state machines never touch a socket or a clock: they take
 //! datagrams and the current time as inputs and hand back datagrams to send
-//! and the time of their next timer. This module exploits that to test them
+//! and the time of their next timer. This crate exploits that to test them
 //! over hostile networks quickly and reproducibly:
 //!
 //! * [`Rng`] is a small seeded generator (xoshiro256**); a single `u64` seed
@@ -38,7 +40,7 @@
 //!
 //! ```
 //! use std::time::{Duration, Instant};
-//! use udpferry::sim::{seed_from_env, LinkConfig, Pair, Peer, RunOutcome};
+//! use udpferry_sim::{seed_from_env, LinkConfig, Pair, Peer, RunOutcome};
 //!
 //! /// Sends one datagram; done once it has been sent.
 //! struct Hello(bool);
@@ -73,6 +75,9 @@
 //! assert_eq!(outcome, RunOutcome::BothFinished, "seed {seed}");
 //! assert_eq!(pair.now - start, Duration::from_millis(40));
 //! ```
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 mod game;
 mod link;

@@ -13,7 +13,7 @@
 //! in it.
 //!
 //! ```text
-//! cargo run --release --example coexistence [-- OUTPUT.png]
+//! cargo run --release -p udpferry-sim --example coexistence [-- OUTPUT.png]
 //! ```
 //!
 //! The output defaults to `docs/coexistence.png`. Text is drawn with DejaVu Sans, loaded from
@@ -32,8 +32,8 @@ use plotters::element::DashedPathElement;
 use plotters::prelude::*;
 use plotters::style::{register_font, FontStyle};
 use udpferry::core::{CongestionControl, Endpoint, EndpointConfig, Event, NoObjects, RangeSet};
-use udpferry::sim::{Direction, EndpointPeer, GameTraffic, LinkConfig, Pair, Rng, RunOutcome};
 use udpferry::{is_udpferry_datagram, ObjectId};
+use udpferry_sim::{Direction, EndpointPeer, GameTraffic, LinkConfig, Pair, Rng, RunOutcome};
 
 const FONT_PATH: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const DEFAULT_OUTPUT: &str = "docs/coexistence.png";

@@ -3,9 +3,9 @@
 use std::time::Instant;
 
 use super::pair::Peer;
-use crate::core::{ChunkSink, ChunkSource, Event, Receiver, Sender, TransferConfig};
-use crate::id::ObjectId;
-use crate::wire::{self, Datagram, ErrorCode, ErrorFrame, Frame};
+use udpferry::core::{ChunkSink, ChunkSource, Event, Receiver, Sender, TransferConfig};
+use udpferry::id::ObjectId;
+use udpferry::wire::{self, Datagram, ErrorCode, ErrorFrame, Frame};
 
 impl<K: ChunkSink> Peer for Receiver<K> {
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
