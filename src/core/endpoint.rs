@@ -232,7 +232,12 @@ pub struct Endpoint<P: ObjectProvider, K> {
     provider: P,
     transfers: BTreeMap<TransferId, Slot<P::Source, K>>,
     by_connection: HashMap<(SocketAddr, ConnectionId), TransferId>,
-    per_address: HashMap<std::net::IpAddr, usize>,
+    /// The transfers with each IP address (both roles): the per-address limit counts them, and
+    /// window sharing walks a host's transfers without scanning the others.
+    per_address: HashMap<std::net::IpAddr, Vec<TransferId>>,
+    /// How many transfers each peer address (IP and port) has, so that `remove` knows when a
+    /// peer's last one ended (and its path state can go) without scanning every connection.
+    per_peer: HashMap<SocketAddr, usize>,
     next_id: u64,
     cursor: TransferId,
     replies: VecDeque<(SocketAddr, ConnectionId, Reply)>,
@@ -263,6 +268,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             transfers: BTreeMap::new(),
             by_connection: HashMap::new(),
             per_address: HashMap::new(),
+            per_peer: HashMap::new(),
             next_id: 0,
             cursor: TransferId(0),
             replies: VecDeque::new(),
@@ -407,7 +413,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         let id = TransferId(self.next_id);
         self.next_id += 1;
         self.by_connection.insert((peer, conn_id), id);
-        *self.per_address.entry(peer.ip()).or_default() += 1;
+        self.per_address.entry(peer.ip()).or_default().push(id);
+        *self.per_peer.entry(peer).or_default() += 1;
         self.transfers.insert(
             id,
             Slot {
@@ -423,16 +430,18 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     fn remove(&mut self, id: TransferId) {
         if let Some(slot) = self.transfers.remove(&id) {
             self.by_connection.remove(&(slot.peer, slot.conn_id));
-            if !self
-                .by_connection
-                .keys()
-                .any(|(peer, _)| *peer == slot.peer)
-            {
-                self.paths.remove(&slot.peer);
-            }
-            if let Some(n) = self.per_address.get_mut(&slot.peer.ip()) {
+            if let Some(n) = self.per_peer.get_mut(&slot.peer) {
                 *n -= 1;
                 if *n == 0 {
+                    self.per_peer.remove(&slot.peer);
+                    self.paths.remove(&slot.peer);
+                }
+            }
+            if let Some(ids) = self.per_address.get_mut(&slot.peer.ip()) {
+                if let Some(i) = ids.iter().position(|t| *t == id) {
+                    ids.swap_remove(i);
+                }
+                if ids.is_empty() {
                     self.per_address.remove(&slot.peer.ip());
                 }
             }
@@ -485,38 +494,48 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// windows drift more than 10% apart, each gets the average (the sum is kept). Without this
     /// a transfer that starts while another already fills the bottleneck takes a long time to
     /// reach an equal share, because a delay-based controller holds the queue steady.
+    ///
+    /// Called for every ack, so it allocates nothing: it walks the host's transfers twice.
     fn share_path_window(&mut self, host: std::net::IpAddr) {
-        if self.per_address.get(&host).copied().unwrap_or(0) < 2 {
+        let Some(ids) = self.per_address.get(&host) else {
+            return;
+        };
+        if ids.len() < 2 {
             return;
         }
-        let mut senders: Vec<&mut Sender<P::Source>> = self
-            .transfers
-            .values_mut()
-            .filter(|slot| slot.peer.ip() == host)
-            .filter_map(|slot| match &mut slot.transfer {
-                Transfer::Serving(s) if s.is_sending() => Some(&mut **s),
-                _ => None,
-            })
-            .collect();
-        if senders.len() < 2 {
+        let transfers = &mut self.transfers;
+        let sending = |slot: &Slot<P::Source, K>| match &slot.transfer {
+            Transfer::Serving(s) if s.is_sending() => Some(s.congestion_window()),
+            _ => None,
+        };
+        let (mut count, mut min, mut max, mut sum) = (0u64, u64::MAX, 0, 0u64);
+        for w in ids
+            .iter()
+            .filter_map(|id| transfers.get(id).and_then(sending))
+        {
+            count += 1;
+            (min, max, sum) = (min.min(w), max.max(w), sum.saturating_add(w));
+        }
+        if count < 2 || max <= min + min / 10 {
             return;
         }
-        let windows = senders.iter().map(|s| s.congestion_window());
-        let (min, max, sum) = windows.fold((u64::MAX, 0, 0u64), |(lo, hi, sum), w| {
-            (lo.min(w), hi.max(w), sum.saturating_add(w))
-        });
-        if max <= min + min / 10 {
-            return;
-        }
-        let share = sum / senders.len() as u64;
-        for s in &mut senders {
-            s.set_congestion_window(share);
+        let share = sum / count;
+        for id in ids {
+            if let Some(Slot {
+                transfer: Transfer::Serving(s),
+                ..
+            }) = transfers.get_mut(id)
+            {
+                if s.is_sending() {
+                    s.set_congestion_window(share);
+                }
+            }
         }
     }
 
     /// Whether a transfer with `from` would exceed a limit now; answers "busy" if so.
     fn at_limit(&mut self, from: SocketAddr, conn_id: ConnectionId) -> bool {
-        let at_address = self.per_address.get(&from.ip()).copied().unwrap_or(0);
+        let at_address = self.per_address.get(&from.ip()).map_or(0, Vec::len);
         if self.transfers.len() >= self.config.max_transfers
             || at_address >= self.config.max_transfers_per_address
         {
@@ -747,13 +766,11 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 return None;
             }
         }
-        let ids: Vec<TransferId> = self
-            .transfers
-            .range(self.cursor..)
-            .chain(self.transfers.range(..self.cursor))
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
+        // Every transfer once, in id order from the cursor round to just before it. The map is
+        // walked by lookups rather than an iterator (a transfer may be removed on the way), so
+        // nothing is allocated per call.
+        let mut turn = Turns::new(self.cursor);
+        while let Some(id) = turn.next(&self.transfers) {
             let Some(slot) = self.transfers.get_mut(&id) else {
                 continue;
             };
@@ -822,24 +839,23 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         if self.uplink_wait.is_some_and(|t| t <= now) {
             self.uplink_wait = None;
         }
-        let due: Vec<TransferId> = self
-            .transfers
-            .iter()
-            .filter(|(_, slot)| {
-                let t = match &slot.transfer {
-                    Transfer::Serving(s) => s.poll_timeout(),
-                    Transfer::Fetching(r) => r.poll_timeout(),
-                };
-                t.is_some_and(|t| t <= now)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in due {
-            if let Some(slot) = self.transfers.get_mut(&id) {
-                match &mut slot.transfer {
-                    Transfer::Serving(s) => s.handle_timeout(now),
-                    Transfer::Fetching(r) => r.handle_timeout(now),
-                }
+        // Transfers are independent (a timeout of one changes no other's timer), so each is
+        // checked as the walk reaches it; nothing is allocated.
+        let mut turn = Turns::new(TransferId(0));
+        while let Some(id) = turn.next(&self.transfers) {
+            let Some(slot) = self.transfers.get_mut(&id) else {
+                continue;
+            };
+            let due = match &slot.transfer {
+                Transfer::Serving(s) => s.poll_timeout(),
+                Transfer::Fetching(r) => r.poll_timeout(),
+            };
+            if !due.is_some_and(|t| t <= now) {
+                continue;
+            }
+            match &mut slot.transfer {
+                Transfer::Serving(s) => s.handle_timeout(now),
+                Transfer::Fetching(r) => r.handle_timeout(now),
             }
             self.collect_events(id);
         }
@@ -860,6 +876,49 @@ impl<P: ObjectProvider, K> std::fmt::Debug for Endpoint<P, K> {
     }
 }
 
+/// A walk over the transfer ids present in a map, in order from `start` round to just before it,
+/// each visited once, that tolerates the map changing between steps (ids removed on the way
+/// are skipped; the walk holds no borrow).
+struct Turns {
+    start: TransferId,
+    /// The least id not yet considered in the current lap.
+    next: TransferId,
+    /// True once the ids from `start` up are done and the walk continues from the lowest id.
+    wrapped: bool,
+}
+
+impl Turns {
+    fn new(start: TransferId) -> Self {
+        Turns {
+            start,
+            next: start,
+            wrapped: false,
+        }
+    }
+
+    fn next<V>(&mut self, map: &BTreeMap<TransferId, V>) -> Option<TransferId> {
+        loop {
+            let found = if self.wrapped {
+                // `next` never passes `start` in this lap, so the range is well formed.
+                map.range(self.next..self.start).next()
+            } else {
+                map.range(self.next..).next()
+            };
+            match found {
+                Some((&id, _)) => {
+                    self.next = TransferId(id.0.saturating_add(1));
+                    return Some(id);
+                }
+                None if !self.wrapped && self.start.0 > 0 => {
+                    self.wrapped = true;
+                    self.next = TransferId(0);
+                }
+                None => return None,
+            }
+        }
+    }
+}
+
 /// A reply to a request, queued until `poll_transmit`.
 #[derive(Debug, Clone, Copy)]
 enum Reply {
@@ -872,12 +931,17 @@ const COOKIE_PERIOD_SECS: u64 = 16;
 /// IP addresses the request limiter tracks at most; beyond it, idle ones are forgotten.
 const TRACKED_ADDRESSES: usize = 4096;
 
+/// Tokens are counted in billionths, so that the refill keeps the fractions of a token that
+/// accrue between requests (a whole token costs this many).
+const TOKEN: u64 = 1_000_000_000;
+
 /// Per-IP token buckets for requests (`EndpointConfig::max_requests_per_address_per_sec`),
 /// in a bounded table.
 #[derive(Debug)]
 struct RequestLimiter {
     per_sec: u32,
-    buckets: HashMap<std::net::IpAddr, (u32, Instant)>,
+    /// Per address: its tokens in billionths ([`TOKEN`] each), as of the instant beside them.
+    buckets: HashMap<std::net::IpAddr, (u64, Instant)>,
 }
 
 impl RequestLimiter {
@@ -902,18 +966,21 @@ impl RequestLimiter {
                 self.buckets.clear();
             }
         }
-        let per_sec = self.per_sec;
-        let (tokens, at) = self.buckets.entry(ip).or_insert((per_sec, now));
-        let elapsed = now.saturating_duration_since(*at);
-        let earned = (elapsed.as_micros() * u128::from(per_sec) / 1_000_000) as u64;
-        if earned > 0 {
-            *tokens = (u64::from(*tokens) + earned).min(u64::from(per_sec)) as u32;
-            *at = now;
-        }
-        if *tokens == 0 {
+        // At most u32::MAX * 1e9 < 2^63: fits.
+        let full = u64::from(self.per_sec) * TOKEN;
+        let (tokens, at) = self.buckets.entry(ip).or_insert((full, now));
+        // One nanosecond earns `per_sec` billionths of a token: nothing is rounded away, so
+        // requests spaced closer than a whole token's refill still earn their share.
+        let elapsed = now.saturating_duration_since(*at).as_nanos();
+        let earned = elapsed.saturating_mul(u128::from(self.per_sec));
+        *tokens = u128::from(*tokens)
+            .saturating_add(earned)
+            .min(u128::from(full)) as u64;
+        *at = now.max(*at);
+        if *tokens < TOKEN {
             return false;
         }
-        *tokens -= 1;
+        *tokens -= TOKEN;
         true
     }
 }
@@ -965,7 +1032,49 @@ impl std::fmt::Debug for IdGenerator {
 
 #[cfg(test)]
 mod tests {
-    use super::IdGenerator;
+    use super::{IdGenerator, RequestLimiter};
+    use std::net::IpAddr;
+    use std::time::{Duration, Instant};
+
+    /// Requests every 40 ms (25/s) against a limit of 20/s: once the initial burst is spent,
+    /// 20 a second pass. (The limiter used to drop the fraction of a token earned between two
+    /// requests, and admitted 12.5 a second.)
+    #[test]
+    fn the_request_limiter_keeps_fractions_of_a_token() {
+        let ip = IpAddr::from([192, 0, 2, 1]);
+        let start = Instant::now();
+        let mut limiter = RequestLimiter::new(20);
+        let mut admitted_late = 0;
+        for i in 0..500u32 {
+            let now = start + Duration::from_millis(40) * i;
+            let admitted = limiter.allow(ip, now);
+            // From 10 s on, the burst of 20 is long spent: count the last 10 s.
+            if i >= 250 && admitted {
+                admitted_late += 1;
+            }
+        }
+        assert!(
+            (199..=201).contains(&admitted_late),
+            "admitted {admitted_late} in 10 s at 20/s"
+        );
+
+        // A full bucket holds 20, and never more however long it rests.
+        let later = start + Duration::from_secs(3600);
+        let burst = (0..100).filter(|_| limiter.allow(ip, later)).count();
+        assert_eq!(burst, 20);
+        // Fractions add up: 30 ms earns 0.6 of a token (refused), 30 ms more makes 1.2
+        // (admitted, 0.2 left), and another request at that instant is refused.
+        let t = later + Duration::from_millis(30);
+        assert!(!limiter.allow(ip, t), "0.6 tokens");
+        assert!(
+            limiter.allow(ip, t + Duration::from_millis(30)),
+            "1.2 tokens"
+        );
+        assert!(
+            !limiter.allow(ip, t + Duration::from_millis(30)),
+            "0.2 tokens"
+        );
+    }
 
     #[test]
     fn ids_are_deterministic_per_seed_and_differ_across_seeds() {
@@ -990,7 +1099,8 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         let mut sorted = a.clone();
+        sorted.sort_unstable();
         sorted.dedup();
-        assert_eq!(sorted.len(), 4);
+        assert_eq!(sorted.len(), 4, "ids from one generator are distinct");
     }
 }

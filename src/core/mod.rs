@@ -69,22 +69,30 @@ pub trait PrefixHasher: Send + std::fmt::Debug {
 
 /// The id's own algorithm (MD5 or SHA-256) on the calling thread: the default
 /// [`PrefixHasher`].
-#[derive(Debug, Clone, Default)]
-pub struct InlineHasher(Option<crate::id::IdHasher>);
+///
+/// Made only for an id ([`for_id`](Self::for_id)), so it always hashes with that id's
+/// algorithm; there is deliberately no `Default`, which would have to guess one.
+#[derive(Debug, Clone)]
+pub struct InlineHasher(crate::id::IdHasher);
 
 impl InlineHasher {
     /// A hasher that computes an id of `id`'s algorithm.
     pub fn for_id(id: &ObjectId) -> Self {
-        InlineHasher(Some(id.hasher()))
+        InlineHasher(id.hasher())
     }
 }
 
 impl PrefixHasher for InlineHasher {
     fn update(&mut self, bytes: &[u8]) {
-        self.0.get_or_insert_with(Default::default).update(bytes);
+        self.0.update(bytes);
     }
+    /// The id of everything added; the hasher starts over empty, with the same algorithm.
     fn finish(&mut self) -> io::Result<ObjectId> {
-        Ok(self.0.take().unwrap_or_default().finish())
+        let fresh = match self.0 {
+            crate::id::IdHasher::Md5(_) => crate::id::IdHasher::Md5(Default::default()),
+            crate::id::IdHasher::Sha256(_) => crate::id::IdHasher::Sha256(Default::default()),
+        };
+        Ok(std::mem::replace(&mut self.0, fresh).finish())
     }
 }
 

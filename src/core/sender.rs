@@ -105,6 +105,8 @@ pub struct Sender<S> {
     /// Chunks counted as acknowledged that the newest ack showed missing: withdrawn when the
     /// next newest ack shows them missing too (see `recover_reneged`).
     renege_suspects: Vec<u64>,
+    /// The suspects of the ack before, kept as a buffer so that no ack allocates.
+    renege_previous: Vec<u64>,
 
     rtt: RttEstimator,
     congestion: Controller,
@@ -222,6 +224,7 @@ impl<S: ChunkSource> Sender<S> {
             window_end: window_end.max(1),
             acks_past_end: 0,
             renege_suspects: Vec::new(),
+            renege_previous: Vec::new(),
             rtt: RttEstimator::new(config.initial_rtt),
             congestion: Controller::new(config.congestion, datagram_size as u64),
             pacer: Pacer::new(0, burst),
@@ -484,23 +487,28 @@ impl<S: ChunkSource> Sender<S> {
     /// acknowledges what it never got (to make the sender overrun its window) gains nothing.
     fn recover_reneged(&mut self, ack: &Ack<'_>) {
         let cumulative = u64::from(ack.cumulative);
-        let ranges: Vec<_> = ack
-            .ranges
-            .iter()
-            .filter(|r| r.start > cumulative && r.start < self.chunks)
-            .collect();
-        let suspects: Vec<u64> = std::iter::once(cumulative)
-            .chain(ranges.iter().map(|r| r.end))
-            .filter(|&c| c < self.chunks && self.acked.contains(c))
-            .collect();
-        let previous = std::mem::replace(&mut self.renege_suspects, suspects);
+        let chunks = self.chunks;
+        // Walked afresh wherever needed (the ack's ranges are read from its bytes), and the two
+        // suspect lists swap buffers: an ack allocates nothing.
+        let ranges = || {
+            ack.ranges
+                .iter()
+                .filter(move |r| r.start > cumulative && r.start < chunks)
+        };
+        std::mem::swap(&mut self.renege_suspects, &mut self.renege_previous);
+        let previous = &self.renege_previous;
+        self.renege_suspects.clear();
+        self.renege_suspects.extend(
+            std::iter::once(cumulative)
+                .chain(ranges().map(|r| r.end))
+                .filter(|&c| c < chunks && self.acked.contains(c)),
+        );
         let mut reneged = 0;
         for &chunk in self.renege_suspects.iter().filter(|c| previous.contains(c)) {
             let Some(claimed) = self.acked.range_containing(chunk) else {
                 continue;
             };
-            let next_listed = ranges
-                .iter()
+            let next_listed = ranges()
                 .map(|r| r.start)
                 .find(|&s| s > chunk)
                 .unwrap_or(self.chunks);

@@ -129,7 +129,7 @@ mod tests {
             3 * BATCH_BYTES,
         ] {
             let mut threaded = HashThread::new().unwrap();
-            let mut inline = crate::core::InlineHasher::default();
+            let mut inline = crate::core::InlineHasher::for_id(&ObjectId::md5_of(b""));
             for chunk in data.chunks(piece) {
                 threaded.update(chunk);
                 inline.update(chunk);
