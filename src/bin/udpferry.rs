@@ -235,42 +235,15 @@ fn serve(
             rate / 1e6
         );
         for t in ep.transfers().filter(|t| !t.finished).take(4) {
-            let s = &t.stats;
-            line.push_str(&format!(
-                " | {} pace {:.2} MB/s cwnd {} KB rtt {:.1} ms queue {} retx {} KB",
-                t.peer,
-                s.pacing_rate as f64 / 1e6,
-                s.congestion_window / 1000,
-                s.smoothed_rtt.as_secs_f64() * 1e3,
-                s.queueing_delay.map_or("-".to_string(), |d| format!(
-                    "{:.1} ms",
-                    d.as_secs_f64() * 1e3
-                )),
-                s.bytes_retransmitted / 1000
-            ));
+            line.push_str(&format!(" | {t}"));
         }
         eprintln!("{line}");
     };
     let result = server.run_with_reports(
         &stop,
         |e| {
-            if !verbose {
-                return;
-            }
-            match &e.event {
-                Event::Completed(c) => eprintln!(
-                    "sent {} ({} bytes) to {}: {} bytes on the wire in {:.2} s, {} bytes retransmitted",
-                    e.object,
-                    c.size,
-                    e.peer,
-                    c.stats.bytes_sent,
-                    c.duration.as_secs_f64(),
-                    c.stats.bytes_retransmitted
-                ),
-                Event::Failed(err) => {
-                    eprintln!("transfer of {} to {} failed: {err}", e.object, e.peer)
-                }
-                _ => {}
+            if verbose && matches!(e.event, Event::Completed(_) | Event::Failed(_)) {
+                eprintln!("{e}");
             }
         },
         Duration::from_secs(1),
@@ -389,7 +362,7 @@ fn get(
             }
             eprintln!("{report}");
             if verbose {
-                eprintln!("{:?}", report.stats);
+                eprintln!("{}", report.stats);
             }
             ExitCode::SUCCESS
         }

@@ -77,3 +77,87 @@ impl DropStats {
         self.malformed + self.bad_checksum + self.wrong_connection + self.unexpected + self.invalid
     }
 }
+
+/// One human-readable line for logs and `-v` output: `rtt 1.2 ms, 3600 datagrams received
+/// (4.3 MB), 12 sent, 3 duplicate chunks, 0 retransmitted (0 B), 0 dropped`, with the sender's
+/// window, pacing and queueing delay when it has them.
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "rtt {:.1} ms, {} datagrams received ({:.1} MB), {} sent ({:.1} MB), {} duplicate chunks, {} chunks retransmitted ({} KB), {} dropped",
+            self.smoothed_rtt.as_secs_f64() * 1e3,
+            self.datagrams_received,
+            self.bytes_received as f64 / 1e6,
+            self.datagrams_sent,
+            self.bytes_sent as f64 / 1e6,
+            self.duplicate_chunks,
+            self.chunks_retransmitted,
+            self.bytes_retransmitted / 1000,
+            self.dropped.total()
+        )?;
+        if self.congestion_window > 0 {
+            write!(
+                f,
+                ", pace {:.2} MB/s, cwnd {} KB",
+                self.pacing_rate as f64 / 1e6,
+                self.congestion_window / 1000
+            )?;
+        }
+        if let Some(d) = self.queueing_delay {
+            write!(f, ", queue {:.1} ms", d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
+}
+
+/// The status of one transfer in `serve -v`'s once-a-second line:
+/// `<peer> pace <rate> MB/s cwnd <KB> KB rtt <ms> ms queue <ms|-> retx <KB> KB`.
+impl std::fmt::Display for super::TransferInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.stats;
+        write!(
+            f,
+            "{} pace {:.2} MB/s cwnd {} KB rtt {:.1} ms queue ",
+            self.peer,
+            s.pacing_rate as f64 / 1e6,
+            s.congestion_window / 1000,
+            s.smoothed_rtt.as_secs_f64() * 1e3
+        )?;
+        match s.queueing_delay {
+            Some(d) => write!(f, "{:.1} ms", d.as_secs_f64() * 1e3)?,
+            None => f.write_str("-")?,
+        }
+        write!(f, " retx {} KB", s.bytes_retransmitted / 1000)
+    }
+}
+
+/// A finished transfer in one line, as `serve -v` prints it: `sent <id> (<size> bytes) to
+/// <peer>: <bytes> bytes on the wire in <secs> s, <bytes> bytes retransmitted`, or `transfer of
+/// <id> to <peer> failed: <error>`; other events in their debug form.
+impl std::fmt::Display for super::EndpointEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (verb, preposition) = match self.role {
+            super::Role::Serving => ("sent", "to"),
+            super::Role::Fetching => ("received", "from"),
+        };
+        match &self.event {
+            super::Event::Completed(c) => write!(
+                f,
+                "{verb} {} ({} bytes) {preposition} {}: {} bytes on the wire in {:.2} s, {} bytes retransmitted",
+                self.object,
+                c.size,
+                self.peer,
+                c.stats.bytes_sent,
+                c.duration.as_secs_f64(),
+                c.stats.bytes_retransmitted
+            ),
+            super::Event::Failed(err) => write!(
+                f,
+                "transfer of {} {preposition} {} failed: {err}",
+                self.object, self.peer
+            ),
+            other => write!(f, "{} {preposition} {}: {other:?}", self.object, self.peer),
+        }
+    }
+}
