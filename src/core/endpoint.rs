@@ -850,7 +850,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 Transfer::Serving(s) => s.poll_timeout(),
                 Transfer::Fetching(r) => r.poll_timeout(),
             };
-            if !due.is_some_and(|t| t <= now) {
+            if due.is_none_or(|t| t > now) {
                 continue;
             }
             match &mut slot.transfer {
