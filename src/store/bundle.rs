@@ -40,8 +40,12 @@
 //! There is no trailing checksum of its own: a bundle is only ever fetched by its id, which is
 //! the MD5 of every byte above, and the ordinary transfer checks it.
 
+use std::convert::Infallible;
+
 use super::{NameError, SafePath};
 use crate::id::ObjectId;
+use crate::wire::cursor::{Reader, Writer};
+use crate::wire::DecodeError;
 
 /// The first four bytes of every bundle listing.
 pub const MAGIC: [u8; 4] = *b"UFB1";
@@ -193,6 +197,19 @@ impl Bundle {
     /// The listing's bytes (layout in the [module docs](self)). Serve them under
     /// [`Bundle::id`] of these bytes.
     pub fn encode(&self) -> Vec<u8> {
+        fn fields(w: &mut Writer<'_, Vec<u8>>, entries: &[BundleEntry]) -> Result<(), Infallible> {
+            w.bytes(&MAGIC)?;
+            w.u32(entries.len() as u32)?;
+            for e in entries {
+                let path = e.path.as_str().as_bytes();
+                // A SafePath is at most 1024 bytes long, so its length fits.
+                w.u16(path.len() as u16)?;
+                w.bytes(path)?;
+                w.u64(e.size)?;
+                w.object_id(&e.id)?;
+            }
+            Ok(())
+        }
         let mut out = Vec::with_capacity(
             8 + self
                 .entries
@@ -200,17 +217,7 @@ impl Bundle {
                 .map(|e| 2 + e.path.as_str().len() + 8 + 1 + e.id.digest().len())
                 .sum::<usize>(),
         );
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&(self.entries.len() as u32).to_be_bytes());
-        for e in &self.entries {
-            let path = e.path.as_str().as_bytes();
-            // A SafePath is at most 1024 bytes long, so its length fits.
-            out.extend_from_slice(&(path.len() as u16).to_be_bytes());
-            out.extend_from_slice(path);
-            out.extend_from_slice(&e.size.to_be_bytes());
-            out.push(e.id.algorithm());
-            out.extend_from_slice(e.id.digest());
-        }
+        let Ok(()) = fields(&mut Writer::growing(&mut out), &self.entries);
         out
     }
 
@@ -223,35 +230,31 @@ impl Bundle {
     /// the [module docs](self). Never panics, and allocates in proportion to `bytes.len()`
     /// only. On any error install nothing: the whole listing is refused.
     pub fn decode(bytes: &[u8]) -> Result<Self, BundleError> {
-        let mut r = Reader { bytes, at: 0 };
-        if r.take(4)? != MAGIC {
+        let malformed = |_: DecodeError| BundleError::Malformed;
+        let mut r = Reader::new(bytes, "bundle listing");
+        if r.array::<4>().map_err(malformed)? != MAGIC {
             return Err(BundleError::Malformed);
         }
-        let count = u64::from(r.u32()?);
+        let count = u64::from(r.u32().map_err(malformed)?);
         if count > MAX_FILES as u64 {
             return Err(BundleError::TooManyFiles { count });
         }
         // Every entry takes at least 2 + 8 + 1 + 16 bytes: a count the bytes cannot hold is
         // refused before anything is allocated for it.
-        if count.saturating_mul(27) > (bytes.len() - r.at) as u64 {
+        if count.saturating_mul(27) > r.remaining() as u64 {
             return Err(BundleError::Malformed);
         }
         let mut entries = Vec::with_capacity(count as usize);
         for index in 0..count as usize {
-            let len = usize::from(r.u16()?);
-            let text = std::str::from_utf8(r.take(len)?).map_err(|_| BundleError::Malformed)?;
+            let len = usize::from(r.u16().map_err(malformed)?);
+            let text = r.utf8(len, "path").map_err(malformed)?;
             let path =
                 SafePath::parse(text).map_err(|source| BundleError::BadName { index, source })?;
-            let size = r.u64()?;
-            let algorithm = r.take(1)?[0];
-            let dlen = ObjectId::digest_len(algorithm).ok_or(BundleError::Malformed)?;
-            let id =
-                ObjectId::from_parts(algorithm, r.take(dlen)?).ok_or(BundleError::Malformed)?;
+            let size = r.u64().map_err(malformed)?;
+            let id = r.object_id().map_err(malformed)?;
             entries.push(BundleEntry { path, size, id });
         }
-        if r.at != bytes.len() {
-            return Err(BundleError::Malformed);
-        }
+        r.finish().map_err(malformed)?;
         Self::checked(entries)
     }
 }
@@ -261,41 +264,6 @@ fn conflict(entries: &[BundleEntry], i: usize, j: usize) -> BundleError {
     BundleError::Conflict {
         path: entries[later].path.clone(),
         other: entries[earlier].path.clone(),
-    }
-}
-
-/// Reads big-endian fields off the front of a listing; every read past the end is
-/// [`BundleError::Malformed`].
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], BundleError> {
-        let end = self.at.checked_add(n).ok_or(BundleError::Malformed)?;
-        let out = self.bytes.get(self.at..end).ok_or(BundleError::Malformed)?;
-        self.at = end;
-        Ok(out)
-    }
-
-    fn be(&mut self, n: usize) -> Result<u64, BundleError> {
-        Ok(self
-            .take(n)?
-            .iter()
-            .fold(0u64, |v, &b| (v << 8) | u64::from(b)))
-    }
-
-    fn u16(&mut self) -> Result<u16, BundleError> {
-        self.be(2).map(|v| v as u16)
-    }
-
-    fn u32(&mut self) -> Result<u32, BundleError> {
-        self.be(4).map(|v| v as u32)
-    }
-
-    fn u64(&mut self) -> Result<u64, BundleError> {
-        self.be(8)
     }
 }
 
@@ -323,6 +291,7 @@ pub fn is_bundle_listing(path: &std::path::Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::cursor::hex;
 
     fn entry(path: &str, data: &[u8]) -> BundleEntry {
         BundleEntry {
@@ -378,6 +347,45 @@ mod tests {
         assert_eq!(Bundle::decode(&longer), Err(BundleError::Malformed));
         let empty = Bundle::build(Vec::new()).unwrap();
         assert_eq!(Bundle::decode(&empty.encode()), Ok(empty));
+    }
+
+    /// A fixed listing and the exact bytes the codec wrote before it moved onto the wire cursor
+    /// (docs/PROTOCOL.md section 9): the format, and so every bundle's id, must never change.
+    #[test]
+    fn a_fixed_example_encodes_to_the_known_bytes() {
+        let b = Bundle::build(vec![
+            entry("maps/de_dust.bsp", b"dust"),
+            entry("empty", b""),
+            BundleEntry {
+                path: SafePath::parse("sounds/caf\u{e9}.wav").unwrap(),
+                size: 70_000,
+                id: ObjectId::sha256_of(b"cafe"),
+            },
+        ])
+        .unwrap();
+        let bytes = b.encode();
+        assert_eq!(
+            hex(&bytes),
+            concat!(
+                "55464231",
+                "00000003",
+                "0005",
+                "656d707479",
+                "0000000000000000",
+                "01d41d8cd98f00b204e9800998ecf8427e",
+                "0010",
+                "6d6170732f64655f647573742e627370",
+                "0000000000000004",
+                "0163712a25d63eb8793112cc6dc2641526",
+                "0010",
+                "736f756e64732f636166c3a92e776176",
+                "0000000000011170",
+                "02a860b858265b22dad3aaf1165cfc2936daf1d3d86e0b7b77e3cc07f59f96858f",
+            )
+        );
+        assert_eq!(Bundle::decode(&bytes), Ok(b));
+        let empty = Bundle::build(Vec::new()).unwrap();
+        assert_eq!(hex(&empty.encode()), "5546423100000000");
     }
 
     #[test]

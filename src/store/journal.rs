@@ -14,8 +14,12 @@
 //! [`PartialFile`](super::PartialFile) writes it with [`encode`]; [`Cache::begin`](super::Cache::begin)
 //! reads it with [`decode`] and restarts the download from scratch on any error.
 
+use std::convert::Infallible;
+
 use crate::core::RangeSet;
 use crate::id::ObjectId;
+use crate::wire::cursor::{Reader, Writer};
+use crate::wire::DecodeError;
 
 /// The first four bytes of every journal.
 pub const MAGIC: [u8; 4] = *b"UFJ1";
@@ -69,19 +73,26 @@ pub enum JournalError {
 /// Call it when checkpointing a partial download; write the result to a temporary file and
 /// rename it over the journal. Ranges past `size` are the caller's bug: [`decode`] rejects them.
 pub fn encode(id: &ObjectId, size: u64, ranges: &RangeSet) -> Vec<u8> {
+    fn fields(
+        w: &mut Writer<'_, Vec<u8>>,
+        id: &ObjectId,
+        size: u64,
+        ranges: &RangeSet,
+    ) -> Result<(), Infallible> {
+        w.bytes(&MAGIC)?;
+        w.object_id(id)?;
+        w.u64(size)?;
+        w.u32(ranges.len() as u32)?;
+        for r in ranges.iter() {
+            w.u64(r.start)?;
+            w.u64(r.end)?;
+        }
+        let crc = crc32fast::hash(w.written());
+        w.u32(crc)
+    }
     let mut out =
         Vec::with_capacity(header_len(id.digest().len()) + ranges.len() * RANGE_LEN + CRC_LEN);
-    out.extend_from_slice(&MAGIC);
-    out.push(id.algorithm());
-    out.extend_from_slice(id.digest());
-    out.extend_from_slice(&size.to_be_bytes());
-    out.extend_from_slice(&(ranges.len() as u32).to_be_bytes());
-    for r in ranges.iter() {
-        out.extend_from_slice(&r.start.to_be_bytes());
-        out.extend_from_slice(&r.end.to_be_bytes());
-    }
-    let crc = crc32fast::hash(&out);
-    out.extend_from_slice(&crc.to_be_bytes());
+    let Ok(()) = fields(&mut Writer::growing(&mut out), id, size, ranges);
     out
 }
 
@@ -90,62 +101,53 @@ pub fn encode(id: &ObjectId, size: u64, ranges: &RangeSet) -> Vec<u8> {
 /// Never panics. On `Err`, the caller must treat the partial file as holding nothing (truncate
 /// it and start over); on `Ok`, it still checks that the id and size are the ones it expects.
 pub fn decode(bytes: &[u8]) -> Result<(ObjectId, u64, RangeSet), JournalError> {
-    let shortest = header_len(16) + CRC_LEN;
-    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
-        return if bytes.len() < MAGIC.len() && MAGIC.starts_with(bytes) {
-            Err(JournalError::Truncated {
-                len: bytes.len(),
-                needed: shortest,
-            })
-        } else {
-            Err(JournalError::BadMagic)
-        };
-    }
-    let Some(&algorithm) = bytes.get(MAGIC.len()) else {
-        return Err(JournalError::Truncated {
-            len: bytes.len(),
-            needed: shortest,
-        });
+    let truncated = |needed| JournalError::Truncated {
+        len: bytes.len(),
+        needed,
     };
+    let shortest = header_len(16) + CRC_LEN;
+    let mut r = Reader::new(bytes, "journal");
+    match r.array::<4>() {
+        Ok(MAGIC) => {}
+        Err(_) if MAGIC.starts_with(bytes) => return Err(truncated(shortest)),
+        _ => return Err(JournalError::BadMagic),
+    }
+    let algorithm = r.u8().map_err(|_| truncated(shortest))?;
     let digest_len =
         ObjectId::digest_len(algorithm).ok_or(JournalError::UnknownAlgorithm(algorithm))?;
-    let header = header_len(digest_len);
-    let min = header + CRC_LEN;
+    let min = header_len(digest_len) + CRC_LEN;
     if bytes.len() < min {
-        return Err(JournalError::Truncated {
-            len: bytes.len(),
-            needed: min,
-        });
+        return Err(truncated(min));
     }
-    let count = u32::from_be_bytes(array(&bytes[header - 4..header]));
+    // From here on every read is within lengths checked beforehand; a failed one would still
+    // be reported as truncation, never a panic.
+    let short = |_: DecodeError| truncated(min);
+    let digest = r.bytes(digest_len).map_err(short)?;
+    let size = r.u64().map_err(short)?;
+    let count = r.u32().map_err(short)?;
     // u32 * 16 fits in u64 (and in usize on 64-bit); saturate on smaller targets.
     let needed = (count as usize)
         .checked_mul(RANGE_LEN)
         .and_then(|n| n.checked_add(min))
         .unwrap_or(usize::MAX);
     if bytes.len() < needed {
-        return Err(JournalError::Truncated {
-            len: bytes.len(),
-            needed,
-        });
+        return Err(truncated(needed));
     }
     if bytes.len() > needed {
         return Err(JournalError::TrailingBytes(bytes.len() - needed));
     }
-    let body = &bytes[..needed - CRC_LEN];
-    let crc = u32::from_be_bytes(array(&bytes[needed - CRC_LEN..]));
-    if crc32fast::hash(body) != crc {
+    let mut listed = Reader::new(r.bytes(needed - min).map_err(short)?, "journal");
+    let body = r.consumed();
+    if crc32fast::hash(body) != r.u32().map_err(short)? {
         return Err(JournalError::BadChecksum);
     }
-    let digest_end = 5 + digest_len;
-    let id = ObjectId::from_parts(algorithm, &bytes[5..digest_end])
-        .ok_or(JournalError::UnknownAlgorithm(algorithm))?;
-    let size = u64::from_be_bytes(array(&bytes[digest_end..digest_end + 8]));
+    let id =
+        ObjectId::from_parts(algorithm, digest).ok_or(JournalError::UnknownAlgorithm(algorithm))?;
     let mut ranges = RangeSet::new();
     let mut prev_end: Option<u64> = None;
-    for (index, raw) in body[header..].chunks_exact(RANGE_LEN).enumerate() {
-        let start = u64::from_be_bytes(array(&raw[..8]));
-        let end = u64::from_be_bytes(array(&raw[8..]));
+    for index in 0..count as usize {
+        let start = listed.u64().map_err(short)?;
+        let end = listed.u64().map_err(short)?;
         let after_prev = prev_end.is_none_or(|p| start > p);
         if start >= end || end > size || !after_prev {
             return Err(JournalError::BadRange { index });
@@ -156,16 +158,10 @@ pub fn decode(bytes: &[u8]) -> Result<(ObjectId, u64, RangeSet), JournalError> {
     Ok((id, size, ranges))
 }
 
-/// Copies a slice whose length the caller already checked into an array.
-fn array<const N: usize>(s: &[u8]) -> [u8; N] {
-    let mut a = [0u8; N];
-    a.copy_from_slice(&s[..N]);
-    a
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::cursor::hex;
     use proptest::prelude::*;
 
     fn sample() -> (ObjectId, u64, RangeSet) {
@@ -272,6 +268,46 @@ mod tests {
         let crc = crc32fast::hash(&alg[..n - 4]);
         alg[n - 4..].copy_from_slice(&crc.to_be_bytes());
         assert_eq!(decode(&alg), Err(JournalError::UnknownAlgorithm(9)));
+    }
+
+    /// Fixed journals and the exact bytes the codec wrote before it moved onto the wire cursor
+    /// (docs/ARCHITECTURE.md 6.4): the format must never change.
+    #[test]
+    fn fixed_examples_encode_to_the_known_bytes() {
+        let (id, size, ranges) = sample();
+        let md5 = encode(&id, size, &ranges);
+        assert_eq!(
+            hex(&md5),
+            concat!(
+                "55464a31",
+                "01fb9141b4efb6ddeaad336320b9adb552",
+                "00000000000003e8",
+                "00000002",
+                "0000000000000000",
+                "0000000000000064",
+                "00000000000000c8",
+                "000000000000012c",
+                "759c28b1",
+            )
+        );
+        assert_eq!(decode(&md5), Ok((id, size, ranges)));
+        let sha = ObjectId::sha256_of(b"journal");
+        let mut one = RangeSet::new();
+        one.insert(5..6);
+        let bytes = encode(&sha, UNKNOWN_SIZE, &one);
+        assert_eq!(
+            hex(&bytes),
+            concat!(
+                "55464a31",
+                "0281dd6b775afcccb6dbb8a25a58ea844271bbefaeea7cb1d91c1687d7450f850c",
+                "ffffffffffffffff",
+                "00000001",
+                "0000000000000005",
+                "0000000000000006",
+                "29983568",
+            )
+        );
+        assert_eq!(decode(&bytes), Ok((sha, UNKNOWN_SIZE, one)));
     }
 
     proptest! {

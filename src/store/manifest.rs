@@ -25,12 +25,15 @@
 //! the block's MD5. The trailing digest is the manifest's own: a manifest whose digest does not
 //! match is not used.
 
+use std::convert::Infallible;
 use std::io::{self, Read};
 use std::ops::Range;
 
 use md5::{Digest, Md5};
 
 use crate::id::ObjectId;
+use crate::wire::cursor::{Reader, Writer};
+use crate::wire::DecodeError;
 
 /// The first four bytes of every manifest.
 pub const MAGIC: [u8; 4] = *b"UFM1";
@@ -165,20 +168,23 @@ impl Manifest {
 
     /// The manifest's bytes, its own digest last.
     pub fn encode(&self) -> Vec<u8> {
-        let digest = self.object.digest();
-        let mut out = Vec::with_capacity(4 + 1 + digest.len() + 16 + self.blocks.len() * 12 + 16);
-        out.extend_from_slice(&MAGIC);
-        out.push(self.object.algorithm());
-        out.extend_from_slice(digest);
-        out.extend_from_slice(&self.size.to_be_bytes());
-        out.extend_from_slice(&self.block_size.to_be_bytes());
-        out.extend_from_slice(&(self.blocks.len() as u32).to_be_bytes());
-        for (weak, strong) in &self.blocks {
-            out.extend_from_slice(&weak.to_be_bytes());
-            out.extend_from_slice(strong);
+        fn fields(w: &mut Writer<'_, Vec<u8>>, m: &Manifest) -> Result<(), Infallible> {
+            w.bytes(&MAGIC)?;
+            w.object_id(&m.object)?;
+            w.u64(m.size)?;
+            w.u32(m.block_size)?;
+            w.u32(m.blocks.len() as u32)?;
+            for (weak, strong) in &m.blocks {
+                w.u32(*weak)?;
+                w.bytes(strong)?;
+            }
+            let own: [u8; 16] = Md5::digest(w.written()).into();
+            w.bytes(&own)
         }
-        let own: [u8; 16] = Md5::digest(&out).into();
-        out.extend_from_slice(&own);
+        let digest = self.object.digest();
+        let mut out =
+            Vec::with_capacity(4 + 1 + digest.len() + 16 + self.blocks.len() * ENTRY_LEN + 16);
+        let Ok(()) = fields(&mut Writer::growing(&mut out), self);
         out
     }
 
@@ -186,7 +192,8 @@ impl Manifest {
     /// digest, that it names `expected`, and that its block layout fits its size. Never
     /// panics. On any error, fall back to fetching the whole object.
     pub fn decode(bytes: &[u8], expected: &ObjectId) -> Result<Self, ManifestError> {
-        if bytes.len() < 4 + 1 + 16 || bytes[..4] != MAGIC {
+        let malformed = |_: DecodeError| ManifestError::Malformed;
+        if bytes.len() < 4 + 1 + 16 || !bytes.starts_with(&MAGIC) {
             return Err(ManifestError::Malformed);
         }
         let (body, own) = bytes.split_at(bytes.len() - 16);
@@ -194,47 +201,38 @@ impl Manifest {
         if digest[..] != *own {
             return Err(ManifestError::BadDigest);
         }
-        let algorithm = body[4];
-        let dlen = ObjectId::digest_len(algorithm).ok_or(ManifestError::Malformed)?;
-        let fixed = 5 + dlen + 8 + 4 + 4;
-        if body.len() < fixed {
-            return Err(ManifestError::Malformed);
-        }
-        let object =
-            ObjectId::from_parts(algorithm, &body[5..5 + dlen]).ok_or(ManifestError::Malformed)?;
+        let mut r = Reader::new(body, "manifest");
+        r.bytes(MAGIC.len()).map_err(malformed)?;
+        let object = r.object_id().map_err(malformed)?;
+        let size = r.u64().map_err(malformed)?;
+        let block_size = r.u32().map_err(malformed)?;
+        let count = r.u32().map_err(malformed)? as usize;
         if object != *expected {
             return Err(ManifestError::WrongObject {
                 expected: *expected,
                 actual: object,
             });
         }
-        let at = 5 + dlen;
-        let be = |r: Range<usize>| body[r].iter().fold(0u64, |v, &b| (v << 8) | u64::from(b));
-        let size = be(at..at + 8);
-        let block_size = be(at + 8..at + 12) as u32;
-        let count = be(at + 12..at + 16) as usize;
         if !(MIN_BLOCK..=MAX_BLOCK).contains(&block_size)
             || size.div_ceil(u64::from(block_size)) != count as u64
         {
             return Err(ManifestError::BadLayout);
         }
-        let entries = &body[fixed..];
-        if entries.len()
+        if r.remaining()
             != count
                 .checked_mul(ENTRY_LEN)
                 .ok_or(ManifestError::BadLayout)?
         {
             return Err(ManifestError::Malformed);
         }
-        let blocks = entries
-            .chunks_exact(ENTRY_LEN)
-            .map(|e| {
-                let weak = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
-                let mut strong = [0u8; 8];
-                strong.copy_from_slice(&e[4..12]);
-                (weak, strong)
-            })
-            .collect();
+        let mut blocks = Vec::with_capacity(count);
+        for _ in 0..count {
+            blocks.push((
+                r.u32().map_err(malformed)?,
+                r.array::<8>().map_err(malformed)?,
+            ));
+        }
+        r.finish().map_err(malformed)?;
         Ok(Manifest {
             object,
             size,
@@ -369,6 +367,7 @@ pub struct Src {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::cursor::hex;
     use std::collections::BTreeMap;
 
     fn data(n: usize, seed: u32) -> Vec<u8> {
@@ -469,6 +468,65 @@ mod tests {
             let local = &v1[src.offset as usize..src.offset as usize + (r.end - r.start) as usize];
             assert_eq!(local, &v2[r.start as usize..r.end as usize], "block {i}");
         }
+    }
+
+    /// Fixed manifests and the exact bytes the codec wrote before it moved onto the wire cursor
+    /// (docs/PROTOCOL.md section 8): the format must never change.
+    #[test]
+    fn fixed_examples_encode_to_the_known_bytes() {
+        let id = ObjectId::md5_of(b"manifest");
+        let m = Manifest {
+            object: id,
+            size: 1300,
+            block_size: 512,
+            blocks: vec![
+                (0x0102_0304, *b"strong01"),
+                (0xfffe_fdfc, [0; 8]),
+                (7, *b"\x80abcdefg"),
+            ],
+        };
+        let bytes = m.encode();
+        assert_eq!(
+            hex(&bytes),
+            concat!(
+                "55464d31",
+                "017f5cb74af5d7f4b82200738fdbdc5a45",
+                "0000000000000514",
+                "00000200",
+                "00000003",
+                "01020304",
+                "7374726f6e673031",
+                "fffefdfc",
+                "0000000000000000",
+                "00000007",
+                "8061626364656667",
+                "2079243283fb83ff806bc80ca5a6b08c",
+            )
+        );
+        assert_eq!(Manifest::decode(&bytes, &id), Ok(m));
+        // A built one, SHA-256 named: this also pins the weak and strong block sums.
+        let d = data(3000, 9);
+        let id = ObjectId::sha256_of(&d);
+        let m = Manifest::build(id, 3000, &d[..]).unwrap();
+        let bytes = m.encode();
+        assert_eq!(
+            hex(&bytes),
+            concat!(
+                "55464d31",
+                "02b324b324a44dbd1b8c6b244e393a53e58f202d9759ed41c45ef48db76d87d7de",
+                "0000000000000bb8",
+                "00000200",
+                "00000006",
+                "2aa405be3d57e5f593d93c69",
+                "952b08c5d2825c8256b9fec0",
+                "622904d75b8d990f1f3fca02",
+                "f5c0fa5fc0ace9ce786f8d99",
+                "c204f1921dbdded7f48de642",
+                "61eccdf7e0e7ab54fec08566",
+                "1e3676efbe50b61e419d1b261a4cf6bb",
+            )
+        );
+        assert_eq!(Manifest::decode(&bytes, &id), Ok(m));
     }
 
     #[test]

@@ -15,7 +15,7 @@
 //! or iterators over the original bytes. Any malformed input yields a [`DecodeError`] and never a
 //! panic.
 
-mod cursor;
+pub(crate) mod cursor;
 mod frames;
 
 pub use frames::{
