@@ -140,6 +140,15 @@ fn options(cache: PathBuf) -> FetchOptions {
     o
 }
 
+/// Serves [`serve_tree`] under `tmp/served`: its files, the `maps` bundle's id, the server.
+fn serve_maps(tmp: &TempDir) -> (Served, ObjectId, Serving) {
+    let root = tmp.join("served");
+    let s = serve_tree(&root);
+    let store = ContentStore::open(&root).unwrap();
+    let maps = store.bundles().next().unwrap().id;
+    (s, maps, Serving::start(store, ServerConfig::default()))
+}
+
 /// The served tree of the main test: two bundles (`maps`, `mods`) and a file in the root.
 struct Served {
     level: Vec<u8>,
@@ -191,11 +200,8 @@ fn the_store_lists_one_bundle_per_top_level_directory() {
 #[test]
 fn a_bundle_installs_then_is_skipped_then_only_a_changed_file_is_fetched() {
     let tmp = TempDir::new("main");
+    let (s, maps, server) = serve_maps(&tmp);
     let root = tmp.join("served");
-    let s = serve_tree(&root);
-    let store = ContentStore::open(&root).unwrap();
-    let maps = store.bundles().next().unwrap().id;
-    let server = Serving::start(store, ServerConfig::default());
     let dir = tmp.join("install/maps");
     let opts = options(tmp.join("cache"));
 
@@ -424,11 +430,7 @@ fn wrong_bytes_and_wrong_sizes_are_not_installed() {
 #[test]
 fn a_symbolic_link_in_the_directory_is_not_followed() {
     let tmp = TempDir::new("link");
-    let root = tmp.join("served");
-    let s = serve_tree(&root);
-    let store = ContentStore::open(&root).unwrap();
-    let maps = store.bundles().next().unwrap().id;
-    let server = Serving::start(store, ServerConfig::default());
+    let (s, maps, server) = serve_maps(&tmp);
     let dir = tmp.join("install");
     let outside = tmp.join("outside");
     std::fs::create_dir_all(&dir).unwrap();
@@ -451,11 +453,7 @@ fn a_symbolic_link_in_the_directory_is_not_followed() {
 #[test]
 fn a_bundle_file_never_replaces_a_node_or_follows_a_link_out() {
     let tmp = TempDir::new("filelink");
-    let root = tmp.join("served");
-    let s = serve_tree(&root);
-    let store = ContentStore::open(&root).unwrap();
-    let maps = store.bundles().next().unwrap().id;
-    let server = Serving::start(store, ServerConfig::default());
+    let (s, maps, server) = serve_maps(&tmp);
     let dir = tmp.join("install");
     let outside = tmp.join("outside");
     std::fs::create_dir_all(dir.join("textures/stone")).unwrap();

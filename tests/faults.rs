@@ -13,6 +13,17 @@ mod common;
 use common::cli::*;
 use common::TempDir;
 
+/// The arguments of `udpferry get SERVER MD5 --cache CACHE`.
+fn get_args<'a>(server: &'a str, md5: &'a str, cache: &'a Path) -> Vec<&'a std::ffi::OsStr> {
+    vec![
+        os("get"),
+        os(server),
+        os(md5),
+        os("--cache"),
+        cache.as_os_str(),
+    ]
+}
+
 /// Every `sent <id> (<size> bytes) to <peer>: <wire> bytes on the wire ...` line a `serve -v`
 /// printed, as (id, wire bytes).
 fn served(stderr: &str) -> Vec<(String, u64)> {
@@ -210,13 +221,7 @@ fn kill_and_resume(size: usize, rate: &str, rate_bytes: f64, fraction: f64, seed
     let cache = tmp.join("cache");
     let server_s = addr.to_string();
     let after = Duration::from_secs_f64(size as f64 / rate_bytes * fraction);
-    let (mut first, _, _) = spawn(&[
-        os("get"),
-        os(&server_s),
-        os(&md5),
-        os("--cache"),
-        cache.as_os_str(),
-    ]);
+    let (mut first, _, _) = spawn(&get_args(&server_s, &md5, &cache));
     thread::sleep(after);
     assert!(
         first.try_wait().unwrap().is_none(),
@@ -230,16 +235,7 @@ fn kill_and_resume(size: usize, rate: &str, rate_bytes: f64, fraction: f64, seed
     drop(first);
 
     let before = served(&server.stderr()).len();
-    let r = run(
-        &[
-            os("get"),
-            os(&server_s),
-            os(&md5),
-            os("--cache"),
-            cache.as_os_str(),
-        ],
-        GET_LIMIT,
-    );
+    let r = run(&get_args(&server_s, &md5, &cache), GET_LIMIT);
     assert!(r.status.success(), "{r:?}");
     assert_cache_done(&cache, &md5, &data);
     let lines = served_at_least(&server, before + 1);
@@ -292,13 +288,7 @@ fn sigint_keeps_what_arrived_and_the_next_run_resumes() {
     let (_server, addr, _) = spawn_server(&tmp.join("maps"), &["--client-rate", "512K"]);
     let cache = tmp.join("cache");
     let server_s = addr.to_string();
-    let (mut first, _, _) = spawn(&[
-        os("get"),
-        os(&server_s),
-        os(&md5),
-        os("--cache"),
-        cache.as_os_str(),
-    ]);
+    let (mut first, _, _) = spawn(&get_args(&server_s, &md5, &cache));
     thread::sleep(Duration::from_millis(1500));
     first.signal("INT");
     let status = first
@@ -312,16 +302,7 @@ fn sigint_keeps_what_arrived_and_the_next_run_resumes() {
     );
     let kept = journal_covered(&cache.join(format!("{md5}.journal"))).unwrap_or(0);
     assert!(kept >= 256 * 1024, "the journal kept only {kept} bytes");
-    let r = run(
-        &[
-            os("get"),
-            os(&server_s),
-            os(&md5),
-            os("--cache"),
-            cache.as_os_str(),
-        ],
-        GET_LIMIT,
-    );
+    let r = run(&get_args(&server_s, &md5, &cache), GET_LIMIT);
     assert!(r.status.success(), "{r:?}");
     let resumed = resumed_bytes(&r.stderr).unwrap_or(0);
     assert!(
