@@ -37,12 +37,12 @@ impl ObjectId {
     /// The wire byte for SHA-256 ids.
     pub const ALG_SHA256: u8 = 2;
 
-    /// Computes the MD5 id of `bytes` in one go. For streamed data use [`IdHasher`].
+    /// Computes the MD5 id of `bytes` in one go. For streamed data use `IdHasher`.
     pub fn md5_of(bytes: &[u8]) -> Self {
         ObjectId::Md5(Md5::digest(bytes).into())
     }
 
-    /// Computes the SHA-256 id of `bytes` in one go. For streamed data use [`IdHasher`].
+    /// Computes the SHA-256 id of `bytes` in one go. For streamed data use `IdHasher`.
     pub fn sha256_of(bytes: &[u8]) -> Self {
         ObjectId::Sha256(Sha256::digest(bytes).into())
     }

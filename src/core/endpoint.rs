@@ -216,7 +216,7 @@ impl<K: ChunkSink> ChunkSink for SinkSlot<K> {
 
 /// Many transfers, both roles, behind one socket. Still sans-IO: the caller owns the socket.
 ///
-/// Call order, as for a single transfer (see the [module docs](super)):
+/// Call order, as for a single transfer (see the module docs):
 /// 1. for every datagram the socket receives for which
 ///    [`is_udpferry_datagram`](crate::is_udpferry_datagram) is true, call
 ///    [`handle_datagram`](Self::handle_datagram) with its source address;

@@ -56,7 +56,7 @@ use crate::wire::ErrorCode;
 /// Computes an object's id from its bytes, fed in order. A [`Receiver`] feeds it the in-order
 /// prefix as it grows, so hashing overlaps the transfer.
 ///
-/// The default, [`InlineHasher`], hashes on the thread that drives the receiver. A driver that has
+/// The default, `InlineHasher`, hashes on the thread that drives the receiver. A driver that has
 /// a core to spare can hand the bytes to another thread instead (see
 /// `net::HashThread`) and set it with [`Receiver::set_hasher`] or [`Endpoint::set_hasher`].
 pub trait PrefixHasher: Send + std::fmt::Debug {

@@ -79,7 +79,7 @@ struct Object {
 
 /// The receiving side of one transfer.
 ///
-/// Create it with [`Receiver::new`], then follow the call order in the [module docs](super). It
+/// Create it with [`Receiver::new`], then follow the call order in the module docs. It
 /// requests the object, checks the offer against its limits, echoes the offer's nonce, stores
 /// chunks through its [`ChunkSink`] as they arrive in any order, acknowledges them, hashes the
 /// object's in-order prefix as it grows, and reports [`Event::Completed`] only after the digest

@@ -57,7 +57,7 @@ struct SentPacket {
 /// The sending side of one transfer.
 ///
 /// Create it with [`Sender::accept`] when a request arrives, then follow the call order in the
-/// [module docs](super). It sends an offer, waits for the client to echo the offer's nonce
+/// module docs. It sends an offer, waits for the client to echo the offer's nonce
 /// (proving its address), then sends chunks paced and windowed by the congestion controller,
 /// recovering losses from acknowledgements and from its probe timer. It completes when the client
 /// reports the digest verified.

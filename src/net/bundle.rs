@@ -424,7 +424,7 @@ impl Client {
     /// Fetches bundle `bundle` from `server` and installs every file it lists under `dir`.
     ///
     /// 1. The listing is fetched by its id (or read from the cache) and checked by its digest,
-    ///    then parsed with [`Bundle::decode`]: an unsafe name, a duplicate or any other flaw
+    ///    then parsed with `Bundle::decode`: an unsafe name, a duplicate or any other flaw
     ///    fails with [`BundleFetchError::Invalid`] before anything is written to `dir`.
     /// 2. `dir` is created if needed. A file already at `dir/<path>` with the listed size and
     ///    digest is left alone (`skipped`); one the cache holds is copied from it.

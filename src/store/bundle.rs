@@ -267,8 +267,8 @@ fn conflict(entries: &[BundleEntry], i: usize, j: usize) -> BundleError {
     }
 }
 
-/// Whether the file at `path` is a bundle listing: it starts with [`MAGIC`], is no longer than
-/// [`MAX_LISTING_BYTES`] and decodes. `udpferry get SERVER ID -o DIR` asks it of a fetched
+/// Whether the file at `path` is a bundle listing: it starts with `MAGIC`, is no longer than
+/// `MAX_LISTING_BYTES` and decodes. `udpferry get SERVER ID -o DIR` asks it of a fetched
 /// object to decide whether `-o` names a file to write or a directory to install into.
 pub fn is_bundle_listing(path: &std::path::Path) -> bool {
     use std::io::Read;

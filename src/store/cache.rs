@@ -66,7 +66,7 @@ pub enum Lookup {
 /// [`contains`](Self::contains) says it is there, load [`path_of`](Self::path_of); otherwise
 /// call [`begin`](Self::begin) and hand the [`PartialFile`] and have-set to the core's receiver.
 /// File names come only from [`ObjectId::to_hex`], never from the network, and are built as a
-/// [`SafePath`] like every other name the store joins to a root.
+/// `SafePath` like every other name the store joins to a root.
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
@@ -647,7 +647,7 @@ impl PartialFile {
     /// hash) and makes the have-set exactly the blocks that match: unverified bytes that match
     /// are kept, held bytes that do not (a chunk altered on its way, bits flipped on the disk)
     /// are dropped for downloading again. Writes the journal. Call it with the object's
-    /// manifest (already checked by [`Manifest::decode`]) after a digest mismatch, then resume
+    /// manifest (already checked by `Manifest::decode`) after a digest mismatch, then resume
     /// the download with the new [`received`](Self::received) as the have-set.
     pub fn verify_blocks(&mut self, manifest: &Manifest) -> Result<BlockCheck, StoreError> {
         self.check_blocks(manifest, true)

@@ -28,12 +28,12 @@ pub struct ObjectInfo {
     pub sha256: ObjectId,
     /// Its size in bytes.
     pub size: u64,
-    /// Its path relative to the store's root (always a valid [`SafePath`]).
+    /// Its path relative to the store's root (always a valid `SafePath`).
     pub path: PathBuf,
 }
 
 /// One bundle served, as listed by [`ContentStore::bundles`]: a top-level subdirectory of the
-/// store's root and every file under it (see [`super::bundle`]).
+/// store's root and every file under it (see `super::bundle`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct BundleInfo {
@@ -80,10 +80,10 @@ struct Entry {
 ///
 /// Create it with [`open`](Self::open) when the server starts, list what it serves with
 /// [`objects`](Self::objects), and call [`open_object`](Self::open_object) for each request to
-/// get a [`FileSource`] for the core's sender. After adding or removing files call
+/// get a `FileSource` for the core's sender. After adding or removing files call
 /// [`rescan`](Self::rescan). Symbolic links are followed only to regular files inside the root;
 /// links to directories, links leading outside the root and non-regular files are not served.
-/// Neither is a file whose path relative to the root is not a [`SafePath`] (not UTF-8, a Windows
+/// Neither is a file whose path relative to the root is not a `SafePath` (not UTF-8, a Windows
 /// device name such as `con.txt`, a name ending in a dot, deeper than 32 levels, ...): it is
 /// skipped without an error, and a directory whose path is not one is not entered.
 #[derive(Debug)]
@@ -150,7 +150,7 @@ impl ContentStore {
         self.entries.get(i).map(|e| &e.info)
     }
 
-    /// Opens object `id` for one transfer: its size and a [`FileSource`] to hand to the sender.
+    /// Opens object `id` for one transfer: its size and a `FileSource` to hand to the sender.
     ///
     /// Re-checks the file's size and timestamps against the index; if they moved, the file is
     /// re-hashed and the index updated. If its bytes no longer hash to `id` (and no other file

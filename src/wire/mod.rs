@@ -54,7 +54,7 @@ pub struct ConnectionId(pub u64);
 ///
 /// Call it on every datagram your game's socket receives: when it returns true, hand the
 /// datagram to udpferry; otherwise it is yours. It checks length, magic and version only (a few
-/// byte comparisons); the checksum and fields are verified later by [`decode`], which counts and
+/// byte comparisons); the checksum and fields are verified later by `decode`, which counts and
 /// drops anything malformed.
 pub fn is_udpferry_datagram(datagram: &[u8]) -> bool {
     datagram.len() >= MIN_DATAGRAM_LEN && datagram[..4] == MAGIC && datagram[4] == VERSION
