@@ -173,16 +173,7 @@ fn run(seed: u64, size: usize, server: EndpointConfig, client: EndpointConfig, l
             pair.now - start
         );
     };
-    let end = pair
-        .b
-        .events
-        .iter()
-        .rev()
-        .find_map(|(_, e)| match &e.event {
-            Event::Completed(_) => Some(Ok(())),
-            Event::Failed(err) => Some(Err(err.clone())),
-            _ => None,
-        });
+    let end = common::client_end(&pair.b);
     let ctx = format!("seed {seed:#x}, size {size}: {outcome:?}, client's end {end:?}");
     if let Some(Ok(())) = end {
         assert!(pair.b.finished.first() == Some(&data), "{ctx}: wrong bytes");

@@ -106,25 +106,9 @@ fn drive<A: Peer, B: Peer>(
 /// One download with a bare `Receiver` against a `OneShotServer` (a `Sender`).
 fn one_shot(seed: u64, data: &[u8], down: LinkConfig, up: LinkConfig) -> Verdict {
     let start = Instant::now();
-    let mut rng = Rng::new(seed);
     let id = ObjectId::md5_of(data);
-    let config = TransferConfig::default();
-    let server = OneShotServer::new(
-        id,
-        data.len() as u64,
-        data.to_vec(),
-        config.clone(),
-        rng.next_u64(),
-    );
-    let receiver = Receiver::new(
-        start,
-        ConnectionId(rng.next_u64()),
-        id,
-        &RangeSet::new(),
-        Vec::new(),
-        config,
-    );
-    let mut pair = Pair::new(seed, start, server, receiver, down, up);
+    let mut pair =
+        common::one_shot_pair(seed, start, data, id, down, up, TransferConfig::default());
     let (verdict_at, both_at) = drive(&mut pair, start, |p| p.b.is_finished());
     let end = std::iter::from_fn(|| pair.b.poll_event())
         .filter_map(|e| match e {
@@ -180,17 +164,7 @@ fn endpoints(seed: u64, data: &[u8], down: LinkConfig, up: LinkConfig) -> Verdic
             .any(|(_, e)| matches!(e.event, Event::Completed(_) | Event::Failed(_)))
     };
     let (verdict_at, both_at) = drive(&mut pair, start, client_done);
-    let end = pair
-        .b
-        .events
-        .iter()
-        .rev()
-        .filter_map(|(_, e)| match &e.event {
-            Event::Completed(_) => Some(Ok(())),
-            Event::Failed(err) => Some(Err(err.clone())),
-            _ => None,
-        })
-        .next();
+    let end = common::client_end(&pair.b);
     let bytes_right = pair.b.finished.first().is_some_and(|d| d == data);
     let reneged = pair
         .a

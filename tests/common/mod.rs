@@ -91,18 +91,17 @@ pub fn download_cut(seed: u64, data: &[u8], after: Duration, config: TransferCon
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn download_with(
+/// A `OneShotServer` serving `data` (under its MD5) and a fresh `Receiver` asking for `id`, joined
+/// by the two links, their connection id and nonce drawn from `seed`.
+pub fn one_shot_pair(
     seed: u64,
+    start: Instant,
     data: &[u8],
     id: ObjectId,
     to_client: LinkConfig,
     to_server: LinkConfig,
     config: TransferConfig,
-    max_steps: u64,
-    cut: Option<Duration>,
-) -> Outcome {
-    let start = Instant::now();
+) -> Pair<OneShotServer<Vec<u8>>, Receiver<Vec<u8>>> {
     let mut rng = Rng::new(seed);
     let server = OneShotServer::new(
         ObjectId::md5_of(data),
@@ -119,7 +118,33 @@ pub fn download_with(
         Vec::new(),
         config,
     );
-    let mut pair = Pair::new(seed, start, server, receiver, to_client, to_server);
+    Pair::new(seed, start, server, receiver, to_client, to_server)
+}
+
+/// How the client side of an `EndpointPeer` pair ended: its last `Completed` or `Failed`.
+pub fn client_end<P: udpferry::core::ObjectProvider, K: udpferry::core::ChunkSink>(
+    peer: &udpferry_sim::EndpointPeer<P, K>,
+) -> Option<Result<(), TransferError>> {
+    peer.events.iter().rev().find_map(|(_, e)| match &e.event {
+        Event::Completed(_) => Some(Ok(())),
+        Event::Failed(err) => Some(Err(err.clone())),
+        _ => None,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn download_with(
+    seed: u64,
+    data: &[u8],
+    id: ObjectId,
+    to_client: LinkConfig,
+    to_server: LinkConfig,
+    config: TransferConfig,
+    max_steps: u64,
+    cut: Option<Duration>,
+) -> Outcome {
+    let start = Instant::now();
+    let mut pair = one_shot_pair(seed, start, data, id, to_client, to_server, config);
     let server_bytes = Rc::new(Cell::new(0u64));
     let client_bytes = Rc::new(Cell::new(0u64));
     let (sb, cb) = (server_bytes.clone(), client_bytes.clone());
