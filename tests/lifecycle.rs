@@ -93,6 +93,31 @@ fn wrong_bytes_under_the_requested_name_never_complete() {
     );
 }
 
+/// With the verification left to the caller (a multi-source piece, a manifest), the receiver
+/// computes no digest: the same wrong bytes complete, and the caller must check them; and it
+/// can only be asked for before the transfer begins.
+#[test]
+fn verification_left_to_the_caller_completes_on_arrival_alone() {
+    let data = object(100_000, 2);
+    let claimed = ObjectId::md5_of(b"what the client asked for");
+    let start = Instant::now();
+    let server = server(claimed, data.clone(), TransferConfig::default());
+    let mut rx = fresh_receiver(start, claimed);
+    assert!(rx.verify_by_caller());
+    let mut pair = Pair::new(2, start, server, rx, link(), link());
+    assert_eq!(
+        pair.run(100_000, start + Duration::from_secs(60)),
+        RunOutcome::BothFinished
+    );
+    let events = receiver_events(&mut pair.b);
+    assert!(
+        matches!(events.last(), Some(Event::Completed(_))),
+        "{events:?}"
+    );
+    assert!(pair.b.sink() == &data, "every byte arrived, unverified");
+    assert!(!pair.b.verify_by_caller(), "too late once the transfer ran");
+}
+
 /// A server that built another object with the same MD5 passes an MD5 check; under a SHA-256
 /// id the receiver checks SHA-256, so the right object completes and any other fails.
 #[test]

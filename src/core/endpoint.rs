@@ -368,6 +368,17 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         }
     }
 
+    /// Leaves the verification of download `id`'s bytes to the caller (see
+    /// [`Receiver::verify_by_caller`](super::Receiver::verify_by_caller)): its `Completed` then
+    /// means every byte arrived, not that they hash to the id. Call it right after
+    /// [`fetch`](Self::fetch); false when `id` is not a download that has not begun.
+    pub fn verify_by_caller(&mut self, id: TransferId) -> bool {
+        match self.transfers.get_mut(&id).map(|slot| &mut slot.transfer) {
+            Some(Transfer::Fetching(receiver)) => receiver.verify_by_caller(),
+            _ => false,
+        }
+    }
+
     /// Takes back the sink of a fetching transfer that has finished (completed: it holds the
     /// verified object; failed: it holds what arrived, for a resume). `None` while the transfer
     /// runs, for a serving transfer, or if already taken.

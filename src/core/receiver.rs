@@ -103,6 +103,8 @@ pub struct Receiver<K> {
 
     received: RangeSet,
     hasher: Box<dyn PrefixHasher>,
+    /// False when the caller verifies the bytes itself (`verify_by_caller`).
+    check_digest: bool,
     hashed_chunks: u64,
     scratch: Vec<u8>,
 
@@ -162,6 +164,7 @@ impl<K: ChunkSink> Receiver<K> {
             object: None,
             received: RangeSet::new(),
             hasher: Box::new(InlineHasher::for_id(&id)),
+            check_digest: true,
             hashed_chunks: 0,
             scratch: Vec::new(),
             largest_seq: None,
@@ -186,6 +189,21 @@ impl<K: ChunkSink> Receiver<K> {
             report: Report::default(),
             config,
         }
+    }
+
+    /// Leaves the verification of the bytes to the caller: the receiver computes no digest,
+    /// and [`Event::Completed`] then means only that every byte arrived, not that they hash to
+    /// the id. For transfers whose bytes are checked another way: a piece of a multi-source
+    /// download (against the manifest's block hashes) or a manifest (by its own trailing
+    /// digest, since its id is derived, not its digest). Call it right after creating the
+    /// receiver, like [`set_hasher`](Self::set_hasher); returns false (and changes nothing) once
+    /// hashing has begun. The caller must check the sink's bytes before trusting them.
+    pub fn verify_by_caller(&mut self) -> bool {
+        if self.hashed_chunks > 0 || self.object.is_some() {
+            return false;
+        }
+        self.check_digest = false;
+        true
     }
 
     /// Replaces the hasher that runs on this thread (for example with `net::HashThread`; it
@@ -465,7 +483,7 @@ impl<K: ChunkSink> Receiver<K> {
     /// Hashes every chunk that now continues the hashed prefix: `fresh` straight from the
     /// datagram, the rest read back from the sink.
     fn advance_hash(&mut self, fresh: Option<(u64, &[u8])>) {
-        let Some(object) = self.object else {
+        let Some(object) = self.object.filter(|_| self.check_digest) else {
             return;
         };
         match fresh {
@@ -490,9 +508,11 @@ impl<K: ChunkSink> Receiver<K> {
     }
 
     fn verify(&mut self, now: Instant) {
-        let actual = match self.hasher.finish() {
-            Ok(actual) => actual,
-            Err(e) => {
+        let actual = match self.check_digest.then(|| self.hasher.finish()) {
+            // Verified by the caller (`verify_by_caller`).
+            None => self.id,
+            Some(Ok(actual)) => actual,
+            Some(Err(e)) => {
                 self.fail_with(TransferError::storage("hash", &e));
                 return;
             }

@@ -4,14 +4,13 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{Driver, FetchError, MAX_WAIT};
 use crate::core::{
-    ChunkSink, Endpoint, EndpointConfig, Event, NoObjects, PrefixHasher, RangeSet, TransferError,
+    ChunkSink, Endpoint, EndpointConfig, Event, NoObjects, RangeSet, TransferError,
 };
 use crate::id::ObjectId;
 use crate::store::manifest::{manifest_id, Manifest, Src};
@@ -19,28 +18,6 @@ use crate::store::{self, PartialFile};
 
 /// Largest manifest accepted (a 4 GiB object's is under 1 MiB; 1 TiB's about 12 MiB).
 const MAX_MANIFEST_BYTES: u64 = 64 << 20;
-
-/// Checks a manifest as the receiver's "hasher": it keeps the bytes and, at the end, reports
-/// the manifest id the transfer asked for only if the bytes are a valid manifest of `object`
-/// (its own trailing digest matches and it names `object`); otherwise it reports another id,
-/// which the receiver treats as a digest mismatch.
-#[derive(Debug)]
-struct ManifestCheck {
-    object: ObjectId,
-    bytes: Vec<u8>,
-}
-
-impl PrefixHasher for ManifestCheck {
-    fn update(&mut self, bytes: &[u8]) {
-        self.bytes.extend_from_slice(bytes);
-    }
-    fn finish(&mut self) -> io::Result<ObjectId> {
-        Ok(match Manifest::decode(&self.bytes, &self.object) {
-            Ok(_) => manifest_id(&self.object),
-            Err(_) => ObjectId::md5_of(&self.bytes),
-        })
-    }
-}
 
 /// Why no manifest came back from [`fetch_manifest`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,13 +64,8 @@ pub(super) fn fetch_manifest(
     let mut endpoint: Endpoint<NoObjects, Vec<u8>> = Endpoint::new(config, NoObjects);
     let id = manifest_id(&object);
     let transfer = endpoint.fetch(Instant::now(), server, id, &RangeSet::new(), Vec::new());
-    endpoint.set_hasher(
-        transfer,
-        Box::new(ManifestCheck {
-            object,
-            bytes: Vec::new(),
-        }),
-    );
+    // Its id is derived, not its digest: the bytes are checked by `Manifest::decode` below.
+    endpoint.verify_by_caller(transfer);
     let until = Instant::now() + limit;
     let mut done: Option<Result<(), NoManifest>> = None;
     while done.is_none() && Instant::now() < until {

@@ -16,7 +16,7 @@ use md5::{Digest, Md5};
 
 use super::{delta, FetchError, FetchOptions, Progress, Report, MAX_WAIT};
 use crate::core::{
-    ChunkSink, Endpoint, Event, NoObjects, PrefixHasher, RangeSet, Stats, TransferError, TransferId,
+    ChunkSink, Endpoint, Event, NoObjects, RangeSet, Stats, TransferError, TransferId,
 };
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
@@ -29,21 +29,10 @@ const PIECES_PER_SOURCE: usize = 2;
 /// Longest a source may take to deliver its manifest before it is left out.
 const MANIFEST_WAIT: Duration = Duration::from_secs(3);
 
-/// Trusts the transfer's bytes: a piece transfer is checked block by block against the
-/// manifest instead, and the whole object once at the end.
-#[derive(Debug)]
-struct Deferred(ObjectId);
-
-impl PrefixHasher for Deferred {
-    fn update(&mut self, _bytes: &[u8]) {}
-    fn finish(&mut self) -> io::Result<ObjectId> {
-        Ok(self.0)
-    }
-}
-
 /// One piece transfer's view of the shared partial file: it writes only inside its piece (a
-/// lying source cannot touch its neighbours' bytes), and reads outside it as zeros (the
-/// receiver reads the have-set back for a hash that `Deferred` ignores).
+/// lying source cannot touch its neighbours' bytes), and reads outside it as zeros. The piece's
+/// receiver computes no digest (`verify_by_caller`): the piece is checked against the
+/// manifest's block hashes when it completes.
 struct PieceSink {
     file: Rc<RefCell<PartialFile>>,
     piece: Range<u64>,
@@ -182,7 +171,7 @@ pub(super) fn fetch_from(
                     piece,
                 };
                 let t = endpoint.fetch(Instant::now(), server, id, &have, sink);
-                endpoint.set_hasher(t, Box::new(Deferred(id)));
+                endpoint.verify_by_caller(t);
                 in_flight.insert(t, (s, blocks));
             }
         }
