@@ -8,8 +8,6 @@
 //! ```
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use udpferry::ContentStore;
@@ -45,16 +43,13 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
     std::fs::create_dir_all(dir.join("player"))?;
     std::fs::write(&old, &v1)?;
 
-    let mut server = Server::bind(
+    let server = Server::bind(
         "127.0.0.1:0".parse()?,
         ContentStore::open(dir.join("server"))?,
         ServerConfig::default(),
-    )?;
-    let addr = server.local_addr()?;
-    let sent = server.bytes_sent_counter();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let serving = std::thread::spawn(move || server.run_until(&flag, |_| {}));
+    )?
+    .spawn()?;
+    let addr = server.local_addr();
 
     let mut sent_before = 0;
     for (label, bases) in [("without v1", vec![]), ("with v1", vec![old.clone()])] {
@@ -63,7 +58,7 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
         options.output = Some(dir.join(format!("player/harbour-{}.bsp", label.replace(' ', "-"))));
         let report = Client::fetch(addr, id, &options, |_| {})?;
         std::thread::sleep(Duration::from_millis(100));
-        let now = sent.load(Ordering::Relaxed);
+        let now = server.bytes_sent();
         let this = now - sent_before;
         sent_before = now;
         println!(
@@ -81,8 +76,7 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
             "the result is version 2, byte for byte"
         );
     }
-    stop.store(true, Ordering::Relaxed);
-    serving.join().map_err(|_| "server thread panicked")??;
+    server.stop()?;
     Ok(())
 }
 

@@ -88,7 +88,7 @@ pub use crate::id::{ObjectId, ParseIdError};
 pub use crate::net::{
     bind, random_seed, Activity, BundleFetchError, BundleProgress, BundleReport, Client, Driver,
     FetchError, FetchOptions, FileError, FileFailure, HashThread, Progress, Report, Server,
-    ServerConfig, CONCURRENT_FILES,
+    ServerConfig, ServerHandle, CONCURRENT_FILES,
 };
 pub use crate::store::bundle::is_bundle_listing;
 pub use crate::store::resolve_target;

@@ -6,22 +6,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use proptest::prelude::*;
-use udpferry::core::{Endpoint, EndpointConfig};
-use udpferry::net::{BundleFetchError, Client, Driver, FetchOptions, FileError, ServerConfig};
+use udpferry::net::{BundleFetchError, Client, FetchOptions, FileError, ServerConfig};
 use udpferry::store::bundle::{Bundle, BundleEntry, BundleError, MAGIC};
 use udpferry::store::{ContentStore, SafePath};
 use udpferry::ObjectId;
 use udpferry_sim::Rng;
 
-use common::{Serving, TempDir};
+use common::{Hostile, Serving, TempDir};
 
 const MIB: usize = 1 << 20;
 
@@ -64,51 +60,6 @@ fn tree(dir: &Path) -> Vec<(String, Vec<u8>)> {
     }
     out.sort();
     out
-}
-
-/// A server that serves whatever bytes it is given under whatever ids it is given: a hostile
-/// (or broken) server, through the library's own endpoint and driver.
-struct Hostile {
-    addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Hostile {
-    fn start(objects: HashMap<ObjectId, Arc<[u8]>>) -> Self {
-        let socket = udpferry::net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let mut driver = Driver::new(socket).unwrap();
-        let config = EndpointConfig {
-            seed: udpferry::net::random_seed(),
-            ..EndpointConfig::default()
-        };
-        let mut endpoint: Endpoint<HashMap<ObjectId, Arc<[u8]>>, Vec<u8>> =
-            Endpoint::new(config, objects);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || {
-            while !flag.load(Ordering::Relaxed) {
-                driver
-                    .turn(&mut endpoint, Duration::from_millis(20), &mut |_, _| {})
-                    .unwrap();
-            }
-        });
-        Hostile {
-            addr,
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for Hostile {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// A listing encoded by hand, in the given order and without any check, as a hostile server

@@ -3,16 +3,14 @@
 
 mod common;
 
-use common::{object, put_dated, Serving, TempDir};
+use common::{object, put_dated, Hostile, Serving, TempDir};
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use udpferry::core::{Endpoint, EndpointConfig};
-use udpferry::net::{Client, Driver, FetchOptions, ServerConfig};
+use udpferry::net::{Client, FetchOptions, ServerConfig};
 use udpferry::store::manifest::{manifest_id, Manifest};
 use udpferry::store::ContentStore;
 use udpferry::ObjectId;
@@ -28,35 +26,11 @@ fn honest(dir: &Path, rate: u64) -> Serving {
 
 /// A server that answers for `id` with `served` bytes (which may be wrong) and for the
 /// manifest of `id` with `manifest` bytes.
-fn liar(id: ObjectId, served: Vec<u8>, manifest: Vec<u8>) -> Serving {
+fn liar(id: ObjectId, served: Vec<u8>, manifest: Vec<u8>) -> Hostile {
     let mut objects: HashMap<ObjectId, Arc<[u8]>> = HashMap::new();
     objects.insert(id, served.into());
     objects.insert(manifest_id(&id), manifest.into());
-    let socket = udpferry::net::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = socket.local_addr().unwrap();
-    let mut driver = Driver::new(socket).unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
-    let thread = thread::spawn(move || {
-        let config = EndpointConfig {
-            seed: 77,
-            ..EndpointConfig::default()
-        };
-        let mut endpoint: Endpoint<HashMap<ObjectId, Arc<[u8]>>, Vec<u8>> =
-            Endpoint::new(config, objects);
-        while !flag.load(Ordering::Relaxed) {
-            let _ = driver.turn(&mut endpoint, Duration::from_millis(20), &mut |_, _| {});
-            counter.store(endpoint.stats().bytes_sent, Ordering::Relaxed);
-        }
-    });
-    Serving {
-        addr,
-        stop,
-        sent,
-        thread: Some(thread),
-    }
+    Hostile::start(objects)
 }
 
 /// The figure: two servers each capped at 1 MiB/s deliver a 6 MiB object in at most
@@ -80,10 +54,7 @@ fn two_capped_servers_share_the_work() {
     assert_eq!(std::fs::read(tmp.join("map.out")).unwrap(), data);
     assert!(report.bad_sources.is_empty());
     thread::sleep(Duration::from_millis(100));
-    let (sa, sb) = (
-        a.sent.load(Ordering::Relaxed),
-        b.sent.load(Ordering::Relaxed),
-    );
+    let (sa, sb) = (a.handle.bytes_sent(), b.handle.bytes_sent());
     println!(
         "multi-source: 6 MiB from two servers capped at 1 MiB/s each in {secs:.2} s (target <= 3.6 s); server A sent {sa} bytes, B {sb}"
     );

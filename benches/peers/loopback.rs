@@ -508,8 +508,8 @@ fn ferry_mem(data: &Data, id: ObjectId) -> Result<Latency, String> {
 
 struct FileServer {
     addr: SocketAddr,
-    stop: Arc<AtomicBool>,
-    thread: Option<thread::JoinHandle<io::Result<()>>>,
+    /// Declared before the directory, so the server stops before its files go.
+    _server: udpferry::ServerHandle,
     _dir: TempDir,
 }
 
@@ -528,31 +528,18 @@ impl FileServer {
             .and_then(|f| f.set_modified(a_minute_ago))
             .map_err(err)?;
         let store = ContentStore::open(&dir.0).map_err(err)?;
-        let mut server = Server::bind(
+        let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),
             store,
             ServerConfig::default(),
         )
+        .and_then(Server::spawn)
         .map_err(err)?;
-        let addr = server.local_addr().map_err(err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = thread::spawn(move || server.run_until(&flag, |_| {}));
         Ok(FileServer {
-            addr,
-            stop,
-            thread: Some(thread),
+            addr: server.local_addr(),
+            _server: server,
             _dir: dir,
         })
-    }
-}
-
-impl Drop for FileServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 

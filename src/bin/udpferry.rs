@@ -5,7 +5,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -524,22 +524,19 @@ fn run_loopback_demo(
     drop(map);
     println!("map: {} bytes, md5 {id}", size_mib << 20);
     let store = ContentStore::open(&maps).map_err(|e| e.to_string())?;
-    let mut server = Server::bind(
+    let server = Server::bind(
         "127.0.0.1:0".parse().map_err(|_| "address")?,
         store,
         ServerConfig::default(),
     )
+    .and_then(Server::spawn)
     .map_err(|e| e.to_string())?;
-    let addr = server.local_addr().map_err(|e| e.to_string())?;
+    let addr = server.local_addr();
     println!("server: listening on {addr} (loopback, real UDP sockets)");
-    let server_stop = Arc::new(AtomicBool::new(false));
-    let flag = server_stop.clone();
-    let thread = std::thread::spawn(move || server.run_until(&flag, |_| {}));
     let mut options = FetchOptions::new(dir.join("cache"));
     options.stop = Some(stop);
     let result = Client::fetch(addr, id, &options, |_| {});
-    server_stop.store(true, Ordering::Relaxed);
-    let _ = thread.join();
+    drop(server);
     let report = result.map_err(|e| e.to_string())?;
     let secs = report.duration.as_secs_f64();
     println!(

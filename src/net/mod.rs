@@ -152,6 +152,69 @@ impl Server {
     pub fn endpoint(&self) -> &Endpoint<ContentStore, Vec<u8>> {
         &self.endpoint
     }
+
+    /// Serves on a thread of its own until the returned handle is stopped or dropped: for a
+    /// game server or a tool that has other work on its main thread. Call it instead of
+    /// [`run_until`](Self::run_until).
+    pub fn spawn(mut self) -> io::Result<ServerHandle> {
+        let addr = self.local_addr()?;
+        let bytes_sent = self.bytes_sent_counter();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("udpferry-server".into())
+            .spawn(move || self.run_until(&flag, |_| {}))?;
+        Ok(ServerHandle {
+            addr,
+            bytes_sent,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+/// A [`Server`] running on its own thread ([`Server::spawn`]). Dropping it stops the server
+/// and waits for the thread (at most about 50 ms); [`stop`](Self::stop) does the same and
+/// returns the socket error that ended it early, if any.
+#[derive(Debug)]
+pub struct ServerHandle {
+    addr: SocketAddr,
+    bytes_sent: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+}
+
+impl ServerHandle {
+    /// The address the server listens on: give it to clients.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// UDP payload bytes the server has sent so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops the server and waits for its thread. An error is the socket's, if it failed
+    /// while serving.
+    pub fn stop(mut self) -> io::Result<()> {
+        self.halt()
+    }
+
+    fn halt(&mut self) -> io::Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(io::Error::other("the server thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        let _ = self.halt();
+    }
 }
 
 /// Options of [`Client::fetch`].

@@ -260,52 +260,83 @@ pub fn put_dated(path: &std::path::Path, data: &[u8]) {
         .unwrap();
 }
 
-/// A `net::Server` running on its own thread over 127.0.0.1, stopped on drop.
+/// A `net::Server` running on its own thread over 127.0.0.1 (`Server::spawn`), stopped on drop.
 pub struct Serving {
     pub addr: std::net::SocketAddr,
-    pub stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// UDP payload bytes sent, updated after every loop turn.
-    pub sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    pub thread: Option<std::thread::JoinHandle<()>>,
+    pub handle: udpferry::ServerHandle,
 }
 
 impl Serving {
     /// Serves `store` with `config`.
-    pub fn start(
-        store: udpferry::store::ContentStore,
-        config: udpferry::net::ServerConfig,
-    ) -> Self {
-        let mut server =
-            udpferry::net::Server::bind("127.0.0.1:0".parse().unwrap(), store, config).unwrap();
-        let addr = server.local_addr().unwrap();
-        let sent = server.bytes_sent_counter();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || server.run_until(&flag, |_| {}).unwrap());
+    pub fn start(store: udpferry::ContentStore, config: udpferry::ServerConfig) -> Self {
+        let handle = udpferry::Server::bind("127.0.0.1:0".parse().unwrap(), store, config)
+            .and_then(udpferry::Server::spawn)
+            .unwrap();
         Serving {
-            addr,
-            stop,
-            sent,
-            thread: Some(thread),
+            addr: handle.local_addr(),
+            handle,
         }
     }
 
     /// Serves the directory `dir` with default settings.
     pub fn dir(dir: &std::path::Path) -> Self {
         Self::start(
-            udpferry::store::ContentStore::open(dir).unwrap(),
-            udpferry::net::ServerConfig::default(),
+            udpferry::ContentStore::open(dir).unwrap(),
+            udpferry::ServerConfig::default(),
         )
     }
 
     /// UDP payload bytes sent so far, after a pause that lets the counter catch up.
     pub fn sent(&self) -> u64 {
         std::thread::sleep(Duration::from_millis(150));
-        self.sent.load(std::sync::atomic::Ordering::Relaxed)
+        self.handle.bytes_sent()
     }
 }
 
-impl Drop for Serving {
+/// A server that serves whatever bytes it is given under whatever ids it is given: a hostile (or
+/// broken) server, through the library's own endpoint and driver on its own thread, stopped on
+/// drop.
+pub struct Hostile {
+    pub addr: std::net::SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Hostile {
+    pub fn start(objects: std::collections::HashMap<ObjectId, std::sync::Arc<[u8]>>) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let socket = udpferry::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let mut driver = udpferry::Driver::new(socket).unwrap();
+        let config = udpferry::EndpointConfig {
+            seed: udpferry::random_seed(),
+            ..udpferry::EndpointConfig::default()
+        };
+        let mut endpoint: udpferry::Endpoint<
+            std::collections::HashMap<ObjectId, std::sync::Arc<[u8]>>,
+            Vec<u8>,
+        > = udpferry::Endpoint::new(config, objects);
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                if driver
+                    .turn(&mut endpoint, Duration::from_millis(20), &mut |_, _| {})
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Hostile {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Hostile {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
