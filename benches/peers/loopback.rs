@@ -7,7 +7,7 @@
 //! `cargo bench -p udpferry-peers --bench loopback -- --smoke` or `UDPFERRY_BENCH_SMOKE=1` (8 MiB, one run).
 //!
 //! Prints a table and writes the same numbers to `$CARGO_TARGET_DIR/loopback-bench.json`
-//! (`./target/loopback-bench.json` without that variable). MB is 10^6 bytes.
+//! (the workspace's `target/loopback-bench.json` without that variable). MB is 10^6 bytes.
 //!
 //! Every contender runs with its library's default settings; every loop has a deadline, and a
 //! contender that fails or times out is reported as such instead of stopping the run.
@@ -982,9 +982,10 @@ fn main() {
         .collect();
     j.push_str(&rows.join(",\n"));
     j.push_str("\n  ]\n}\n");
+    // The workspace's target directory (a bench runs in its own package's directory).
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"));
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
     let path = target.join("loopback-bench.json");
     match std::fs::create_dir_all(&target).and_then(|_| std::fs::write(&path, j)) {
         Ok(()) => eprintln!("wrote {}", path.display()),
