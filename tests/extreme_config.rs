@@ -9,23 +9,13 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::object;
 use proptest::prelude::*;
-use udpferry::core::{
-    CongestionControl, Endpoint, EndpointConfig, Event, NoObjects, RangeSet, TransferConfig,
-};
+use udpferry::core::{CongestionControl, EndpointConfig, Event, RangeSet, TransferConfig};
 use udpferry::ObjectId;
-use udpferry_sim::{EndpointPeer, LinkConfig, Pair, RunOutcome};
-
-type Maps = HashMap<ObjectId, Arc<[u8]>>;
-
-const SERVER: ([u8; 4], u16) = ([10, 0, 0, 1], 7878);
-const CLIENT: ([u8; 4], u16) = ([10, 0, 0, 2], 5000);
+use udpferry_sim::{LinkConfig, Pair, RunOutcome};
 
 /// How far in virtual time a run may go. A 4000-byte object at 1 byte per second takes a little
 /// over an hour.
@@ -134,24 +124,12 @@ prop_compose! {
 /// settings, over a 10 ms path that loses `loss` each way.
 fn run(seed: u64, size: usize, server: EndpointConfig, client: EndpointConfig, loss: f64) {
     let data = object(size, seed);
-    let id = ObjectId::md5_of(&data);
     let start = Instant::now();
-    let maps: Maps = [(id, Arc::from(data.as_slice()))].into_iter().collect();
     let client_idle = client.transfer.idle_timeout;
     let server_idle = server.transfer.idle_timeout;
-    let server: EndpointPeer<Maps, Vec<u8>> =
-        EndpointPeer::new(Endpoint::new(server, maps), SocketAddr::from(CLIENT));
-    let mut client: EndpointPeer<NoObjects, Vec<u8>> =
-        EndpointPeer::new(Endpoint::new(client, NoObjects), SocketAddr::from(SERVER));
-    client.endpoint.fetch(
-        start,
-        SocketAddr::from(SERVER),
-        id,
-        &RangeSet::new(),
-        Vec::new(),
-    );
     let link = LinkConfig::clean(Duration::from_millis(10)).with_loss(loss);
-    let mut pair = Pair::new(seed, start, server, client, link.clone(), link);
+    let (_, mut pair) =
+        common::endpoint_pair(seed, start, server, client, &data, link.clone(), link);
     // A side whose idle timeout outlasts the run may legitimately wait (and retry) for ever; such
     // a run is only watched for an hour.
     let patient = client_idle >= HORIZON / 4 || server_idle >= HORIZON / 4;

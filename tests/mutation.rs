@@ -15,13 +15,13 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::object;
 use common::relay::{Impairment, Relay, RelayConfig};
+use common::{object, Maps, CLIENT};
 use udpferry::core::{
     Endpoint, EndpointConfig, Event, NoObjects, RangeSet, Receiver, TransferConfig, TransferError,
 };
@@ -126,17 +126,11 @@ fn one_shot(seed: u64, data: &[u8], down: LinkConfig, up: LinkConfig) -> Verdict
     }
 }
 
-const SERVER: ([u8; 4], u16) = ([10, 0, 0, 1], 7878);
-const CLIENT: ([u8; 4], u16) = ([10, 0, 0, 2], 5000);
-
-type Maps = HashMap<ObjectId, Arc<[u8]>>;
 type Endpoints = Pair<EndpointPeer<Maps, Vec<u8>>, EndpointPeer<NoObjects, Vec<u8>>>;
 
 /// One download between two `Endpoint`s (as the net layer runs them).
 fn endpoints(seed: u64, data: &[u8], down: LinkConfig, up: LinkConfig) -> Verdict {
     let start = Instant::now();
-    let id = ObjectId::md5_of(data);
-    let maps: Maps = [(id, Arc::from(data))].into_iter().collect();
     let server_config = EndpointConfig {
         seed: u128::from(seed) << 1,
         ..EndpointConfig::default()
@@ -145,19 +139,8 @@ fn endpoints(seed: u64, data: &[u8], down: LinkConfig, up: LinkConfig) -> Verdic
         seed: (u128::from(seed) << 1) | 1,
         ..EndpointConfig::default()
     };
-    let server = EndpointPeer::new(Endpoint::new(server_config, maps), SocketAddr::from(CLIENT));
-    let mut client: EndpointPeer<NoObjects, Vec<u8>> = EndpointPeer::new(
-        Endpoint::new(client_config, NoObjects),
-        SocketAddr::from(SERVER),
-    );
-    client.endpoint.fetch(
-        start,
-        SocketAddr::from(SERVER),
-        id,
-        &RangeSet::new(),
-        Vec::new(),
-    );
-    let mut pair = Pair::new(seed, start, server, client, down, up);
+    let (_, mut pair) =
+        common::endpoint_pair(seed, start, server_config, client_config, data, down, up);
     let client_done = |p: &Endpoints| {
         p.b.events
             .iter()

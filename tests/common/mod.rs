@@ -344,3 +344,46 @@ impl Drop for Hostile {
         }
     }
 }
+
+/// Objects a test server serves from memory.
+pub type Maps = std::collections::HashMap<ObjectId, std::sync::Arc<[u8]>>;
+/// The simulated server's address.
+pub const SERVER: ([u8; 4], u16) = ([10, 0, 0, 1], 7878);
+/// The simulated client's address.
+pub const CLIENT: ([u8; 4], u16) = ([10, 0, 0, 2], 5000);
+
+/// A server `Endpoint` over `Maps` and a client `Endpoint`, in the simulator.
+pub type EndpointPair = Pair<
+    udpferry_sim::EndpointPeer<Maps, Vec<u8>>,
+    udpferry_sim::EndpointPeer<udpferry::core::NoObjects, Vec<u8>>,
+>;
+
+/// Two `Endpoint`s joined by the links: a server holding `data` (under its MD5, the returned
+/// id) and a client that has just asked for it.
+#[allow(clippy::too_many_arguments)]
+pub fn endpoint_pair(
+    seed: u64,
+    start: Instant,
+    server: udpferry::core::EndpointConfig,
+    client: udpferry::core::EndpointConfig,
+    data: &[u8],
+    down: LinkConfig,
+    up: LinkConfig,
+) -> (ObjectId, EndpointPair) {
+    use std::net::SocketAddr;
+    use udpferry::core::{Endpoint, NoObjects};
+    use udpferry_sim::EndpointPeer;
+    let id = ObjectId::md5_of(data);
+    let maps: Maps = [(id, std::sync::Arc::from(data))].into_iter().collect();
+    let server = EndpointPeer::new(Endpoint::new(server, maps), SocketAddr::from(CLIENT));
+    let mut client: EndpointPeer<NoObjects, Vec<u8>> =
+        EndpointPeer::new(Endpoint::new(client, NoObjects), SocketAddr::from(SERVER));
+    client.endpoint.fetch(
+        start,
+        SocketAddr::from(SERVER),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+    );
+    (id, Pair::new(seed, start, server, client, down, up))
+}
