@@ -53,10 +53,13 @@ fn run(dir: &Path) -> Result<(), Box<dyn std::error::Error>> {
 
     let mut sent_before = 0;
     for (label, bases) in [("without v1", vec![]), ("with v1", vec![old.clone()])] {
-        let mut options = FetchOptions::new(dir.join(format!("player/cache-{}", bases.len())));
-        options.bases = bases;
-        options.output = Some(dir.join(format!("player/harbour-{}.bsp", label.replace(' ', "-"))));
-        let report = Client::fetch(addr, id, &options, |_| {})?;
+        let client = Client::new(dir.join(format!("player/cache-{}", bases.len())))?;
+        let options = FetchOptions {
+            bases,
+            output: Some(dir.join(format!("player/harbour-{}.bsp", label.replace(' ', "-")))),
+            ..FetchOptions::default()
+        };
+        let report = client.fetch(addr, id, &options, |_| {})?;
         std::thread::sleep(Duration::from_millis(100));
         let now = server.bytes_sent();
         let this = now - sent_before;

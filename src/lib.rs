@@ -12,9 +12,12 @@
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let map: ObjectId = "9e107d9d372bb6826bd81d3542a419d6".parse()?; // named by the server
-//! let mut options = FetchOptions::new("cache"); // or Cache::default_dir()
-//! options.output = Some("maps/next.bsp".into()); // also put it where the game loads maps
-//! let report = Client::fetch("game.example:7878", map, &options, |p| {
+//! let client = Client::new("cache")?; // or Cache::default_dir()
+//! let options = FetchOptions {
+//!     output: Some("maps/next.bsp".into()), // also put it where the game loads maps
+//!     ..FetchOptions::default()
+//! };
+//! let report = client.fetch("game.example:7878", map, &options, |p| {
 //!     println!("{} of {} bytes", p.bytes_done, p.total);
 //! })?;
 //! println!("{report}"); // verified: "<md5>: <size> bytes in <secs> s ..."
@@ -86,9 +89,9 @@ pub use crate::core::{
 };
 pub use crate::id::{ObjectId, ParseIdError};
 pub use crate::net::{
-    bind, random_seed, Activity, BundleFetchError, BundleProgress, BundleReport, Client, Driver,
-    FetchError, FetchOptions, FileError, FileFailure, HashThread, Progress, Report, Server,
-    ServerConfig, ServerHandle, CONCURRENT_FILES,
+    bind, loopback_demo, random_seed, Activity, BundleFetchError, BundleProgress, BundleReport,
+    Client, DemoReport, Driver, FetchError, FetchOptions, FileError, FileFailure, Got, HashThread,
+    Progress, Report, Server, ServerConfig, ServerHandle, ServerStatus, CONCURRENT_FILES,
 };
 pub use crate::store::bundle::is_bundle_listing;
 pub use crate::store::resolve_target;

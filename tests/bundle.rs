@@ -85,10 +85,12 @@ fn entry(path: &str, data: &[u8]) -> BundleEntry {
     }
 }
 
-fn options(cache: PathBuf) -> FetchOptions {
-    let mut o = FetchOptions::new(cache);
-    o.timeout = Some(Duration::from_secs(60));
-    o
+fn options(cache: PathBuf) -> (Client, FetchOptions) {
+    let o = FetchOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..FetchOptions::default()
+    };
+    (Client::new(cache).unwrap(), o)
 }
 
 /// Serves [`serve_tree`] under `tmp/served`: its files, the `maps` bundle's id, the server.
@@ -154,10 +156,12 @@ fn a_bundle_installs_then_is_skipped_then_only_a_changed_file_is_fetched() {
     let (s, maps, server) = serve_maps(&tmp);
     let root = tmp.join("served");
     let dir = tmp.join("install/maps");
-    let opts = options(tmp.join("cache"));
+    let (client, opts) = options(tmp.join("cache"));
 
     // 1. Into an empty directory: every file, byte for byte, and nothing else.
-    let report = Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {}).unwrap();
+    let report = client
+        .fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+        .unwrap();
     assert_eq!(
         (
             report.files,
@@ -178,7 +182,9 @@ fn a_bundle_installs_then_is_skipped_then_only_a_changed_file_is_fetched() {
     assert!(after_first >= s.level.len() as u64, "sent {after_first}");
 
     // 2. Again: everything is there, nothing is fetched (the listing is in the cache too).
-    let report = Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {}).unwrap();
+    let report = client
+        .fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+        .unwrap();
     assert_eq!((report.fetched, report.skipped), (0, 3));
     assert!(report.listing_from_cache);
     assert_eq!(
@@ -197,7 +203,9 @@ fn a_bundle_installs_then_is_skipped_then_only_a_changed_file_is_fetched() {
     let maps2 = store.bundles().next().unwrap().id;
     assert_ne!(maps2, maps);
     let server = Serving::start(store, ServerConfig::default());
-    let report = Client::fetch_bundle(server.addr, maps2, &dir, &opts, |_| {}).unwrap();
+    let report = client
+        .fetch_bundle(server.addr, maps2, &dir, &opts, |_| {})
+        .unwrap();
     assert_eq!((report.fetched, report.skipped), (1, 2));
     assert_eq!(report.fetched_bytes, wall2.len() as u64);
     let sent = server.sent();
@@ -235,10 +243,10 @@ fn an_interrupted_bundle_download_resumes() {
     config.endpoint.transfer.max_rate_bytes_per_sec = 2 * MIB as u64;
     let server = Serving::start(store, config);
     let dir = tmp.join("install");
-    let mut opts = options(tmp.join("cache"));
+    let (client, mut opts) = options(tmp.join("cache"));
     opts.timeout = Some(Duration::from_millis(700));
     let Err(BundleFetchError::Files { failed, report }) =
-        Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+        client.fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
     else {
         panic!("a 3 MiB file at 2 MiB/s finished within 0.7 s");
     };
@@ -252,7 +260,9 @@ fn an_interrupted_bundle_download_resumes() {
     );
 
     opts.timeout = Some(Duration::from_secs(60));
-    let report = Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {}).unwrap();
+    let report = client
+        .fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+        .unwrap();
     assert_eq!((report.fetched, report.skipped), (1, 2));
     assert!(report.resumed_bytes > 0, "{report:?}");
     assert_eq!(std::fs::read(dir.join("level.bsp")).unwrap(), s.level);
@@ -287,9 +297,9 @@ fn hostile_listings_are_refused_and_nothing_is_written() {
     for (what, listing) in &listings {
         let tmp = TempDir::new("hostile");
         let dir = tmp.join("work/install");
-        let opts = options(tmp.join("cache"));
+        let (client, opts) = options(tmp.join("cache"));
         let id = ObjectId::md5_of(listing);
-        let result = Client::fetch_bundle(server.addr, id, &dir, &opts, |_| {});
+        let result = client.fetch_bundle(server.addr, id, &dir, &opts, |_| {});
         assert!(
             matches!(result, Err(BundleFetchError::Invalid { .. })),
             "{what}: {result:?}"
@@ -333,10 +343,10 @@ fn wrong_bytes_and_wrong_sizes_are_not_installed() {
 
     let tmp = TempDir::new("wrong");
     let dir = tmp.join("install");
-    let opts = options(tmp.join("cache"));
+    let (client, opts) = options(tmp.join("cache"));
     let started = Instant::now();
     let Err(BundleFetchError::Files { failed, report }) =
-        Client::fetch_bundle(server.addr, id, &dir, &opts, |_| {})
+        client.fetch_bundle(server.addr, id, &dir, &opts, |_| {})
     else {
         panic!("wrong bytes were accepted");
     };
@@ -387,9 +397,9 @@ fn a_symbolic_link_in_the_directory_is_not_followed() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::create_dir_all(&outside).unwrap();
     std::os::unix::fs::symlink(&outside, dir.join("textures")).unwrap();
-    let opts = options(tmp.join("cache"));
+    let (client, opts) = options(tmp.join("cache"));
     let Err(BundleFetchError::Files { failed, report }) =
-        Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+        client.fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
     else {
         panic!("installed through a symbolic link");
     };
@@ -421,9 +431,9 @@ fn a_bundle_file_never_replaces_a_node_or_follows_a_link_out() {
         .success());
     std::fs::write(dir.join("old.cfg"), b"old").unwrap();
     std::os::unix::fs::symlink("old.cfg", dir.join("empty.cfg")).unwrap();
-    let opts = options(tmp.join("cache"));
+    let (client, opts) = options(tmp.join("cache"));
     let Err(BundleFetchError::Files { failed, .. }) =
-        Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+        client.fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
     else {
         panic!("installed over a link out and a FIFO");
     };
@@ -460,8 +470,10 @@ fn a_damaged_cache_entry_is_fetched_again_not_installed() {
     let level = ObjectId::md5_of(&s.level);
     let server = Serving::start(store, ServerConfig::default());
     let cache = tmp.join("cache");
-    let opts = options(cache.clone());
-    Client::fetch_bundle(server.addr, maps, &tmp.join("first"), &opts, |_| {}).unwrap();
+    let (client, opts) = options(cache.clone());
+    client
+        .fetch_bundle(server.addr, maps, &tmp.join("first"), &opts, |_| {})
+        .unwrap();
     // The cached copy of level.bsp is truncated: a second install elsewhere must not copy it.
     std::fs::File::options()
         .write(true)
@@ -470,7 +482,9 @@ fn a_damaged_cache_entry_is_fetched_again_not_installed() {
         .set_len(1000)
         .unwrap();
     let dir = tmp.join("second");
-    let report = Client::fetch_bundle(server.addr, maps, &dir, &opts, |_| {}).unwrap();
+    let report = client
+        .fetch_bundle(server.addr, maps, &dir, &opts, |_| {})
+        .unwrap();
     assert_eq!(report.damaged_in_cache, 1);
     assert_eq!(report.fetched, 1);
     assert_eq!(std::fs::read(dir.join("level.bsp")).unwrap(), s.level);

@@ -30,11 +30,14 @@ fn a_client_with_the_old_version_fetches_under_two_percent_of_the_new() {
 
     let server = Serving::dir(&tmp.join("served"));
     std::fs::create_dir_all(tmp.join("new")).unwrap();
-    let mut options = FetchOptions::new(tmp.join("cache"));
-    options.output = Some(tmp.join("new/level.bsp"));
-    options.bases = vec![old];
-    options.timeout = Some(Duration::from_secs(60));
-    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let options = FetchOptions {
+        output: Some(tmp.join("new/level.bsp")),
+        bases: vec![old],
+        timeout: Some(Duration::from_secs(60)),
+        ..FetchOptions::default()
+    };
+    let report = client.fetch(server.addr, id, &options, |_| {}).unwrap();
     let sent = server.sent();
     assert_eq!(std::fs::read(tmp.join("new/level.bsp")).unwrap(), v2);
     let limit = (16 * MIB) as u64 / 50;
@@ -64,10 +67,13 @@ fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
     put_dated(&junk, &object(2 * MIB, 10));
     let server = Serving::dir(&tmp.join("served"));
 
-    let mut options = FetchOptions::new(tmp.join("cache1"));
-    options.bases = vec![junk, tmp.join("does-not-exist")];
-    options.output = Some(tmp.join("out1.map"));
-    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    let client = Client::new(tmp.join("cache1")).unwrap();
+    let options = FetchOptions {
+        bases: vec![junk, tmp.join("does-not-exist")],
+        output: Some(tmp.join("out1.map")),
+        ..FetchOptions::default()
+    };
+    let report = client.fetch(server.addr, id, &options, |_| {}).unwrap();
     assert_eq!(report.reused_bytes, 0);
     assert_eq!(std::fs::read(tmp.join("out1.map")).unwrap(), v);
     let full = server.sent();
@@ -75,9 +81,12 @@ fn unrelated_bases_fall_back_and_an_existing_output_is_reused() {
 
     // Same object again into a fresh cache, with the output already in place: only the
     // manifest and the short last block travel.
-    let mut options = FetchOptions::new(tmp.join("cache2"));
-    options.output = Some(tmp.join("out1.map"));
-    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    let client = Client::new(tmp.join("cache2")).unwrap();
+    let options = FetchOptions {
+        output: Some(tmp.join("out1.map")),
+        ..FetchOptions::default()
+    };
+    let report = client.fetch(server.addr, id, &options, |_| {}).unwrap();
     let second = server.sent() - full;
     assert_eq!(std::fs::read(tmp.join("out1.map")).unwrap(), v);
     assert!(report.reused_bytes >= v.len() as u64 - 4096, "{report:?}");
@@ -109,11 +118,14 @@ fn an_interrupted_delta_download_resumes_from_its_journal() {
         config,
     );
 
-    let mut options = FetchOptions::new(tmp.join("cache"));
-    options.bases = vec![old];
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let mut options = FetchOptions {
+        bases: vec![old],
+        ..FetchOptions::default()
+    };
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     options.stop = Some(stop.clone());
-    let first = Client::fetch(server.addr, id, &options, |_| {
+    let first = client.fetch(server.addr, id, &options, |_| {
         stop.store(true, std::sync::atomic::Ordering::Relaxed)
     });
     assert!(
@@ -122,9 +134,12 @@ fn an_interrupted_delta_download_resumes_from_its_journal() {
     );
     let after_manifest = server.sent();
 
-    let mut options = FetchOptions::new(tmp.join("cache"));
-    options.output = Some(tmp.join("m.out"));
-    let report = Client::fetch(server.addr, id, &options, |_| {}).unwrap();
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let options = FetchOptions {
+        output: Some(tmp.join("m.out")),
+        ..FetchOptions::default()
+    };
+    let report = client.fetch(server.addr, id, &options, |_| {}).unwrap();
     let second = server.sent() - after_manifest;
     assert_eq!(std::fs::read(tmp.join("m.out")).unwrap(), v2);
     assert!(

@@ -70,12 +70,16 @@ fn an_offer_larger_than_the_free_disk_space_fails_before_writing_and_tells_the_s
         }
     });
     let cache = TempDir::new("nospace");
-    let mut options = FetchOptions::new(&cache.0);
-    options.endpoint.transfer.max_object_size = 1 << 50; // the disk, not this limit, must refuse
-    options.timeout = Some(Duration::from_secs(20));
+    let mut config = udpferry::EndpointConfig::default();
+    config.transfer.max_object_size = 1 << 50; // the disk, not this limit, must refuse
+    let client = Client::new(&cache.0).unwrap().with_config(config);
+    let options = FetchOptions {
+        timeout: Some(Duration::from_secs(20)),
+        ..FetchOptions::default()
+    };
     let id = ObjectId::md5_of(b"a map nobody has");
     let started = Instant::now();
-    let result = Client::fetch(addr, id, &options, |_| {});
+    let result = client.fetch(addr, id, &options, |_| {});
     match result {
         Err(FetchError::Store(StoreError::NoSpace { needed, free, .. })) => {
             assert_eq!(needed, HUGE);

@@ -109,9 +109,12 @@ fn sixteen_clients_download_different_objects_at_once() {
         .map(|(i, (id, data))| {
             let cache = dir.0.join(format!("cache{i}"));
             thread::spawn(move || {
-                let mut options = FetchOptions::new(&cache);
-                options.timeout = Some(Duration::from_secs(120));
-                let report = Client::fetch(addr, id, &options, |_| {}).unwrap();
+                let client = Client::new(&cache).unwrap();
+                let options = FetchOptions {
+                    timeout: Some(Duration::from_secs(120)),
+                    ..FetchOptions::default()
+                };
+                let report = client.fetch(addr, id, &options, |_| {}).unwrap();
                 assert_eq!(std::fs::read(&report.path).unwrap(), data);
                 assert!(!report.from_cache);
             })
@@ -137,10 +140,17 @@ fn limits_answer_busy_and_unknown_objects_not_found() {
     let addr = server.addr;
     let first = {
         let cache = dir.0.join("c1");
-        thread::spawn(move || Client::fetch(addr, id, &FetchOptions::new(cache), |_| {}))
+        thread::spawn(move || {
+            Client::new(cache)
+                .unwrap()
+                .fetch(addr, id, &FetchOptions::default(), |_| {})
+        })
     };
     thread::sleep(Duration::from_millis(300));
-    let second = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("c2")), |_| {});
+    let second =
+        Client::new(dir.0.join("c2"))
+            .unwrap()
+            .fetch(addr, id, &FetchOptions::default(), |_| {});
     assert!(
         matches!(
             second,
@@ -154,10 +164,10 @@ fn limits_answer_busy_and_unknown_objects_not_found() {
     // Limits are checked before the lookup, so ask for a missing object once the slot is free
     // (the server frees it when the first client's Done arrives).
     thread::sleep(Duration::from_millis(200));
-    let missing = Client::fetch(
+    let missing = Client::new(dir.0.join("c3")).unwrap().fetch(
         addr,
         ObjectId::md5_of(b"nope"),
-        &FetchOptions::new(dir.0.join("c3")),
+        &FetchOptions::default(),
         |_| {},
     );
     assert!(
@@ -229,9 +239,12 @@ fn garbage_sprayed_at_the_server_does_not_stop_a_download_or_grow_its_state() {
             sent
         })
     };
-    let mut options = FetchOptions::new(dir.0.join("cache"));
-    options.timeout = Some(Duration::from_secs(120));
-    let report = Client::fetch(addr, id, &options, |_| {}).unwrap();
+    let client = Client::new(dir.0.join("cache")).unwrap();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_secs(120)),
+        ..FetchOptions::default()
+    };
+    let report = client.fetch(addr, id, &options, |_| {}).unwrap();
     stop.store(true, Ordering::Relaxed);
     let sprayed = sprayer.join().unwrap();
     assert_eq!(std::fs::read(&report.path).unwrap(), data);
@@ -272,7 +285,10 @@ fn ipv6_loopback_works() {
     let flag = stop.clone();
     let t = thread::spawn(move || server.run_until(&flag, |_| {}));
     let start = Instant::now();
-    let report = Client::fetch(addr, id, &FetchOptions::new(dir.0.join("cache")), |_| {});
+    let report =
+        Client::new(dir.0.join("cache"))
+            .unwrap()
+            .fetch(addr, id, &FetchOptions::default(), |_| {});
     stop.store(true, Ordering::Relaxed);
     t.join().unwrap().unwrap();
     let report = report.unwrap();
@@ -300,13 +316,15 @@ fn rate_caps_hold_on_real_sockets() {
     config.endpoint.rate_limit_bytes_per_sec = 1 << 20;
     let server = RunningServer::start(&maps, config);
     let start = Instant::now();
-    let report = Client::fetch(
-        server.addr,
-        ObjectId::md5_of(&big),
-        &FetchOptions::new(dir.0.join("c0")),
-        |_| {},
-    )
-    .unwrap();
+    let report = Client::new(dir.0.join("c0"))
+        .unwrap()
+        .fetch(
+            server.addr,
+            ObjectId::md5_of(&big),
+            &FetchOptions::default(),
+            |_| {},
+        )
+        .unwrap();
     let one = start.elapsed();
     drop(server);
     assert_eq!(std::fs::read(&report.path).unwrap(), big);
@@ -334,7 +352,10 @@ fn rate_caps_hold_on_real_sockets() {
             let cache = dir.0.join(format!("c{}", i + 1));
             thread::spawn(move || {
                 let start = Instant::now();
-                Client::fetch(addr, id, &FetchOptions::new(cache), |_| {}).unwrap();
+                Client::new(cache)
+                    .unwrap()
+                    .fetch(addr, id, &FetchOptions::default(), |_| {})
+                    .unwrap();
                 start.elapsed()
             })
         })
@@ -398,7 +419,10 @@ fn a_digest_mismatch_discards_the_partial_instead_of_resuming_it() {
     let stop = Arc::new(AtomicBool::new(false));
     let (addr, server) = lying_server(claimed, bytes(500_000, 4), stop.clone());
     let cache = dir.0.join("cache");
-    let result = Client::fetch(addr, claimed, &FetchOptions::new(&cache), |_| {});
+    let result =
+        Client::new(&cache)
+            .unwrap()
+            .fetch(addr, claimed, &FetchOptions::default(), |_| {});
     stop.store(true, Ordering::Relaxed);
     server.join().unwrap();
     assert!(

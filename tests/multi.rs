@@ -45,11 +45,16 @@ fn two_capped_servers_share_the_work() {
     put_dated(&tmp.join("b/copy-of-map.bsp"), &data);
     let a = honest(&tmp.join("a"), 1 << 20);
     let b = honest(&tmp.join("b"), 1 << 20);
-    let mut options = FetchOptions::new(tmp.join("cache"));
-    options.output = Some(tmp.join("map.out"));
-    options.timeout = Some(Duration::from_secs(60));
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let options = FetchOptions {
+        output: Some(tmp.join("map.out")),
+        timeout: Some(Duration::from_secs(60)),
+        ..FetchOptions::default()
+    };
     let started = Instant::now();
-    let report = Client::fetch_from(&[a.addr, b.addr], id, &options, |_| {}).unwrap();
+    let report = client
+        .fetch_from(&[a.addr, b.addr], id, &options, |_| {})
+        .unwrap();
     let secs = started.elapsed().as_secs_f64();
     assert_eq!(std::fs::read(tmp.join("map.out")).unwrap(), data);
     assert!(report.bad_sources.is_empty());
@@ -85,11 +90,16 @@ fn a_lying_source_is_dropped_and_named_and_the_download_completes() {
         .unwrap()
         .encode();
     let bad = liar(id, corrupt, manifest);
-    let mut options = FetchOptions::new(tmp.join("cache"));
-    options.output = Some(tmp.join("map.out"));
-    options.timeout = Some(Duration::from_secs(60));
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let options = FetchOptions {
+        output: Some(tmp.join("map.out")),
+        timeout: Some(Duration::from_secs(60)),
+        ..FetchOptions::default()
+    };
     // The liar first, so it gets pieces before it is found out.
-    let report = Client::fetch_from(&[bad.addr, good.addr], id, &options, |_| {}).unwrap();
+    let report = client
+        .fetch_from(&[bad.addr, good.addr], id, &options, |_| {})
+        .unwrap();
     assert_eq!(std::fs::read(tmp.join("map.out")).unwrap(), data);
     assert_eq!(report.bad_sources, vec![bad.addr], "the liar is named");
 }

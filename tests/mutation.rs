@@ -643,9 +643,12 @@ fn a_real_download_through_a_lossy_relay_completes() {
         serving.addr,
         RelayConfig::both(0x5e1a, Impairment::loss(0.05)),
     );
-    let mut options = FetchOptions::new(dir.join("cache"));
-    options.timeout = Some(Duration::from_secs(60));
-    let report = Client::fetch(relay.addr(), id, &options, |_| {});
+    let client = Client::new(dir.join("cache")).unwrap();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..FetchOptions::default()
+    };
+    let report = client.fetch(relay.addr(), id, &options, |_| {});
     let stats = relay.stats();
     let report = match report {
         Ok(report) => report,

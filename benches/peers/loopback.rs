@@ -547,20 +547,24 @@ impl FileServer {
 /// call, and the bytes received.
 fn ferry_fetch(server: &FileServer, id: ObjectId, size: usize) -> Result<Latency, String> {
     let cache = TempDir::new("cache").map_err(err)?;
-    let mut options = FetchOptions::new(&cache.0);
-    options.timeout = Some(deadline_for(size));
+    let client = Client::new(&cache.0).map_err(err)?;
+    let options = FetchOptions {
+        timeout: Some(deadline_for(size)),
+        ..FetchOptions::default()
+    };
     let start = Instant::now();
     let mut first_byte = None;
     let mut verified = None;
-    let report = Client::fetch(server.addr, id, &options, |p| {
-        if p.bytes_done > 0 {
-            first_byte.get_or_insert_with(|| start.elapsed());
-        }
-        if p.bytes_done == p.total {
-            verified.get_or_insert_with(|| start.elapsed());
-        }
-    })
-    .map_err(err)?;
+    let report = client
+        .fetch(server.addr, id, &options, |p| {
+            if p.bytes_done > 0 {
+                first_byte.get_or_insert_with(|| start.elapsed());
+            }
+            if p.bytes_done == p.total {
+                verified.get_or_insert_with(|| start.elapsed());
+            }
+        })
+        .map_err(err)?;
     let complete = start.elapsed();
     if report.from_cache || report.size != size as u64 {
         return Err("unexpected report: from cache or wrong size".into());

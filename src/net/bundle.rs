@@ -10,14 +10,13 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{
-    accept_size, fetch_hashed, keep_or_discard, linger, random_seed, Client, Driver, FetchOptions,
-    MAX_WAIT,
-};
-use crate::core::{Endpoint, Event, NoObjects, TransferError, TransferId};
+use super::client::resolve;
+use super::engine::{Engine, Expect, Job, Outcome, Sink, Verify};
+use super::{Client, FetchError, FetchOptions};
+use crate::core::{TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::bundle::{Bundle, BundleError, MAX_LISTING_BYTES};
-use crate::store::{Cache, Lookup, PartialFile, SafePath, StoreError};
+use crate::store::{Cache, Lookup, SafePath, StoreError};
 
 /// Files downloaded at once. They share one socket and one endpoint, so on the server they are
 /// one path (pooled base delay, windows evened out: docs/ARCHITECTURE.md section 5.5) and
@@ -184,7 +183,7 @@ pub enum BundleFetchError {
 
 /// One object to download: a file of the bundle (its listed size) or the listing itself.
 #[derive(Debug, Clone)]
-struct Job {
+struct Wanted {
     id: ObjectId,
     /// The size the listing gives; `None` for the listing (at most [`MAX_LISTING_BYTES`]).
     size: Option<u64>,
@@ -202,57 +201,36 @@ struct Fetched {
 /// A download in flight.
 #[derive(Debug)]
 struct Active {
-    job: usize,
+    wanted: usize,
     retries: u32,
     resumed: u64,
-    done: u64,
-    /// Why the owner cancelled it, if it did.
-    rejected: Option<FileError>,
 }
 
-/// Several downloads at once from one server through one endpoint and one socket.
+/// Several downloads at once from one server through the client's engine (one endpoint, one
+/// socket, bound on first use: nothing is bound when everything is local).
 struct Downloads<'a> {
-    driver: Option<Driver>,
-    endpoint: Endpoint<NoObjects, PartialFile>,
+    engine: Engine<'a>,
     server: SocketAddr,
-    options: &'a FetchOptions,
     cache: &'a Cache,
-    started: Instant,
 }
 
 impl Downloads<'_> {
-    /// The socket, bound on first use (nothing is bound when everything is local).
-    fn driver(&mut self) -> io::Result<&mut Driver> {
-        if self.driver.is_none() {
-            self.driver = Some(self.options.driver_for(self.server)?);
-        }
-        self.driver
-            .as_mut()
-            .ok_or_else(|| io::Error::other("no socket"))
-    }
-
-    /// Downloads every job into the cache, at most [`CONCURRENT_FILES`] at a time, and calls
-    /// `on_done` as each ends (finalized in the cache, or failed); `on_bytes` gets the bytes
-    /// held by downloads in flight. Returns an error only if the socket fails.
+    /// Downloads every wanted object into the cache, at most [`CONCURRENT_FILES`] at a time,
+    /// and calls `on_done` as each ends (finalized in the cache, or failed); `on_bytes` gets
+    /// the bytes held by downloads in flight. Past the overall timeout (or when stopped) the
+    /// rest fail with the reason. Returns an error only if the socket fails.
     fn run(
         &mut self,
-        jobs: &[Job],
+        wanted: &[Wanted],
         on_done: &mut dyn FnMut(usize, Result<Fetched, FileError>),
         on_bytes: &mut dyn FnMut(u64),
     ) -> io::Result<()> {
-        let mut queue: VecDeque<(usize, u32, Instant)> =
-            (0..jobs.len()).map(|i| (i, 0, self.started)).collect();
+        let mut queue: VecDeque<(usize, u32, Instant)> = (0..wanted.len())
+            .map(|i| (i, 0, self.engine.started()))
+            .collect();
         let mut active: HashMap<TransferId, Active> = HashMap::new();
-        let deadline = self.options.timeout;
         while !queue.is_empty() || !active.is_empty() {
             let now = Instant::now();
-            if let Some(limit) = deadline.filter(|l| self.started.elapsed() >= *l) {
-                self.stop_all(&mut active, on_done, Some(limit));
-                for (job, _, _) in queue.drain(..) {
-                    on_done(job, Err(FileError::Deadline(limit)));
-                }
-                return Ok(());
-            }
             while active.len() < CONCURRENT_FILES {
                 let Some(at) = queue
                     .iter()
@@ -260,159 +238,124 @@ impl Downloads<'_> {
                 else {
                     break;
                 };
-                let Some((job, retries, _)) = queue.remove(at) else {
+                let Some((w, retries, _)) = queue.remove(at) else {
                     break;
                 };
-                match self.start(&jobs[job]) {
+                match self.start(&wanted[w]) {
                     Ok((transfer, resumed)) => {
                         active.insert(
                             transfer,
                             Active {
-                                job,
+                                wanted: w,
                                 retries,
                                 resumed,
-                                done: resumed,
-                                rejected: None,
                             },
                         );
                     }
-                    Err(e) => on_done(job, Err(e.into())),
+                    Err(e) => on_done(w, Err(e.into())),
                 }
             }
-            let mut finished: Vec<(TransferId, Result<u64, TransferError>)> = Vec::new();
-            let endpoint = &mut self.endpoint;
-            let Some(driver) = self.driver.as_mut() else {
-                // Nothing started yet: only "busy" files waiting for their retry.
-                std::thread::sleep(MAX_WAIT);
-                continue;
-            };
-            let turned = driver.turn(endpoint, MAX_WAIT, &mut |ep, e| {
-                let Some(a) = active.get_mut(&e.transfer) else {
-                    return;
-                };
-                match e.event {
-                    Event::Started { size } => {
-                        let listed = jobs[a.job].size;
-                        a.rejected = match listed {
-                            Some(listed) if listed != size => Some(FileError::SizeMismatch {
-                                listed,
-                                offered: size,
-                            }),
-                            None if size > MAX_LISTING_BYTES => {
-                                Some(FileError::Transfer(TransferError::TooLarge {
-                                    size,
-                                    max: MAX_LISTING_BYTES,
-                                }))
-                            }
-                            _ => None,
-                        };
-                        if a.rejected.is_some() {
-                            // Before the Start goes out: the server is told, nothing is sent.
-                            ep.cancel(e.transfer);
-                        } else {
-                            // Cancels the same way if the disk cannot hold it.
-                            a.rejected = accept_size(ep, e.transfer, size).map(FileError::Store);
-                        }
+            let ended = match self.engine.turn() {
+                Ok(ended) => ended,
+                Err(why) => {
+                    // Every download in flight was cancelled and kept for a resume; the rest
+                    // fail with the reason.
+                    let deadline = match why {
+                        FetchError::Deadline(d) => Some(d),
+                        _ => None,
+                    };
+                    let left = active.drain().map(|(_, a)| a.wanted);
+                    for w in left.chain(queue.drain(..).map(|(w, _, _)| w)) {
+                        let error = deadline.map_or(
+                            FileError::Transfer(TransferError::Cancelled),
+                            FileError::Deadline,
+                        );
+                        on_done(w, Err(error));
                     }
-                    Event::Progress { bytes_done, .. } => a.done = bytes_done,
-                    Event::Completed(c) => finished.push((e.transfer, Ok(c.size))),
-                    Event::Failed(err) => finished.push((e.transfer, Err(err))),
+                    return match why {
+                        FetchError::Io(e) => Err(e),
+                        _ => Ok(()),
+                    };
                 }
-            });
-            if let Err(e) = turned {
-                self.stop_all(&mut active, on_done, None);
-                return Err(e);
-            }
-            for (transfer, result) in finished {
-                let Some(mut a) = active.remove(&transfer) else {
+            };
+            for ended in ended {
+                let Some(a) = active.remove(&ended.transfer) else {
                     continue;
                 };
-                let Some(mut partial) = self.endpoint.take_sink(transfer) else {
-                    on_done(a.job, Err(lost().into()));
+                let Sink::File(mut partial) = ended.sink else {
+                    on_done(a.wanted, Err(lost_file().into()));
                     continue;
                 };
-                match result {
-                    Ok(size) => match partial.finalize() {
+                match ended.outcome {
+                    Outcome::Completed { size } => match partial.finalize() {
                         Ok(_) => on_done(
-                            a.job,
+                            a.wanted,
                             Ok(Fetched {
                                 size,
                                 resumed: a.resumed,
                             }),
                         ),
-                        Err(e) => on_done(a.job, Err(e.into())),
+                        Err(e) => on_done(a.wanted, Err(e.into())),
                     },
-                    Err(TransferError::Busy) if a.retries < BUSY_RETRIES => {
+                    Outcome::Failed(TransferError::Busy) if a.retries < BUSY_RETRIES => {
                         let _ = partial.checkpoint();
                         drop(partial);
                         let wait = Duration::from_millis(250) * (1 << a.retries);
-                        queue.push_back((a.job, a.retries + 1, Instant::now() + wait));
+                        queue.push_back((a.wanted, a.retries + 1, Instant::now() + wait));
                     }
-                    Err(err) => {
-                        keep_or_discard(partial, &err);
-                        on_done(a.job, Err(a.rejected.take().unwrap_or(err.into())));
+                    Outcome::Failed(err) => {
+                        if matches!(err, TransferError::DigestMismatch { .. }) {
+                            // Some stored bytes are wrong and nothing here says which.
+                            let _ = partial.discard();
+                        } else {
+                            let _ = partial.checkpoint();
+                        }
+                        on_done(a.wanted, Err(err.into()));
+                    }
+                    Outcome::WrongSize { expected, offered } => {
+                        let _ = partial.checkpoint();
+                        on_done(
+                            a.wanted,
+                            Err(FileError::SizeMismatch {
+                                listed: expected,
+                                offered,
+                            }),
+                        );
+                    }
+                    Outcome::NoSpace(e) => {
+                        let _ = partial.checkpoint();
+                        on_done(a.wanted, Err(e.into()));
                     }
                 }
             }
-            on_bytes(active.values().map(|a| a.done).sum());
+            on_bytes(self.engine.held());
         }
         Ok(())
     }
 
-    /// Opens (or resumes) the cache's partial file for `job` and starts its transfer.
-    fn start(&mut self, job: &Job) -> Result<(TransferId, u64), StoreError> {
-        let (mut partial, have) = self.cache.begin_sized(&job.id, job.size)?;
+    /// Opens (or resumes) the cache's partial file for `wanted` and starts its transfer.
+    fn start(&mut self, wanted: &Wanted) -> Result<(TransferId, u64), StoreError> {
+        let (mut partial, have) = self.cache.begin_sized(&wanted.id, wanted.size)?;
         partial.set_background_journal(true)?;
-        if let Err(e) = self.driver() {
-            return Err(StoreError::Io {
-                action: "open a socket for",
-                path: self.cache.path_of(&job.id),
-                source: e,
-            });
-        }
-        let transfer = fetch_hashed(&mut self.endpoint, self.server, job.id, &have, partial);
-        Ok((transfer, have.covered()))
-    }
-
-    /// Cancels every download in flight, tells the server, keeps what arrived (checkpoint) and
-    /// reports each as failed: past the deadline `deadline` if given, else cancelled.
-    fn stop_all(
-        &mut self,
-        active: &mut HashMap<TransferId, Active>,
-        on_done: &mut dyn FnMut(usize, Result<Fetched, FileError>),
-        deadline: Option<Duration>,
-    ) {
-        for transfer in active.keys() {
-            self.endpoint.cancel(*transfer);
-        }
-        if let Some(driver) = self.driver.as_mut() {
-            driver.flush(&mut self.endpoint);
-        }
-        for (transfer, a) in active.drain() {
-            if let Some(mut partial) = self.endpoint.take_sink(transfer) {
-                let _ = partial.checkpoint();
-            }
-            let error = match deadline {
-                Some(d) => FileError::Deadline(d),
-                None => FileError::Transfer(TransferError::Cancelled),
-            };
-            on_done(a.job, Err(error));
-        }
-    }
-
-    /// Answers, in the background, a server that missed a Done (as `Client::fetch` does).
-    fn finish(self) {
-        if let Some(mut driver) = self.driver {
-            let mut endpoint = self.endpoint;
-            driver.flush(&mut endpoint);
-            std::thread::spawn(move || {
-                linger(&mut driver, &mut endpoint, Duration::from_millis(500))
-            });
-        }
+        let resumed = have.covered();
+        let job = Job {
+            server: self.server,
+            id: wanted.id,
+            have,
+            sink: Sink::File(partial),
+            expect: wanted.size.map_or(Expect::AtMost(MAX_LISTING_BYTES), Expect::Size),
+            verify: Verify::Digest,
+        };
+        let transfer = self.engine.start(job).map_err(|e| StoreError::Io {
+            action: "open a socket for",
+            path: self.cache.path_of(&wanted.id),
+            source: e,
+        })?;
+        Ok((transfer, resumed))
     }
 }
 
-fn lost() -> StoreError {
+fn lost_file() -> StoreError {
     StoreError::io(
         "finish",
         Path::new("(download)"),
@@ -433,34 +376,28 @@ impl Client {
     ///    atomically ([`Cache::copy_out`]: temporary file, digest check, rename). Parent
     ///    directories are created inside `dir` only, never through a symbolic link.
     ///
-    /// `options.cache_dir`, `timeout` (for the whole call), `endpoint` and `bind` apply;
-    /// `output` and `bases` are ignored. `progress` is called at most every 100 ms.
+    /// `options.timeout` (for the whole call) and `stop` apply; `output` and `bases` are
+    /// ignored. `progress` is called at most every 100 ms.
     ///
     /// Files that fail do not stop the others: the call then returns
     /// [`BundleFetchError::Files`] with the report; calling it again fetches only what is
     /// missing. Blocks until every file is installed or has failed.
     pub fn fetch_bundle(
+        &self,
         server: impl ToSocketAddrs,
         bundle: ObjectId,
         dir: &Path,
         options: &FetchOptions,
         mut progress: impl FnMut(&BundleProgress),
     ) -> Result<BundleReport, BundleFetchError> {
-        let started = Instant::now();
-        let cache = Cache::open(&options.cache_dir)?;
-        let server = server
-            .to_socket_addrs()?
-            .next()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "server address not found"))?;
-        let mut config = options.endpoint.clone();
-        config.seed = random_seed();
+        let engine = Engine::new(self, options);
+        let started = engine.started();
+        let cache = &self.cache;
+        let server = resolve(server)?;
         let mut downloads = Downloads {
-            driver: None,
-            endpoint: Endpoint::new(config, NoObjects),
+            engine,
             server,
-            options,
-            cache: &cache,
-            started,
+            cache,
         };
         let mut report = BundleReport {
             bundle,
@@ -475,34 +412,32 @@ impl Client {
             damaged_in_cache: 0,
             duration: Duration::ZERO,
         };
-        report.listing_from_cache = in_cache(&cache, &bundle, &mut report)?;
+        report.listing_from_cache = in_cache(cache, &bundle, &mut report)?;
 
         // 1. The listing.
         if !report.listing_from_cache {
             let mut outcome = None;
-            let job = Job {
+            let listing = Wanted {
                 id: bundle,
                 size: None,
                 entries: Vec::new(),
             };
-            downloads.run(&[job], &mut |_, r| outcome = Some(r), &mut |_| {})?;
+            downloads.run(&[listing], &mut |_, r| outcome = Some(r), &mut |_| {})?;
             match outcome {
                 Some(Ok(_)) => {}
                 Some(Err(source)) => {
-                    downloads.finish();
                     return Err(BundleFetchError::Listing {
                         id: bundle,
                         source: Box::new(source),
                     });
                 }
-                None => return Err(lost().into()),
+                None => return Err(lost_file().into()),
             }
         }
-        let listing = read_listing(&cache, &bundle)?;
+        let listing = read_listing(cache, &bundle)?;
         let bundle_list = match Bundle::decode(&listing) {
             Ok(b) => b,
             Err(source) => {
-                downloads.finish();
                 return Err(BundleFetchError::Invalid { id: bundle, source });
             }
         };
@@ -514,7 +449,7 @@ impl Client {
         // 2. What is already there.
         fs::create_dir_all(dir).map_err(|e| StoreError::io("create directory", dir, e))?;
         let mut failed: Vec<FileFailure> = Vec::new();
-        let mut jobs: Vec<Job> = Vec::new();
+        let mut jobs: Vec<Wanted> = Vec::new();
         let mut job_of: HashMap<ObjectId, usize> = HashMap::new();
         let mut bytes_settled = 0u64;
         for (i, entry) in entries.iter().enumerate() {
@@ -544,7 +479,7 @@ impl Client {
                 }),
                 None => {
                     job_of.insert(entry.id, jobs.len());
-                    jobs.push(Job {
+                    jobs.push(Wanted {
                         id: entry.id,
                         size: Some(entry.size),
                         entries: vec![i],
@@ -554,11 +489,11 @@ impl Client {
         }
         let files_done = Cell::new(report.skipped + failed.len());
         let bytes_settled = Cell::new(bytes_settled);
-        let install = |job: &Job, failed: &mut Vec<FileFailure>| -> usize {
+        let install = |job: &Wanted, failed: &mut Vec<FileFailure>| -> usize {
             let mut ok = 0;
             for &i in &job.entries {
                 let entry = &entries[i];
-                match install_from_cache(&cache, dir, &entry.path, &job.id) {
+                match install_from_cache(cache, dir, &entry.path, &job.id) {
                     Ok(()) => ok += 1,
                     Err(e) => failed.push(FileFailure {
                         path: entry.path.clone(),
@@ -570,7 +505,7 @@ impl Client {
         };
         let mut remote = Vec::new();
         for job in jobs {
-            if in_cache(&cache, &job.id, &mut report)? {
+            if in_cache(cache, &job.id, &mut report)? {
                 report.from_cache += install(&job, &mut failed);
                 files_done.set(files_done.get() + job.entries.len());
                 bytes_settled
@@ -627,7 +562,7 @@ impl Client {
                 }
             },
         );
-        downloads.finish();
+        downloads.engine.finish(Duration::from_millis(500));
         run?;
         progress(&BundleProgress {
             files_done: files_done.get(),

@@ -6,12 +6,11 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use super::{Driver, FetchError, MAX_WAIT};
-use crate::core::{
-    ChunkSink, Endpoint, EndpointConfig, Event, NoObjects, RangeSet, TransferError,
-};
+use super::engine::{lost, Engine, Expect, Job, Outcome, Sink, Verify};
+use super::FetchError;
+use crate::core::{ChunkSink, RangeSet, TransferError};
 use crate::id::ObjectId;
 use crate::store::manifest::{manifest_id, Manifest, Src};
 use crate::store::{self, PartialFile};
@@ -50,50 +49,35 @@ pub(super) fn vote(copies: &[Vec<u8>]) -> Option<Vec<u8>> {
         .collect()
 }
 
-/// Fetches and checks the manifest of `object` over `driver`, for at most `limit`. Without
-/// one, the caller fetches the whole object.
+/// Fetches and checks the manifest of `object` through `engine`, for at most `limit`.
+/// Without one, the caller fetches the whole object.
 pub(super) fn fetch_manifest(
-    driver: &mut Driver,
+    engine: &mut Engine<'_>,
     server: SocketAddr,
     object: ObjectId,
-    mut config: EndpointConfig,
     limit: Duration,
 ) -> Result<Result<Manifest, NoManifest>, FetchError> {
-    config.transfer.max_object_size = config.transfer.max_object_size.min(MAX_MANIFEST_BYTES);
-    config.seed = super::random_seed();
-    let mut endpoint: Endpoint<NoObjects, Vec<u8>> = Endpoint::new(config, NoObjects);
-    let id = manifest_id(&object);
-    let transfer = endpoint.fetch(Instant::now(), server, id, &RangeSet::new(), Vec::new());
-    // Its id is derived, not its digest: the bytes are checked by `Manifest::decode` below.
-    endpoint.verify_by_caller(transfer);
-    let until = Instant::now() + limit;
-    let mut done: Option<Result<(), NoManifest>> = None;
-    while done.is_none() && Instant::now() < until {
-        driver.turn(&mut endpoint, MAX_WAIT, &mut |_, e| match e.event {
-            Event::Completed(_) => done = Some(Ok(())),
-            Event::Failed(TransferError::DigestMismatch { .. }) => {
-                done = Some(Err(NoManifest::Damaged(Vec::new())))
-            }
-            Event::Failed(TransferError::TimedOut(_)) => done = Some(Err(NoManifest::TimedOut)),
-            Event::Failed(_) => done = Some(Err(NoManifest::Refused)),
-            _ => {}
-        })?;
-    }
-    let done = done.unwrap_or(Err(NoManifest::TimedOut));
-    if let Err(why) = done {
-        endpoint.cancel(transfer);
-        driver.flush(&mut endpoint);
-        let why = match why {
-            NoManifest::Damaged(_) => {
-                NoManifest::Damaged(endpoint.take_sink(transfer).unwrap_or_default())
-            }
-            other => other,
-        };
-        return Ok(Err(why));
-    }
-    driver.flush(&mut endpoint); // the Done
-    let bytes = endpoint.take_sink(transfer).unwrap_or_default();
-    Ok(Manifest::decode(&bytes, &object).map_err(|_| NoManifest::Damaged(bytes)))
+    let job = Job {
+        server,
+        id: manifest_id(&object),
+        have: RangeSet::new(),
+        sink: Sink::Memory(Vec::new()),
+        expect: Expect::AtMost(MAX_MANIFEST_BYTES),
+        // Its id is derived, not its digest: the bytes are checked by `Manifest::decode`.
+        verify: Verify::ByCaller,
+    };
+    let ended = engine.run(job, Some(limit), &mut |_, _, _| {})?;
+    let Sink::Memory(bytes) = ended.sink else {
+        return Err(lost());
+    };
+    Ok(match ended.outcome {
+        Outcome::Completed { .. } => {
+            Manifest::decode(&bytes, &object).map_err(|_| NoManifest::Damaged(bytes))
+        }
+        Outcome::Failed(TransferError::DigestMismatch { .. }) => Err(NoManifest::Damaged(bytes)),
+        Outcome::Failed(TransferError::TimedOut(_)) => Err(NoManifest::TimedOut),
+        _ => Err(NoManifest::Refused),
+    })
 }
 
 /// Copies into `partial` every full block of `manifest` found in the files `bases`, skipping

@@ -4,23 +4,22 @@
 //! manifest's block hashes, and a source that fails or lies is dropped and its pieces go to the
 //! others. Faster sources finish pieces sooner and so get more of them.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use md5::{Digest, Md5};
 
-use super::{delta, FetchError, FetchOptions, Progress, Report, MAX_WAIT};
-use crate::core::{
-    ChunkSink, Endpoint, Event, NoObjects, RangeSet, Stats, TransferError, TransferId,
-};
+use super::client::{fetch_manifest, linger_for};
+use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, Sink, Verify};
+use super::{Client, FetchError, FetchOptions, Progress, Report};
+use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
-use crate::store::{Cache, PartialFile};
+use crate::store::PartialFile;
 
 /// Bytes per piece (rounded to whole manifest blocks).
 const PIECE_BYTES: u64 = 256 << 10;
@@ -28,35 +27,6 @@ const PIECE_BYTES: u64 = 256 << 10;
 const PIECES_PER_SOURCE: usize = 2;
 /// Longest a source may take to deliver its manifest before it is left out.
 const MANIFEST_WAIT: Duration = Duration::from_secs(3);
-
-/// One piece transfer's view of the shared partial file: it writes only inside its piece (a
-/// lying source cannot touch its neighbours' bytes), and reads outside it as zeros. The piece's
-/// receiver computes no digest (`verify_by_caller`): the piece is checked against the
-/// manifest's block hashes when it completes.
-struct PieceSink {
-    file: Rc<RefCell<PartialFile>>,
-    piece: Range<u64>,
-}
-
-impl ChunkSink for PieceSink {
-    fn write_at(&mut self, offset: u64, data: &[u8]) -> io::Result<()> {
-        let end = offset + data.len() as u64;
-        let (from, to) = (offset.max(self.piece.start), end.min(self.piece.end));
-        if from >= to {
-            return Ok(());
-        }
-        let slice = &data[(from - offset) as usize..(to - offset) as usize];
-        self.file.borrow_mut().write_at(from, slice)
-    }
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let end = offset + buf.len() as u64;
-        if offset >= self.piece.start && end <= self.piece.end {
-            return self.file.borrow_mut().read_at(offset, buf);
-        }
-        buf.fill(0);
-        Ok(())
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SourceState {
@@ -69,29 +39,22 @@ enum SourceState {
 
 /// The multi-source download; see the module docs.
 pub(super) fn fetch_from(
+    client: &Client,
     servers: &[SocketAddr],
     id: ObjectId,
     options: &FetchOptions,
     progress: &mut dyn FnMut(&Progress),
-    started: Instant,
-    cache: &Cache,
 ) -> Result<Report, FetchError> {
-    let first = servers
-        .first()
-        .copied()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no server given"))?;
-    let mut driver = options.driver_for(first)?;
+    if servers.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no server given").into());
+    }
+    let mut engine = Engine::new(client, options);
+    let started = engine.started();
 
     // Manifests: every source's; the one most of them agree on is used.
     let mut candidates: Vec<(Manifest, usize)> = Vec::new();
     for &server in servers {
-        if let Ok(m) = delta::fetch_manifest(
-            &mut driver,
-            server,
-            id,
-            options.endpoint.clone(),
-            MANIFEST_WAIT,
-        )? {
+        if let Some(m) = fetch_manifest(&mut engine, server, id, MANIFEST_WAIT)? {
             match candidates.iter_mut().find(|(c, _)| *c == m) {
                 Some((_, n)) => *n += 1,
                 None => candidates.push((m, 1)),
@@ -103,7 +66,7 @@ pub(super) fn fetch_from(
         return Err(TransferError::NotFound.into());
     };
 
-    let (mut partial, have) = cache.begin_sized(&id, Some(manifest.size))?;
+    let (mut partial, have) = client.cache.begin_sized(&id, Some(manifest.size))?;
     partial.set_background_journal(true)?;
     partial.set_size(manifest.size);
     let resumed_bytes = have.covered();
@@ -118,7 +81,7 @@ pub(super) fn fetch_from(
     let reused_bytes = if bases.is_empty() {
         0
     } else {
-        delta::reuse_blocks(&manifest, &bases, &mut partial)?
+        super::delta::reuse_blocks(&manifest, &bases, &mut partial)?
     };
 
     // Pieces: whole blocks, skipping what is already here.
@@ -133,27 +96,14 @@ pub(super) fn fetch_from(
         })
         .collect();
     let total_pieces = queue.len();
-    let file = Rc::new(RefCell::new(partial));
-    let mut config = options.endpoint.clone();
-    config.seed = super::random_seed();
-    let mut endpoint: Endpoint<NoObjects, PieceSink> = Endpoint::new(config, NoObjects);
+    let file = Arc::new(Mutex::new(partial));
     let mut state = vec![SourceState::Active; servers.len()];
     let mut in_flight: HashMap<TransferId, (usize, Range<usize>)> = HashMap::new();
     let mut done_pieces = 0usize;
     let mut stats = Stats::default();
-    let mut last_progress = Instant::now();
+    let mut last_progress = started;
 
     while done_pieces < total_pieces {
-        if let Some(limit) = options.timeout {
-            if started.elapsed() >= limit {
-                for (&t, _) in in_flight.iter() {
-                    endpoint.cancel(t);
-                }
-                driver.flush(&mut endpoint);
-                let _ = file.borrow_mut().checkpoint();
-                return Err(FetchError::Deadline(limit));
-            }
-        }
         // Hand pieces to active sources with room.
         for (s, &server) in servers.iter().enumerate() {
             while state[s] == SourceState::Active
@@ -166,42 +116,43 @@ pub(super) fn fetch_from(
                 let mut have = RangeSet::new();
                 have.insert(0..piece.start);
                 have.insert(piece.end..manifest.size);
-                let sink = PieceSink {
+                let sink = Sink::Piece(PieceSink {
                     file: file.clone(),
                     piece,
-                };
-                let t = endpoint.fetch(Instant::now(), server, id, &have, sink);
-                endpoint.verify_by_caller(t);
+                });
+                let t = engine.start(Job {
+                    server,
+                    id,
+                    have,
+                    sink,
+                    expect: Expect::Size(manifest.size),
+                    // Each piece is checked against the manifest's block hashes below.
+                    verify: Verify::ByCaller,
+                })?;
                 in_flight.insert(t, (s, blocks));
             }
         }
         if in_flight.is_empty() {
             // Pieces remain but no source is left to fetch them.
-            let _ = file.borrow_mut().checkpoint();
+            let _ = lock(&file).checkpoint();
             return Err(TransferError::TimedOut(started.elapsed()).into());
         }
-        let mut finished: Vec<(TransferId, Result<Stats, TransferError>)> = Vec::new();
-        driver.turn(&mut endpoint, MAX_WAIT, &mut |_, e| match e.event {
-            Event::Completed(c) => finished.push((e.transfer, Ok(c.stats))),
-            Event::Failed(err) => finished.push((e.transfer, Err(err))),
-            _ => {}
-        })?;
-        for (t, outcome) in finished {
-            let _ = endpoint.take_sink(t);
-            let Some((s, blocks)) = in_flight.remove(&t) else {
+        for ended in engine.turn()? {
+            let Some((s, blocks)) = in_flight.remove(&ended.transfer) else {
                 continue;
             };
-            match outcome {
-                Ok(piece_stats) => {
-                    add_stats(&mut stats, &piece_stats);
-                    if blocks_match(&manifest, &blocks, &mut file.borrow_mut()) {
+            drop(ended.sink);
+            match ended.outcome {
+                Outcome::Completed { .. } => {
+                    add_stats(&mut stats, &ended.stats);
+                    if blocks_match(&manifest, &blocks, &mut lock(&file)) {
                         done_pieces += 1;
                     } else {
                         state[s] = SourceState::Lied;
                         queue.push_back(blocks);
                     }
                 }
-                Err(_) => {
+                _ => {
                     if state[s] == SourceState::Active {
                         state[s] = SourceState::Failed;
                     }
@@ -216,17 +167,16 @@ pub(super) fn fetch_from(
                     .map(|(&t, _)| t)
                     .collect();
                 for t in theirs {
-                    endpoint.cancel(t);
+                    engine.cancel(t);
                     if let Some((_, blocks)) = in_flight.remove(&t) {
                         queue.push_back(blocks);
                     }
-                    let _ = endpoint.take_sink(t);
                 }
             }
         }
-        if last_progress.elapsed() >= options.endpoint.transfer.progress_interval {
-            last_progress = Instant::now();
-            let done = file.borrow().received().covered().min(manifest.size);
+        if last_progress.elapsed() >= client.config.transfer.progress_interval {
+            last_progress = std::time::Instant::now();
+            let done = lock(&file).received().covered().min(manifest.size);
             progress(&Progress {
                 bytes_done: done,
                 total: manifest.size,
@@ -234,11 +184,10 @@ pub(super) fn fetch_from(
             });
         }
     }
-    driver.flush(&mut endpoint);
     // Every piece matched the manifest; the object's own digest checks the whole.
-    drop(endpoint);
-    let Some(mut partial) = Rc::into_inner(file).map(RefCell::into_inner) else {
-        return Err(io::Error::other("download lost its partial file").into());
+    engine.finish(linger_for(&stats));
+    let Some(mut partial) = Arc::into_inner(file).map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())) else {
+        return Err(lost());
     };
     let actual = partial.digest(&id, manifest.size)?;
     let bad_sources: Vec<SocketAddr> = servers
@@ -262,7 +211,7 @@ pub(super) fn fetch_from(
     });
     let path = partial.finalize()?;
     if let Some(out) = &options.output {
-        cache.copy_out(&id, out)?;
+        client.cache.copy_out(&id, out)?;
     }
     Ok(Report {
         object: id,

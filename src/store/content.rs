@@ -47,6 +47,20 @@ pub struct BundleInfo {
     pub bytes: u64,
 }
 
+/// The line `udpferry serve --list` prints: `object <md5hex> <bytes> <path>`.
+impl std::fmt::Display for ObjectInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "object {} {} {}", self.id, self.size, self.path.display())
+    }
+}
+
+/// The line `udpferry serve --list` prints: `bundle <md5hex> <files> <dir>/`.
+impl std::fmt::Display for BundleInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bundle {} {} {}/", self.id, self.files, self.dir)
+    }
+}
+
 /// A bundle served from memory.
 #[derive(Debug)]
 struct ServedBundle {
