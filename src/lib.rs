@@ -93,8 +93,6 @@ pub use crate::net::{
     Client, DemoReport, Driver, FetchError, FetchOptions, FileError, FileFailure, Got, HashThread,
     Progress, Report, Server, ServerConfig, ServerHandle, ServerStatus, CONCURRENT_FILES,
 };
-pub use crate::store::bundle::is_bundle_listing;
-pub use crate::store::resolve_target;
 pub use crate::store::{
     BlockCheck, BundleInfo, Cache, ContentStore, Lookup, ObjectInfo, PartialFile, Served,
     StoreError, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,

@@ -311,7 +311,7 @@ impl Cache {
     ///
     /// Only a regular file is ever replaced: a symbolic link at `dest` is followed (the file it
     /// points to is replaced, the link stays), and a directory, device, FIFO or socket is refused
-    /// with [`StoreError::NotAFile`] before anything is written (see [`resolve_target`]).
+    /// with [`StoreError::NotAFile`] before anything is written.
     pub fn copy_out(&self, id: &ObjectId, dest: &Path) -> Result<(), StoreError> {
         self.copy_out_within(id, dest, None)
     }
