@@ -73,6 +73,8 @@ macro_rules! layers {
     )*};
 }
 
+mod random;
+
 layers! {
     core;
     id;

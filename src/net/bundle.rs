@@ -4,8 +4,8 @@
 
 use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
+use std::io;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -15,7 +15,9 @@ use super::engine::{Engine, Expect, Job, Outcome, Sink, Verify};
 use super::{Client, FetchError, FetchOptions};
 use crate::core::{TransferError, TransferId};
 use crate::id::ObjectId;
-use crate::store::bundle::{Bundle, BundleError, MAX_LISTING_BYTES};
+use crate::store::bundle::{
+    install_from_cache, installed, read_listing, Bundle, BundleError, MAX_LISTING_BYTES,
+};
 use crate::store::{Cache, Lookup, SafePath, StoreError};
 
 /// Files downloaded at once. They share one socket and one endpoint, so on the server they are
@@ -595,93 +597,4 @@ fn in_cache(cache: &Cache, id: &ObjectId, report: &mut BundleReport) -> Result<b
         }
         _ => Ok(false),
     }
-}
-
-/// Reads the listing `id` from the cache and checks it still hashes to `id` (it sat on disk).
-fn read_listing(cache: &Cache, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
-    let path = cache.path_of(id);
-    let file = File::open(&path).map_err(|e| StoreError::io("open", &path, e))?;
-    let mut bytes = Vec::new();
-    // One byte more than the limit, so that an oversized entry shows.
-    file.take(MAX_LISTING_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| StoreError::io("read", &path, e))?;
-    let mut hasher = id.hasher();
-    hasher.update(&bytes);
-    let actual = hasher.finish();
-    if actual != *id {
-        return Err(StoreError::Corrupt {
-            path,
-            expected: *id,
-            actual,
-        });
-    }
-    Ok(bytes)
-}
-
-/// Checks the directories between `dir` and the file `path` names: each must be a real
-/// directory (not a symbolic link, not a file). With `create`, missing ones are created;
-/// without, `Ok(false)` says one is missing. Nothing outside `dir` is touched.
-fn parents(dir: &Path, path: &SafePath, create: bool) -> Result<bool, StoreError> {
-    let components: Vec<&str> = path.components().collect();
-    let mut at = dir.to_path_buf();
-    for c in &components[..components.len().saturating_sub(1)] {
-        at.push(c);
-        match fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                return Err(StoreError::io(
-                    "install into",
-                    &at,
-                    io::Error::other("a bundle file needs this to be a directory, and it is not"),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                if !create {
-                    return Ok(false);
-                }
-                match fs::create_dir(&at) {
-                    Ok(()) => {}
-                    // Created meanwhile: check it on the next pass through the loop's rules.
-                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                        if !fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
-                            return Err(StoreError::io("create directory", &at, e));
-                        }
-                    }
-                    Err(e) => return Err(StoreError::io("create directory", &at, e)),
-                }
-            }
-            Err(e) => return Err(StoreError::io("inspect", &at, e)),
-        }
-    }
-    Ok(true)
-}
-
-/// True when `dir/<path>` is a regular file (not a link) of `size` bytes hashing to `id`.
-fn installed(dir: &Path, path: &SafePath, size: u64, id: &ObjectId) -> Result<bool, StoreError> {
-    if !parents(dir, path, false)? {
-        return Ok(false);
-    }
-    let target = path.join_to(dir);
-    match fs::symlink_metadata(&target) {
-        Ok(m) if m.is_file() && m.len() == size => {}
-        _ => return Ok(false),
-    }
-    let Ok(file) = File::open(&target) else {
-        return Ok(false);
-    };
-    Ok(crate::store::id_of_file(&file, size, id).is_ok_and(|actual| actual == *id))
-}
-
-/// Installs the cached object `id` at `dir/<path>`: parents created inside `dir`, then
-/// [`Cache::copy_out_within`] (temporary file next to it, digest check, rename; a regular file
-/// is the only node replaced, and a link is followed only inside `dir`).
-fn install_from_cache(
-    cache: &Cache,
-    dir: &Path,
-    path: &SafePath,
-    id: &ObjectId,
-) -> Result<(), StoreError> {
-    parents(dir, path, true)?;
-    cache.copy_out_within(id, &path.join_to(dir), Some(dir))
 }

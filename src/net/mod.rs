@@ -19,9 +19,8 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 
-use crate::core::ObjectProvider;
-use crate::id::ObjectId;
-use crate::store::ContentStore;
+
+pub use crate::random::random_seed;
 
 mod bundle;
 mod demo;
@@ -58,25 +57,4 @@ pub fn bind(addr: SocketAddr) -> io::Result<UdpSocket> {
     }
     socket.bind(&addr.into())?;
     Ok(socket.into())
-}
-
-/// Serves every object of the store, and the manifest of each (for delta downloads).
-impl ObjectProvider for ContentStore {
-    type Source = crate::store::Served;
-    fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>> {
-        self.open_any(id).map_err(Into::into)
-    }
-    /// From the index, without touching the disk: a request may come from a forged address,
-    /// and only the Start's `open` re-checks (and if need be re-hashes) the file.
-    fn size_of(&mut self, id: &ObjectId) -> io::Result<Option<u64>> {
-        Ok(self.size_of_any(id))
-    }
-}
-
-/// 128 bits for an endpoint's key (`EndpointConfig::seed`), without a dependency: two draws
-/// from std's `RandomState`, whose keys the standard library takes from the operating
-/// system's generator (getrandom on Linux) and which hashes the clock and process id under
-/// them (see the store's temporary names, which use the same source).
-pub fn random_seed() -> u128 {
-    (u128::from(crate::store::random_u64()) << 64) | u128::from(crate::store::random_u64())
 }

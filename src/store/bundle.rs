@@ -42,7 +42,11 @@
 
 use std::convert::Infallible;
 
-use super::{NameError, SafePath};
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::Path;
+
+use super::{Cache, NameError, SafePath, StoreError};
 use crate::id::ObjectId;
 use crate::wire::cursor::{Reader, Writer};
 use crate::wire::DecodeError;
@@ -270,9 +274,8 @@ fn conflict(entries: &[BundleEntry], i: usize, j: usize) -> BundleError {
 /// Whether the file at `path` is a bundle listing: it starts with `MAGIC`, is no longer than
 /// `MAX_LISTING_BYTES` and decodes. `udpferry get SERVER ID -o DIR` asks it of a fetched
 /// object to decide whether `-o` names a file to write or a directory to install into.
-pub fn is_bundle_listing(path: &std::path::Path) -> bool {
-    use std::io::Read;
-    let Ok(file) = std::fs::File::open(path) else {
+pub fn is_bundle_listing(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
         return false;
     };
     let mut bytes = Vec::new();
@@ -286,6 +289,97 @@ pub fn is_bundle_listing(path: &std::path::Path) -> bool {
         return false;
     }
     Bundle::decode(&bytes).is_ok()
+}
+
+// Installing a bundle's files: storage work for `Client::fetch_bundle`.
+
+/// Reads the listing `id` from the cache and checks it still hashes to `id` (it sat on disk).
+pub(crate) fn read_listing(cache: &Cache, id: &ObjectId) -> Result<Vec<u8>, StoreError> {
+    let path = cache.path_of(id);
+    let file = File::open(&path).map_err(|e| StoreError::io("open", &path, e))?;
+    let mut bytes = Vec::new();
+    // One byte more than the limit, so that an oversized entry shows.
+    file.take(MAX_LISTING_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| StoreError::io("read", &path, e))?;
+    let mut hasher = id.hasher();
+    hasher.update(&bytes);
+    let actual = hasher.finish();
+    if actual != *id {
+        return Err(StoreError::Corrupt {
+            path,
+            expected: *id,
+            actual,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Checks the directories between `dir` and the file `path` names: each must be a real
+/// directory (not a symbolic link, not a file). With `create`, missing ones are created;
+/// without, `Ok(false)` says one is missing. Nothing outside `dir` is touched.
+fn parents(dir: &Path, path: &SafePath, create: bool) -> Result<bool, StoreError> {
+    let components: Vec<&str> = path.components().collect();
+    let mut at = dir.to_path_buf();
+    for c in &components[..components.len().saturating_sub(1)] {
+        at.push(c);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => {
+                return Err(StoreError::io(
+                    "install into",
+                    &at,
+                    io::Error::other("a bundle file needs this to be a directory, and it is not"),
+                ))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if !create {
+                    return Ok(false);
+                }
+                match fs::create_dir(&at) {
+                    Ok(()) => {}
+                    // Created meanwhile: check it on the next pass through the loop's rules.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        if !fs::symlink_metadata(&at).is_ok_and(|m| m.is_dir()) {
+                            return Err(StoreError::io("create directory", &at, e));
+                        }
+                    }
+                    Err(e) => return Err(StoreError::io("create directory", &at, e)),
+                }
+            }
+            Err(e) => return Err(StoreError::io("inspect", &at, e)),
+        }
+    }
+    Ok(true)
+}
+
+/// True when `dir/<path>` is a regular file (not a link) of `size` bytes hashing to `id`.
+pub(crate) fn installed(dir: &Path, path: &SafePath, size: u64, id: &ObjectId) -> Result<bool, StoreError> {
+    if !parents(dir, path, false)? {
+        return Ok(false);
+    }
+    let target = path.join_to(dir);
+    match fs::symlink_metadata(&target) {
+        Ok(m) if m.is_file() && m.len() == size => {}
+        _ => return Ok(false),
+    }
+    let Ok(file) = File::open(&target) else {
+        return Ok(false);
+    };
+    Ok(crate::store::id_of_file(&file, size, id).is_ok_and(|actual| actual == *id))
+}
+
+/// Installs the cached object `id` at `dir/<path>`: parents created inside `dir`, then
+/// [`Cache::copy_out_within`] (temporary file next to it, digest check, rename; a regular file
+/// is the only node replaced, and a link is followed only inside `dir`).
+pub(crate) fn install_from_cache(
+    cache: &Cache,
+    dir: &Path,
+    path: &SafePath,
+    id: &ObjectId,
+) -> Result<(), StoreError> {
+    parents(dir, path, true)?;
+    cache.copy_out_within(id, &path.join_to(dir), Some(dir))
 }
 
 #[cfg(test)]

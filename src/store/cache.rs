@@ -1,8 +1,6 @@
 //! The client's side: finished objects, partial downloads and their resume journals.
 
-use std::collections::hash_map::RandomState;
 use std::fs::{self, File, OpenOptions};
-use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -348,7 +346,7 @@ impl Cache {
             _ => PathBuf::from("."),
         };
         let mut tmp_name = name.to_os_string();
-        tmp_name.push(format!(".tmp-{:016x}", random_u64()));
+        tmp_name.push(format!(".tmp-{:016x}", crate::random::random_u64()));
         let tmp = parent.join(tmp_name);
         let mut out = OpenOptions::new()
             .write(true)
@@ -387,20 +385,6 @@ impl Cache {
         result?;
         sync_dir(&parent)
     }
-}
-
-/// 64 bits of operating-system randomness without a dependency: std keys each `RandomState`
-/// from the OS (once per process, then varied), and the time and process id are mixed in. Used
-/// for temporary names here and, through `net::random_seed`, to seed connection ids and nonces.
-pub(crate) fn random_u64() -> u64 {
-    let mut h = RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    h.write_u32(std::process::id());
-    h.finish()
 }
 
 /// A partial download: a [`ChunkSink`] over `<hex>.part` that keeps the resume journal.

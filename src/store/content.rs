@@ -9,7 +9,7 @@ use super::bundle::{Bundle, BundleEntry};
 use super::manifest::{block_size_for, manifest_id, Manifest};
 use super::stamp::Stamp;
 use super::{hash_file, read_exact_at, FileIds, SafePath, StoreError};
-use crate::core::ChunkSource;
+use crate::core::{ChunkSource, ObjectProvider};
 use crate::id::ObjectId;
 
 /// How many reads a [`FileSource`] serves between two checks of the file's metadata.
@@ -112,6 +112,19 @@ pub struct ContentStore {
     /// One bundle per top-level subdirectory holding files, sorted by directory; rebuilt with
     /// the index.
     bundles: Vec<ServedBundle>,
+}
+
+/// Serves every object of the store, and the manifest of each (for delta downloads).
+impl ObjectProvider for ContentStore {
+    type Source = Served;
+    fn open(&mut self, id: &ObjectId) -> io::Result<Option<(u64, Self::Source)>> {
+        self.open_any(id).map_err(Into::into)
+    }
+    /// From the index, without touching the disk: a request may come from a forged address,
+    /// and only the Start's `open` re-checks (and if need be re-hashes) the file.
+    fn size_of(&mut self, id: &ObjectId) -> io::Result<Option<u64>> {
+        Ok(self.size_of_any(id))
+    }
 }
 
 impl ContentStore {

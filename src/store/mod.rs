@@ -49,7 +49,6 @@ use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
-pub(crate) use cache::random_u64;
 pub use cache::{
     BlockCheck, Cache, Lookup, PartialFile, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
 };

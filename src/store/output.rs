@@ -133,7 +133,7 @@ mod tests {
         let p = std::env::temp_dir().join(format!(
             "udpferry-output-{name}-{}-{:x}",
             std::process::id(),
-            crate::store::random_u64()
+            crate::random::random_u64()
         ));
         fs::create_dir_all(&p).unwrap();
         p
