@@ -103,3 +103,115 @@ fn a_lying_source_is_dropped_and_named_and_the_download_completes() {
     assert_eq!(std::fs::read(tmp.join("map.out")).unwrap(), data);
     assert_eq!(report.bad_sources, vec![bad.addr], "the liar is named");
 }
+
+/// A socket that is bound (so nothing answers "port unreachable") but never reads: a server
+/// that is down or behind a firewall that drops everything.
+fn dead() -> (std::net::UdpSocket, std::net::SocketAddr) {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
+/// The finding: a dead server listed first kept being handed pieces, so a 5 MB object
+/// took 18 s (or failed under --timeout). Now the dead one is set aside after its silence and
+/// the good one delivers everything: the target is under 2 s, asserted loosely here
+/// (the machine is shared) and printed.
+#[test]
+fn a_dead_source_is_set_aside_and_the_good_one_delivers() {
+    let tmp = TempDir::new("dead-good");
+    let data = object(5_000_000, 33);
+    let id = ObjectId::md5_of(&data);
+    put_dated(&tmp.join("good/map.bsp"), &data);
+    let good = Serving::dir(&tmp.join("good"));
+    let (_dead_socket, dead_addr) = dead();
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_secs(30)),
+        ..FetchOptions::default()
+    };
+    let started = Instant::now();
+    let report = client
+        .fetch_from(&[dead_addr, good.addr], id, &options, |_| {})
+        .unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    println!("dead + good, 5 MB: {secs:.2} s");
+    assert_eq!(std::fs::read(&report.path).unwrap(), data);
+    assert!(
+        secs < 8.0,
+        "the dead source held the download up: {secs:.2} s"
+    );
+}
+
+/// Only dead servers: the error says none answered (not "not found"), and `timeout` bounds it.
+#[test]
+fn only_dead_sources_fail_as_unreachable_within_the_timeout() {
+    let tmp = TempDir::new("dead-dead");
+    let (_a, dead_a) = dead();
+    let (_b, dead_b) = dead();
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_secs(1)),
+        ..FetchOptions::default()
+    };
+    let started = Instant::now();
+    let id = ObjectId::md5_of(b"a map on servers that are down");
+    let err = client
+        .fetch_from(&[dead_a, dead_b], id, &options, |_| {})
+        .unwrap_err();
+    let secs = started.elapsed().as_secs_f64();
+    println!("two dead, --timeout 1: {secs:.2} s: {err}");
+    assert!(
+        matches!(&err, udpferry::FetchError::Unreachable { servers, .. } if servers.len() == 2),
+        "{err:?}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("no answer from any of the 2 servers"),
+        "{err}"
+    );
+    assert!(secs < 4.0, "the timeout of 1 s was not kept: {secs:.2} s");
+    // Nothing was found, so nothing is left in the cache.
+    let left: Vec<_> = std::fs::read_dir(tmp.join("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "the cache kept {left:?}");
+}
+
+/// An IPv4 and an IPv6 server in one download: both are reached (the client binds a
+/// dual-stack socket), and both deliver pieces.
+#[test]
+fn ipv4_and_ipv6_sources_mix() {
+    let tmp = TempDir::new("v4v6");
+    let data = object(4 * MIB, 34);
+    let id = ObjectId::md5_of(&data);
+    put_dated(&tmp.join("a/map.bsp"), &data);
+    put_dated(&tmp.join("b/map.bsp"), &data);
+    let mut config = ServerConfig::default();
+    config.endpoint.rate_limit_bytes_per_sec = 2 << 20;
+    let v4 = Serving::start_on(
+        "127.0.0.1:0",
+        ContentStore::open(tmp.join("a")).unwrap(),
+        config.clone(),
+    );
+    let v6 = Serving::start_on(
+        "[::1]:0",
+        ContentStore::open(tmp.join("b")).unwrap(),
+        config,
+    );
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_secs(60)),
+        ..FetchOptions::default()
+    };
+    let report = client
+        .fetch_from(&[v4.addr, v6.addr], id, &options, |_| {})
+        .unwrap();
+    assert_eq!(std::fs::read(&report.path).unwrap(), data);
+    let (a, b) = (v4.sent(), v6.sent());
+    println!("IPv4 server sent {a} bytes, IPv6 server {b}");
+    assert!(
+        a > MIB as u64 && b > MIB as u64,
+        "both served a share: {a} and {b}"
+    );
+}

@@ -567,6 +567,15 @@ pub enum FetchError {
         "interrupted: what arrived is kept in the cache; run the same command again to resume"
     )]
     Stopped,
+    /// None of the servers of a multi-source download ([`Client::fetch_from`]) answered at
+    /// all: wrong addresses or ports, servers down, or a firewall between.
+    #[error("no answer from any of the {} servers ({}) in {:.1} s", .servers.len(), list(.servers), .waited.as_secs_f64())]
+    Unreachable {
+        /// The servers asked.
+        servers: Vec<SocketAddr>,
+        /// How long they were waited for.
+        waited: Duration,
+    },
     /// A bundle ([`Client::get`]) could not be installed; what was installed stays.
     #[error(transparent)]
     Bundle(#[from] BundleFetchError),
@@ -582,6 +591,12 @@ pub enum FetchError {
         /// What showed it.
         detail: String,
     },
+}
+
+/// Addresses as a comma-separated list.
+fn list(servers: &[SocketAddr]) -> String {
+    let named: Vec<String> = servers.iter().map(|a| a.to_string()).collect();
+    named.join(", ")
 }
 
 /// Whether `err` is what an altered control datagram leaves behind (a protocol violation seen
@@ -672,8 +687,7 @@ impl std::fmt::Display for Report {
             )?;
         }
         if !self.bad_sources.is_empty() {
-            let named: Vec<String> = self.bad_sources.iter().map(|a| a.to_string()).collect();
-            write!(f, "; dropped {} for sending wrong bytes", named.join(", "))?;
+            write!(f, "; dropped {} for sending wrong bytes", list(&self.bad_sources))?;
         }
         Ok(())
     }

@@ -16,7 +16,7 @@ use crate::store::manifest::{manifest_id, Manifest, Src};
 use crate::store::{self, PartialFile};
 
 /// Largest manifest accepted (a 4 GiB object's is under 1 MiB; 1 TiB's about 12 MiB).
-const MAX_MANIFEST_BYTES: u64 = 64 << 20;
+pub(super) const MAX_MANIFEST_BYTES: u64 = 64 << 20;
 
 /// Why no manifest came back from [`fetch_manifest`].
 #[derive(Debug, Clone, PartialEq, Eq)]

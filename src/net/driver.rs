@@ -45,6 +45,9 @@ pub struct Driver {
     meta: Vec<RecvMeta>,
     /// One GSO batch: datagrams of equal size to one destination, the last one maybe shorter.
     tx: Vec<u8>,
+    /// The socket is IPv6 (maybe dual-stack): IPv4 peers are written to it as IPv4-mapped
+    /// addresses and read back as plain IPv4, so the endpoint sees one form of each address.
+    v6: bool,
     /// The next sleep slice (see `SHORTEST_SLICE`).
     #[cfg(not(unix))]
     slice: Duration,
@@ -77,7 +80,9 @@ impl Driver {
             MAX_DATAGRAM_SIZE
         };
         let slots = quinn_udp::BATCH_SIZE.clamp(1, RECV_SLOTS);
+        let v6 = socket.local_addr()?.is_ipv6();
         Ok(Driver {
+            v6,
             socket,
             state,
             rx: vec![0; slot * slots],
@@ -212,7 +217,10 @@ impl Driver {
     }
 
     fn send_batch(&mut self, len: usize, segment: usize, count: usize, to: Option<SocketAddr>) {
-        let Some(destination) = to else { return };
+        let Some(mut destination) = to else { return };
+        if let (true, SocketAddr::V4(v4)) = (self.v6, destination) {
+            destination = SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port());
+        }
         let transmit = quinn_udp::Transmit {
             destination,
             ecn: None,
@@ -264,7 +272,7 @@ impl Driver {
             for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
                 datagrams += 1;
                 if crate::is_udpferry_datagram(datagram) {
-                    endpoint.handle_datagram(now, meta.addr, datagram);
+                    endpoint.handle_datagram(now, canonical(meta.addr), datagram);
                 }
             }
         }
@@ -294,6 +302,18 @@ impl Driver {
     fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         std::thread::sleep(timeout.min(self.slice));
         Ok(())
+    }
+}
+
+/// An IPv4-mapped IPv6 address (what a dual-stack socket reports for an IPv4 peer) as the
+/// plain IPv4 address; any other address as it is.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
     }
 }
 

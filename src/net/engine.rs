@@ -153,6 +153,9 @@ struct Live {
     total: u64,
     /// A progress event arrived since [`Engine::progress`] last looked.
     moved: bool,
+    /// When the server was last heard from for this job (its offer, or bytes), or when the
+    /// job started.
+    heard: Instant,
 }
 
 /// Runs [`Job`]s over one socket (bound on first use, to the wildcard address of the first
@@ -186,17 +189,31 @@ impl<'a> Engine<'a> {
         self.started
     }
 
+    /// Binds the engine's socket, if it has none yet, for talking to `servers`: the client's
+    /// address if it names one, else the IPv4 wildcard for IPv4 servers only and the IPv6
+    /// wildcard (dual-stack: IPv4 servers too) as soon as one server is IPv6. Call it before
+    /// the first [`start`](Self::start) when the servers are known; `start` binds for its
+    /// job's server otherwise.
+    pub(super) fn bind_for(&mut self, servers: &[SocketAddr]) -> io::Result<()> {
+        if self.driver.is_none() {
+            let v4 = SocketAddr::from(([0u8; 4], 0));
+            let socket = match self.client.bind {
+                Some(local) => bind(local)?,
+                // Dual-stack; where IPv6 is off, IPv4 still works.
+                None if servers.iter().any(|s| s.is_ipv6()) => {
+                    bind(SocketAddr::from(([0u16; 8], 0))).or_else(|_| bind(v4))?
+                }
+                None => bind(v4)?,
+            };
+            self.driver = Some(Driver::new(socket)?);
+        }
+        Ok(())
+    }
+
     /// Starts `job`. Its datagrams go out on the next [`turn`](Self::turn). Fails only when no
     /// socket can be bound.
     pub(super) fn start(&mut self, job: Job) -> io::Result<TransferId> {
-        if self.driver.is_none() {
-            let local = self.client.bind.unwrap_or(if job.server.is_ipv6() {
-                SocketAddr::from(([0u16; 8], 0))
-            } else {
-                SocketAddr::from(([0u8; 4], 0))
-            });
-            self.driver = Some(Driver::new(bind(local)?)?);
-        }
+        self.bind_for(&[job.server])?;
         let transfer =
             self.endpoint
                 .fetch(Instant::now(), job.server, job.id, &job.have, job.sink);
@@ -218,6 +235,7 @@ impl<'a> Engine<'a> {
                 done: job.have.covered(),
                 total: 0,
                 moved: false,
+                heard: Instant::now(),
             },
         );
         Ok(transfer)
@@ -266,6 +284,7 @@ impl<'a> Engine<'a> {
             };
             match e.event {
                 Event::Started { size } => {
+                    job.heard = Instant::now();
                     job.total = size;
                     job.refused = offer_refused(ep, e.transfer, job.expect, size);
                     if job.refused.is_some() {
@@ -274,6 +293,7 @@ impl<'a> Engine<'a> {
                     }
                 }
                 Event::Progress { bytes_done, total } => {
+                    job.heard = Instant::now();
                     job.done = bytes_done;
                     job.total = total;
                     job.moved = true;
@@ -350,6 +370,12 @@ impl<'a> Engine<'a> {
     pub(super) fn progress(&mut self, transfer: TransferId) -> Option<(u64, u64)> {
         let job = self.live.get_mut(&transfer)?;
         std::mem::take(&mut job.moved).then_some((job.done, job.total))
+    }
+
+    /// How long the server of a job in flight has been silent for it: since its offer or its
+    /// last bytes, or since the job started if it never answered.
+    pub(super) fn silent_for(&self, transfer: TransferId) -> Option<Duration> {
+        self.live.get(&transfer).map(|job| job.heard.elapsed())
     }
 
     /// Bytes held by the jobs in flight, added up.

@@ -1,40 +1,81 @@
-//! Multi-source downloads for [`Client::fetch_from`](super::Client::fetch_from): the object is
-//! cut into pieces along its manifest's blocks, each source fetches one piece at a time (a
-//! transfer whose have-set is everything but that piece), every piece is checked against the
-//! manifest's block hashes, and a source that fails or lies is dropped and its pieces go to the
-//! others. Faster sources finish pieces sooner and so get more of them.
+//! Multi-source downloads for [`Client::fetch_from`](super::Client::fetch_from).
+//!
+//! 1. Every source is asked for the object's manifest at once; the manifest most of them agree
+//!    on is used, once the first has arrived and the others had a moment to follow. Sources
+//!    that did not answer yet are set aside, not dropped.
+//! 2. The object is cut into pieces along the manifest's blocks; each source fetches up to two
+//!    pieces at a time (a transfer whose have-set is everything but that piece), faster
+//!    sources finish sooner and so get more, and every piece is checked against the
+//!    manifest's block hashes.
+//! 3. A source that fails or lies is dropped, and one that stays silent for a piece (no offer,
+//!    no bytes) for [`SILENCE`] is set aside and tried again later; either way its pieces go
+//!    to the others. The overall timeout bounds every step.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 
-use super::client::{fetch_manifest, linger_for};
+use super::client::linger_for;
+use super::delta::MAX_MANIFEST_BYTES;
 use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, Sink, Verify};
 use super::{Client, FetchError, FetchOptions, Progress, Report};
 use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
-use crate::store::manifest::Manifest;
+use crate::store::manifest::{manifest_id, Manifest};
 use crate::store::PartialFile;
 
 /// Bytes per piece (rounded to whole manifest blocks).
 const PIECE_BYTES: u64 = 256 << 10;
 /// Pieces in flight per source: the next one's handshake overlaps the current one's tail.
 const PIECES_PER_SOURCE: usize = 2;
-/// Longest a source may take to deliver its manifest before it is left out.
-const MANIFEST_WAIT: Duration = Duration::from_secs(3);
+/// Longest the sources may take to deliver a first manifest (less under the overall timeout).
+const MANIFEST_WAIT: Duration = Duration::from_secs(5);
+/// After the first manifest arrived, the others get this long, or as long again as the first
+/// took if that is longer, to arrive and vote.
+const MANIFEST_GRACE: Duration = Duration::from_millis(250);
+/// Attempts at one source's manifest (a damaged copy or a "not found" from an altered request
+/// is asked again).
+const MANIFEST_ATTEMPTS: u32 = 3;
+/// A source silent this long for a piece (no offer, no bytes) is set aside.
+pub(super) const SILENCE: Duration = Duration::from_secs(1);
+/// A source set aside is tried again after this long.
+const RETRY_AFTER: Duration = Duration::from_secs(3);
+/// Times a source is set aside before it is left out for good.
+const MAX_SET_ASIDE: u32 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SourceState {
     Active,
-    /// Failed (timed out, refused, errored): left out.
+    /// Silent: tried again from `until`; set aside `times` times so far.
+    Resting { until: Instant, times: u32 },
+    /// Failed (refused, errored, or silent too often): left out.
     Failed,
     /// Delivered bytes that did not match the manifest: left out and named.
     Lied,
+}
+
+impl SourceState {
+    /// Set aside once more after `now`'s silence, or left out when that happened too often.
+    fn silenced(self, now: Instant) -> Self {
+        let times = match self {
+            SourceState::Resting { times, .. } => times + 1,
+            SourceState::Active => 1,
+            other => return other,
+        };
+        if times >= MAX_SET_ASIDE {
+            SourceState::Failed
+        } else {
+            SourceState::Resting {
+                until: now + RETRY_AFTER,
+                times,
+            }
+        }
+    }
 }
 
 /// The multi-source download; see the module docs.
@@ -49,22 +90,9 @@ pub(super) fn fetch_from(
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "no server given").into());
     }
     let mut engine = Engine::new(client, options);
+    engine.bind_for(servers)?;
     let started = engine.started();
-
-    // Manifests: every source's; the one most of them agree on is used.
-    let mut candidates: Vec<(Manifest, usize)> = Vec::new();
-    for &server in servers {
-        if let Some(m) = fetch_manifest(&mut engine, server, id, MANIFEST_WAIT)? {
-            match candidates.iter_mut().find(|(c, _)| *c == m) {
-                Some((_, n)) => *n += 1,
-                None => candidates.push((m, 1)),
-            }
-        }
-    }
-    candidates.sort_by_key(|c| std::cmp::Reverse(c.1));
-    let Some((manifest, _)) = candidates.into_iter().next() else {
-        return Err(TransferError::NotFound.into());
-    };
+    let (manifest, mut state) = manifests(&mut engine, servers, id)?;
 
     let (mut partial, have) = client.cache.begin_sized(&id, Some(manifest.size))?;
     partial.set_background_journal(true)?;
@@ -97,13 +125,20 @@ pub(super) fn fetch_from(
         .collect();
     let total_pieces = queue.len();
     let file = Arc::new(Mutex::new(partial));
-    let mut state = vec![SourceState::Active; servers.len()];
     let mut in_flight: HashMap<TransferId, (usize, Range<usize>)> = HashMap::new();
     let mut done_pieces = 0usize;
     let mut stats = Stats::default();
+    let mut last_error: Option<TransferError> = None;
     let mut last_progress = started;
 
     while done_pieces < total_pieces {
+        let now = Instant::now();
+        // Sources set aside long enough get another chance.
+        for s in state.iter_mut() {
+            if matches!(*s, SourceState::Resting { until, .. } if until <= now) {
+                *s = SourceState::Active;
+            }
+        }
         // Hand pieces to active sources with room.
         for (s, &server) in servers.iter().enumerate() {
             while state[s] == SourceState::Active
@@ -132,50 +167,83 @@ pub(super) fn fetch_from(
                 in_flight.insert(t, (s, blocks));
             }
         }
-        if in_flight.is_empty() {
+        let resting = state
+            .iter()
+            .any(|s| matches!(s, SourceState::Resting { .. }));
+        if in_flight.is_empty() && !resting {
             // Pieces remain but no source is left to fetch them.
             let _ = lock(&file).checkpoint();
-            return Err(TransferError::TimedOut(started.elapsed()).into());
+            return Err(match last_error {
+                Some(e) => e.into(),
+                None => FetchError::Unreachable {
+                    servers: servers.to_vec(),
+                    waited: started.elapsed(),
+                },
+            });
         }
+        let mut dropped: Vec<usize> = Vec::new();
         for ended in engine.turn()? {
             let Some((s, blocks)) = in_flight.remove(&ended.transfer) else {
                 continue;
             };
             drop(ended.sink);
+            let mut checked = false;
             match ended.outcome {
                 Outcome::Completed { .. } => {
                     add_stats(&mut stats, &ended.stats);
-                    if blocks_match(&manifest, &blocks, &mut lock(&file)) {
-                        done_pieces += 1;
-                    } else {
+                    checked = blocks_match(&manifest, &blocks, &mut lock(&file));
+                    if !checked {
                         state[s] = SourceState::Lied;
-                        queue.push_back(blocks);
                     }
                 }
-                _ => {
-                    if state[s] == SourceState::Active {
-                        state[s] = SourceState::Failed;
-                    }
-                    queue.push_back(blocks);
+                Outcome::Failed(TransferError::TimedOut(_)) => {
+                    state[s] = state[s].silenced(Instant::now());
                 }
+                Outcome::Failed(TransferError::Busy) => {
+                    // Its slots are taken (by other clients, or this one's other pieces).
+                    state[s] = state[s].silenced(Instant::now());
+                }
+                Outcome::Failed(err) => {
+                    last_error = Some(err);
+                    state[s] = SourceState::Failed;
+                }
+                Outcome::WrongSize { .. } | Outcome::NoSpace(_) => state[s] = SourceState::Failed,
             }
-            // A source left out gives back its other pieces.
+            if checked {
+                done_pieces += 1;
+            } else {
+                queue.push_back(blocks);
+            }
             if state[s] != SourceState::Active {
-                let theirs: Vec<TransferId> = in_flight
-                    .iter()
-                    .filter(|(_, (src, _))| *src == s)
-                    .map(|(&t, _)| t)
-                    .collect();
-                for t in theirs {
-                    engine.cancel(t);
-                    if let Some((_, blocks)) = in_flight.remove(&t) {
-                        queue.push_back(blocks);
-                    }
+                dropped.push(s);
+            }
+        }
+        // A source silent for a piece is set aside.
+        let now = Instant::now();
+        for (&t, &(s, _)) in &in_flight {
+            if state[s] == SourceState::Active
+                && engine.silent_for(t).is_some_and(|d| d >= SILENCE)
+            {
+                state[s] = state[s].silenced(now);
+                dropped.push(s);
+            }
+        }
+        // A source set aside or left out gives back its pieces.
+        for s in dropped {
+            let theirs: Vec<TransferId> = in_flight
+                .iter()
+                .filter(|(_, (src, _))| *src == s)
+                .map(|(&t, _)| t)
+                .collect();
+            for t in theirs {
+                engine.cancel(t);
+                if let Some((_, blocks)) = in_flight.remove(&t) {
+                    queue.push_back(blocks);
                 }
             }
         }
         if last_progress.elapsed() >= client.config.transfer.progress_interval {
-            last_progress = std::time::Instant::now();
+            last_progress = Instant::now();
             let done = lock(&file).received().covered().min(manifest.size);
             progress(&Progress {
                 bytes_done: done,
@@ -186,7 +254,9 @@ pub(super) fn fetch_from(
     }
     // Every piece matched the manifest; the object's own digest checks the whole.
     engine.finish(linger_for(&stats));
-    let Some(mut partial) = Arc::into_inner(file).map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner())) else {
+    let Some(mut partial) =
+        Arc::into_inner(file).map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+    else {
         return Err(lost());
     };
     let actual = partial.digest(&id, manifest.size)?;
@@ -227,6 +297,113 @@ pub(super) fn fetch_from(
         stats,
         bad_sources,
     })
+}
+
+/// Asks every source for the manifest of `id` at once (see the module docs) and returns the
+/// one most of them agree on, with each source's starting state: active if it answered with a
+/// manifest, resting if it has not answered yet, failed if it refused. Fails with
+/// `NotFound` when every source that answered refused, and with `Unreachable` when none
+/// answered at all (within [`MANIFEST_WAIT`] or the overall timeout).
+fn manifests(
+    engine: &mut Engine<'_>,
+    servers: &[SocketAddr],
+    id: ObjectId,
+) -> Result<(Manifest, Vec<SourceState>), FetchError> {
+    let job = |server| Job {
+        server,
+        id: manifest_id(&id),
+        have: RangeSet::new(),
+        sink: Sink::Memory(Vec::new()),
+        expect: Expect::AtMost(MAX_MANIFEST_BYTES),
+        // Its id is derived, not its digest: `Manifest::decode` checks the bytes.
+        verify: Verify::ByCaller,
+    };
+    let started = engine.started();
+    let mut pending: HashMap<TransferId, (usize, u32)> = HashMap::new();
+    for (s, &server) in servers.iter().enumerate() {
+        pending.insert(engine.start(job(server))?, (s, 1));
+    }
+    let mut got: Vec<Option<Manifest>> = vec![None; servers.len()];
+    let mut state = vec![SourceState::Resting {
+        until: started + RETRY_AFTER,
+        times: 1,
+    }; servers.len()];
+    let mut refusal: Option<TransferError> = None;
+    let mut first: Option<Instant> = None;
+    while !pending.is_empty() {
+        let now = Instant::now();
+        let waited = match first {
+            Some(at) => at.elapsed() >= MANIFEST_GRACE.max(at - started),
+            None => now - started >= MANIFEST_WAIT,
+        };
+        if waited {
+            break;
+        }
+        let ended = match engine.turn() {
+            Ok(ended) => ended,
+            Err(FetchError::Deadline(_)) if refusal.is_none() && first.is_none() => {
+                return Err(FetchError::Unreachable {
+                    servers: servers.to_vec(),
+                    waited: started.elapsed(),
+                })
+            }
+            Err(e) => return Err(e),
+        };
+        for ended in ended {
+            let Some((s, attempts)) = pending.remove(&ended.transfer) else {
+                continue;
+            };
+            let again = match (ended.outcome, ended.sink) {
+                (Outcome::Completed { .. }, Sink::Memory(bytes)) => {
+                    match Manifest::decode(&bytes, &id) {
+                        Ok(m) => {
+                            got[s] = Some(m);
+                            state[s] = SourceState::Active;
+                            first.get_or_insert_with(Instant::now);
+                            false
+                        }
+                        // Altered on its way: ask again.
+                        Err(_) => true,
+                    }
+                }
+                (Outcome::Failed(TransferError::TimedOut(_)), _) => false,
+                (Outcome::Failed(err), _) => {
+                    // It answered, but not with a manifest: an altered request names another
+                    // object, so a "not found" is asked once more.
+                    state[s] = SourceState::Failed;
+                    let retry = matches!(err, TransferError::NotFound);
+                    refusal = Some(err);
+                    retry
+                }
+                _ => false,
+            };
+            if again && attempts < MANIFEST_ATTEMPTS {
+                pending.insert(engine.start(job(servers[s]))?, (s, attempts + 1));
+            }
+        }
+    }
+    for (t, _) in pending.drain() {
+        engine.cancel(t);
+    }
+    // The manifest most sources agree on.
+    let mut candidates: Vec<(&Manifest, usize)> = Vec::new();
+    for m in got.iter().flatten() {
+        match candidates.iter_mut().find(|(c, _)| *c == m) {
+            Some((_, n)) => *n += 1,
+            None => candidates.push((m, 1)),
+        }
+    }
+    candidates.sort_by_key(|c| std::cmp::Reverse(c.1));
+    match candidates.first() {
+        Some((m, _)) => Ok(((*m).clone(), state)),
+        None => Err(match refusal {
+            Some(err) => err.into(),
+            None => FetchError::Unreachable {
+                servers: servers.to_vec(),
+                waited: started.elapsed(),
+            },
+        }),
+    }
 }
 
 fn byte_range(manifest: &Manifest, blocks: &Range<usize>) -> Range<u64> {

@@ -267,9 +267,18 @@ pub struct Serving {
 }
 
 impl Serving {
-    /// Serves `store` with `config`.
+    /// Serves `store` with `config` on 127.0.0.1.
     pub fn start(store: udpferry::ContentStore, config: udpferry::ServerConfig) -> Self {
-        let handle = udpferry::Server::bind("127.0.0.1:0".parse().unwrap(), store, config)
+        Self::start_on("127.0.0.1:0", store, config)
+    }
+
+    /// Serves `store` with `config` on `addr` (port 0 picks one).
+    pub fn start_on(
+        addr: &str,
+        store: udpferry::ContentStore,
+        config: udpferry::ServerConfig,
+    ) -> Self {
+        let handle = udpferry::Server::bind(addr.parse().unwrap(), store, config)
             .and_then(udpferry::Server::spawn)
             .unwrap();
         Serving {
