@@ -458,7 +458,8 @@ fn rate_flags_accept_units_and_reject_garbage() {
     let data = content(64 * 1024, 6);
     let md5 = put_file(&dir, "r.map", &data);
 
-    let (_server, addr, _) = spawn_server(&dir, &["--rate", "1MiB", "--client-rate", "512K"]);
+    // Decimal units and fractions too (the issue's `4MB`, `1.5M`), and a host name to listen on.
+    let (_server, addr, _) = spawn_server(&dir, &["--rate", "4MB", "--client-rate", "1.5M"]);
     let r = get(addr, &md5, &tmp.join("o"), &tmp.join("c"), &[], GET_LIMIT);
     assert!(
         r.status.success(),
@@ -468,7 +469,7 @@ fn rate_flags_accept_units_and_reject_garbage() {
 
     for (flag, bad) in [
         ("--rate", "fast"),
-        ("--client-rate", "1.5M"),
+        ("--client-rate", "1.5T"),
         ("--rate", "0"),
     ] {
         let r = run(
@@ -495,6 +496,18 @@ fn rate_flags_accept_units_and_reject_garbage() {
             println!("--rate fast: {}", r.stderr.lines().next().unwrap_or(""));
         }
     }
+
+    // A name to listen on is resolved (the issue: `--listen localhost:7878` was refused), and
+    // one that does not resolve is named in the error.
+    let listen = |address: &str| {
+        run(
+            &[os("serve"), dir.as_os_str(), os("--listen"), os(address)],
+            Duration::from_secs(20),
+        )
+    };
+    let r = listen("nowhere.invalid:7878");
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+    assert!(r.stderr.contains("nowhere.invalid:7878"), "{r:?}");
 }
 
 /// Peak resident memory of process `pid` in KiB (Linux: `VmHWM` in /proc).

@@ -441,3 +441,17 @@ fn a_digest_mismatch_discards_the_partial_instead_of_resuming_it() {
         .collect();
     assert!(left.is_empty(), "cache holds {left:?}");
 }
+
+/// An address that does not parse or resolve is named in the error (the issue: "invalid
+/// socket address" alone).
+#[test]
+fn an_unresolvable_server_address_is_named_in_the_error() {
+    let dir = TempDir::new("badaddr");
+    let client = Client::new(dir.0.join("cache")).unwrap();
+    let id = ObjectId::md5_of(b"anything");
+    let err = client
+        .fetch("not-an-address", id, &FetchOptions::default(), |_| {})
+        .unwrap_err();
+    assert!(err.to_string().contains("not-an-address"), "{err}");
+    println!("{err}");
+}

@@ -49,10 +49,12 @@ enum Command {
 struct ServeArgs {
     /// Directory to serve.
     dir: PathBuf,
-    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
-    #[arg(long, default_value = "0.0.0.0:7878")]
+    /// Address to listen on, host:port (a name like localhost:7878 is resolved; port 0 picks
+    /// a free port; the chosen address is printed).
+    #[arg(long, default_value = "0.0.0.0:7878", value_parser = parse_address)]
     listen: SocketAddr,
-    /// Cap on all sending together, bytes per second (e.g. 1MiB, 512K, 2000000, 1M/s).
+    /// Cap on all sending together, bytes per second (e.g. 2000000, 512K, 1.5MiB, 4MB, 10M/s:
+    /// K, M, G, KiB, MiB, GiB are binary, KB, MB, GB decimal).
     #[arg(long, value_parser = parse_rate)]
     rate: Option<u64>,
     /// Cap on each client, bytes per second (same units as --rate).
@@ -127,34 +129,50 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
 }
 
-/// Parses a rate: a plain integer or one with a suffix K, M, G, KiB, MiB, GiB (all binary:
-/// K and KiB both mean 1024), optionally followed by `/s`.
+/// Resolves host:port (an IP address or a name) to its first address.
+fn parse_address(text: &str) -> Result<SocketAddr, String> {
+    match std::net::ToSocketAddrs::to_socket_addrs(text.trim()).map(|mut a| a.next()) {
+        Ok(Some(addr)) => Ok(addr),
+        Ok(None) => Err(format!("`{text}` resolves to no address")),
+        Err(e) => Err(format!(
+            "cannot resolve `{text}` (give host:port, e.g. 0.0.0.0:7878): {e}"
+        )),
+    }
+}
+
+/// Parses a rate: a number (fractions allowed) with an optional unit and an optional `/s`.
+/// K, M, G, KiB, MiB and GiB are binary (1024^n), KB, MB and GB decimal (1000^n), in any case.
 fn parse_rate(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let t = t.strip_suffix("/s").unwrap_or(t);
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (digits, unit) = t.split_at(split);
-    let value: u64 = digits
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let forms = "examples: 2000000, 512K, 1.5MiB, 4MB, 10M/s";
+    let value: f64 = number
         .parse()
-        .map_err(|_| format!("`{text}` is not a rate (examples: 1MiB, 512K, 2000000)"))?;
-    let multiplier: u64 = match unit {
-        "" => 1,
-        "K" | "KiB" => 1 << 10,
-        "M" | "MiB" => 1 << 20,
-        "G" | "GiB" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "unknown unit in `{text}` (use K, M, G, KiB, MiB or GiB)"
-            ))
-        }
+        .map_err(|_| format!("`{text}` is not a rate ({forms})"))?;
+    let multiplier: f64 = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1024.0 * 1024.0,
+        "g" | "gib" => 1024.0 * 1024.0 * 1024.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        _ => return Err(format!("unknown unit in `{text}` ({forms})")),
     };
-    let rate = value
-        .checked_mul(multiplier)
-        .ok_or_else(|| format!("`{text}` is too large"))?;
-    if rate == 0 {
-        return Err("a rate must be above zero".into());
+    let rate = (value * multiplier).round();
+    if rate < 1.0 {
+        return Err(format!(
+            "`{text}`: a rate must be at least 1 byte per second"
+        ));
     }
-    Ok(rate)
+    if rate >= u64::MAX as f64 {
+        return Err(format!("`{text}` is too large"));
+    }
+    Ok(rate as u64)
 }
 
 /// `serve`: the directory's objects and bundles until SIGINT or SIGTERM.
@@ -227,10 +245,10 @@ fn get(args: GetArgs) -> ExitCode {
         Err(e) => return fail("get", &FetchError::from(e).to_string()),
     };
     let mut servers: Vec<SocketAddr> = Vec::new();
-    for s in args.server.split(',').map(str::trim) {
-        match std::net::ToSocketAddrs::to_socket_addrs(s).map(|mut a| a.next()) {
-            Ok(Some(a)) => servers.push(a),
-            _ => return fail("get", &format!("cannot resolve server address {s:?}")),
+    for s in args.server.split(',') {
+        match parse_address(s) {
+            Ok(a) => servers.push(a),
+            Err(e) => return fail("get", &e),
         }
     }
     let options = FetchOptions {
@@ -345,17 +363,34 @@ fn demo(size_mib: u64, seed: u64) -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_rate;
+    use super::{parse_address, parse_rate};
 
     #[test]
-    fn rates_parse_with_binary_suffixes_and_per_second() {
-        assert_eq!(parse_rate("2000000"), Ok(2_000_000));
-        assert_eq!(parse_rate("512K"), Ok(512 * 1024));
-        assert_eq!(parse_rate("512KiB"), Ok(512 * 1024));
-        assert_eq!(parse_rate("1MiB"), Ok(1 << 20));
-        assert_eq!(parse_rate("1M/s"), Ok(1 << 20));
-        assert_eq!(parse_rate("2G"), Ok(2 << 30));
-        assert_eq!(parse_rate("3GiB/s"), Ok(3 << 30));
+    fn addresses_resolve_names_and_name_what_they_refuse() {
+        assert!(parse_address("localhost:7878").is_ok_and(|a| a.port() == 7878));
+        assert_eq!(parse_address("[::1]:9"), Ok("[::1]:9".parse().unwrap()));
+        let refused = parse_address("no-port-here").unwrap_err();
+        assert!(refused.contains("no-port-here"), "{refused}");
+    }
+
+    #[test]
+    fn rates_parse_with_binary_and_decimal_units_fractions_and_per_second() {
+        for (text, rate) in [
+            ("2000000", 2_000_000),
+            ("512K", 512 * 1024),
+            ("512k", 512 * 1024),
+            ("512KiB", 512 * 1024),
+            ("1MiB", 1 << 20),
+            ("1M/s", 1 << 20),
+            ("1.5M", 3 << 19),
+            ("2G", 2 << 30),
+            ("3GiB/s", 3 << 30),
+            ("4MB", 4_000_000),
+            ("4kB", 4_000),
+            ("0.5GB", 500_000_000),
+        ] {
+            assert_eq!(parse_rate(text), Ok(rate), "{text}");
+        }
     }
 
     #[test]
@@ -365,8 +400,9 @@ mod tests {
             "fast",
             "1T",
             "0",
-            "1.5M",
+            "0.0001",
             "-1",
+            "1..5M",
             "99999999999999999999",
             "17179869184G",
         ] {

@@ -386,7 +386,7 @@ impl Client {
     /// missing. Blocks until every file is installed or has failed.
     pub fn fetch_bundle(
         &self,
-        server: impl ToSocketAddrs,
+        server: impl ToSocketAddrs + std::fmt::Debug,
         bundle: ObjectId,
         dir: &Path,
         options: &FetchOptions,

@@ -85,7 +85,7 @@ impl Client {
     /// [`Report::path`] (or `options.output`); after an error, calling it again resumes.
     pub fn fetch(
         &self,
-        server: impl ToSocketAddrs,
+        server: impl ToSocketAddrs + std::fmt::Debug,
         id: ObjectId,
         options: &FetchOptions,
         mut progress: impl FnMut(&Progress),
@@ -369,11 +369,14 @@ const MANIFEST_WAIT: Duration = Duration::from_secs(10);
 const MANIFEST_ATTEMPTS: usize = 8;
 
 /// The first address `server` resolves to.
-pub(super) fn resolve(server: impl ToSocketAddrs) -> io::Result<SocketAddr> {
-    server
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "server address not found"))
+pub(super) fn resolve(server: impl ToSocketAddrs + std::fmt::Debug) -> io::Result<SocketAddr> {
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("cannot resolve {server:?}: {e}"));
+    server.to_socket_addrs().map_err(named)?.next().ok_or_else(|| {
+        named(io::Error::new(
+            io::ErrorKind::NotFound,
+            "it resolves to no address",
+        ))
+    })
 }
 
 /// How long a finished download answers a server that missed its Done: about one of the
