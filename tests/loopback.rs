@@ -455,3 +455,42 @@ fn an_unresolvable_server_address_is_named_in_the_error() {
     assert!(err.to_string().contains("not-an-address"), "{err}");
     println!("{err}");
 }
+
+/// A server that never answers: the progress callback says whom the download waits for, from
+/// the start and then every second (the issue: 15 s of nothing on screen).
+#[test]
+fn a_silent_server_is_named_while_the_download_waits() {
+    let dir = TempDir::new("silent");
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let client = Client::new(dir.0.join("cache")).unwrap();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_millis(2500)),
+        ..FetchOptions::default()
+    };
+    let started = Instant::now();
+    let mut told: Vec<(Duration, String)> = Vec::new();
+    let result = client.fetch(addr, ObjectId::md5_of(b"x"), &options, |p| {
+        if let Some(w) = &p.waiting {
+            told.push((started.elapsed(), w.to_string()));
+        }
+    });
+    assert!(
+        matches!(result, Err(udpferry::FetchError::Deadline(_))),
+        "{result:?}"
+    );
+    println!("{told:?}");
+    assert!(told.len() >= 2, "told once a second: {told:?}");
+    assert!(
+        told[0].0 < Duration::from_millis(900),
+        "told at once: {told:?}"
+    );
+    assert!(
+        told.iter().all(|(_, w)| w.contains(&addr.to_string())),
+        "{told:?}"
+    );
+    assert!(
+        told.last().is_some_and(|(_, w)| w.ends_with(" s)")),
+        "{told:?}"
+    );
+}

@@ -260,23 +260,29 @@ fn get(args: GetArgs) -> ExitCode {
             Err(e) => return fail("get", &e),
         },
     };
-    let bar = progress_bar("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
+    let bar = progress_bar("{msg}{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}");
     let started = Instant::now();
     let mut last_line: Option<(Instant, u64)> = None;
     let result = client.get(&servers, args.id, &options, args.bundle, |p| {
         if let Some(bar) = &bar {
             bar.set_length(p.total);
             bar.set_position(p.bytes_done);
+            // "waiting for 10.0.0.5:7878 (3 s)" until the first answer.
+            bar.set_message(
+                p.waiting
+                    .as_ref()
+                    .map_or(String::new(), |w| format!("{w} ")),
+            );
         }
         let now = Instant::now();
         let (then, before) = last_line.unwrap_or((started, 0));
         if args.verbose && now >= then + Duration::from_secs(1) {
             let rate = (p.bytes_done.saturating_sub(before)) as f64 / (now - then).as_secs_f64();
-            let line = format!(
-                "{:>6.1} s  {p}  {:.2} MB/s",
-                (now - started).as_secs_f64(),
-                rate / 1e6
-            );
+            let t = (now - started).as_secs_f64();
+            let line = match p.waiting {
+                Some(_) => format!("{t:>6.1} s  {p}"),
+                None => format!("{t:>6.1} s  {p}  {:.2} MB/s", rate / 1e6),
+            };
             match &bar {
                 Some(bar) => bar.println(line),
                 None => eprintln!("{line}"),

@@ -129,13 +129,7 @@ impl Client {
                 expect: Expect::Any,
                 verify: Verify::Digest,
             };
-            let ended = engine.run(job, None, &mut |bytes_done, total, stats| {
-                progress(&Progress {
-                    bytes_done,
-                    total,
-                    stats: stats.clone(),
-                })
-            })?;
+            let ended = engine.run(job, None, &mut progress)?;
             let Sink::File(partial_back) = ended.sink else {
                 return Err(lost());
             };
@@ -198,6 +192,7 @@ impl Client {
                 bytes_done: size,
                 total: size,
                 stats: ended.stats.clone(),
+                waiting: None,
             });
             let path = partial.finalize()?;
             if let Some(out) = &options.output {
@@ -290,6 +285,7 @@ impl Client {
                     bytes_done: p.bytes_done,
                     total: p.bytes_total,
                     stats: Stats::default(),
+                    waiting: None,
                 })
             })?;
             Ok(Got::Bundle(report))
@@ -342,6 +338,7 @@ impl Client {
             bytes_done: size,
             total: size,
             stats: Stats::default(),
+            waiting: None,
         });
         Ok(CacheHit::Served(Box::new(Report {
             object: id,
@@ -497,12 +494,46 @@ pub struct Progress {
     pub total: u64,
     /// The transfer's counters (round-trip time, datagrams, duplicates, drops).
     pub stats: Stats,
+    /// What the download waits for before its first byte, if it waits: show it, so that a
+    /// silent server is not a frozen screen.
+    pub waiting: Option<Waiting>,
+}
+
+/// What a download waits for, in [`Progress::waiting`]. Displays as a short phrase ("waiting
+/// for 10.0.0.5:7878 (3 s)").
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Waiting {
+    /// The first answer of these servers, for `waited` so far.
+    Answer {
+        /// The servers asked.
+        servers: Vec<SocketAddr>,
+        /// How long they have been silent.
+        waited: Duration,
+    },
+}
+
+impl std::fmt::Display for Waiting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Waiting::Answer { servers, waited } => {
+                write!(f, "waiting for {}", list(servers))?;
+                if waited.as_secs() > 0 {
+                    write!(f, " ({} s)", waited.as_secs())?;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 /// Bytes held of the total, and the counters a status line shows: round-trip time,
 /// duplicate chunks, datagrams dropped.
 impl std::fmt::Display for Progress {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(waiting) = &self.waiting {
+            return waiting.fmt(f);
+        }
         write!(
             f,
             "{}/{} bytes  rtt {:.1} ms  {} duplicate chunks  {} dropped",

@@ -66,7 +66,7 @@ pub(super) fn fetch_manifest(
         // Its id is derived, not its digest: the bytes are checked by `Manifest::decode`.
         verify: Verify::ByCaller,
     };
-    let ended = engine.run(job, Some(limit), &mut |_, _, _| {})?;
+    let ended = engine.run(job, Some(limit), &mut |_| {})?;
     let Sink::Memory(bytes) = ended.sink else {
         return Err(lost());
     };

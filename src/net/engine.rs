@@ -17,12 +17,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::{bind, random_seed, Client, Driver, FetchError, FetchOptions, HashThread, MAX_WAIT};
+use super::{
+    bind, random_seed, Client, Driver, FetchError, FetchOptions, HashThread, Progress, Waiting,
+    MAX_WAIT,
+};
 use crate::core::{
     ChunkSink, Endpoint, Event, NoObjects, RangeSet, Stats, TransferError, TransferId,
 };
 use crate::id::ObjectId;
 use crate::store::{PartialFile, StoreError};
+
+/// How often a caller is told that a job still waits for its server's first answer.
+const WAITING_EVERY: Duration = Duration::from_secs(1);
 
 /// Where a job's bytes go.
 // Most jobs write a partial file, and the endpoint holds each sink in place for the whole
@@ -156,6 +162,11 @@ struct Live {
     /// When the server was last heard from for this job (its offer, or bytes), or when the
     /// job started.
     heard: Instant,
+    server: SocketAddr,
+    /// The server offered the object (or refused it).
+    answered: bool,
+    /// When the caller was last told that the job waits for an answer.
+    told_waiting: Option<Instant>,
 }
 
 /// Runs [`Job`]s over one socket (bound on first use, to the wildcard address of the first
@@ -236,6 +247,9 @@ impl<'a> Engine<'a> {
                 total: 0,
                 moved: false,
                 heard: Instant::now(),
+                server: job.server,
+                answered: false,
+                told_waiting: None,
             },
         );
         Ok(transfer)
@@ -285,6 +299,7 @@ impl<'a> Engine<'a> {
             match e.event {
                 Event::Started { size } => {
                     job.heard = Instant::now();
+                    job.answered = true;
                     job.total = size;
                     job.refused = offer_refused(ep, e.transfer, job.expect, size);
                     if job.refused.is_some() {
@@ -329,13 +344,14 @@ impl<'a> Engine<'a> {
         Ok(out)
     }
 
-    /// Runs one job to its end, calling `progress` (bytes held, total, counters) as bytes
-    /// arrive; `limit`, if given, cancels it after that long (it then fails as timed out).
+    /// Runs one job to its end, calling `progress` as bytes arrive, and once a second while it
+    /// waits for the server's first answer; `limit`, if given, cancels it after that long (it
+    /// then fails as timed out).
     pub(super) fn run(
         &mut self,
         job: Job,
         limit: Option<Duration>,
-        progress: &mut dyn FnMut(u64, u64, &Stats),
+        progress: &mut dyn FnMut(&Progress),
     ) -> Result<Ended, FetchError> {
         let transfer = self.start(job)?;
         let until = limit.and_then(|l| Instant::now().checked_add(l));
@@ -359,17 +375,36 @@ impl<'a> Engine<'a> {
                     return Ok(ended);
                 }
             }
-            if let Some((done, total)) = self.progress(transfer) {
-                let stats = self.endpoint.transfer_stats(transfer).unwrap_or_default();
-                progress(done, total, &stats);
+            if let Some(p) = self.progress(transfer) {
+                progress(&p);
             }
         }
     }
 
-    /// Bytes held and the total of a job in flight, if they moved since the last look.
-    pub(super) fn progress(&mut self, transfer: TransferId) -> Option<(u64, u64)> {
+    /// How a job in flight is doing, if there is news since the last look: bytes moved, or it
+    /// still waits for the server's first answer (told once a second, from the start).
+    pub(super) fn progress(&mut self, transfer: TransferId) -> Option<Progress> {
         let job = self.live.get_mut(&transfer)?;
-        std::mem::take(&mut job.moved).then_some((job.done, job.total))
+        let waiting = if job.answered {
+            None
+        } else if job.told_waiting.is_none_or(|at| at.elapsed() >= WAITING_EVERY) {
+            job.told_waiting = Some(Instant::now());
+            Some(Waiting::Answer {
+                servers: vec![job.server],
+                waited: job.heard.elapsed(),
+            })
+        } else {
+            return None;
+        };
+        if waiting.is_none() && !std::mem::take(&mut job.moved) {
+            return None;
+        }
+        Some(Progress {
+            bytes_done: job.done,
+            total: job.total,
+            stats: self.endpoint.transfer_stats(transfer).unwrap_or_default(),
+            waiting,
+        })
     }
 
     /// How long the server of a job in flight has been silent for it: since its offer or its

@@ -35,7 +35,7 @@ pub use bundle::{
     BundleFetchError, BundleProgress, BundleReport, FileError, FileFailure, CONCURRENT_FILES,
 };
 pub use demo::{loopback_demo, DemoReport};
-pub use client::{Client, FetchError, FetchOptions, Got, Progress, Report};
+pub use client::{Client, FetchError, FetchOptions, Got, Progress, Report, Waiting};
 pub use driver::{Activity, Driver};
 pub use hasher::HashThread;
 pub use server::{Server, ServerConfig, ServerHandle, ServerStatus};

@@ -23,7 +23,7 @@ use md5::{Digest, Md5};
 use super::client::linger_for;
 use super::delta::MAX_MANIFEST_BYTES;
 use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, Sink, Verify};
-use super::{Client, FetchError, FetchOptions, Progress, Report};
+use super::{Client, FetchError, FetchOptions, Progress, Report, Waiting};
 use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::manifest::{manifest_id, Manifest};
@@ -92,7 +92,7 @@ pub(super) fn fetch_from(
     let mut engine = Engine::new(client, options);
     engine.bind_for(servers)?;
     let started = engine.started();
-    let (manifest, mut state) = manifests(&mut engine, servers, id)?;
+    let (manifest, mut state) = manifests(&mut engine, servers, id, progress)?;
 
     let (mut partial, have) = client.cache.begin_sized(&id, Some(manifest.size))?;
     partial.set_background_journal(true)?;
@@ -249,6 +249,7 @@ pub(super) fn fetch_from(
                 bytes_done: done,
                 total: manifest.size,
                 stats: stats.clone(),
+                waiting: None,
             });
         }
     }
@@ -278,6 +279,7 @@ pub(super) fn fetch_from(
         bytes_done: manifest.size,
         total: manifest.size,
         stats: stats.clone(),
+        waiting: None,
     });
     let path = partial.finalize()?;
     if let Some(out) = &options.output {
@@ -308,6 +310,7 @@ fn manifests(
     engine: &mut Engine<'_>,
     servers: &[SocketAddr],
     id: ObjectId,
+    progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Manifest, Vec<SourceState>), FetchError> {
     let job = |server| Job {
         server,
@@ -330,8 +333,23 @@ fn manifests(
     }; servers.len()];
     let mut refusal: Option<TransferError> = None;
     let mut first: Option<Instant> = None;
+    let mut told: Option<Instant> = None;
     while !pending.is_empty() {
         let now = Instant::now();
+        if first.is_none() && told.is_none_or(|at| now - at >= Duration::from_secs(1)) {
+            // Nothing yet: say whom the download waits for.
+            told = Some(now);
+            let silent: Vec<SocketAddr> = pending.values().map(|&(s, _)| servers[s]).collect();
+            progress(&Progress {
+                bytes_done: 0,
+                total: 0,
+                stats: Stats::default(),
+                waiting: Some(Waiting::Answer {
+                    servers: silent,
+                    waited: now - started,
+                }),
+            });
+        }
         let waited = match first {
             Some(at) => at.elapsed() >= MANIFEST_GRACE.max(at - started),
             None => now - started >= MANIFEST_WAIT,
