@@ -93,7 +93,7 @@ pub use crate::id::{ObjectId, ParseIdError};
 pub use crate::net::{
     bind, loopback_demo, random_seed, Activity, BundleFetchError, BundleProgress, BundleReport,
     Client, DemoReport, Driver, FetchError, FetchOptions, FileError, FileFailure, Got, HashThread,
-    Progress, Report, Server, ServerConfig, ServerHandle, ServerStatus, CONCURRENT_FILES,
+    Progress, Report, Server, ServerConfig, ServerHandle, ServerStatus, Waiting, CONCURRENT_FILES,
 };
 pub use crate::store::{
     BlockCheck, BundleInfo, Cache, ContentStore, Lookup, ObjectInfo, PartialFile, Served,
