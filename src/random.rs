@@ -17,7 +17,7 @@ pub(crate) fn random_u64() -> u64 {
     h.finish()
 }
 
-/// 128 bits for an endpoint's key (`EndpointConfig::seed`): two draws of [`random_u64`], whose
+/// 128 bits for an endpoint's key (`EndpointConfig::seed`): two draws of `random_u64`, whose
 /// keys the standard library takes from the operating system's generator (getrandom on Linux).
 /// [`Server::bind`](crate::Server::bind) and [`Client`](crate::Client) use it; a game that
 /// builds its own [`Endpoint`](crate::Endpoint) puts it into the config's `seed`.
