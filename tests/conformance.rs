@@ -467,7 +467,8 @@ struct Transcript {
 }
 
 /// Downloads by the receiver rules of section 5.2 with the Request `request` (built by the
-/// caller), up to the moment every chunk is held; the caller checks the bytes and sends Done.
+/// caller), up to the moment every chunk is held and the ack that says so has left; the caller
+/// checks the bytes and sends Done.
 /// `known` holds the object's bytes wherever `have` says the client has them. The first Data
 /// datagram carrying a chunk in `lose` is ignored, as if lost on the way.
 fn download(peer: &Peer, request: &[u8], known: &[u8], lose: &[u64]) -> Transcript {
@@ -684,7 +685,10 @@ fn download(peer: &Peer, request: &[u8], known: &[u8], lose: &[u64]) -> Transcri
         object[range.start as usize..range.end as usize].copy_from_slice(data.payload);
         held.insert(data.chunk);
         if held.len() as u64 == count {
-            break; // Step 7: no ack for the last chunk; Done replaces it.
+            // Step 7: the last chunk is acknowledged at once (an ack claiming every chunk),
+            // before the digest is checked; the caller checks it and sends Done.
+            transcript.acks.push(send_ack(peer, &held, l));
+            break;
         }
         if !in_order || unacked >= 2 {
             transcript.acks.push(send_ack(peer, &held, l));
@@ -994,9 +998,29 @@ fn md5_download_with_acks_and_a_loss() {
         "send times span {span} µs"
     );
     // Every chunk appears; the acks this client sent follow section 3.5 (checked in the
-    // example test); the last chunk is not acknowledged, Done replaces it.
+    // example test), the last one claiming all 40 chunks (section 5.2.3, step 7).
     let chunks: BTreeSet<u64> = t.data.iter().map(|d| d.2).collect();
     assert_eq!(chunks.len(), 40);
+    let last_ack = t.acks.last().unwrap();
+    assert_eq!(
+        last_ack[34..38],
+        40u32.to_be_bytes(),
+        "cumulative = chunk_count"
+    );
+    // The digest check takes 300 ms here (a resume re-hashing what it held, say). With every
+    // chunk acknowledged the server waits for the Done and does not probe (sections 5.3.3 and
+    // 5.3.6); only Data already on its way when the ack left may still arrive, at once.
+    let checking = Instant::now();
+    while let Some(left) = Duration::from_millis(300).checked_sub(checking.elapsed()) {
+        let Some(d) = peer.recv(left) else { break };
+        let (kind, from_conn, _) = open(&d);
+        assert!(
+            (kind, from_conn) == (0x04, conn) && checking.elapsed() < Duration::from_millis(50),
+            "kind {kind} on {from_conn:#x} {:?} after the ack of every chunk: the server \
+             probed while the digest was being checked",
+            checking.elapsed()
+        );
+    }
     peer.finish(conn);
     peer.check_server_finished();
 }

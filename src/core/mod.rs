@@ -13,6 +13,9 @@
 //! 4. Sleep until `poll_timeout()` (or until the next datagram arrives, whichever is first);
 //!    when the timeout passes, call `handle_timeout(now)` and go back to 2.
 //!
+//! A receiver that has just acknowledged its last chunk returns a `poll_timeout` that has
+//! already passed: it checks the digest in that `handle_timeout`, after its ack went out.
+//!
 //! A transfer is over when `poll_event` has returned [`Event::Completed`] or [`Event::Failed`];
 //! `is_finished` then returns true. A finished receiver may still have datagrams to send (it
 //! answers a sender that missed its `Done`), so keep driving it until `poll_timeout` returns
@@ -62,8 +65,9 @@ use crate::wire::ErrorCode;
 pub trait PrefixHasher: Send + std::fmt::Debug {
     /// Adds the object's next bytes.
     fn update(&mut self, bytes: &[u8]);
-    /// The id of everything added. Called once, when every byte was added; it may wait for
-    /// work it handed elsewhere. An error fails the transfer as a storage error.
+    /// The id of everything added. Called once, when every byte was added (from
+    /// `handle_timeout`, once the ack of the last chunk has gone out); it may wait for work it
+    /// handed elsewhere. An error fails the transfer as a storage error.
     fn finish(&mut self) -> io::Result<ObjectId>;
 }
 

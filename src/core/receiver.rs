@@ -62,6 +62,10 @@ enum State {
     Starting,
     /// Receiving data.
     Receiving,
+    /// Every chunk is held. The ack that says so goes out first (`acked` is when it left); the
+    /// digest is checked at the next `handle_timeout` after that, so a hasher whose `finish`
+    /// blocks (a hashing thread catching up) does not hold the ack back.
+    Verifying { acked: Option<Instant> },
     /// Completed; answering a sender that missed our `Done` until `until`.
     Lingering { until: Instant },
     /// Over; nothing more to send.
@@ -84,6 +88,11 @@ struct Object {
 /// chunks through its [`ChunkSink`] as they arrive in any order, acknowledges them, hashes the
 /// object's in-order prefix as it grows, and reports [`Event::Completed`] only after the digest
 /// of all bytes matched the requested id.
+///
+/// When the last missing chunk arrives, the receiver first sends one ack that claims every
+/// chunk (so the sender stops waiting on its probe timer), and checks the digest afterwards:
+/// `poll_timeout` then returns the moment that ack left, and the `handle_timeout` that follows
+/// calls [`PrefixHasher::finish`] (which may block) and queues the `Done`.
 #[derive(Debug)]
 pub struct Receiver<K> {
     conn_id: ConnectionId,
@@ -334,8 +343,15 @@ impl<K: ChunkSink> Receiver<K> {
         self.stats.bytes_received += len as u64;
         self.last_heard = now;
         match &datagram.frame {
-            Frame::Offer(offer) if self.state != State::Receiving => self.on_offer(now, offer),
-            Frame::Data(data) if matches!(self.state, State::Starting | State::Receiving) => {
+            Frame::Offer(offer) if matches!(self.state, State::Requesting | State::Starting) => {
+                self.on_offer(now, offer)
+            }
+            Frame::Data(data)
+                if matches!(
+                    self.state,
+                    State::Starting | State::Receiving | State::Verifying { .. }
+                ) =>
+            {
                 self.on_data(now, data)
             }
             Frame::Error(e) => {
@@ -407,9 +423,12 @@ impl<K: ChunkSink> Receiver<K> {
         self.handshake_pending = true;
         self.handshake_retries = 0;
         if self.received.covered() == object.chunks {
-            // Empty object, or everything was already here: verify and finish without data.
+            // Empty object, or everything was already here: verify and finish without data
+            // (and without an ack: no data arrived, and the sender is told by the Done).
             self.advance_hash(None);
-            self.verify(now);
+            if !self.report.is_finished() {
+                self.verify(now);
+            }
         }
     }
 
@@ -431,6 +450,13 @@ impl<K: ChunkSink> Receiver<K> {
             return;
         }
         self.invalid_data.clear();
+        if matches!(self.state, State::Verifying { .. }) {
+            // Every chunk is held, and the ack that says so is out (or about to be): this is a
+            // repeat. It is not acknowledged: the sender counts acks that claim every chunk
+            // (PROTOCOL.md 5.3.3), and the Done that follows the verification answers it.
+            self.stats.duplicate_chunks += 1;
+            return;
+        }
         self.state = State::Receiving;
         self.keepalives = 0;
         self.keepalive_due = later(now, self.keepalive_interval());
@@ -462,12 +488,22 @@ impl<K: ChunkSink> Receiver<K> {
         let in_order = self.received.max().is_none_or(|m| chunk == m + 1);
         self.received.insert(chunk..chunk + 1);
         self.recent.push(chunk);
-        self.advance_hash(Some((chunk, data.payload)));
-        if self.report.is_finished() {
+        if self.received.covered() == object.chunks {
+            // The last missing chunk: acknowledge it at once, and finish the digest only once
+            // that ack has left (`handle_timeout`), so the sender learns that every chunk
+            // arrived while the digest is still being worked out. Only the payload in hand is
+            // hashed now (when it continues the hashed prefix); chunks held past it are read
+            // back and hashed in the verification, which on a resume can be most of the object.
+            if self.check_digest && chunk == self.hashed_chunks {
+                self.hasher.update(data.payload);
+                self.hashed_chunks += 1;
+            }
+            self.state = State::Verifying { acked: None };
+            self.ack_now = true;
             return;
         }
-        if self.received.covered() == object.chunks {
-            self.verify(now);
+        self.advance_hash(Some((chunk, data.payload)));
+        if self.report.is_finished() {
             return;
         }
         if !in_order || self.unacked >= self.config.ack_every {
@@ -594,6 +630,13 @@ impl<K: ChunkSink> Receiver<K> {
             State::Receiving if self.ack_now || self.ack_deadline.is_some_and(|t| t <= now) => {
                 self.build_ack(now, buf)
             }
+            State::Verifying { acked: None } => {
+                let n = self.build_ack(now, buf);
+                if n.is_some() {
+                    self.state = State::Verifying { acked: Some(now) };
+                }
+                n
+            }
             _ => None,
         }
     }
@@ -666,7 +709,12 @@ impl<K: ChunkSink> Receiver<K> {
         match self.state {
             State::Closed => None,
             State::Lingering { until } => Some(until),
-            State::Requesting | State::Starting | State::Receiving => {
+            // The ack claiming every chunk is out: verify now.
+            State::Verifying { acked: Some(at) } => Some(at),
+            State::Requesting
+            | State::Starting
+            | State::Receiving
+            | State::Verifying { acked: None } => {
                 // An idle timeout too long to add to an instant never expires.
                 let idle = self.last_heard.checked_add(self.config.idle_timeout);
                 let handshake = match (self.state, self.handshake_sent) {
@@ -713,7 +761,18 @@ impl<K: ChunkSink> Receiver<K> {
                     self.state = State::Closed;
                 }
             }
-            State::Requesting | State::Starting | State::Receiving => {
+            State::Verifying { acked: Some(at) } => {
+                if now >= at {
+                    self.advance_hash(None);
+                    if !self.report.is_finished() {
+                        self.verify(now);
+                    }
+                }
+            }
+            State::Requesting
+            | State::Starting
+            | State::Receiving
+            | State::Verifying { acked: None } => {
                 let idle = self.last_heard.checked_add(self.config.idle_timeout);
                 if idle.is_some_and(|t| now >= t) {
                     self.state = State::Closed;
@@ -734,7 +793,7 @@ impl<K: ChunkSink> Receiver<K> {
                     self.keepalive_due = later(now, self.keepalive_interval());
                     self.ack_now = true;
                 }
-                if self.state != State::Receiving {
+                if matches!(self.state, State::Requesting | State::Starting) {
                     if let Some(sent) = self.handshake_sent {
                         if now >= later(sent, self.handshake_timeout()) {
                             self.handshake_retries += 1;

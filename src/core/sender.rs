@@ -9,8 +9,8 @@ use super::ranges::RangeSet;
 use super::report::{emit, Report};
 use super::rtt::RttEstimator;
 use super::{
-    chunk_bytes, chunk_count, held_chunks, window_chunks, wire_micros, ChunkSource, Completion,
-    Event, Stats, TransferConfig, TransferError,
+    chunk_bytes, chunk_count, held_chunks, later, window_chunks, wire_micros, ChunkSource,
+    Completion, Event, Stats, TransferConfig, TransferError,
 };
 use crate::id::ObjectId;
 use crate::wire::{
@@ -30,10 +30,17 @@ const MAX_PTO: Duration = Duration::from_secs(2);
 const MAX_OFFER_REPEATS: u32 = 1;
 /// Probe timeouts in a row that count as persistent congestion.
 const PERSISTENT_CONGESTION_PTOS: u32 = 3;
-/// Acknowledgements in a row that claim every chunk without the receiver finishing: it took the
-/// object for a larger one (a damaged offer), and the transfer cannot end. One such ack can be a
-/// damaged ack; several in a row are not.
+/// Acknowledgements in a row that claim every chunk, each of a newer data datagram than the one
+/// before, without the receiver finishing: it took the object for a larger one (a damaged
+/// offer) and still acknowledges data, and the transfer cannot end. An honest receiver sends
+/// one such ack, for its last chunk, and then only its Done; one more can be a damaged ack;
+/// a third is neither.
 const MAX_ACKS_PAST_END: u32 = 3;
+/// How long the sender waits for the Done once every chunk is acknowledged, before its first
+/// probe (unless its probe timeout is longer). The receiver acknowledges its last chunk and then
+/// checks the digest, which may mean reading back and hashing much of the object (a resume);
+/// probing meanwhile would only repeat the last chunk to a receiver that holds it.
+const DONE_WAIT: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -100,8 +107,13 @@ pub struct Sender<S> {
     pto_count: u32,
     probes_pending: u32,
     window_end: u64,
-    /// Acknowledgements in a row whose cumulative point is at or past the last chunk.
+    /// Acknowledgements in a row whose cumulative point is at or past the last chunk, each naming
+    /// a newer data datagram than the one before (`past_end_seq`).
     acks_past_end: u32,
+    /// The `largest_seq` of the last ack counted in `acks_past_end`.
+    past_end_seq: Option<u64>,
+    /// Since when every chunk is acknowledged (the receiver is verifying; see `DONE_WAIT`).
+    all_acked_at: Option<Instant>,
     /// Chunks counted as acknowledged that the newest ack showed missing: withdrawn when the
     /// next newest ack shows them missing too (see `recover_reneged`).
     renege_suspects: Vec<u64>,
@@ -223,6 +235,8 @@ impl<S: ChunkSource> Sender<S> {
             probes_pending: 0,
             window_end: window_end.max(1),
             acks_past_end: 0,
+            past_end_seq: None,
+            all_acked_at: None,
             renege_suspects: Vec::new(),
             renege_previous: Vec::new(),
             rtt: RttEstimator::new(config.initial_rtt),
@@ -388,8 +402,13 @@ impl<S: ChunkSource> Sender<S> {
         // An ack no older than any before it describes the receiver as it is now.
         let newest = seq_sent && self.largest_acked_seq.is_none_or(|l| ack.largest_seq >= l);
         if self.chunks > 0 && u64::from(ack.cumulative) >= self.chunks {
-            // An honest receiver that holds every chunk verifies and sends Done, never an ack.
-            self.acks_past_end += 1;
+            // An honest receiver that holds every chunk sends one such ack, then verifies and
+            // sends Done; it acknowledges no later datagram. A copy of an ack already counted
+            // (a duplicate, a keep-alive) says nothing new.
+            if self.past_end_seq.is_none_or(|s| ack.largest_seq > s) {
+                self.past_end_seq = Some(ack.largest_seq);
+                self.acks_past_end += 1;
+            }
             if self.acks_past_end >= MAX_ACKS_PAST_END {
                 self.fail_with(TransferError::ProtocolViolation(
                     "the receiver holds every chunk but does not finish: it expects a larger object",
@@ -456,6 +475,12 @@ impl<S: ChunkSource> Sender<S> {
         }
         if newly_acked {
             self.pto_count = 0;
+        }
+        if self.acked.covered() >= self.chunks {
+            self.all_acked_at.get_or_insert(now);
+        } else {
+            // Withdrawn claims (`recover_reneged`) reopened the transfer.
+            self.all_acked_at = None;
         }
         self.window_end = self.window_end.max(u64::from(ack.window_end));
         self.detect_losses(now);
@@ -795,7 +820,16 @@ impl<S: ChunkSource> Sender<S> {
             .rtt
             .pto(self.config.max_ack_delay)
             .saturating_mul(1 << self.pto_count.min(MAX_PTO_BACKOFF));
-        last.checked_add(pto.min(MAX_PTO))
+        let deadline = last.checked_add(pto.min(MAX_PTO))?;
+        match self.all_acked_at {
+            // Every chunk is acknowledged: the receiver is checking the digest, and the first
+            // probe for its Done waits `DONE_WAIT` (later ones, after a probe went unanswered,
+            // follow the probe timer).
+            Some(at) if self.acked.covered() >= self.chunks => {
+                Some(deadline.max(later(at, DONE_WAIT)))
+            }
+            _ => Some(deadline),
+        }
     }
 
     /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed, then drain
