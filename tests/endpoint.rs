@@ -83,6 +83,8 @@ fn limits_per_address_and_in_total_answer_busy() {
     let config = EndpointConfig {
         max_transfers: 3,
         max_transfers_per_address: 2,
+        // No admission queue: beyond a limit is "busy" (the queue is tested below).
+        max_waiting: 0,
         ..EndpointConfig::default()
     };
     let id = ObjectId::md5_of(b"map");
@@ -110,6 +112,149 @@ fn limits_per_address_and_in_total_answer_busy() {
     // (handshake drained the Busy replies; the counter shows them.)
     count_busy(&mut ep);
     assert_eq!(busy, 0, "nothing else queued");
+}
+
+/// The Waits in `datagrams` to `to`: each one's place.
+fn places(datagrams: &[(SocketAddr, Vec<u8>)], to: SocketAddr) -> Vec<u32> {
+    datagrams
+        .iter()
+        .filter(|(dest, _)| *dest == to)
+        .filter_map(|(_, d)| match wire::decode(d).ok()?.frame {
+            Frame::Wait(w) => Some(w.place),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Beyond the limits a validated Start waits in a FIFO queue and is told its place; repeating
+/// the Start keeps it; a freed slot is held for the first in line that fits, who is told to
+/// start at once; the queue is bounded (beyond it: busy) and forgets a client that stops
+/// repeating its Start.
+#[test]
+fn starts_beyond_the_limits_wait_in_a_bounded_fifo_queue() {
+    let t0 = Instant::now();
+    let config = EndpointConfig {
+        max_transfers: 8,
+        max_transfers_per_address: 1,
+        max_waiting: 2,
+        ..EndpointConfig::default()
+    };
+    let id = ObjectId::md5_of(b"map");
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(config, maps(&[b"map"]));
+    let a = addr(1);
+    assert!(handshake(&mut ep, t0, a, 0, id).is_some());
+    assert_eq!(ep.transfer_count(), 1);
+    drain(&mut ep, t0);
+    // Two more from the same address: offered (requests hold nothing), then queued in order.
+    let n1 = handshake(&mut ep, t0, a, 1, id).expect("an offer");
+    assert_eq!(places(&drain(&mut ep, t0), a), vec![1]);
+    let n2 = handshake(&mut ep, t0, a, 2, id).expect("an offer");
+    assert_eq!(places(&drain(&mut ep, t0), a), vec![2]);
+    assert_eq!(ep.transfer_count(), 1, "queued Starts hold no transfer");
+    // A fourth finds the queue full: busy.
+    handshake(&mut ep, t0, a, 3, id);
+    assert_eq!(ep.stats().busy, 1);
+    assert_eq!(ep.stats().queued, 2);
+    // Another address fits at once: a client at its per-address limit does not hold it up.
+    let other = SocketAddr::from(([10, 0, 0, 2], 1));
+    assert!(handshake(&mut ep, t0, other, 0, id).is_some());
+    assert_eq!(ep.transfer_count(), 2);
+    drain(&mut ep, t0);
+    // Repeating the Start keeps the place.
+    let t1 = t0 + Duration::from_millis(900);
+    ep.handle_datagram(t1, a, &common::start_datagram(2, id, n2));
+    assert_eq!(places(&drain(&mut ep, t1), a), vec![2]);
+    // The running transfer from `a` is cancelled: its slot is held for the first in line,
+    // which is told to start now (place 0); the second moves up when it repeats.
+    let first = ep.transfers().find(|t| t.peer == a).map(|t| t.id).unwrap();
+    ep.cancel(first);
+    let t2 = t1 + Duration::from_millis(100);
+    let mut now = t2;
+    let mut sent = Vec::new();
+    while ep.transfer_count() == 2 {
+        // Drain until the cancelled transfer is reaped and the first waiter called.
+        sent.extend(drain(&mut ep, now));
+        ep.handle_timeout(now);
+        now += Duration::from_millis(10);
+        assert!(
+            now < t2 + Duration::from_secs(5),
+            "the cancelled transfer was never reaped"
+        );
+    }
+    sent.extend(drain(&mut ep, now));
+    let called = places(&sent, a);
+    assert!(
+        called.contains(&0),
+        "the first in line is told to start: {called:?}"
+    );
+    // Nobody else can take the held slot: the second waiter's repeat keeps it waiting.
+    ep.handle_datagram(now, a, &common::start_datagram(2, id, n2));
+    assert_eq!(places(&drain(&mut ep, now), a), vec![2]);
+    assert_eq!(ep.transfer_count(), 1);
+    // The called waiter starts, and the second is first in line.
+    ep.handle_datagram(now, a, &common::start_datagram(1, id, n1));
+    assert_eq!(
+        ep.transfer_count(),
+        2,
+        "the called waiter's Start is admitted"
+    );
+    drain(&mut ep, now);
+    ep.handle_datagram(now, a, &common::start_datagram(2, id, n2));
+    assert_eq!(places(&drain(&mut ep, now), a), vec![1]);
+    // A waiter that stops repeating is forgotten after three intervals.
+    let later = now + Duration::from_secs(4);
+    ep.handle_timeout(later);
+    assert_eq!(ep.stats().queue_expired, 1);
+}
+
+/// A flood of validated Starts (clients that prove their address, then never go away) cannot
+/// grow the queue past `max_waiting`: beyond it they are answered "busy", and the queue forgets
+/// them all once they stop repeating. Forged Starts never get in at all.
+#[test]
+fn a_flood_of_starts_fills_the_queue_only_to_its_bound() {
+    let t0 = Instant::now();
+    let config = EndpointConfig {
+        max_requests_per_address_per_sec: 0,
+        ..EndpointConfig::default()
+    };
+    let (max_transfers, max_waiting) = (config.max_transfers, config.max_waiting);
+    let id = ObjectId::md5_of(b"map");
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(config, maps(&[b"map"]));
+    // Forged: Starts with nonces nobody was given.
+    for conn in 0..5_000u64 {
+        let from = SocketAddr::from(([10, 1, (conn >> 8) as u8, conn as u8], 9));
+        ep.handle_datagram(t0, from, &common::start_datagram(conn, id, conn * 7919));
+        drain(&mut ep, t0);
+    }
+    assert_eq!(ep.stats().queued, 0, "an unproved address never waits");
+    assert_eq!(ep.transfer_count(), 0);
+    // Proved: 2000 clients from 250 addresses, 8 each.
+    let clients = 2_000u64;
+    for conn in 0..clients {
+        let from = SocketAddr::from(([10, 2, 0, (conn / 8) as u8], 9));
+        handshake(&mut ep, t0, from, conn, id);
+        drain(&mut ep, t0);
+    }
+    let stats = ep.stats().clone();
+    println!(
+        "{clients} proved clients: {} transfers, {} queued, {} busy",
+        ep.transfer_count(),
+        stats.queued,
+        stats.busy
+    );
+    assert_eq!(ep.transfer_count(), max_transfers);
+    assert_eq!(
+        stats.queued as usize, max_waiting,
+        "the queue stops at its bound"
+    );
+    assert_eq!(
+        stats.busy as usize,
+        clients as usize - max_transfers - max_waiting,
+        "beyond the bound: busy"
+    );
+    // They never repeat their Starts: all forgotten.
+    ep.handle_timeout(t0 + Duration::from_secs(4));
+    assert_eq!(ep.stats().queue_expired as usize, max_waiting);
 }
 
 #[test]

@@ -102,8 +102,8 @@ prop_compose! {
 prop_compose! {
     fn endpoint_config()(
         transfer in transfer_config(),
-        (max_transfers, max_transfers_per_address, max_pending_replies)
-            in (count_usize(), count_usize(), count_usize()),
+        (max_transfers, max_transfers_per_address, max_pending_replies, max_waiting)
+            in (count_usize(), count_usize(), count_usize(), count_usize()),
         rate_limit_bytes_per_sec in count_u64(),
         max_requests_per_address_per_sec in count_u32(),
         seed in any::<u128>(),
@@ -112,6 +112,7 @@ prop_compose! {
             transfer,
             max_transfers,
             max_transfers_per_address,
+            max_waiting,
             rate_limit_bytes_per_sec,
             max_pending_replies,
             max_requests_per_address_per_sec,

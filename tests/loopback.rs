@@ -135,6 +135,9 @@ fn limits_answer_busy_and_unknown_objects_not_found() {
     let id = ObjectId::md5_of(&data);
     let mut config = ServerConfig::default();
     config.endpoint.max_transfers_per_address = 1;
+    // Without an admission queue a Start beyond the limit is answered "busy" (with the queue,
+    // see `a_lan_party_behind_one_address_waits_its_turn`).
+    config.endpoint.max_waiting = 0;
     config.endpoint.transfer.max_rate_bytes_per_sec = 1 << 20;
     let server = RunningServer::start(&dir.0, config);
     let addr = server.addr;
@@ -493,4 +496,56 @@ fn a_silent_server_is_named_while_the_download_waits() {
         told.last().is_some_and(|(_, w)| w.ends_with(" s)")),
         "{told:?}"
     );
+}
+
+/// The finding: 16 clients behind one address (a LAN party behind one NAT) asked one
+/// default server for 4 MiB each, and the 8 beyond the per-address limit failed at once with
+/// "server busy". Now they wait in the server's admission queue, see their place, and all 32
+/// (the target) complete with the right bytes.
+#[test]
+fn a_lan_party_behind_one_address_waits_its_turn() {
+    const CLIENTS: usize = 32;
+    let dir = TempDir::new("lanparty");
+    let data = bytes(4 << 20, 9);
+    std::fs::write(dir.0.join("m.bin"), &data).unwrap();
+    let id = ObjectId::md5_of(&data);
+    let server = RunningServer::start(&dir.0, ServerConfig::default());
+    let addr = server.addr;
+    let data = Arc::new(data);
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let cache = dir.0.join(format!("cache{i}"));
+            let data = data.clone();
+            thread::spawn(move || {
+                let options = FetchOptions {
+                    timeout: Some(Duration::from_secs(120)),
+                    ..FetchOptions::default()
+                };
+                let mut places: Vec<u32> = Vec::new();
+                let report = Client::new(&cache)
+                    .unwrap()
+                    .fetch(addr, id, &options, |p| {
+                        if let Some(udpferry::Waiting::Slot { ahead }) = p.waiting {
+                            places.push(ahead);
+                        }
+                    })
+                    .unwrap_or_else(|e| panic!("client {i} failed: {e}"));
+                assert_eq!(std::fs::read(&report.path).unwrap(), *data);
+                places
+            })
+        })
+        .collect();
+    let places: Vec<Vec<u32>> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let stats = server.stop();
+    let waited = places.iter().filter(|p| !p.is_empty()).count();
+    println!(
+        "{CLIENTS} clients: {waited} waited for a slot; server accepted {}, queued {}, busy {}, expired {}",
+        stats.accepted, stats.queued, stats.busy, stats.queue_expired
+    );
+    assert_eq!(stats.busy, 0, "nobody is refused while the queue has room");
+    assert!(
+        stats.queued > 0,
+        "the per-address limit (8) was reached: not exercised"
+    );
+    assert!(waited > 0, "a waiting client is told its place");
 }

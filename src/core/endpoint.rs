@@ -11,7 +11,9 @@ use super::pacer::Pacer;
 use super::ranges::RangeSet;
 use super::{ChunkSink, ChunkSource, Event, Receiver, Sender, TransferConfig};
 use crate::id::ObjectId;
-use crate::wire::{self, ConnectionId, Datagram, ErrorCode, ErrorFrame, Frame, Offer, Request};
+use crate::wire::{
+    self, ConnectionId, Datagram, ErrorCode, ErrorFrame, Frame, Offer, Request, Wait,
+};
 
 /// Where a serving endpoint finds objects.
 ///
@@ -65,6 +67,11 @@ pub struct EndpointConfig {
     pub max_transfers: usize,
     /// Most transfers at once with one peer address.
     pub max_transfers_per_address: usize,
+    /// Most requests waiting for a slot (docs/PROTOCOL.md section 5.8): a Start beyond
+    /// `max_transfers` or `max_transfers_per_address` takes a place in a FIFO queue (about 64
+    /// bytes each) and is answered with its place; only when the queue is full is it answered
+    /// "busy". 0: no queue.
+    pub max_waiting: usize,
     /// Uplink budget for all transfers together, bytes per second (0: none). Each transfer's own
     /// cap is `transfer.max_rate_bytes_per_sec`.
     pub rate_limit_bytes_per_sec: u64,
@@ -88,6 +95,7 @@ impl Default for EndpointConfig {
             transfer: TransferConfig::default(),
             max_transfers: 256,
             max_transfers_per_address: 8,
+            max_waiting: 1024,
             rate_limit_bytes_per_sec: 0,
             max_pending_replies: 64,
             max_requests_per_address_per_sec: 20,
@@ -179,6 +187,11 @@ pub struct EndpointStats {
     pub bad_starts: u64,
     /// Transfers accepted (serving).
     pub accepted: u64,
+    /// Starts that took a place in the admission queue.
+    pub queued: u64,
+    /// Places in the queue forgotten because their client stopped repeating its Start, or did
+    /// not start when its slot came.
+    pub queue_expired: u64,
     /// Transfers removed after they finished.
     pub reaped: u64,
 }
@@ -251,6 +264,50 @@ pub struct Endpoint<P: ObjectProvider, K> {
     uplink_wait: Option<Instant>,
     rng: IdGenerator,
     stats: EndpointStats,
+    /// Validated Starts waiting for a slot, oldest first (section 5.8 of the protocol).
+    waiting: VecDeque<Waiter>,
+    /// A transfer was removed since the queue was last looked at: a slot may be free.
+    freed: bool,
+    /// Slots held for called waiters.
+    called: HeldSlots,
+}
+
+/// Slots held for called waiters, in total and per IP address, so that checking a limit
+/// never walks the queue.
+#[derive(Debug, Default)]
+struct HeldSlots {
+    total: usize,
+    per_address: HashMap<std::net::IpAddr, usize>,
+}
+
+impl HeldSlots {
+    fn at(&self, ip: std::net::IpAddr) -> usize {
+        self.per_address.get(&ip).copied().unwrap_or(0)
+    }
+    fn hold(&mut self, ip: std::net::IpAddr) {
+        self.total += 1;
+        *self.per_address.entry(ip).or_default() += 1;
+    }
+    fn release(&mut self, ip: std::net::IpAddr) {
+        self.total = self.total.saturating_sub(1);
+        if let Some(n) = self.per_address.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_address.remove(&ip);
+            }
+        }
+    }
+}
+
+/// A client waiting in the admission queue: the Start it repeats proves its address.
+#[derive(Debug, Clone, Copy)]
+struct Waiter {
+    peer: SocketAddr,
+    conn_id: ConnectionId,
+    /// When its Start last came.
+    refreshed: Instant,
+    /// When a slot was set aside for it (it was told to start at once), if one was.
+    called: Option<Instant>,
 }
 
 impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
@@ -275,6 +332,9 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             requests: RequestLimiter::new(config.max_requests_per_address_per_sec),
             events: VecDeque::new(),
             stats: EndpointStats::default(),
+            waiting: VecDeque::new(),
+            freed: false,
+            called: HeldSlots::default(),
             config,
         }
     }
@@ -457,6 +517,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 }
             }
             self.stats.reaped += 1;
+            self.freed = true;
         }
     }
 
@@ -544,12 +605,137 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         }
     }
 
-    /// Whether a transfer with `from` would exceed a limit now; answers "busy" if so.
-    fn at_limit(&mut self, from: SocketAddr, conn_id: ConnectionId) -> bool {
-        let at_address = self.per_address.get(&from.ip()).map_or(0, Vec::len);
-        if self.transfers.len() >= self.config.max_transfers
-            || at_address >= self.config.max_transfers_per_address
-        {
+    /// Whether a transfer with `from` fits the limits now, counting the slots held for called
+    /// waiters (except the one at queue index `except`, when it asks for its own slot).
+    fn fits(&self, from: SocketAddr, except: Option<usize>) -> bool {
+        let (mut total, mut at_address) = (self.called.total, self.called.at(from.ip()));
+        if let Some(w) = except.and_then(|i| self.waiting.get(i)) {
+            if w.called.is_some() {
+                total -= 1;
+                at_address -= 1;
+            }
+        }
+        self.transfers.len() + total < self.config.max_transfers
+            && self.per_address.get(&from.ip()).map_or(0, Vec::len) + at_address
+                < self.config.max_transfers_per_address
+    }
+
+    /// Takes the waiter at `i` out of the queue, giving back the slot held for it.
+    fn unqueue(&mut self, i: usize) {
+        if let Some(w) = self.waiting.remove(i) {
+            if w.called.is_some() {
+                self.called.release(w.peer.ip());
+            }
+        }
+    }
+
+    /// Forgets waiters that stopped repeating their Start, and called ones that did not start
+    /// in time.
+    fn expire_waiters(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let w = self.waiting[i];
+            let stale = now.saturating_duration_since(w.refreshed) >= WAITER_FORGOTTEN_AFTER
+                || w.called
+                    .is_some_and(|at| now.saturating_duration_since(at) >= CALLED_SLOT_HELD);
+            if stale {
+                self.unqueue(i);
+                self.stats.queue_expired += 1;
+                self.freed = true;
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// After a slot was freed: holds slots for the oldest waiters that fit now and tells each
+    /// to start at once (a Wait with place 0), so no slot stays idle until its client's next
+    /// repeat.
+    fn call_waiters(&mut self, now: Instant) {
+        self.freed = false;
+        if self.waiting.is_empty() {
+            return;
+        }
+        self.expire_waiters(now);
+        self.freed = false;
+        for i in 0..self.waiting.len() {
+            if self.transfers.len() + self.called.total >= self.config.max_transfers {
+                break;
+            }
+            let w = self.waiting[i];
+            if w.called.is_none() && self.fits(w.peer, None) {
+                self.waiting[i].called = Some(now);
+                self.called.hold(w.peer.ip());
+                self.reply_wait(w.peer, w.conn_id, 0);
+            }
+        }
+    }
+
+    /// Whether some waiter before queue index `before` (all of them when `None`) has a slot
+    /// held or fits now: then a Start that would fit waits its turn instead.
+    fn someone_first(&self, before: Option<usize>) -> bool {
+        if self.transfers.len() + self.called.total >= self.config.max_transfers {
+            // Nobody fits; only held slots count, and a held slot is its waiter's own.
+            return false;
+        }
+        let n = before.unwrap_or(self.waiting.len());
+        self.waiting
+            .iter()
+            .take(n)
+            .any(|w| w.called.is_none() && self.fits(w.peer, None))
+    }
+
+    /// Decides a validated Start from `from`: admitted now (true), or answered with its place
+    /// in the queue or "busy" (false). FIFO among the clients that fit: a client at its
+    /// per-address limit does not hold up one from another address. Costs one walk of the
+    /// queue at most (bounded by `max_waiting`).
+    fn admit(&mut self, now: Instant, from: SocketAddr, conn_id: ConnectionId) -> bool {
+        self.expire_waiters(now);
+        let place = self
+            .waiting
+            .iter()
+            .position(|w| w.peer == from && w.conn_id == conn_id);
+        if let Some(i) = place {
+            self.waiting[i].refreshed = now;
+            let called = self.waiting[i].called.is_some();
+            if called || (self.fits(from, Some(i)) && !self.someone_first(Some(i))) {
+                self.unqueue(i);
+                return true;
+            }
+            self.reply_wait(from, conn_id, i as u32 + 1);
+            return false;
+        }
+        if self.fits(from, None) && !self.someone_first(None) {
+            return true;
+        }
+        if !self.can_wait() {
+            self.stats.busy += 1;
+            self.reply_error(from, conn_id, ErrorCode::Busy, "server busy");
+            return false;
+        }
+        self.stats.queued += 1;
+        self.waiting.push_back(Waiter {
+            peer: from,
+            conn_id,
+            refreshed: now,
+            called: None,
+        });
+        self.reply_wait(from, conn_id, self.waiting.len() as u32);
+        false
+    }
+
+    /// Whether one more client may wait: the queue has room, and a slot can ever be free (limits
+    /// of zero admit nobody, so nobody waits for them).
+    fn can_wait(&self) -> bool {
+        self.waiting.len() < self.config.max_waiting
+            && self.config.max_transfers > 0
+            && self.config.max_transfers_per_address > 0
+    }
+
+    /// Whether a request from `from` could not even wait (the queue is full and no slot fits);
+    /// answers "busy" if so. Requests hold nothing, so a queue with room offers as usual.
+    fn refused(&mut self, from: SocketAddr, conn_id: ConnectionId) -> bool {
+        if !self.can_wait() && !self.fits(from, None) {
             self.stats.busy += 1;
             self.reply_error(from, conn_id, ErrorCode::Busy, "server busy");
             return true;
@@ -593,7 +779,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             self.stats.rate_limited += 1;
             return;
         }
-        if self.at_limit(from, conn_id) {
+        if self.refused(from, conn_id) {
             return;
         }
         let size = match self.provider.size_of(&request.object) {
@@ -639,7 +825,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             self.offer(now, from, datagram.conn_id, request);
             return;
         }
-        if self.at_limit(from, datagram.conn_id) {
+        if !self.admit(now, from, datagram.conn_id) {
             return;
         }
         let Some((size, source)) = self.open(from, datagram.conn_id, &request.object) else {
@@ -714,6 +900,11 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         h.finish()
     }
 
+    /// A Wait telling the client its `place` in the queue (0: start now).
+    fn reply_wait(&mut self, to: SocketAddr, conn_id: ConnectionId, place: u32) {
+        self.queue_reply(to, conn_id, Reply::Wait(place));
+    }
+
     fn reply_error(
         &mut self,
         to: SocketAddr,
@@ -761,13 +952,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// one datagram each, under the endpoint's uplink budget.
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
         self.uplink_wait = None;
-        if let Some((to, conn_id, reply)) = self.replies.pop_front() {
-            let frame = match reply {
-                Reply::Error(code, reason) => Frame::Error(ErrorFrame { code, reason }),
-                Reply::Offer(offer) => Frame::Offer(offer),
-            };
-            let len = Datagram { conn_id, frame }.encode(buf).ok()?;
-            return Some(self.sent(to, len, now));
+        if let Some(t) = self.pop_reply(now, buf) {
+            return Some(t);
         }
         let datagram_size = self.config.transfer.datagram_size() as u64;
         if self.uplink.rate() != 0 && !self.transfers.is_empty() {
@@ -807,7 +993,28 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 self.remove(id);
             }
         }
+        if self.freed {
+            // A transfer ended: the oldest waiters that fit now are told to start.
+            self.call_waiters(now);
+            return self.pop_reply(now, buf);
+        }
         None
+    }
+
+    /// The next queued reply to a request or a Start (an offer, a place in the queue, an
+    /// error), written into `buf`.
+    fn pop_reply(&mut self, now: Instant, buf: &mut [u8]) -> Option<Transmit> {
+        let (to, conn_id, reply) = self.replies.pop_front()?;
+        let frame = match reply {
+            Reply::Error(code, reason) => Frame::Error(ErrorFrame { code, reason }),
+            Reply::Offer(offer) => Frame::Offer(offer),
+            Reply::Wait(place) => Frame::Wait(Wait {
+                place,
+                retry_after_ms: WAIT_REPEAT_MS,
+            }),
+        };
+        let len = Datagram { conn_id, frame }.encode(buf).ok()?;
+        Some(self.sent(to, len, now))
     }
 
     /// A finished transfer may be removed once nothing is left to send and (for a download) the
@@ -849,6 +1056,13 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.uplink_wait.is_some_and(|t| t <= now) {
             self.uplink_wait = None;
+        }
+        if !self.waiting.is_empty() {
+            // Called waiters that never came, and silent ones, give their places back.
+            self.expire_waiters(now);
+        }
+        if self.freed {
+            self.call_waiters(now);
         }
         // Transfers are independent (a timeout of one changes no other's timer), so each is
         // checked as the walk reaches it; nothing is allocated.
@@ -935,7 +1149,16 @@ impl Turns {
 enum Reply {
     Error(ErrorCode, &'static str),
     Offer(Offer),
+    /// A place in the admission queue (1: first in line; 0: start now).
+    Wait(u32),
 }
+
+/// How often a waiting client repeats its Start (the Wait's `retry_after_ms`).
+const WAIT_REPEAT_MS: u16 = 1000;
+/// A waiter whose Start has not come again for this long (three repeats) is forgotten.
+const WAITER_FORGOTTEN_AFTER: Duration = Duration::from_millis(3 * WAIT_REPEAT_MS as u64);
+/// How long a slot set aside for a called waiter is held for its Start.
+const CALLED_SLOT_HELD: Duration = Duration::from_secs(2);
 
 /// Seconds per cookie period (see `Endpoint::cookie_bucket`).
 const COOKIE_PERIOD_SECS: u64 = 16;

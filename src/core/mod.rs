@@ -199,6 +199,14 @@ pub enum Event {
         /// Object size in bytes.
         size: u64,
     },
+    /// The server is at its limit and queued the request (receiver only): `ahead` requests go
+    /// first. The transfer keeps its place by itself; reported when the place changes. The
+    /// transfer goes on with `Started` data when a slot is free.
+    Queued {
+        /// Queued requests the server admits before this one (0: first in line, waiting for
+        /// a running transfer to end).
+        ahead: u32,
+    },
     /// More of the object is done. Reported at most once per `progress_interval`.
     Progress {
         /// Bytes the receiver holds (receiver) or the receiver acknowledged (sender).

@@ -12,9 +12,13 @@ use super::{
 };
 use crate::id::ObjectId;
 use crate::wire::{
-    self, Ack, AckRanges, ConnectionId, Data, Datagram, Frame, HaveRanges, Offer, Request,
+    self, Ack, AckRanges, ConnectionId, Data, Datagram, Frame, HaveRanges, Offer, Request, Wait,
     ACK_BASE_LEN, HEADER_LEN, MAX_CHUNKS, MIN_CHUNK_SIZE, TRAILER_LEN,
 };
+
+/// Shortest interval between repeated Starts while queued, whatever a Wait asks (a damaged or
+/// hostile Wait cannot make the client flood the server).
+const MIN_WAIT_REPEAT_MS: u16 = 100;
 
 /// Longest wait between keep-alive acknowledgements while data is missing.
 const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
@@ -135,6 +139,9 @@ pub struct Receiver<K> {
     handshake_sent: Option<Instant>,
     handshake_retries: u32,
     handshake_pending: bool,
+    /// Set by a Wait (the server queued our Start): repeat the Start this often instead of on
+    /// the handshake timer, and the requests ahead last reported.
+    queued: Option<(Duration, u32)>,
     last_heard: Instant,
     /// When to send a keep-alive acknowledgement, and how many were sent since data last arrived.
     keepalive_due: Instant,
@@ -191,6 +198,7 @@ impl<K: ChunkSink> Receiver<K> {
             handshake_sent: None,
             handshake_retries: 0,
             handshake_pending: true,
+            queued: None,
             last_heard: now,
             keepalive_due: now,
             keepalives: 0,
@@ -354,6 +362,7 @@ impl<K: ChunkSink> Receiver<K> {
             {
                 self.on_data(now, data)
             }
+            Frame::Wait(wait) if self.state == State::Starting => self.on_wait(now, wait),
             Frame::Error(e) => {
                 self.state = State::Closed;
                 self.report
@@ -361,6 +370,26 @@ impl<K: ChunkSink> Receiver<K> {
             }
             _ => self.stats.dropped.unexpected += 1,
         }
+    }
+
+    /// The server queued our Start (it is at its limit): keep the place by repeating the Start
+    /// as asked, or start at once when a slot is held for us (nothing ahead).
+    fn on_wait(&mut self, now: Instant, wait: &Wait) {
+        let repeat = Duration::from_millis(u64::from(wait.retry_after_ms.max(MIN_WAIT_REPEAT_MS)));
+        self.handshake_retries = 0;
+        if wait.place == 0 {
+            // A slot is held for us: start now.
+            self.queued = Some((repeat, 0));
+            self.handshake_pending = true;
+            return;
+        }
+        let ahead = wait.place - 1;
+        if self.queued.is_none_or(|(_, known)| known != ahead) {
+            self.report.push(Event::Queued { ahead });
+        }
+        self.queued = Some((repeat, ahead));
+        self.handshake_pending = false;
+        self.handshake_sent = Some(now);
     }
 
     fn on_offer(&mut self, now: Instant, offer: &Offer) {
@@ -744,6 +773,9 @@ impl<K: ChunkSink> Receiver<K> {
     }
 
     fn handshake_timeout(&self) -> Duration {
+        if let (State::Starting, Some((repeat, _))) = (self.state, self.queued) {
+            return repeat;
+        }
         let pto = self
             .rtt
             .pto(Duration::ZERO)

@@ -511,6 +511,12 @@ pub enum Waiting {
         /// How long they have been silent.
         waited: Duration,
     },
+    /// A slot: the server is at its limit and queued the request, with `ahead` requests to be
+    /// admitted first. The download keeps its place until its own timeout.
+    Slot {
+        /// Requests admitted before this one.
+        ahead: u32,
+    },
 }
 
 impl std::fmt::Display for Waiting {
@@ -523,6 +529,7 @@ impl std::fmt::Display for Waiting {
                 }
                 Ok(())
             }
+            Waiting::Slot { ahead } => write!(f, "waiting for a slot ({ahead} ahead)"),
         }
     }
 }

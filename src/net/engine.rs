@@ -165,6 +165,8 @@ struct Live {
     server: SocketAddr,
     /// The server offered the object (or refused it).
     answered: bool,
+    /// The server queued the job: how many go first (until its first bytes).
+    queued: Option<u32>,
     /// When the caller was last told that the job waits for an answer.
     told_waiting: Option<Instant>,
 }
@@ -249,6 +251,7 @@ impl<'a> Engine<'a> {
                 heard: Instant::now(),
                 server: job.server,
                 answered: false,
+                queued: None,
                 told_waiting: None,
             },
         );
@@ -307,8 +310,15 @@ impl<'a> Engine<'a> {
                         ep.cancel(e.transfer);
                     }
                 }
+                Event::Queued { ahead } => {
+                    job.heard = Instant::now();
+                    job.queued = Some(ahead);
+                    // Told at once: a new place is news.
+                    job.told_waiting = None;
+                }
                 Event::Progress { bytes_done, total } => {
                     job.heard = Instant::now();
+                    job.queued = None;
                     job.done = bytes_done;
                     job.total = total;
                     job.moved = true;
@@ -385,13 +395,17 @@ impl<'a> Engine<'a> {
     /// still waits for the server's first answer (told once a second, from the start).
     pub(super) fn progress(&mut self, transfer: TransferId) -> Option<Progress> {
         let job = self.live.get_mut(&transfer)?;
-        let waiting = if job.answered {
+        let waits = job.queued.is_some() || !job.answered;
+        let waiting = if !waits {
             None
         } else if job.told_waiting.is_none_or(|at| at.elapsed() >= WAITING_EVERY) {
             job.told_waiting = Some(Instant::now());
-            Some(Waiting::Answer {
-                servers: vec![job.server],
-                waited: job.heard.elapsed(),
+            Some(match job.queued {
+                Some(ahead) => Waiting::Slot { ahead },
+                None => Waiting::Answer {
+                    servers: vec![job.server],
+                    waited: job.heard.elapsed(),
+                },
             })
         } else {
             return None;
@@ -407,8 +421,9 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// How long the server of a job in flight has been silent for it: since its offer or its
-    /// last bytes, or since the job started if it never answered.
+    /// How long the server of a job in flight has been silent for it: since its offer, its
+    /// last place in its queue or its last bytes, or since the job started if it never
+    /// answered.
     pub(super) fn silent_for(&self, transfer: TransferId) -> Option<Duration> {
         self.live.get(&transfer).map(|job| job.heard.elapsed())
     }

@@ -24,6 +24,7 @@ const KIND_DATA: u8 = 0x04;
 const KIND_ACK: u8 = 0x05;
 const KIND_DONE: u8 = 0x06;
 const KIND_ERROR: u8 = 0x07;
+const KIND_WAIT: u8 = 0x08;
 
 /// One decoded (or to-be-encoded) datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,21 @@ pub enum Frame<'a> {
     Done,
     /// Either way: the transfer is over, for this reason.
     Error(ErrorFrame<'a>),
+    /// Server to client, in answer to a Start at the server's limit: the request holds a place
+    /// in the server's queue; repeat the Start to keep it.
+    Wait(Wait),
+}
+
+/// A place in a server's admission queue (docs/PROTOCOL.md section 3.8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    /// The request's place in the queue: 1 for the first in line (it waits for a running
+    /// transfer to end), 2 with one request ahead of it, and so on; 0 when a slot is held
+    /// for it now (start at once).
+    pub place: u32,
+    /// When to repeat the Start, in milliseconds: the server forgets a place not refreshed
+    /// within three such intervals.
+    pub retry_after_ms: u16,
 }
 
 /// A request for one object.
@@ -376,6 +392,10 @@ impl Datagram<'_> {
                 w.u8(len)?;
                 w.bytes(e.reason.as_bytes())?;
             }
+            Frame::Wait(wait) => {
+                w.u32(wait.place)?;
+                w.u16(wait.retry_after_ms)?;
+            }
         }
         finish(w)
     }
@@ -391,6 +411,7 @@ impl Frame<'_> {
             Frame::Ack(_) => KIND_ACK,
             Frame::Done => KIND_DONE,
             Frame::Error(_) => KIND_ERROR,
+            Frame::Wait(_) => KIND_WAIT,
         }
     }
 }
@@ -514,6 +535,16 @@ pub(super) fn decode(buf: &[u8]) -> Result<Datagram<'_>, DecodeError> {
             })?;
             r.finish()?;
             Frame::Error(ErrorFrame { code, reason })
+        }
+        KIND_WAIT => {
+            let mut r = Reader::new(body, "wait");
+            let place = r.u32()?;
+            let retry_after_ms = r.u16()?;
+            r.finish()?;
+            Frame::Wait(Wait {
+                place,
+                retry_after_ms,
+            })
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };

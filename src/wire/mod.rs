@@ -19,7 +19,7 @@ pub(crate) mod cursor;
 mod frames;
 
 pub use frames::{
-    encode_data_in_place, Ack, AckRanges, Data, Datagram, ErrorCode, ErrorFrame, Frame,
+    encode_data_in_place, Ack, AckRanges, Data, Datagram, ErrorCode, ErrorFrame, Frame, Wait,
     HaveRanges, Offer, Request, ACK_BASE_LEN, DATA_PAYLOAD_OFFSET, MAX_CHUNKS,
 };
 #[cfg(feature = "internals")]
