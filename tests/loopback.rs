@@ -549,3 +549,42 @@ fn a_lan_party_behind_one_address_waits_its_turn() {
     );
     assert!(waited > 0, "a waiting client is told its place");
 }
+
+/// Every error reads as one sentence, in `Display` and in `Debug` alike (the issue: a program
+/// whose `main` returned the error printed `Error: Transfer(NotFound)`).
+#[test]
+fn fetch_errors_read_as_sentences_in_display_and_debug() {
+    use udpferry::core::TransferError;
+    use udpferry::FetchError;
+    let server: SocketAddr = "10.0.0.5:7878".parse().unwrap();
+    let errors = [
+        FetchError::Transfer(TransferError::NotFound),
+        FetchError::Transfer(TransferError::Busy),
+        FetchError::Transfer(TransferError::TimedOut(Duration::from_secs(15))),
+        FetchError::Deadline(Duration::from_secs(5)),
+        FetchError::Stopped,
+        FetchError::Unreachable {
+            servers: vec![server, "10.0.0.6:7878".parse().unwrap()],
+            waited: Duration::from_secs(5),
+        },
+        FetchError::Usage("no server given"),
+        FetchError::Internal("a download lost its partial file"),
+        FetchError::BadServer {
+            server,
+            id: ObjectId::md5_of(b"x"),
+            detail: "every block matches its manifest, but the whole does not".into(),
+        },
+    ];
+    for e in &errors {
+        let (display, debug) = (e.to_string(), format!("{e:?}"));
+        println!("{display}");
+        assert_eq!(display, debug);
+        assert!(!display.contains('\n'), "one line: {display}");
+        for dump in ["Transfer(", "TimedOut(", "Some(", "{ ", "Duration"] {
+            assert!(!display.contains(dump), "no debug formatting: {display}");
+        }
+    }
+    assert!(errors[5]
+        .to_string()
+        .starts_with("no answer from any of the 2 servers (10.0.0.5:7878, 10.0.0.6:7878)"));
+}

@@ -121,12 +121,15 @@ pub enum FileError {
     #[error(transparent)]
     Store(#[from] StoreError),
     /// The overall timeout passed before it finished (what arrived is kept for a resume).
-    #[error("gave up after {0:?}")]
+    #[error("gave up after {:.1} s, the time allowed", .0.as_secs_f64())]
     Deadline(Duration),
     /// It has the same bytes (the same id) as another file of the bundle, which was fetched
     /// once for both and failed.
     #[error("same bytes as `{0}`, which failed")]
     SameAs(SafePath),
+    /// A broken internal state: a bug in udpferry (please report it).
+    #[error("internal error (a bug in udpferry; please report it): {0}")]
+    Internal(&'static str),
 }
 
 /// One file of a bundle that was not installed, and why.
@@ -140,7 +143,7 @@ pub struct FileFailure {
 }
 
 /// Why [`Client::fetch_bundle`] failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum BundleFetchError {
     /// The listing could not be fetched; nothing was written to the directory.
@@ -285,7 +288,7 @@ impl Downloads<'_> {
                     continue;
                 };
                 let Sink::File(mut partial) = ended.sink else {
-                    on_done(a.wanted, Err(lost_file().into()));
+                    on_done(a.wanted, Err(FileError::Internal(LOST)));
                     continue;
                 };
                 match ended.outcome {
@@ -357,13 +360,8 @@ impl Downloads<'_> {
     }
 }
 
-fn lost_file() -> StoreError {
-    StoreError::io(
-        "finish",
-        Path::new("(download)"),
-        io::Error::other("download lost its partial file"),
-    )
-}
+/// What a download whose partial file went missing reports (a bug, not an input).
+const LOST: &str = "a download lost its partial file";
 
 impl Client {
     /// Fetches bundle `bundle` from `server` and installs every file it lists under `dir`.
@@ -433,7 +431,12 @@ impl Client {
                         source: Box::new(source),
                     });
                 }
-                None => return Err(lost_file().into()),
+                None => {
+                    return Err(BundleFetchError::Listing {
+                        id: bundle,
+                        source: Box::new(FileError::Internal(LOST)),
+                    })
+                }
             }
         }
         let listing = read_listing(cache, &bundle)?;
@@ -596,5 +599,14 @@ fn in_cache(cache: &Cache, id: &ObjectId, report: &mut BundleReport) -> Result<b
             Ok(false)
         }
         _ => Ok(false),
+    }
+}
+
+/// The same sentence as `Display`, so that a program whose `main` returns this error (through
+/// `?` and `Box<dyn Error>`) prints words a player can act on, not a variant dump. Match on the
+/// variants to act on an error in code.
+impl std::fmt::Debug for BundleFetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }

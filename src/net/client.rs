@@ -267,7 +267,7 @@ impl Client {
     ) -> Result<Got, FetchError> {
         let first = *servers
             .first()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no server given"))?;
+            .ok_or(FetchError::Usage("no server given"))?;
         // Refuse a device, FIFO or socket before the network is used; a directory may be
         // right (a bundle installs into it), and a plain object refuses it at the end.
         if let Some(out) = &options.output {
@@ -294,7 +294,7 @@ impl Client {
             (Some(dir), true) => return install(dir, &mut progress),
             (None, true) => {
                 let why = "a bundle needs an output directory to install its files in";
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, why).into());
+                return Err(FetchError::Usage(why));
             }
             _ => {}
         }
@@ -587,7 +587,7 @@ pub struct Report {
 }
 
 /// Why [`Client::fetch`] failed. Displays as one sentence a player can act on.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[non_exhaustive]
 pub enum FetchError {
     /// The transfer failed (timed out, not found, busy, digest mismatch, disk error...). What
@@ -601,7 +601,7 @@ pub enum FetchError {
     #[error("network error: {0}")]
     Io(#[from] io::Error),
     /// The overall timeout passed.
-    #[error("gave up after {0:?}")]
+    #[error("gave up after {:.1} s, the time allowed", .0.as_secs_f64())]
     Deadline(Duration),
     /// [`FetchOptions::stop`] was set. What arrived is kept in the cache for a resume.
     #[error(
@@ -617,6 +617,13 @@ pub enum FetchError {
         /// How long they were waited for.
         waited: Duration,
     },
+    /// No server was given, or a bundle was asked for without a directory to install it in:
+    /// the call itself is wrong.
+    #[error("{0}")]
+    Usage(&'static str),
+    /// A broken internal state: a bug in udpferry (please report it). What arrived is kept.
+    #[error("internal error (a bug in udpferry; please report it): {0}")]
+    Internal(&'static str),
     /// A bundle ([`Client::get`]) could not be installed; what was installed stays.
     #[error(transparent)]
     Bundle(#[from] BundleFetchError),
@@ -661,7 +668,7 @@ fn transfer_sentence(e: &TransferError) -> String {
             d.as_secs_f64()
         ),
         TransferError::NotFound => "not found: the server does not have this object".into(),
-        TransferError::Busy => "server busy: try again later".into(),
+        TransferError::Busy => "server busy: its queue is full; try again later".into(),
         TransferError::DigestMismatch { actual, .. } => format!(
             "digest mismatch: the received bytes hash to {actual}; nothing was saved as done"
         ),
@@ -731,5 +738,14 @@ impl std::fmt::Display for Report {
             write!(f, "; dropped {} for sending wrong bytes", list(&self.bad_sources))?;
         }
         Ok(())
+    }
+}
+
+/// The same sentence as `Display`, so that a program whose `main` returns this error (through
+/// `?` and `Box<dyn Error>`) prints words a player can act on, not a variant dump. Match on the
+/// variants to act on an error in code.
+impl std::fmt::Debug for FetchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
     }
 }

@@ -528,5 +528,5 @@ pub(super) fn keep(sink: Sink) {
 
 /// The error for a transfer whose sink the endpoint no longer holds (a bug, not an input).
 pub(super) fn lost() -> FetchError {
-    FetchError::Io(io::Error::other("a download lost its partial file"))
+    FetchError::Internal("a download lost its partial file")
 }

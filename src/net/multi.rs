@@ -12,7 +12,6 @@
 //!    to the others. The overall timeout bounds every step.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -87,7 +86,7 @@ pub(super) fn fetch_from(
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, FetchError> {
     if servers.is_empty() {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "no server given").into());
+        return Err(FetchError::Usage("no server given"));
     }
     let mut engine = Engine::new(client, options);
     engine.bind_for(servers)?;
