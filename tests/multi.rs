@@ -215,3 +215,38 @@ fn ipv4_and_ipv6_sources_mix() {
         "both served a share: {a} and {b}"
     );
 }
+
+/// The same server listed twice is used once (the issue: twice as slow, every piece asked of
+/// the same server over two transfers).
+#[test]
+fn a_server_listed_twice_is_one_server() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = TempDir::new("twice");
+    let data = object(2 * MIB, 35);
+    let id = ObjectId::md5_of(&data);
+    put_dated(&tmp.join("a/map.bsp"), &data);
+    let store = ContentStore::open(tmp.join("a")).unwrap();
+    let mut server = udpferry::Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        store,
+        ServerConfig::default(),
+    )
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let serving = thread::spawn(move || {
+        server.run_until(&flag, |_| {}).unwrap();
+        server.endpoint().stats().accepted
+    });
+    let client = Client::new(tmp.join("cache")).unwrap();
+    let report = client
+        .fetch_from(&[addr, addr], id, &FetchOptions::default(), |_| {})
+        .unwrap();
+    assert_eq!(std::fs::read(&report.path).unwrap(), data);
+    thread::sleep(Duration::from_millis(100));
+    stop.store(true, Ordering::Relaxed);
+    let accepted = serving.join().unwrap();
+    // One plain fetch: one transfer (a multi-source download would be a manifest and pieces).
+    assert_eq!(accepted, 1, "the server served {accepted} transfers");
+}

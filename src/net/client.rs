@@ -222,8 +222,8 @@ impl Client {
     /// bytes that do not match is dropped (and named in [`Report::bad_sources`]) while the
     /// others take over its pieces. The object's own digest checks the result. Needs servers
     /// that serve manifests (any [`Server`](super::Server) over a `ContentStore`); with one
-    /// server it is [`fetch`](Self::fetch). Caching, `output`, `bases`, `timeout` and `stop`
-    /// work as in `fetch`.
+    /// server (or one listed several times) it is [`fetch`](Self::fetch). Caching, `output`,
+    /// `bases`, `timeout` and `stop` work as in `fetch`.
     ///
     /// Blocks until the object is verified or no server is left.
     pub fn fetch_from(
@@ -233,6 +233,14 @@ impl Client {
         options: &FetchOptions,
         mut progress: impl FnMut(&Progress),
     ) -> Result<Report, FetchError> {
+        // A server listed twice is one server.
+        let mut unique: Vec<SocketAddr> = Vec::with_capacity(servers.len());
+        for s in servers {
+            if !unique.contains(s) {
+                unique.push(*s);
+            }
+        }
+        let servers = &unique[..];
         if let [server] = servers {
             return self.fetch(*server, id, options, progress);
         }
