@@ -3,13 +3,15 @@
 //! Everything this test sends is built by hand, as hex, from the field tables of the spec (with
 //! `crc32fast` for the trailer of section 1.3), and everything the server sends back is decoded
 //! by hand from the same tables and asserted field by field. Nothing here calls udpferry's own
-//! encoder or decoder: the server is a real `udpferry::net::Server` over a `ContentStore` on
-//! 127.0.0.1, and the test talks to it with a plain `std::net::UdpSocket`. If the spec and the
-//! server disagree, a test here fails.
+//! encoder or decoder, but for one test named below: the server is a real
+//! `udpferry::net::Server` over a `ContentStore` on 127.0.0.1, and the test talks to it with a
+//! plain `std::net::UdpSocket`. If the spec and the server disagree, a test here fails.
 //!
 //! Every hex example in PROTOCOL.md is read out of the document and compared with the bytes
 //! the field tables give (`every_hex_example_in_the_spec_follows_its_field_tables`); the
-//! reference encoder is held to the same bytes by the golden tests in `src/wire/tests.rs`.
+//! reference encoder is held to the same bytes by the golden tests in `src/wire/tests.rs`,
+//! and, for the Wait of section 6.6, which has no golden test there, by
+//! `the_wait_example_is_what_the_reference_encoder_makes` here.
 
 mod common;
 
@@ -225,7 +227,7 @@ fn open(d: &[u8]) -> (u8, u64, &[u8]) {
         hex(d)
     );
     let kind = d[5];
-    assert!((1..=7).contains(&kind), "unknown kind {kind}");
+    assert!((1..=8).contains(&kind), "unknown kind {kind}");
     let conn = u64::from_be_bytes(d[6..14].try_into().unwrap());
     (kind, conn, &content[14..])
 }
@@ -302,6 +304,15 @@ fn read_error(body: &[u8]) -> (u16, String) {
         .to_owned();
     f.end();
     (code, reason)
+}
+
+/// Section 3.8, decoded by hand: place and retry_after_ms, and nothing after them.
+fn read_wait(body: &[u8]) -> (u32, u16) {
+    let mut f = Fields::new(body, "wait");
+    let place = f.uint(4) as u32;
+    let retry_after_ms = f.uint(2) as u16;
+    f.end();
+    (place, retry_after_ms)
 }
 
 /// Section 1.6: the byte range of chunk `i`.
@@ -733,13 +744,21 @@ struct Served {
 }
 
 fn serve(name: &str) -> Served {
+    serve_with(name, udpferry::EndpointConfig::default())
+}
+
+/// The objects of `serve`, by a server with the limits of `endpoint`.
+fn serve_with(name: &str, endpoint: udpferry::EndpointConfig) -> Served {
     let dir = TempDir::new(name);
     let (big, large, resume) = (bytes(10_000, 1), bytes(40_000, 2), bytes(2660, 3));
     put_dated(&dir.join("map.txt"), MAP);
     put_dated(&dir.join("big.bin"), &big);
     put_dated(&dir.join("large.bin"), &large);
     put_dated(&dir.join("resume.bin"), &resume);
-    let server = Serving::dir(dir.path());
+    let server = Serving::start(
+        udpferry::ContentStore::open(dir.path()).unwrap(),
+        udpferry::ServerConfig { endpoint },
+    );
     Served {
         server,
         big,
@@ -858,6 +877,8 @@ fn every_hex_example_in_the_spec_follows_its_field_tables() {
                 &format!("0001 0e {}", hex(b"no such object")),
             ),
         ),
+        // Section 3.8: place 3, retry_after_ms 1000.
+        ("6.6 Wait", datagram(0x08, EXAMPLE_CONN, "00000003 03e8")),
         ("8.2 manifest", example_manifest(&md5)),
     ];
     let found = spec_hex_examples();
@@ -871,7 +892,7 @@ fn every_hex_example_in_the_spec_follows_its_field_tables() {
     for ((name, want), got) in expected.iter().zip(&found) {
         assert_eq!(hex(got), hex(want), "example {name}");
     }
-    for (name, d) in &expected[..11] {
+    for (name, d) in &expected[..12] {
         let (_, conn, _) = open(d);
         assert_eq!(conn, EXAMPLE_CONN, "{name}");
     }
@@ -1119,7 +1140,7 @@ fn manifests_by_their_derived_ids() {
         assert_eq!(t.offer.id, manifest_id);
         assert_eq!(hex(&t.object), hex(&expected));
         if id.algorithm == 1 {
-            assert_eq!(t.object, examples[11], "the example of section 8.2");
+            assert_eq!(t.object, examples[12], "the example of section 8.2");
         }
         check_manifest(&t.object, &id, MAP);
         peer.finish(conn);
@@ -1194,7 +1215,7 @@ fn unknown_ids_and_malformed_datagrams() {
     let mut version_2 = good.clone();
     version_2[4] = 2;
     let mut no_kind = good.clone();
-    no_kind[5] = 0x08;
+    no_kind[5] = 0x09;
     let crc = crc32fast::hash(&no_kind[..no_kind.len() - 4]);
     let at = no_kind.len() - 4;
     no_kind[at..].copy_from_slice(&crc.to_be_bytes());
@@ -1262,4 +1283,211 @@ fn unknown_ids_and_malformed_datagrams() {
     let (kind, conn, body) = open(&d);
     assert_eq!((kind, conn), (0x02, 0x51));
     assert_eq!(read_offer(body).size, served.big.len() as u64);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admission queue (sections 3.8 and 5.8)
+
+/// Where section 6.6's Wait is among the spec's hex examples.
+const WAIT_EXAMPLE: usize = 11;
+
+/// Section 6.6 against udpferry's own encoder and decoder (the one place this file uses them:
+/// `src/wire/tests.rs` has no golden test for the Wait), and the text's place-0 variant.
+#[test]
+fn the_wait_example_is_what_the_reference_encoder_makes() {
+    use udpferry::wire::{self, ConnectionId, Datagram, Frame, Wait};
+    let example = &spec_hex_examples()[WAIT_EXAMPLE];
+    assert_eq!(example.len(), 24, "section 3: a Wait is 24 bytes");
+    let (kind, conn, body) = open(example);
+    assert_eq!((kind, conn), (0x08, EXAMPLE_CONN));
+    assert_eq!(read_wait(body), (3, 1000));
+
+    let wait = Frame::Wait(Wait {
+        place: 3,
+        retry_after_ms: 1000,
+    });
+    let mut buf = [0u8; 64];
+    let len = Datagram {
+        conn_id: ConnectionId(EXAMPLE_CONN),
+        frame: wait.clone(),
+    }
+    .encode(&mut buf)
+    .unwrap();
+    assert_eq!(hex(&buf[..len]), hex(example), "the reference encoder");
+    let decoded = wire::decode(example).expect("the reference decoder takes the example");
+    assert_eq!(decoded.conn_id, ConnectionId(EXAMPLE_CONN));
+    assert_eq!(decoded.frame, wait);
+
+    // Section 3.8: the body is exactly 6 bytes.
+    for body in ["00000003 03", "00000003 03e8 00", ""] {
+        assert!(
+            wire::decode(&datagram(0x08, EXAMPLE_CONN, body)).is_err(),
+            "a Wait with the body {body:?} must fail decoding"
+        );
+    }
+    // The text gives the CRC of the same Wait with place 0 ("start now").
+    let called = datagram(0x08, EXAMPLE_CONN, "00000000 03e8");
+    let crc: Vec<String> = called[20..].iter().map(|b| format!("{b:02x}")).collect();
+    assert!(
+        SPEC.contains(&format!("`{}`", crc.join(" "))),
+        "section 6.6 gives the CRC of place 0 as {crc:?}"
+    );
+    let len = Datagram {
+        conn_id: ConnectionId(EXAMPLE_CONN),
+        frame: Frame::Wait(Wait {
+            place: 0,
+            retry_after_ms: 1000,
+        }),
+    }
+    .encode(&mut buf)
+    .unwrap();
+    assert_eq!(hex(&buf[..len]), hex(&called));
+}
+
+/// The Offer that answers `request` (section 5.1: requests hold nothing, even at the limits).
+fn offered(peer: &Peer, request: &[u8]) -> Offer {
+    let (_, conn, _) = open(request);
+    peer.send(request);
+    let d = peer
+        .recv(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("no answer to the Request of {conn:#x}"));
+    let (kind, from_conn, body) = open(&d);
+    assert_eq!(from_conn, conn);
+    if kind == 0x07 {
+        let (code, reason) = read_error(body);
+        panic!("the Request of {conn:#x} got Error {code}: {reason}");
+    }
+    assert_eq!(kind, 0x02, "the answer to a Request is an Offer");
+    read_offer(body)
+}
+
+/// The next datagram for `conn`, as (kind, body), within `wait`.
+fn answer(peer: &Peer, conn: u64, wait: Duration, what: &str) -> (u8, Vec<u8>) {
+    let d = peer
+        .recv(wait)
+        .unwrap_or_else(|| panic!("{what}: nothing within {wait:?}"));
+    let (kind, from_conn, body) = open(&d);
+    assert_eq!(from_conn, conn, "{what}: on another connection");
+    if kind == 0x08 {
+        assert_eq!(d.len(), 24, "{what}: section 3: a Wait is 24 bytes");
+    }
+    (kind, body.to_vec())
+}
+
+/// Section 5.8 against a server that allows one transfer per IP address: client A (one port of
+/// 127.0.0.1) downloads `map!` and has not sent its Done yet; client B (another port of the same
+/// address) is offered the object all the same, its Start is answered with a Wait (place 1,
+/// repeat every 1000 ms) and so is the Start it repeats 1000 ms later; once A's Done ends A's
+/// transfer, the server sends B a Wait with place 0 unasked, and B's Start then gets the data.
+#[test]
+fn a_start_beyond_the_per_address_limit_waits_its_turn() {
+    let served = serve_with(
+        "conf-queue",
+        udpferry::EndpointConfig {
+            max_transfers_per_address: 1,
+            ..udpferry::EndpointConfig::default()
+        },
+    );
+    let mut a = Peer::new(served.server.addr);
+    let mut b = Peer::new(served.server.addr);
+    assert_eq!(
+        a.socket.local_addr().unwrap().ip(),
+        b.socket.local_addr().unwrap().ip()
+    );
+    let md5 = Id::md5(MAP);
+    let (conn_a, conn_b) = (0x0bad_cafe_0000_0a01, 0x0bad_cafe_0000_0b01);
+    // A holds the address's one slot: every chunk is here, and the server waits for the Done.
+    let t = download(&a, &request_for(conn_a, &md5), MAP, &[]);
+    assert_eq!(t.object, MAP);
+
+    // B: a Request holds nothing, so it is offered as usual (section 5.8, rule 2).
+    let req_b = request_for(conn_b, &md5);
+    let offer = offered(&b, &req_b);
+    let start_b = start(conn_b, offer.nonce, &req_b);
+    b.send(&start_b);
+    let (kind, body) = answer(&b, conn_b, Duration::from_secs(5), "B's Start");
+    assert_eq!(kind, 0x08, "a valid Start beyond the limit gets a Wait");
+    assert_eq!(
+        read_wait(&body),
+        (1, 1000),
+        "first in line; repeat every 1000 ms"
+    );
+    // Nothing else: no Data while B waits.
+    if let Some(d) = b.recv(Duration::from_millis(300)) {
+        let (kind, conn, _) = open(&d);
+        panic!("kind {kind} on {conn:#x} to a queued client");
+    }
+    // Section 5.2.2, step 6: B repeats its Start after retry_after_ms and keeps its place.
+    std::thread::sleep(Duration::from_millis(700));
+    b.send(&start_b);
+    let (kind, body) = answer(&b, conn_b, Duration::from_secs(5), "B's repeated Start");
+    assert_eq!(
+        (kind, read_wait(&body)),
+        (0x08, (1, 1000)),
+        "the same place"
+    );
+
+    // A's Done ends A's transfer; the server holds the freed slot for B and tells it so.
+    a.finish(conn_a);
+    let (kind, body) = answer(
+        &b,
+        conn_b,
+        Duration::from_secs(2),
+        "the slot freed by A's Done",
+    );
+    assert_eq!(kind, 0x08, "an unasked Wait");
+    assert_eq!(read_wait(&body), (0, 1000), "place 0: send the Start now");
+    // B's Start (the same one: the nonce is good for 16 to 32 s) is admitted.
+    b.send(&start_b);
+    let (kind, body) = answer(&b, conn_b, Duration::from_secs(5), "B's admitted Start");
+    assert_eq!(kind, 0x04, "Data for the admitted Start");
+    let data = read_data(&body);
+    assert_eq!((data.seq, data.chunk, data.payload), (0, 0, MAP));
+    b.finish(conn_b);
+    b.check_server_finished();
+}
+
+/// Section 5.8 with no queue (`max_waiting` 0): a valid Start beyond the per-address limit is
+/// answered with Error 2 Busy, and so is a Request, since no slot fits and it could not wait.
+#[test]
+fn without_a_queue_a_start_beyond_the_limit_is_busy() {
+    let served = serve_with(
+        "conf-busy",
+        udpferry::EndpointConfig {
+            max_transfers_per_address: 1,
+            max_waiting: 0,
+            ..udpferry::EndpointConfig::default()
+        },
+    );
+    let mut a = Peer::new(served.server.addr);
+    let b = Peer::new(served.server.addr);
+    let md5 = Id::md5(MAP);
+    let (conn_a, conn_b, conn_b2) = (
+        0x0bad_cafe_0000_0c01,
+        0x0bad_cafe_0000_0d01,
+        0x0bad_cafe_0000_0d02,
+    );
+    // B is offered the object while the address has no transfer.
+    let req_b = request_for(conn_b, &md5);
+    let offer = offered(&b, &req_b);
+    // A takes the address's one slot.
+    let t = download(&a, &request_for(conn_a, &md5), MAP, &[]);
+    assert_eq!(t.object, MAP);
+    // B's Start, its nonce good, finds no slot and no queue.
+    b.send(&start(conn_b, offer.nonce, &req_b));
+    for (conn, what) in [(conn_b, "B's Start"), (conn_b2, "B's second Request")] {
+        if conn == conn_b2 {
+            b.send(&request_for(conn_b2, &md5));
+        }
+        let d = b
+            .recv(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{what}: no answer"));
+        let (kind, from_conn, body) = open(&d);
+        assert_eq!((kind, from_conn), (0x07, conn), "{what}: an Error");
+        let (code, reason) = read_error(body);
+        assert_eq!(code, 2, "{what}: Busy ({reason})");
+        assert_eq!(d.len(), 21 + reason.len());
+    }
+    a.finish(conn_a);
+    a.check_server_finished();
 }
