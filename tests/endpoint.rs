@@ -207,6 +207,49 @@ fn starts_beyond_the_limits_wait_in_a_bounded_fifo_queue() {
     assert_eq!(ep.stats().queue_expired, 1);
 }
 
+/// A waiter whose offer expired (its nonce no longer checks out) is offered again, never
+/// refused, even when the queue is full: it keeps its place.
+#[test]
+fn a_waiter_whose_offer_expired_is_offered_again_not_refused() {
+    let t0 = Instant::now();
+    let config = EndpointConfig {
+        max_transfers_per_address: 1,
+        max_waiting: 1,
+        ..EndpointConfig::default()
+    };
+    let id = ObjectId::md5_of(b"map");
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(config, maps(&[b"map"]));
+    let a = addr(1);
+    assert!(handshake(&mut ep, t0, a, 0, id).is_some());
+    drain(&mut ep, t0);
+    handshake(&mut ep, t0, a, 1, id).expect("an offer");
+    assert_eq!(
+        places(&drain(&mut ep, t0), a),
+        vec![1],
+        "queued; the queue is now full"
+    );
+    // Its repeat carries a nonce that no longer checks out (an expired offer, say).
+    let t1 = t0 + Duration::from_millis(900);
+    ep.handle_datagram(t1, a, &common::start_datagram(1, id, 12345));
+    let answers: Vec<Frame> = drain(&mut ep, t1)
+        .iter()
+        .filter_map(|(_, d)| wire::decode(d).ok().map(|d| d.frame))
+        .map(|f| match f {
+            Frame::Offer(o) => Frame::Offer(o),
+            Frame::Error(e) => {
+                assert_ne!(e.code, ErrorCode::Busy, "a waiter is never refused");
+                Frame::Done
+            }
+            other => panic!("unexpected answer {other:?}"),
+        })
+        .collect();
+    assert!(
+        answers.iter().any(|f| matches!(f, Frame::Offer(_))),
+        "a fresh offer: {answers:?}"
+    );
+    assert_eq!(ep.stats().busy, 0);
+}
+
 /// A flood of validated Starts (clients that prove their address, then never go away) cannot
 /// grow the queue past `max_waiting`: beyond it they are answered "busy", and the queue forgets
 /// them all once they stop repeating. Forged Starts never get in at all.

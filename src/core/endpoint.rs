@@ -68,7 +68,7 @@ pub struct EndpointConfig {
     /// Most transfers at once with one peer address.
     pub max_transfers_per_address: usize,
     /// Most requests waiting for a slot (docs/PROTOCOL.md section 5.8): a Start beyond
-    /// `max_transfers` or `max_transfers_per_address` takes a place in a FIFO queue (about 64
+    /// `max_transfers` or `max_transfers_per_address` takes a place in a FIFO queue (about 80
     /// bytes each) and is answered with its place; only when the queue is full is it answered
     /// "busy". 0: no queue.
     pub max_waiting: usize,
@@ -735,7 +735,13 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// Whether a request from `from` could not even wait (the queue is full and no slot fits);
     /// answers "busy" if so. Requests hold nothing, so a queue with room offers as usual.
     fn refused(&mut self, from: SocketAddr, conn_id: ConnectionId) -> bool {
-        if !self.can_wait() && !self.fits(from, None) {
+        // A waiter whose offer expired while it waited is offered again, not refused: it keeps
+        // its place.
+        let waiting = self
+            .waiting
+            .iter()
+            .any(|w| w.peer == from && w.conn_id == conn_id);
+        if !waiting && !self.can_wait() && !self.fits(from, None) {
             self.stats.busy += 1;
             self.reply_error(from, conn_id, ErrorCode::Busy, "server busy");
             return true;

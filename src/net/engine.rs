@@ -424,8 +424,14 @@ impl<'a> Engine<'a> {
     /// How long the server of a job in flight has been silent for it: since its offer, its
     /// last place in its queue or its last bytes, or since the job started if it never
     /// answered.
+    /// A job the server has queued is not silent: its Waits keep coming (the receiver's idle
+    /// timeout ends it if they stop).
     pub(super) fn silent_for(&self, transfer: TransferId) -> Option<Duration> {
-        self.live.get(&transfer).map(|job| job.heard.elapsed())
+        let job = self.live.get(&transfer)?;
+        Some(match job.queued {
+            Some(_) => Duration::ZERO,
+            None => job.heard.elapsed(),
+        })
     }
 
     /// Bytes held by the jobs in flight, added up.
