@@ -28,8 +28,14 @@ use crate::id::ObjectId;
 use crate::store::manifest::{manifest_id, Manifest};
 use crate::store::PartialFile;
 
-/// Bytes per piece (rounded to whole manifest blocks).
+/// Bytes of a source's first piece (rounded to whole manifest blocks), and the unit pieces are
+/// cut from.
 const PIECE_BYTES: u64 = 256 << 10;
+/// Later pieces grow with the source's measured rate, to about this long each: one request per
+/// piece, so a fast source is not held back by the server's per-address request limit.
+const PIECE_TIME: Duration = Duration::from_secs(1);
+/// The largest piece.
+const MAX_PIECE_BYTES: u64 = 32 << 20;
 /// Pieces in flight per source: the next one's handshake overlaps the current one's tail.
 const PIECES_PER_SOURCE: usize = 2;
 /// Longest the sources may take to deliver a first manifest (less under the overall timeout).
@@ -122,15 +128,18 @@ pub(super) fn fetch_from(
                 .contains_range(byte_range(&manifest, blocks))
         })
         .collect();
-    let total_pieces = queue.len();
+    // Blocks still to fetch (pieces are cut from the queue's units at any size).
+    let mut blocks_left: usize = queue.iter().map(|r| r.end - r.start).sum();
     let file = Arc::new(Mutex::new(partial));
     let mut in_flight: HashMap<TransferId, (usize, Range<usize>)> = HashMap::new();
-    let mut done_pieces = 0usize;
+    let mut since: HashMap<TransferId, Instant> = HashMap::new();
+    // Each source's rate, bytes per second of one piece, from its last piece.
+    let mut rate: Vec<Option<f64>> = vec![None; servers.len()];
     let mut stats = Stats::default();
     let mut last_error: Option<TransferError> = None;
     let mut last_progress = started;
 
-    while done_pieces < total_pieces {
+    while blocks_left > 0 {
         let now = Instant::now();
         // Sources set aside long enough get another chance.
         for s in state.iter_mut() {
@@ -143,7 +152,9 @@ pub(super) fn fetch_from(
             while state[s] == SourceState::Active
                 && in_flight.values().filter(|(src, _)| *src == s).count() < PIECES_PER_SOURCE
             {
-                let Some(blocks) = queue.pop_front() else {
+                let active = state.iter().filter(|s| **s == SourceState::Active).count();
+                let want = piece_blocks(&manifest, rate[s], &queue, active);
+                let Some(blocks) = take_piece(&mut queue, want) else {
                     break;
                 };
                 let piece = byte_range(&manifest, &blocks);
@@ -164,6 +175,7 @@ pub(super) fn fetch_from(
                     verify: Verify::ByCaller,
                 })?;
                 in_flight.insert(t, (s, blocks));
+                since.insert(t, Instant::now());
             }
         }
         let resting = state
@@ -185,6 +197,7 @@ pub(super) fn fetch_from(
             let Some((s, blocks)) = in_flight.remove(&ended.transfer) else {
                 continue;
             };
+            let began = since.remove(&ended.transfer);
             drop(ended.sink);
             let mut checked = false;
             match ended.outcome {
@@ -193,6 +206,10 @@ pub(super) fn fetch_from(
                     checked = blocks_match(&manifest, &blocks, &mut lock(&file));
                     if !checked {
                         state[s] = SourceState::Lied;
+                    } else if let Some(began) = began {
+                        let piece = byte_range(&manifest, &blocks);
+                        let secs = began.elapsed().as_secs_f64().max(1e-3);
+                        rate[s] = Some((piece.end - piece.start) as f64 / secs);
                     }
                 }
                 Outcome::Failed(TransferError::TimedOut(_)) => {
@@ -209,7 +226,7 @@ pub(super) fn fetch_from(
                 Outcome::WrongSize { .. } | Outcome::NoSpace(_) => state[s] = SourceState::Failed,
             }
             if checked {
-                done_pieces += 1;
+                blocks_left -= blocks.end - blocks.start;
             } else {
                 queue.push_back(blocks);
             }
@@ -235,6 +252,7 @@ pub(super) fn fetch_from(
                 .map(|(&t, _)| t)
                 .collect();
             for t in theirs {
+                since.remove(&t);
                 engine.cancel(t);
                 if let Some((_, blocks)) = in_flight.remove(&t) {
                     queue.push_back(blocks);
@@ -423,6 +441,49 @@ fn manifests(
     }
 }
 
+/// How many blocks the next piece for a source of `rate` should have: [`PIECE_TIME`] of its
+/// rate (the first piece, before a rate is known, is [`PIECE_BYTES`]), at most
+/// [`MAX_PIECE_BYTES`], and never more than an even share of what is left among the `active`
+/// sources, so that the end of the download is not one slow source's piece.
+fn piece_blocks(
+    manifest: &Manifest,
+    rate: Option<f64>,
+    queue: &VecDeque<Range<usize>>,
+    active: usize,
+) -> usize {
+    let block = u64::from(manifest.block_size).max(1);
+    let bytes = rate.map_or(PIECE_BYTES, |r| (r * PIECE_TIME.as_secs_f64()) as u64);
+    let wanted = (bytes.clamp(PIECE_BYTES, MAX_PIECE_BYTES) / block).max(1) as usize;
+    let left: usize = queue.iter().map(|r| r.end - r.start).sum();
+    let share = left.div_ceil(active.max(1));
+    wanted.min(share).max(1)
+}
+
+/// Takes the next piece off the queue: its first range, grown by the ranges right after it
+/// (the queue holds the object's units in order until failures put some back at its end)
+/// while it has fewer than `blocks` blocks; a range longer than that is split.
+fn take_piece(queue: &mut VecDeque<Range<usize>>, blocks: usize) -> Option<Range<usize>> {
+    let mut piece = queue.pop_front()?;
+    if piece.end - piece.start > blocks {
+        queue.push_front(piece.start + blocks..piece.end);
+        piece.end = piece.start + blocks;
+        return Some(piece);
+    }
+    while piece.end - piece.start < blocks {
+        let Some(next) = queue.front_mut() else { break };
+        if next.start != piece.end {
+            break;
+        }
+        let take = (blocks - (piece.end - piece.start)).min(next.end - next.start);
+        piece.end += take;
+        next.start += take;
+        if next.start == next.end {
+            queue.pop_front();
+        }
+    }
+    Some(piece)
+}
+
 fn byte_range(manifest: &Manifest, blocks: &Range<usize>) -> Range<u64> {
     let start = manifest.block_range(blocks.start).start;
     let end = if blocks.end == 0 {
@@ -453,4 +514,22 @@ fn add_stats(total: &mut Stats, piece: &Stats) {
     total.datagrams_sent += piece.datagrams_sent;
     total.bytes_sent += piece.bytes_sent;
     total.smoothed_rtt = piece.smoothed_rtt;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::take_piece;
+    use std::collections::VecDeque;
+
+    #[test]
+    fn pieces_grow_over_contiguous_units_and_split_long_ranges() {
+        let mut queue: VecDeque<_> = [0..4, 4..8, 8..12, 20..24].into_iter().collect();
+        assert_eq!(take_piece(&mut queue, 10), Some(0..10), "grown over three units");
+        assert_eq!(queue, [10..12, 20..24]);
+        assert_eq!(take_piece(&mut queue, 10), Some(10..12), "stops at a gap");
+        assert_eq!(take_piece(&mut queue, 1), Some(20..21), "a long range is split");
+        assert_eq!((queue.len(), queue.front()), (1, Some(&(21..24))));
+        assert_eq!(take_piece(&mut queue, 8), Some(21..24));
+        assert_eq!(take_piece(&mut queue, 8), None);
+    }
 }
