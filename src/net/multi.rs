@@ -19,7 +19,7 @@ use super::{Client, FetchError, FetchOptions, Progress, Report};
 use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
-use crate::store::PartialFile;
+use crate::store::{EntryLock, PartialFile};
 
 /// Bytes per piece (rounded to whole manifest blocks).
 const PIECE_BYTES: u64 = 256 << 10;
@@ -37,11 +37,13 @@ enum SourceState {
     Lied,
 }
 
-/// The multi-source download; see the module docs.
+/// The multi-source download under `entry`, the object's lock in the cache; see the module
+/// docs.
 pub(super) fn fetch_from(
     client: &Client,
     servers: &[SocketAddr],
     id: ObjectId,
+    entry: EntryLock,
     options: &FetchOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, FetchError> {
@@ -66,7 +68,7 @@ pub(super) fn fetch_from(
         return Err(TransferError::NotFound.into());
     };
 
-    let (mut partial, have) = client.cache.begin_sized(&id, Some(manifest.size))?;
+    let (mut partial, have) = client.cache.begin_locked(entry, Some(manifest.size))?;
     partial.set_background_journal(true)?;
     partial.set_size(manifest.size);
     let resumed_bytes = have.covered();
