@@ -96,7 +96,8 @@ pub use crate::net::{
     Progress, Report, Server, ServerConfig, ServerHandle, ServerStatus, Waiting, CONCURRENT_FILES,
 };
 pub use crate::store::{
-    BlockCheck, BundleInfo, Cache, ContentStore, Lookup, ObjectInfo, PartialFile, Served,
-    StoreError, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
+    BlockCheck, BundleInfo, Cache, CacheEntry, CacheListing, CleanReport, ContentStore,
+    DamagedEntry, EntryLock, Lookup, ObjectInfo, PartialFile, Removed, Served, StoreError,
+    VerifyReport, CLEAN_AGE, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
 };
 pub use crate::wire::{is_udpferry_datagram, ConnectionId};

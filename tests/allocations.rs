@@ -110,7 +110,7 @@ impl Link {
     fn send(&mut self, now: Instant, data: &[u8]) {
         self.offered += 1;
         let queued = self.flight.iter().filter(|f| f.1 > now).count();
-        if queued >= self.queue || self.offered % self.lose_every == 0 {
+        if queued >= self.queue || self.offered.is_multiple_of(self.lose_every) {
             self.dropped += 1;
             return;
         }

@@ -542,3 +542,49 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn two_bundle_downloads_into_one_cache_take_turns_per_file() {
+    let tmp = TempDir::new("two-bundles");
+    let root = tmp.join("served");
+    let s = serve_tree(&root);
+    let store = ContentStore::open(&root).unwrap();
+    let maps = store.bundles().next().unwrap().id;
+    let mut config = ServerConfig::default();
+    // The 3 MiB file takes about 1.5 s, so the two downloads of it overlap.
+    config.endpoint.transfer.max_rate_bytes_per_sec = 2 * MIB as u64;
+    let server = Serving::start(store, config);
+    let addr = server.addr;
+    let cache = tmp.join("cache");
+    let runs: Vec<_> = (0..2u64)
+        .map(|i| {
+            let (cache, dir) = (cache.clone(), tmp.join(&format!("install{i}")));
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200 * i));
+                let (client, opts) = options(cache);
+                let report = client.fetch_bundle(addr, maps, &dir, &opts, |_| {});
+                (report, dir)
+            })
+        })
+        .collect();
+    let mut fetched = 0;
+    for run in runs {
+        let (report, dir) = run.join().unwrap();
+        let report = report.expect("both installs succeed");
+        println!("{report}");
+        assert_eq!(report.fetched + report.from_cache, 3, "{report:?}");
+        fetched += report.fetched;
+        assert_eq!(std::fs::read(dir.join("level.bsp")).unwrap(), s.level);
+        assert_eq!(
+            std::fs::read(dir.join("textures/stone/wall.png")).unwrap(),
+            s.wall
+        );
+    }
+    assert!(fetched < 6, "a file was downloaded twice into one cache");
+    let leftovers: Vec<String> = std::fs::read_dir(&cache)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".part") || n.contains(".journal") || n.contains(".lock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

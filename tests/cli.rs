@@ -10,7 +10,12 @@
 //!   fetches nothing;
 //! - `get SERVER MD5 [-o PATH] [--cache DIR] [--timeout S]` exits 0 only with verified bytes,
 //!   prints a one-line summary on stderr, resumes from the cache's journal, copies from the cache
-//!   without the network, and on failure exits non-zero with one line naming the cause.
+//!   without the network, and on failure exits non-zero with one line naming the cause (leaving
+//!   nothing in the cache when nothing arrived);
+//! - two `get`s of one object into one cache take turns: one downloads, the other waits and
+//!   copies from the cache;
+//! - `cache list|clean|verify [--cache DIR]` print one line per entry (or per file removed, per
+//!   damaged entry) and a summary.
 //!
 //! Every process is owned by a guard that kills it on drop, so a failing test leaves nothing
 //! running. Timings are printed, never asserted (shared, noisy machines); the only time limits are
@@ -180,7 +185,11 @@ fn get_failures_name_the_cause() {
     );
     assert_fails_with(&r, &["not found"], "unknown md5");
     assert!(!tmp.join("u").exists(), "no output for a failed get");
-    assert!(!tmp.join("c1").join(&unknown).exists());
+    assert_eq!(
+        entries(&tmp.join("c1")),
+        Vec::<String>::new(),
+        "an object never found leaves nothing in the cache"
+    );
     println!("unknown md5: {}", r.stderr.trim());
 
     // A port where nothing listens (ICMP port unreachable), with --timeout 3; and a peer that
@@ -231,6 +240,7 @@ fn get_failures_name_the_cause() {
         r.elapsed < Duration::from_secs(30),
         "--timeout 3 must end the get (guard 30 s): {r:?}"
     );
+    assert_eq!(entries(&tmp.join("c2")), Vec::<String>::new(), "{r:?}");
     println!(
         "dead port, --timeout 3: {} ({:.2} s)",
         r.stderr.trim(),
@@ -239,6 +249,7 @@ fn get_failures_name_the_cause() {
 
     let r = t_silent.join().unwrap();
     assert_fails_with(&r, &["timed out", "gave up"], "silent peer, idle timeout");
+    assert_eq!(entries(&tmp.join("c3")), Vec::<String>::new(), "{r:?}");
     println!(
         "silent peer, no --timeout: {} ({:.2} s)",
         r.stderr.trim(),
@@ -590,7 +601,7 @@ fn a_flood_of_garbage_and_half_open_requests_does_not_stop_a_real_download() {
             let s = &sockets[sent as usize % sockets.len()];
             let _ = s.send_to(&buf[..n], addr);
             sent += 1;
-            if sent % 2000 == 0 {
+            if sent.is_multiple_of(2000) {
                 thread::sleep(Duration::from_millis(2)); // let the socket buffers drain a little
             }
         }
@@ -731,4 +742,205 @@ fn get_bundle_installs_a_directory_and_skips_it_the_second_time() {
     assert_file_eq(&plain_out.join("level.bsp"), &big);
     assert_file_eq(&plain_out.join("textures/wall.png"), b"wall");
     assert_eq!(entries(&plain_out), vec!["empty", "level.bsp", "textures"]);
+}
+
+#[test]
+fn two_gets_of_one_object_into_one_cache_take_turns() {
+    let tmp = TempDir::new("two-gets");
+    let dir = tmp.join("served");
+    let data = content(4 * MIB, 21);
+    let md5 = put_file(&dir, "m.map", &data);
+    // About two seconds per download, so that the two overlap.
+    let (_server, addr, _) = spawn_server(&dir, &["--client-rate", "2MiB"]);
+    let cache = tmp.join("c");
+    let first = {
+        let (out, cache, md5) = (tmp.join("one"), cache.clone(), md5.clone());
+        thread::spawn(move || get(addr, &md5, &out, &cache, &[], GET_LIMIT))
+    };
+    // The second starts once the first holds the object's lock.
+    let lock = cache.join(format!("{md5}.lock"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lock.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "the first get never took the lock"
+        );
+        thread::sleep(Duration::from_millis(10));
+    }
+    let second = get(addr, &md5, &tmp.join("two"), &cache, &[], GET_LIMIT);
+    let first = first.join().unwrap();
+    for (r, out) in [(&first, "one"), (&second, "two")] {
+        assert!(r.status.success(), "{r:?}");
+        assert_eq!(r.stderr_lines().len(), 1, "{r:?}");
+        assert_file_eq(&tmp.join(out), &data);
+    }
+    assert!(!first.stderr.contains("already in the cache"), "{first:?}");
+    assert!(
+        second.stderr.contains("already in the cache"),
+        "the second waited for the first and used its download: {second:?}"
+    );
+    assert_cache_done(&cache, &md5, &data);
+    assert_eq!(
+        entries(&cache),
+        vec![md5.clone(), format!("{md5}.verified")]
+    );
+    println!(
+        "first: {} ({:.2} s); second: {} ({:.2} s)",
+        first.stderr.trim(),
+        first.elapsed.as_secs_f64(),
+        second.stderr.trim(),
+        second.elapsed.as_secs_f64()
+    );
+}
+
+/// `udpferry cache ARGS... --cache CACHE`.
+fn cache_cmd(cache: &std::path::Path, args: &[&str]) -> Run {
+    let mut all: Vec<&std::ffi::OsStr> = vec![os("cache")];
+    all.extend(args.iter().map(|a| os(a)));
+    all.extend([os("--cache"), cache.as_os_str()]);
+    run(&all, Duration::from_secs(60))
+}
+
+#[test]
+fn cache_list_clean_and_verify_print_what_they_find_and_do() {
+    use udpferry::store::Cache;
+    use udpferry::ChunkSink;
+    let tmp = TempDir::new("cache-cmd");
+    let dir = tmp.join("served");
+    let data = content(3 * MIB, 31);
+    let md5 = put_file(&dir, "m.map", &data);
+    let (_server, addr, _) = spawn_server(&dir, &[]);
+    let cache = tmp.join("c");
+    let r = get(addr, &md5, &tmp.join("out"), &cache, &[], GET_LIMIT);
+    assert!(r.status.success(), "{r:?}");
+
+    // A partial download nobody touched for ten days, and a torn journal update.
+    let other = content(100_000, 32);
+    let other_id = ObjectId::md5_of(&other);
+    let other_md5 = other_id.to_hex();
+    {
+        let c = Cache::open(&cache).unwrap();
+        let (mut partial, _) = c.begin(&other_id).unwrap();
+        partial.set_size(other.len() as u64);
+        partial.write_at(0, &other[..40_000]).unwrap();
+        partial.checkpoint().unwrap();
+    }
+    let ten_days_ago = std::time::SystemTime::now() - Duration::from_secs(10 * 86_400);
+    for suffix in [".part", ".journal"] {
+        std::fs::File::options()
+            .write(true)
+            .open(cache.join(format!("{other_md5}{suffix}")))
+            .and_then(|f| f.set_modified(ten_days_ago))
+            .unwrap();
+    }
+    std::fs::write(cache.join(format!("{md5}.journal.tmp")), b"torn").unwrap();
+
+    let r = cache_cmd(&cache, &["list"]);
+    assert!(r.status.success() && r.stderr.is_empty(), "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    let size = data.len();
+    assert_eq!(lines.len(), 4, "{r:?}");
+    assert!(
+        lines.contains(&format!("partial {other_md5} 40000/100000 bytes, 10d old").as_str()),
+        "{r:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&format!("complete {md5} {size} bytes, "))),
+        "{r:?}"
+    );
+    assert!(
+        lines.iter().any(
+            |l| l.starts_with(&format!("stray {md5}.journal.tmp 4 bytes, "))
+                && l.ends_with(": unfinished journal update")
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        lines[3],
+        format!("1 complete ({size} bytes), 1 partial (40000 bytes on disk), 1 stray (4 bytes)")
+    );
+
+    // A recent age keeps nothing of the old partial; the global --cache works before the action.
+    let r = run(
+        &[os("cache"), os("--cache"), cache.as_os_str(), os("clean")],
+        Duration::from_secs(60),
+    );
+    assert!(r.status.success() && r.stderr.is_empty(), "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{r:?}");
+    assert!(
+        lines.contains(
+            &format!("removed {other_md5}.part (40000 bytes): partial download untouched for 10d")
+                .as_str()
+        ),
+        "{r:?}"
+    );
+    assert!(
+        lines.contains(
+            &format!("removed {md5}.journal.tmp (4 bytes): unfinished journal update").as_str()
+        ),
+        "{r:?}"
+    );
+    assert_eq!(
+        lines[3],
+        "removed 3 files (40057 bytes); kept 0 partial downloads touched within 7d"
+    );
+    assert_eq!(
+        entries(&cache),
+        vec![md5.clone(), format!("{md5}.verified")]
+    );
+
+    // Bit rot in the finished entry: verify sets it aside, and the next get repairs it,
+    // keeping the blocks that still match.
+    let entry = cache.join(&md5);
+    let mut rotten = std::fs::read(&entry).unwrap();
+    rotten[1_000_000] ^= 1;
+    std::fs::write(&entry, &rotten).unwrap();
+    let r = cache_cmd(&cache, &["verify"]);
+    assert!(r.status.success() && r.stderr.is_empty(), "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{r:?}");
+    assert!(
+        lines[0].starts_with(&format!("damaged {md5}: its bytes hash to ")),
+        "{r:?}"
+    );
+    assert!(
+        lines[0].ends_with(&format!(
+            "set aside as {md5}.part for the next download to repair"
+        )),
+        "{r:?}"
+    );
+    assert_eq!(
+        lines[1],
+        "verified 1 complete entries (0 bytes): 0 good, 1 damaged"
+    );
+    assert_eq!(entries(&cache), vec![format!("{md5}.part")]);
+    let r = get(addr, &md5, &tmp.join("again"), &cache, &[], GET_LIMIT);
+    assert!(r.status.success(), "{r:?}");
+    assert!(
+        r.stderr
+            .contains("unjournaled bytes that matched the manifest"),
+        "{r:?}"
+    );
+    assert_file_eq(&tmp.join("again"), &data);
+    let r = cache_cmd(&cache, &["verify"]);
+    assert_eq!(
+        r.stdout.trim(),
+        format!("verified 1 complete entries ({size} bytes): 1 good, 0 damaged")
+    );
+
+    // --older-than takes a whole number and a unit; anything else is a usage error.
+    for bad in ["7", "1.5d", "-1d", "7y", "d", "99999999999999999999w"] {
+        let r = cache_cmd(&cache, &["clean", &format!("--older-than={bad}")]);
+        assert_eq!(r.status.code(), Some(2), "{bad}: {r:?}");
+        assert!(r.stderr.contains("whole number and a unit"), "{bad}: {r:?}");
+    }
+    let r = cache_cmd(&cache, &["clean", "--older-than", "12h"]);
+    assert!(
+        r.stdout
+            .ends_with("kept 0 partial downloads touched within 12h\n"),
+        "{r:?}"
+    );
 }

@@ -235,7 +235,7 @@ fn garbage_sprayed_at_the_server_does_not_stop_a_download_or_grow_its_state() {
                 }
                 let _ = socket.send_to(&d, addr);
                 sent += 1;
-                if sent % 64 == 0 {
+                if sent.is_multiple_of(64) {
                     thread::sleep(Duration::from_micros(200));
                 }
             }
@@ -587,4 +587,197 @@ fn fetch_errors_read_as_sentences_in_display_and_debug() {
     assert!(errors[5]
         .to_string()
         .starts_with("no answer from any of the 2 servers (10.0.0.5:7878, 10.0.0.6:7878)"));
+}
+
+/// Names in `dir`, sorted (empty when it does not exist).
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[test]
+fn an_object_never_found_leaves_nothing_in_the_cache_but_held_bytes_stay() {
+    use udpferry::core::TransferError;
+    use udpferry::net::FetchError;
+    let dir = TempDir::new("never-found");
+    let served = dir.0.join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let data = bytes(3 << 20, 11);
+    let id = ObjectId::md5_of(&data);
+    std::fs::write(served.join("m.bin"), &data).unwrap();
+    let mut config = ServerConfig::default();
+    config.endpoint.transfer.max_rate_bytes_per_sec = 1 << 20;
+    let server = RunningServer::start(&served, config);
+    let cache = dir.0.join("cache");
+    let client = Client::new(&cache).unwrap();
+
+    // The server answers "not found".
+    let missing = client.fetch(
+        server.addr,
+        ObjectId::md5_of(b"nope"),
+        &FetchOptions::default(),
+        |_| {},
+    );
+    assert!(
+        matches!(missing, Err(FetchError::Transfer(TransferError::NotFound))),
+        "{missing:?}"
+    );
+    assert_eq!(names_in(&cache), Vec::<String>::new(), "after not found");
+
+    // Nothing answers at all: the overall timeout ends it with nothing held.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_millis(400)),
+        ..FetchOptions::default()
+    };
+    let r = client.fetch(silent.local_addr().unwrap(), id, &options, |_| {});
+    assert!(matches!(r, Err(FetchError::Deadline(_))), "{r:?}");
+    assert_eq!(names_in(&cache), Vec::<String>::new(), "after a timeout");
+
+    // Stopped before anything arrived.
+    let options = FetchOptions {
+        stop: Some(Arc::new(AtomicBool::new(true))),
+        ..FetchOptions::default()
+    };
+    let r = client.fetch(silent.local_addr().unwrap(), id, &options, |_| {});
+    assert!(matches!(r, Err(FetchError::Stopped)), "{r:?}");
+    assert_eq!(names_in(&cache), Vec::<String>::new(), "after a stop");
+
+    // A download that got some bytes keeps them for a resume (1 MiB/s cap, 1.2 s).
+    let options = FetchOptions {
+        timeout: Some(Duration::from_millis(1200)),
+        ..FetchOptions::default()
+    };
+    let r = client.fetch(server.addr, id, &options, |_| {});
+    assert!(matches!(r, Err(FetchError::Deadline(_))), "{r:?}");
+    let hex = id.to_hex();
+    assert_eq!(
+        names_in(&cache),
+        vec![format!("{hex}.journal"), format!("{hex}.part")],
+        "a partial that holds bytes stays"
+    );
+    let report = client
+        .fetch(server.addr, id, &FetchOptions::default(), |_| {})
+        .unwrap();
+    assert!(report.resumed_bytes > 0, "{report:?}");
+    assert_eq!(std::fs::read(&report.path).unwrap(), data);
+    assert_eq!(
+        names_in(&cache),
+        vec![hex.clone(), format!("{hex}.verified")]
+    );
+}
+
+#[test]
+fn two_fetches_of_one_object_into_one_cache_take_turns() {
+    let dir = TempDir::new("same-id");
+    let served = dir.0.join("served");
+    std::fs::create_dir_all(&served).unwrap();
+    let data = bytes(3 << 20, 12);
+    let id = ObjectId::md5_of(&data);
+    std::fs::write(served.join("m.bin"), &data).unwrap();
+    let mut config = ServerConfig::default();
+    // Slow enough (about 1.5 s) that the two downloads overlap.
+    config.endpoint.transfer.max_rate_bytes_per_sec = 2 << 20;
+    let server = RunningServer::start(&served, config);
+    let addr = server.addr;
+    let cache = dir.0.join("cache");
+    let fetches: Vec<_> = (0..2)
+        .map(|i| {
+            let cache = cache.clone();
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(150 * i));
+                let options = FetchOptions {
+                    timeout: Some(Duration::from_secs(60)),
+                    ..FetchOptions::default()
+                };
+                Client::new(&cache)
+                    .unwrap()
+                    .fetch(addr, id, &options, |_| {})
+            })
+        })
+        .collect();
+    let reports: Vec<_> = fetches
+        .into_iter()
+        .map(|f| f.join().unwrap().expect("both fetches succeed"))
+        .collect();
+    for r in &reports {
+        assert_eq!(std::fs::read(&r.path).unwrap(), data);
+    }
+    let from_cache = reports.iter().filter(|r| r.from_cache).count();
+    assert_eq!(from_cache, 1, "one downloads, the other waits: {reports:?}");
+    let hex = id.to_hex();
+    assert_eq!(
+        names_in(&cache),
+        vec![hex.clone(), format!("{hex}.verified")]
+    );
+}
+
+#[test]
+fn waiting_for_another_download_of_the_object_honours_timeout_and_stop() {
+    use udpferry::net::FetchError;
+    use udpferry::store::StoreError;
+    let dir = TempDir::new("lock-wait");
+    let cache = dir.0.join("cache");
+    let client = Client::new(&cache).unwrap();
+    let id = ObjectId::md5_of(b"being downloaded elsewhere");
+    let held = client
+        .cache()
+        .try_lock(&id)
+        .unwrap()
+        .expect("nobody holds it yet");
+    assert!(
+        client.cache().try_lock(&id).unwrap().is_none(),
+        "one holder"
+    );
+    assert!(
+        matches!(client.cache().begin(&id), Err(StoreError::Locked { .. })),
+        "no second partial file while the lock is held"
+    );
+    // Nothing would answer; the wait must end before the network is even used.
+    let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+
+    let started = Instant::now();
+    let options = FetchOptions {
+        timeout: Some(Duration::from_millis(300)),
+        ..FetchOptions::default()
+    };
+    let r = client.fetch(addr, id, &options, |_| {});
+    let waited = started.elapsed();
+    assert!(matches!(r, Err(FetchError::Deadline(_))), "{r:?}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let setter = {
+        let stop = stop.clone();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(200));
+            stop.store(true, Ordering::Relaxed);
+        })
+    };
+    let options = FetchOptions {
+        stop: Some(stop),
+        ..FetchOptions::default()
+    };
+    let r = client.fetch(addr, id, &options, |_| {});
+    setter.join().unwrap();
+    assert!(matches!(r, Err(FetchError::Stopped)), "{r:?}");
+
+    let hex = id.to_hex();
+    assert_eq!(names_in(&cache), vec![format!("{hex}.lock")]);
+    drop(held);
+    assert_eq!(
+        names_in(&cache),
+        Vec::<String>::new(),
+        "a released lock leaves nothing behind"
+    );
 }

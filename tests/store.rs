@@ -256,7 +256,11 @@ fn journal_is_written_automatically_and_finalize_publishes_atomically() {
     part.write_at(3000, &data[3000..4000]).unwrap();
     let (jid, size, ranges) = journal::decode(&fs::read(&journal_path).unwrap()).unwrap();
     assert_eq!((jid, size, ranges), (id, 5000, part.received().clone()));
+    // While it is open, no second download of the object may begin in this cache.
+    assert!(matches!(cache.begin(&id), Err(StoreError::Locked { .. })));
 
+    // The process ends without a checkpoint (its lock goes with it); the next one resumes.
+    drop(part);
     let (mut part, have) = cache.begin(&id).unwrap();
     for gap in have.gaps(0..5000).collect::<Vec<_>>() {
         let (s, e) = (gap.start as usize, gap.end as usize);
@@ -477,4 +481,284 @@ fn background_journal_updates_list_only_bytes_on_disk_and_resume() {
     }
     let path = part.finalize().unwrap();
     assert_eq!(fs::read(path).unwrap(), data);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cache upkeep: entries, clean, verify_all
+// ---------------------------------------------------------------------------------------------
+
+/// Stores `data` in `cache` as a finished download.
+fn store_object(cache: &Cache, data: &[u8]) -> ObjectId {
+    let id = ObjectId::md5_of(data);
+    let (mut partial, _) = cache.begin(&id).unwrap();
+    partial.set_size(data.len() as u64);
+    partial.write_at(0, data).unwrap();
+    partial.finalize().unwrap();
+    id
+}
+
+/// Leaves a partial download of `data` in `cache` holding its first `held` bytes, journaled.
+fn store_partial(cache: &Cache, data: &[u8], held: usize) -> ObjectId {
+    let id = ObjectId::md5_of(data);
+    let (mut partial, _) = cache.begin(&id).unwrap();
+    partial.set_size(data.len() as u64);
+    partial.write_at(0, &data[..held]).unwrap();
+    partial.checkpoint().unwrap();
+    id
+}
+
+/// Sets the modification time of `path` to `ago` before now.
+fn date_back(path: &Path, ago: Duration) {
+    fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(SystemTime::now() - ago))
+        .unwrap();
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+#[test]
+fn cache_entries_list_complete_partial_and_stray_files() {
+    use udpferry::store::CacheEntry;
+    let dir = TempDir::new("entries");
+    let cache = Cache::open(&dir.0).unwrap();
+    let done = bytes(10_000, 1);
+    let done_id = store_object(&cache, &done);
+    let part = bytes(50_000, 2);
+    let part_id = store_partial(&cache, &part, 20_000);
+    date_back(
+        &cache.root().join(format!("{}.part", part_id.to_hex())),
+        2 * DAY,
+    );
+    date_back(
+        &cache.root().join(format!("{}.journal", part_id.to_hex())),
+        2 * DAY,
+    );
+    let stray = ObjectId::md5_of(b"stray").to_hex();
+    fs::write(dir.0.join(format!("{stray}.journal")), b"junk").unwrap();
+    fs::write(dir.0.join("notes.txt"), b"not ours").unwrap();
+
+    let listing = cache.entries().unwrap();
+    let text = listing.to_string();
+    println!("{text}");
+    assert_eq!(listing.entries.len(), 3, "{text}");
+    assert!(
+        listing.entries.iter().any(|e| matches!(e,
+        CacheEntry::Complete { id, size: 10_000, .. } if *id == done_id)),
+        "{text}"
+    );
+    assert!(
+        listing.entries.iter().any(|e| matches!(e,
+        CacheEntry::Partial { id, held: 20_000, total: Some(50_000), in_use: false, .. }
+            if *id == part_id)),
+        "{text}"
+    );
+    assert!(
+        listing.entries.iter().any(|e| matches!(e,
+        CacheEntry::Stray { name, .. } if *name == format!("{stray}.journal"))),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("complete {done_id} 10000 bytes, ")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("partial {part_id} 20000/50000 bytes, 2d old")),
+        "{text}"
+    );
+    assert!(
+        !text.contains("notes.txt"),
+        "only the cache's own names: {text}"
+    );
+    assert!(
+        text.ends_with(
+            "1 complete (10000 bytes), 1 partial (20000 bytes on disk), 1 stray (4 bytes)"
+        ),
+        "{text}"
+    );
+
+    // A partial whose download is running says so.
+    let (_running, _) = cache.begin(&part_id).unwrap();
+    let text = cache.entries().unwrap().to_string();
+    assert!(
+        text.contains(&format!(
+            "partial {part_id} 20000/50000 bytes, 2d old, in use"
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn cache_clean_removes_stale_partials_and_strays_and_nothing_else() {
+    let dir = TempDir::new("clean");
+    let cache = Cache::open(&dir.0).unwrap();
+    let done = bytes(10_000, 1);
+    let done_id = store_object(&cache, &done);
+    // Fresh and stale partial downloads, the stale one untouched for 8 days.
+    let fresh_id = store_partial(&cache, &bytes(40_000, 2), 10_000);
+    let stale_id = store_partial(&cache, &bytes(40_000, 3), 30_000);
+    for suffix in [".part", ".journal"] {
+        date_back(
+            &dir.0.join(format!("{}{suffix}", stale_id.to_hex())),
+            8 * DAY,
+        );
+    }
+    // What older versions left for an object that was never found.
+    let empty = ObjectId::md5_of(b"never found").to_hex();
+    fs::write(dir.0.join(format!("{empty}.part")), b"").unwrap();
+    fs::write(dir.0.join(format!("{empty}.journal")), b"UFJ1...").unwrap();
+    // Strays: a journal without a partial, a torn journal update, a stamp without an entry,
+    // a lock file a killed download left.
+    let lone = ObjectId::md5_of(b"lone").to_hex();
+    fs::write(dir.0.join(format!("{lone}.journal")), b"junk").unwrap();
+    fs::write(
+        dir.0.join(format!("{}.journal.tmp", fresh_id.to_hex())),
+        b"torn",
+    )
+    .unwrap();
+    fs::write(dir.0.join(format!("{lone}.verified")), b"1 2 3").unwrap();
+    fs::write(dir.0.join(format!("{lone}.lock")), b"").unwrap();
+    // Not ours, however old.
+    fs::write(dir.0.join("notes.txt"), b"keep me").unwrap();
+    date_back(&dir.0.join("notes.txt"), 100 * DAY);
+    // A stale partial whose download is running right now is not touched.
+    let busy_id = store_partial(&cache, &bytes(40_000, 4), 5_000);
+    for suffix in [".part", ".journal"] {
+        date_back(
+            &dir.0.join(format!("{}{suffix}", busy_id.to_hex())),
+            30 * DAY,
+        );
+    }
+    let running = cache.begin(&busy_id).unwrap();
+
+    let report = cache.clean(udpferry::store::CLEAN_AGE).unwrap();
+    let text = report.to_string();
+    println!("{text}");
+    let removed: Vec<&str> = report.removed.iter().map(|r| r.name.as_str()).collect();
+    let stale = stale_id.to_hex();
+    let fresh = fresh_id.to_hex();
+    for gone in [
+        format!("{stale}.part"),
+        format!("{stale}.journal"),
+        format!("{empty}.part"),
+        format!("{empty}.journal"),
+        format!("{lone}.journal"),
+        format!("{fresh}.journal.tmp"),
+        format!("{lone}.verified"),
+        format!("{lone}.lock"),
+    ] {
+        assert!(
+            removed.contains(&gone.as_str()),
+            "{gone} not removed: {text}"
+        );
+        assert!(!dir.0.join(&gone).exists(), "{gone} still there");
+    }
+    assert_eq!(removed.len(), 8, "{text}");
+    assert_eq!(report.kept, 1, "{text}");
+    assert_eq!(report.in_use, 1, "{text}");
+    assert!(
+        text.contains(&format!(
+            "removed {stale}.part (30000 bytes): partial download untouched for 8d"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("kept 1 partial downloads touched within 7d; skipped 1 in use"),
+        "{text}"
+    );
+    let busy = busy_id.to_hex();
+    let done_hex = done_id.to_hex();
+    let mut want = vec![
+        done_hex.clone(),
+        format!("{done_hex}.verified"),
+        format!("{fresh}.journal"),
+        format!("{fresh}.part"),
+        format!("{busy}.journal"),
+        format!("{busy}.lock"),
+        format!("{busy}.part"),
+        "notes.txt".to_string(),
+    ];
+    want.sort();
+    assert_eq!(names(&dir.0), want);
+    assert!(cache.contains(&done_id));
+    // The running download resumes what it holds.
+    assert_eq!(running.1.covered(), 5_000);
+    drop(running);
+
+    // With a shorter age the fresh partial goes too; finished objects never do.
+    let report = cache.clean(Duration::ZERO).unwrap();
+    assert_eq!(report.kept, 0, "{report}");
+    assert_eq!(
+        names(&dir.0),
+        vec![
+            done_hex.clone(),
+            format!("{done_hex}.verified"),
+            "notes.txt".into()
+        ]
+    );
+}
+
+#[test]
+fn cache_verify_rehashes_and_sets_damaged_entries_aside() {
+    use udpferry::store::Lookup;
+    let dir = TempDir::new("verify");
+    let cache = Cache::open(&dir.0).unwrap();
+    let good = bytes(100_000, 1);
+    let good_id = store_object(&cache, &good);
+    let rotten = bytes(200_000, 2);
+    let rotten_id = store_object(&cache, &rotten);
+    // Bit rot: one byte flipped in place, the stamp put back as it was (size and times), so
+    // that a lookup alone would not see it... except for ctime, which verify does not need.
+    let path = cache.path_of(&rotten_id);
+    let modified = fs::metadata(&path).unwrap().modified().unwrap();
+    let mut bytes_now = fs::read(&path).unwrap();
+    bytes_now[12_345] ^= 0x40;
+    fs::write(&path, &bytes_now).unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+
+    let report = cache.verify_all().unwrap();
+    let text = report.to_string();
+    println!("{text}");
+    assert_eq!((report.good, report.good_bytes), (1, 100_000), "{text}");
+    assert_eq!(report.damaged.len(), 1, "{text}");
+    assert_eq!(report.damaged[0].id, rotten_id);
+    assert!(report.damaged[0].left_alone.is_none(), "{text}");
+    let hex = rotten_id.to_hex();
+    assert!(
+        text.contains(&format!("damaged {rotten_id}: its bytes hash to ")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("set aside as {hex}.part")), "{text}");
+    assert!(
+        text.ends_with("verified 2 complete entries (100000 bytes): 1 good, 1 damaged"),
+        "{text}"
+    );
+    // Set aside: never served again, its bytes kept for the next download to salvage.
+    assert_eq!(cache.lookup(&rotten_id).unwrap(), Lookup::Missing);
+    assert_eq!(
+        fs::read(dir.0.join(format!("{hex}.part"))).unwrap(),
+        bytes_now
+    );
+    let (partial, have) = cache.begin(&rotten_id).unwrap();
+    assert!(have.is_empty() && partial.has_unverified());
+    drop(partial);
+    assert!(cache.contains(&good_id));
+    // Nothing left to find.
+    let again = cache.verify_all().unwrap();
+    assert_eq!((again.good, again.damaged.len()), (1, 0), "{again}");
 }

@@ -1,5 +1,5 @@
-//! The `udpferry` command-line tool: `serve` a directory of maps, `get` one by its MD5, or run the
-//! `demo` (a 32 MiB map over real loopback sockets; `--simulated` for the network simulator).
+//! The `udpferry` command-line tool: `serve` a directory of maps, `get` one by its MD5, look
+//! after the `cache`, or run the `demo` (a 32 MiB map over real loopback sockets).
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use udpferry::Event;
 use udpferry::ObjectId;
 use udpferry::{BundleFetchError, Client, FetchError, FetchOptions, Got, Server, ServerConfig};
-use udpferry::{Cache, ContentStore};
+use udpferry::{Cache, ContentStore, CLEAN_AGE};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +32,8 @@ enum Command {
     Serve(ServeArgs),
     /// Download one object by its MD5 (or SHA-256), verify it, and store it in the cache and/or PATH.
     Get(GetArgs),
+    /// List, clean or verify the cache that `get` downloads into.
+    Cache(CacheArgs),
     /// Send a generated map from a server to a client in this process, over loopback UDP, and
     /// print what it cost. (The same through the network simulator, with loss and latency:
     /// `cargo run --release -p udpferry-sim --example simulated_demo`.)
@@ -103,10 +105,36 @@ struct GetArgs {
     bundle: bool,
 }
 
+#[derive(clap::Args)]
+struct CacheArgs {
+    /// Cache directory (default: the platform cache directory, as for `get`).
+    #[arg(long, global = true)]
+    cache: Option<PathBuf>,
+    #[command(subcommand)]
+    action: CacheAction,
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// One line per finished object, partial download and stray file, with sizes and ages.
+    List,
+    /// Remove partial downloads untouched for DURATION, and stray files (journals without a
+    /// download, unfinished journal updates, stale locks). Finished objects stay.
+    Clean {
+        /// Age of the partial downloads to remove: a number and a unit, s, m, h, d or w
+        /// (e.g. 12h, 30d); default 7d.
+        #[arg(long, value_name = "DURATION", value_parser = parse_age)]
+        older_than: Option<Duration>,
+    },
+    /// Re-hash every finished object; set damaged ones aside for the next `get` to repair.
+    Verify,
+}
+
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
         Command::Get(args) => get(args),
+        Command::Cache(args) => cache(args),
         Command::Demo { size_mib, seed } => demo(size_mib, seed),
     }
 }
@@ -138,6 +166,19 @@ fn parse_address(text: &str) -> Result<SocketAddr, String> {
             "cannot resolve `{text}` (give host:port, e.g. 0.0.0.0:7878): {e}"
         )),
     }
+}
+
+/// Parses `--older-than`: a whole number and a unit, s, m, h, d or w.
+fn parse_age(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}` is not a whole number and a unit s, m, h, d or w (e.g. 30d)");
+    let t = text.trim();
+    let (n, unit) = t
+        .split_at_checked(t.len().saturating_sub(1))
+        .ok_or_else(bad)?;
+    let unit = ["s", "m", "h", "d", "w"].iter().position(|u| *u == unit);
+    let secs = [1, 60, 3600, 86_400, 604_800].get(unit.ok_or_else(bad)?);
+    let secs = secs.and_then(|s| n.parse::<u64>().ok()?.checked_mul(*s));
+    secs.map(Duration::from_secs).ok_or_else(bad)
 }
 
 /// Parses a rate: a number (fractions allowed) with an optional unit and an optional `/s`.
@@ -231,14 +272,32 @@ fn serve(args: ServeArgs) -> ExitCode {
     }
 }
 
+const NO_CACHE_DIR: &str = "no cache directory: pass --cache DIR (or set XDG_CACHE_HOME or HOME)";
+
+/// `cache list|clean|verify`: `Cache::entries`, `clean` and `verify_all`, printed.
+fn cache(args: CacheArgs) -> ExitCode {
+    let Some(dir) = args.cache.or_else(Cache::default_dir) else {
+        return fail("cache", NO_CACHE_DIR);
+    };
+    let report = Cache::open(&dir).and_then(|cache| match args.action {
+        CacheAction::List => cache.entries().map(|r| r.to_string()),
+        CacheAction::Clean { older_than: age } => {
+            cache.clean(age.unwrap_or(CLEAN_AGE)).map(|r| r.to_string())
+        }
+        CacheAction::Verify => cache.verify_all().map(|r| r.to_string()),
+    });
+    match report {
+        Ok(text) => println!("{text}"),
+        Err(e) => return fail("cache", &e.to_string()),
+    }
+    ExitCode::SUCCESS
+}
+
 /// `get`: one object (or a bundle's files) from one server or several, through
 /// `Client::get`; a progress bar on a terminal, one status line per second with `-v`.
 fn get(args: GetArgs) -> ExitCode {
     let Some(cache_dir) = args.cache.or_else(Cache::default_dir) else {
-        return fail(
-            "get",
-            "no cache directory: pass --cache DIR (or set XDG_CACHE_HOME or HOME)",
-        );
+        return fail("get", NO_CACHE_DIR);
     };
     let client = match Client::new(&cache_dir) {
         Ok(client) => client,

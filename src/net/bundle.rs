@@ -201,7 +201,22 @@ struct Wanted {
 struct Fetched {
     size: u64,
     resumed: u64,
+    /// Another download (another process) finished it while this one waited for its lock.
+    from_cache: bool,
 }
+
+/// How starting a download went.
+enum Begun {
+    /// Its transfer is under way; bytes resumed from the cache.
+    Transfer(TransferId, u64),
+    /// The cache holds it now (another download just finished it); its size.
+    Cached(u64),
+    /// Another download of it holds its lock in the cache: try again shortly.
+    Locked,
+}
+
+/// How long a file whose lock another download holds waits before it is tried again.
+const LOCK_RETRY: Duration = Duration::from_millis(50);
 
 /// A download in flight.
 #[derive(Debug)]
@@ -247,7 +262,7 @@ impl Downloads<'_> {
                     break;
                 };
                 match self.start(&wanted[w]) {
-                    Ok((transfer, resumed)) => {
+                    Ok(Begun::Transfer(transfer, resumed)) => {
                         active.insert(
                             transfer,
                             Active {
@@ -257,6 +272,15 @@ impl Downloads<'_> {
                             },
                         );
                     }
+                    Ok(Begun::Cached(size)) => on_done(
+                        w,
+                        Ok(Fetched {
+                            size,
+                            resumed: 0,
+                            from_cache: true,
+                        }),
+                    ),
+                    Ok(Begun::Locked) => queue.push_back((w, retries, now + LOCK_RETRY)),
                     Err(e) => on_done(w, Err(e.into())),
                 }
             }
@@ -298,6 +322,7 @@ impl Downloads<'_> {
                             Ok(Fetched {
                                 size,
                                 resumed: a.resumed,
+                                from_cache: false,
                             }),
                         ),
                         Err(e) => on_done(a.wanted, Err(e.into())),
@@ -338,9 +363,16 @@ impl Downloads<'_> {
         Ok(())
     }
 
-    /// Opens (or resumes) the cache's partial file for `wanted` and starts its transfer.
-    fn start(&mut self, wanted: &Wanted) -> Result<(TransferId, u64), StoreError> {
-        let (mut partial, have) = self.cache.begin_sized(&wanted.id, wanted.size)?;
+    /// Opens (or resumes) the cache's partial file for `wanted` and starts its transfer, unless
+    /// another download holds its lock or has just finished it.
+    fn start(&mut self, wanted: &Wanted) -> Result<Begun, StoreError> {
+        let Some(lock) = self.cache.try_lock(&wanted.id)? else {
+            return Ok(Begun::Locked);
+        };
+        if let Lookup::Verified { size, .. } = self.cache.lookup(&wanted.id)? {
+            return Ok(Begun::Cached(size));
+        }
+        let (mut partial, have) = self.cache.begin_locked(lock, wanted.size)?;
         partial.set_background_journal(true)?;
         let resumed = have.covered();
         let job = Job {
@@ -356,7 +388,7 @@ impl Downloads<'_> {
             path: self.cache.path_of(&wanted.id),
             source: e,
         })?;
-        Ok((transfer, resumed))
+        Ok(Begun::Transfer(transfer, resumed))
     }
 }
 
@@ -538,6 +570,7 @@ impl Client {
                 bytes_settled
                     .set(bytes_settled.get() + job.size.unwrap_or(0) * job.entries.len() as u64);
                 match result {
+                    Ok(f) if f.from_cache => report.from_cache += install(job, &mut failed),
                     Ok(f) => {
                         report.fetched += install(job, &mut failed);
                         report.fetched_bytes += f.size - f.resumed.min(f.size);
@@ -589,14 +622,25 @@ impl Client {
 }
 
 /// Whether the cache holds `id` verified ([`Cache::lookup`]). A damaged entry is set aside (its
-/// download starts over) and counted in `report`.
+/// download starts over) and counted in `report`, unless another download holds its lock (that
+/// one repairs it; this one waits for it when it starts the file).
 fn in_cache(cache: &Cache, id: &ObjectId, report: &mut BundleReport) -> Result<bool, StoreError> {
     match cache.lookup(id)? {
         Lookup::Verified { .. } => Ok(true),
         Lookup::Damaged { .. } => {
-            cache.set_aside_damaged(id)?;
-            report.damaged_in_cache += 1;
-            Ok(false)
+            let Some(_lock) = cache.try_lock(id)? else {
+                return Ok(false);
+            };
+            // Looked at again under the lock: another download may have repaired it.
+            match cache.lookup(id)? {
+                Lookup::Verified { .. } => Ok(true),
+                Lookup::Damaged { .. } => {
+                    cache.set_aside_damaged(id)?;
+                    report.damaged_in_cache += 1;
+                    Ok(false)
+                }
+                _ => Ok(false),
+            }
         }
         _ => Ok(false),
     }

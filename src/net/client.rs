@@ -17,7 +17,7 @@ use crate::core::{EndpointConfig, Stats, TransferError};
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
 use crate::store::bundle::is_bundle_listing;
-use crate::store::{resolve_target, Cache, Lookup, StoreError};
+use crate::store::{resolve_target, Cache, EntryLock, Lookup, StoreError};
 use super::{BundleFetchError, BundleReport};
 
 /// Downloads objects over UDP into a cache.
@@ -92,13 +92,12 @@ impl Client {
     ) -> Result<Report, FetchError> {
         let mut engine = Engine::new(self, options);
         let started = engine.started();
-        let damaged_entry = match self.cached(id, options, &mut progress, started)? {
-            CacheHit::Served(report) => return Ok(*report),
-            CacheHit::Damaged(problem) => Some(problem),
-            CacheHit::Missing => None,
+        let (lock, damaged_entry) = match self.claim(id, options, &mut progress, started)? {
+            Claim::Served(report) => return Ok(*report),
+            Claim::Download { lock, damaged } => (lock, damaged),
         };
         let server = resolve(server)?;
-        let (mut partial, have) = self.cache.begin(&id)?;
+        let (mut partial, have) = self.cache.begin_locked(lock, None)?;
         partial.set_background_journal(true)?;
         let resumed_bytes = have.covered();
         // Unvouched bytes and local files both need the manifest: blocks that match it are
@@ -245,12 +244,11 @@ impl Client {
             return self.fetch(*server, id, options, progress);
         }
         let started = Instant::now();
-        let damaged_entry = match self.cached(id, options, &mut progress, started)? {
-            CacheHit::Served(report) => return Ok(*report),
-            CacheHit::Damaged(problem) => Some(problem),
-            CacheHit::Missing => None,
+        let (lock, damaged_entry) = match self.claim(id, options, &mut progress, started)? {
+            Claim::Served(report) => return Ok(*report),
+            Claim::Download { lock, damaged } => (lock, damaged),
         };
-        let mut report = multi::fetch_from(self, servers, id, options, &mut progress)?;
+        let mut report = multi::fetch_from(self, servers, id, lock, options, &mut progress)?;
         report.damaged_entry = damaged_entry;
         Ok(report)
     }
@@ -322,23 +320,67 @@ impl Client {
         }
     }
 
-    /// Looks `id` up in the cache ([`Cache::lookup`]): a verified entry is copied to
-    /// `options.output` (if set) and reported; a damaged one is set aside for repair.
-    fn cached(
+    /// What the cache does for a download of `id`. A verified entry is served: copied to
+    /// `options.output` (if set) and reported. Otherwise the object's entry is locked for this
+    /// download ([`Cache::try_lock`]), waiting while another download of it (another thread
+    /// or process) holds the lock, within `options.stop` and `options.timeout`; once the lock
+    /// is ours the cache is looked at again, since that download has usually finished the
+    /// object. A damaged entry is set aside for this download to repair.
+    fn claim(
         &self,
         id: ObjectId,
         options: &FetchOptions,
         progress: &mut dyn FnMut(&Progress),
         started: Instant,
-    ) -> Result<CacheHit, FetchError> {
-        let (path, size) = match self.cache.lookup(&id)? {
-            Lookup::Verified { path, size } => (path, size),
-            Lookup::Damaged { problem, .. } => {
-                self.cache.set_aside_damaged(&id)?;
-                return Ok(CacheHit::Damaged(problem));
+    ) -> Result<Claim, FetchError> {
+        let mut lock = None;
+        loop {
+            match (self.cache.lookup(&id)?, lock) {
+                (Lookup::Verified { path, size }, _) => {
+                    let report = self.serve_cached(id, path, size, options, progress, started)?;
+                    return Ok(Claim::Served(report));
+                }
+                (Lookup::Damaged { problem, .. }, Some(lock)) => {
+                    self.cache.set_aside_damaged(&id)?;
+                    let damaged = Some(problem);
+                    return Ok(Claim::Download { lock, damaged });
+                }
+                (_, Some(lock)) => return Ok(Claim::Download { lock, damaged: None }),
+                (_, None) => lock = Some(self.wait_for_lock(&id, options, started)?),
             }
-            _ => return Ok(CacheHit::Missing),
-        };
+        }
+    }
+
+    /// The lock on `id`'s entry, polled every [`LOCK_POLL`] while another download holds it;
+    /// `FetchError::Stopped` or `Deadline` when `options` say to give up first.
+    fn wait_for_lock(
+        &self,
+        id: &ObjectId,
+        options: &FetchOptions,
+        started: Instant,
+    ) -> Result<EntryLock, FetchError> {
+        loop {
+            if let Some(lock) = self.cache.try_lock(id)? {
+                return Ok(lock);
+            }
+            if let Some(why) = options.stop_reason(started) {
+                return Err(why);
+            }
+            std::thread::sleep(LOCK_POLL);
+        }
+    }
+
+    /// Reports the verified entry at `path` as the download of `id`, copying it to
+    /// `options.output` if set.
+    fn serve_cached(
+        &self,
+        id: ObjectId,
+        path: PathBuf,
+        size: u64,
+        options: &FetchOptions,
+        progress: &mut dyn FnMut(&Progress),
+        started: Instant,
+    ) -> Result<Box<Report>, FetchError> {
         if let Some(out) = &options.output {
             self.cache.copy_out(&id, out)?;
         }
@@ -348,7 +390,7 @@ impl Client {
             stats: Stats::default(),
             waiting: None,
         });
-        Ok(CacheHit::Served(Box::new(Report {
+        Ok(Box::new(Report {
             object: id,
             size,
             path,
@@ -361,7 +403,7 @@ impl Client {
             bad_sources: Vec::new(),
             duration: started.elapsed(),
             stats: Stats::default(),
-        })))
+        }))
     }
 }
 
@@ -390,15 +432,20 @@ pub(super) fn linger_for(stats: &Stats) -> Duration {
     (stats.smoothed_rtt * 3 + Duration::from_millis(30)).min(Duration::from_millis(500))
 }
 
-/// What the cache holds for a download, from [`Client::cached`].
-enum CacheHit {
+/// How often a download waiting for another download of the same object into the same cache
+/// looks whether the lock is free (and its stop flag and timeout).
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// What the cache does for a download, from [`Client::claim`].
+enum Claim {
     /// Verified and unchanged: served without the network (copied to `output` if set).
     Served(Box<Report>),
-    /// A damaged entry, set aside as an unverified partial download for this download to
-    /// check and repair; what was wrong with it.
-    Damaged(String),
-    /// Nothing finished in the cache.
-    Missing,
+    /// Not there, or damaged and set aside (what was wrong with it): download it under this
+    /// lock.
+    Download {
+        lock: EntryLock,
+        damaged: Option<String>,
+    },
 }
 
 /// The manifest of `id` from `server` (checked), within `wait` and what is left of the
@@ -482,6 +529,20 @@ pub struct FetchOptions {
 }
 
 impl FetchOptions {
+    /// Why a call that began at `started` must stop now, if it must: the stop flag, or the
+    /// overall timeout.
+    pub(super) fn stop_reason(&self, started: Instant) -> Option<FetchError> {
+        if self
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            return Some(FetchError::Stopped);
+        }
+        let limit = self.timeout?;
+        (started.elapsed() >= limit).then_some(FetchError::Deadline(limit))
+    }
+
     /// The files a delta download searches: `bases`, and `output` if it already exists (an
     /// older version under the same name).
     pub(super) fn all_bases(&self) -> Vec<PathBuf> {

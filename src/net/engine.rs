@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -260,16 +259,7 @@ impl<'a> Engine<'a> {
 
     /// Why the call must stop now, if it must: the caller's stop flag, or the overall timeout.
     fn must_stop(&self) -> Option<FetchError> {
-        if self
-            .options
-            .stop
-            .as_ref()
-            .is_some_and(|s| s.load(Ordering::Relaxed))
-        {
-            return Some(FetchError::Stopped);
-        }
-        let limit = self.options.timeout?;
-        (self.started.elapsed() >= limit).then_some(FetchError::Deadline(limit))
+        self.options.stop_reason(self.started)
     }
 
     /// How long a step may still take before the overall timeout, capped at `step`.

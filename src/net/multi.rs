@@ -26,7 +26,7 @@ use super::{Client, FetchError, FetchOptions, Progress, Report, Waiting};
 use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::manifest::{manifest_id, Manifest};
-use crate::store::PartialFile;
+use crate::store::{EntryLock, PartialFile};
 
 /// Bytes of a source's first piece (rounded to whole manifest blocks), and the unit pieces are
 /// cut from.
@@ -83,11 +83,13 @@ impl SourceState {
     }
 }
 
-/// The multi-source download; see the module docs.
+/// The multi-source download under `entry`, the object's lock in the cache; see the module
+/// docs.
 pub(super) fn fetch_from(
     client: &Client,
     servers: &[SocketAddr],
     id: ObjectId,
+    entry: EntryLock,
     options: &FetchOptions,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Report, FetchError> {
@@ -99,7 +101,7 @@ pub(super) fn fetch_from(
     let started = engine.started();
     let (manifest, mut state) = manifests(&mut engine, servers, id, progress)?;
 
-    let (mut partial, have) = client.cache.begin_sized(&id, Some(manifest.size))?;
+    let (mut partial, have) = client.cache.begin_locked(entry, Some(manifest.size))?;
     partial.set_background_journal(true)?;
     partial.set_size(manifest.size);
     let resumed_bytes = have.covered();

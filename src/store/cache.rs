@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::journal::{self, UNKNOWN_SIZE};
+use super::lock::EntryLock;
 use super::manifest::Manifest;
 use super::stamp::Stamp;
 use super::{read_exact_at, resolve_target, sync_dir, write_all_at, SafePath, StoreError, BUF_LEN};
@@ -27,12 +28,14 @@ const CLOCK_EVERY_WRITES: u32 = 32;
 const WRITE_RUN_BYTES: usize = 256 << 10;
 
 // The suffixes of a cache entry's files, after `<hex>`: the finished object, the partial
-// download, its journal, and a journal being written.
-const OBJECT: &str = "";
-const PART: &str = ".part";
-const JOURNAL: &str = ".journal";
-const JOURNAL_TMP: &str = ".journal.tmp";
-const VERIFIED: &str = ".verified";
+// download, its journal, a journal being written, the finished object's verified stamp, and
+// the lock of whoever writes the partial download.
+pub(super) const OBJECT: &str = "";
+pub(super) const PART: &str = ".part";
+pub(super) const JOURNAL: &str = ".journal";
+pub(super) const JOURNAL_TMP: &str = ".journal.tmp";
+pub(super) const VERIFIED: &str = ".verified";
+pub(super) const LOCK: &str = ".lock";
 
 /// What the cache holds for one object, from [`Cache::lookup`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,7 +111,7 @@ impl Cache {
 
     /// `<root>/<hex><suffix>`: every file name the cache uses is built here, through
     /// [`SafePath`].
-    fn entry(&self, id: &ObjectId, suffix: &str) -> PathBuf {
+    pub(super) fn entry(&self, id: &ObjectId, suffix: &str) -> PathBuf {
         let name = format!("{}{suffix}", id.to_hex());
         match SafePath::parse(&name) {
             Ok(name) => name.join_to(&self.root),
@@ -178,7 +181,7 @@ impl Cache {
 
     /// Writes `<hex>.verified` for the entry `file` at `path`, which was just checked. Best
     /// effort: without the record the next lookup only hashes again.
-    fn record_verified(&self, id: &ObjectId, file: &File, path: &Path) {
+    pub(super) fn record_verified(&self, id: &ObjectId, file: &File, path: &Path) {
         let Ok(meta) = file.metadata() else { return };
         let record = self.entry(id, VERIFIED);
         let _ = fs::remove_file(&record);
@@ -192,7 +195,9 @@ impl Cache {
     /// next [`begin`](Self::begin) treats its bytes as unverified: the download can check them
     /// against the object's manifest and keep the blocks that match
     /// ([`PartialFile::verify_blocks`]). An entry that is not a regular file is left alone and
-    /// the error says what it is.
+    /// the error says what it is. The partial download's modification time is set to now, so
+    /// that [`clean`](Self::clean) counts its age from here. Hold the object's lock
+    /// ([`try_lock`](Self::try_lock)) while calling it, so that no download of it is running.
     pub fn set_aside_damaged(&self, id: &ObjectId) -> Result<(), StoreError> {
         let path = self.path_of(id);
         let meta = fs::symlink_metadata(&path).map_err(|e| StoreError::io("inspect", &path, e))?;
@@ -213,6 +218,11 @@ impl Cache {
         }
         let part = self.entry(id, PART);
         fs::rename(&path, &part).map_err(|e| StoreError::io("move aside", &path, e))?;
+        // Its age (for `clean`) counts from now: it is a partial download from this moment.
+        let _ = File::options()
+            .write(true)
+            .open(&part)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()));
         sync_dir(&self.root)
     }
 
@@ -224,7 +234,11 @@ impl Cache {
     /// file's bytes are kept as unverified ([`PartialFile::has_unverified`]): check them against
     /// the object's manifest with [`PartialFile::verify_blocks`] to keep what matches, or let the
     /// download overwrite them. Once the offer's size is known, call [`PartialFile::set_size`].
-    /// Run one download per object at a time: two partial files for the same id share files.
+    ///
+    /// One download per object at a time: the partial file holds the object's lock
+    /// ([`try_lock`](Self::try_lock)), and while another holds it this fails with
+    /// [`StoreError::Locked`]. A caller that decides whether to download from a lookup takes
+    /// the lock first and calls [`begin_locked`](Self::begin_locked).
     pub fn begin(&self, id: &ObjectId) -> Result<(PartialFile, RangeSet), StoreError> {
         self.begin_sized(id, None)
     }
@@ -236,6 +250,30 @@ impl Cache {
         id: &ObjectId,
         size: Option<u64>,
     ) -> Result<(PartialFile, RangeSet), StoreError> {
+        match self.try_lock(id)? {
+            Some(lock) => self.begin_locked(lock, size),
+            None => Err(StoreError::Locked {
+                id: *id,
+                path: self.entry(id, LOCK),
+            }),
+        }
+    }
+
+    /// Like [`begin_sized`](Self::begin_sized) for the object of `lock`, already taken with
+    /// [`try_lock`](Self::try_lock) (and typically followed by a [`lookup`](Self::lookup) that
+    /// found the object missing or damaged). The partial file keeps the lock until it is
+    /// finalized, discarded or dropped.
+    pub fn begin_locked(
+        &self,
+        lock: EntryLock,
+        size: Option<u64>,
+    ) -> Result<(PartialFile, RangeSet), StoreError> {
+        if lock.root() != self.root {
+            let other = io::Error::new(io::ErrorKind::InvalidInput, "lock of another cache");
+            return Err(StoreError::io("begin", self.path_of(lock.id()), other));
+        }
+        let id = *lock.id();
+        let id = &id;
         let part = self.entry(id, PART);
         let journal = self.entry(id, JOURNAL);
         let tmp = self.entry(id, JOURNAL_TMP);
@@ -299,6 +337,7 @@ impl Cache {
             last_journal: Instant::now(),
             writes_since_clock: 0,
             unverified,
+            _lock: lock,
         };
         Ok((partial, received))
     }
@@ -424,6 +463,9 @@ pub struct PartialFile {
     /// True while the file may hold bytes the have-set does not vouch for (no or a damaged
     /// journal, a damaged cache entry set aside, or a kill after the last journal update).
     unverified: bool,
+    /// This download's lock on the object; last, so that it is released after everything
+    /// else is closed (and a partial that holds nothing is removed then).
+    _lock: EntryLock,
 }
 
 /// Where a partial download's journal goes.
@@ -524,6 +566,14 @@ impl Syncer {
         }
         self.busy = false;
         self.done.recv().map_err(|_| stopped())?
+    }
+}
+
+impl Drop for Syncer {
+    /// Waits for a running update, so that no journal is renamed into place after the partial
+    /// file (and its lock) is gone.
+    fn drop(&mut self) {
+        let _ = self.wait();
     }
 }
 
@@ -916,7 +966,7 @@ mod tests {
             ObjectId::Md5([0xff; 16]),
             ObjectId::md5_of(b"map"),
         ] {
-            for suffix in [OBJECT, PART, JOURNAL, JOURNAL_TMP] {
+            for suffix in [OBJECT, PART, JOURNAL, JOURNAL_TMP, VERIFIED, LOCK] {
                 let name = format!("{}{suffix}", id.to_hex());
                 assert!(SafePath::parse(&name).is_ok(), "{name:?} rejected");
                 assert_eq!(cache.entry(&id, suffix), Path::new("root").join(&name));

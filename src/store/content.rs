@@ -572,7 +572,7 @@ impl FileSource {
 
 impl ChunkSource for FileSource {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if !self.changed && self.reads % CHECK_EVERY == 0 {
+        if !self.changed && self.reads.is_multiple_of(CHECK_EVERY) {
             self.changed = Stamp::of(&self.file.metadata()?) != self.stamp;
         }
         if self.changed {

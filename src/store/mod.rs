@@ -5,7 +5,9 @@
 //!   to serve a file that changed after it was indexed.
 //! - [`Cache`] (client): finished objects as `<root>/<md5hex>`, downloads in progress as
 //!   `<md5hex>.part` plus a resume [`journal`] (`<md5hex>.journal`) through [`PartialFile`], a
-//!   [`ChunkSink`](crate::core::ChunkSink).
+//!   [`ChunkSink`](crate::core::ChunkSink), one per object at a time (an [`EntryLock`] on
+//!   `<md5hex>.lock`); [`Cache::entries`], [`Cache::clean`] and [`Cache::verify_all`] look
+//!   after it.
 //! - [`bundle`]: listings of named files (each with its size and id) that a server serves for
 //!   each top-level subdirectory and a client installs file by file.
 //! - [`SafePath`]: the one type for names that reach the file system. Relative, length-limited,
@@ -39,7 +41,9 @@
 pub mod bundle;
 mod cache;
 mod content;
+mod hygiene;
 pub mod journal;
+mod lock;
 pub mod manifest;
 mod output;
 mod safe_path;
@@ -53,6 +57,10 @@ pub use cache::{
     BlockCheck, Cache, Lookup, PartialFile, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
 };
 pub use content::{BundleInfo, ContentStore, ObjectInfo, Served};
+pub use hygiene::{
+    CacheEntry, CacheListing, CleanReport, DamagedEntry, Removed, VerifyReport, CLEAN_AGE,
+};
+pub use lock::EntryLock;
 #[cfg(feature = "internals")]
 pub use content::FileSource;
 pub use output::{node_kind, resolve_target};
@@ -128,6 +136,15 @@ pub enum StoreError {
         path: PathBuf,
         /// What is there, in words ("a directory", "a character device", ...).
         kind: &'static str,
+    },
+    /// Another download of the object (in this process or another) holds its entry's lock
+    /// ([`Cache::try_lock`]): wait for it to finish, then look the object up again.
+    #[error("another download of {id} is using this cache ({} is locked): wait for it to finish", path.display())]
+    Locked {
+        /// The object.
+        id: ObjectId,
+        /// Its lock file.
+        path: PathBuf,
     },
     /// A bundle file's path is a symbolic link that leads outside the bundle's directory:
     /// refused, nothing outside is written.
