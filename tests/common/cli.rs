@@ -139,7 +139,17 @@ impl Drop for Proc {
 /// `listening on ADDR` line (at most 20 s). Returns the guarded process, the address and the
 /// lines printed before it (the `--list` output).
 pub fn spawn_server(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, Vec<String>) {
-    let mut child = Command::new(&*BIN)
+    spawn_server_with(Command::new(&*BIN), dir, extra)
+}
+
+/// [`spawn_server`] through `command`, which must run the binary with the arguments appended
+/// (`Command::new(BIN)`, or a wrapper such as `setpriv ... BIN`).
+pub fn spawn_server_with(
+    mut command: Command,
+    dir: &Path,
+    extra: &[&str],
+) -> (Proc, SocketAddr, Vec<String>) {
+    let mut child = command
         .arg("serve")
         .arg(dir)
         .args(["--listen", "127.0.0.1:0"])
