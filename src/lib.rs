@@ -25,7 +25,8 @@
 //! ```
 //!
 //! The server side is [`Server::bind`] over a [`ContentStore`] (a directory served by the
-//! digests of its files) and [`Server::run_until`].
+//! digests of its files) and [`Server::run_until`], which follows the directory: files added,
+//! changed or removed are served without a restart.
 //!
 //! # In a game loop
 //!
@@ -93,11 +94,13 @@ pub use crate::id::{ObjectId, ParseIdError};
 pub use crate::net::{
     bind, loopback_demo, random_seed, Activity, BundleFetchError, BundleProgress, BundleReport,
     Client, DemoReport, Driver, FetchError, FetchOptions, FileError, FileFailure, Got, HashThread,
-    Progress, Report, Server, ServerConfig, ServerHandle, ServerStatus, Waiting, CONCURRENT_FILES,
+    Progress, Report, Server, ServerConfig, ServerHandle, ServerReport, ServerStatus, Waiting,
+    CONCURRENT_FILES,
 };
 pub use crate::store::{
     BlockCheck, BundleInfo, Cache, CacheEntry, CacheListing, CleanReport, ContentStore,
-    DamagedEntry, EntryLock, Lookup, ObjectInfo, PartialFile, Removed, Served, StoreError,
-    VerifyReport, CLEAN_AGE, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
+    DamagedEntry, EntryLock, IndexChange, Lookup, ObjectInfo, PartialFile, Removed, Served,
+    SkippedFile, StoreError, VerifyReport, CLEAN_AGE, JOURNAL_INTERVAL_BYTES,
+    JOURNAL_INTERVAL_TIME,
 };
 pub use crate::wire::{is_udpferry_datagram, ConnectionId};

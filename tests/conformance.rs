@@ -757,7 +757,10 @@ fn serve_with(name: &str, endpoint: udpferry::EndpointConfig) -> Served {
     put_dated(&dir.join("resume.bin"), &resume);
     let server = Serving::start(
         udpferry::ContentStore::open(dir.path()).unwrap(),
-        udpferry::ServerConfig { endpoint },
+        udpferry::ServerConfig {
+            endpoint,
+            ..udpferry::ServerConfig::default()
+        },
     );
     Served {
         server,

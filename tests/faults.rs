@@ -344,7 +344,7 @@ fn numeric_flags_out_of_range_are_usage_errors_not_panics() {
 #[test]
 fn demo_removes_its_temporary_directory_when_interrupted() {
     let tmp = TempDir::new("demo-clean");
-    let mut child = std::process::Command::new(BIN)
+    let mut child = std::process::Command::new(&*BIN)
         .args(["demo", "--size-mib", "512"])
         .env("TMPDIR", tmp.path())
         .stdout(std::process::Stdio::null())

@@ -139,8 +139,16 @@ fn changed_file_is_never_served_under_its_old_id() {
         "object changed on disk since it was indexed"
     );
 
+    // The request path never hashes: the changed file is refused, and left to a rescan.
+    let hashed = store.files_hashed();
     assert!(store.open_object(&old_id).unwrap().is_none());
+    assert_eq!(store.files_hashed(), hashed, "a request hashed a file");
+    assert!(store.needs_rescan());
     let new_id = ObjectId::md5_of(&new);
+    assert!(store.get(&new_id).is_none(), "not hashed yet");
+    store.rescan().unwrap();
+    assert!(!store.needs_rescan());
+    assert!(store.open_object(&old_id).unwrap().is_none());
     assert_eq!(store.get(&new_id).unwrap().path, Path::new("map.bin"));
     let (size, mut src) = store.open_object(&new_id).unwrap().unwrap();
     assert_eq!(read_all(&mut src, size), new);
@@ -159,6 +167,8 @@ fn changed_file_is_never_served_under_its_old_id() {
     fs::remove_file(&path).unwrap();
     let newest = ObjectId::md5_of(&[&new[..], b"more"].concat());
     assert!(store.open_object(&newest).unwrap().is_none());
+    assert!(store.open_object(&new_id).unwrap().is_none());
+    store.rescan().unwrap();
     assert_eq!(store.objects().count(), 0);
 }
 

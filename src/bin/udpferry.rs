@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use udpferry::Event;
 use udpferry::ObjectId;
-use udpferry::{BundleFetchError, Client, FetchError, FetchOptions, Got, Server, ServerConfig};
+use udpferry::{BundleFetchError, Client, FetchError, FetchOptions, Got};
 use udpferry::{Cache, ContentStore, CLEAN_AGE};
+use udpferry::{Server, ServerConfig, ServerReport};
 
 #[derive(Parser)]
 #[command(
@@ -28,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve every file under DIR, addressed by the MD5 of its bytes, until SIGINT or SIGTERM.
+    /// Serve every file under DIR, addressed by the MD5 of its bytes, until SIGINT or SIGTERM;
+    /// files added, changed or removed while serving are followed (SIGHUP: rescan at once).
     Serve(ServeArgs),
     /// Download one object by its MD5 (or SHA-256), verify it, and store it in the cache and/or PATH.
     Get(GetArgs),
@@ -66,9 +68,15 @@ struct ServeArgs {
     /// one per bundle (each top-level subdirectory): `bundle <md5hex> <files> <dir>/`.
     #[arg(long)]
     list: bool,
-    /// Report transfers on stderr, and one status line per second while any is active.
+    /// Report transfers on stderr, one status line per second while any is active, and each
+    /// change to what is served (`indexed ...`, `removed ...`) as a rescan finds it.
     #[arg(short, long)]
     verbose: bool,
+    /// Seconds between two rescans of DIR, which pick up new, changed and removed files
+    /// (stat only; new and changed files are hashed in the background). 0: rescan only on
+    /// SIGHUP. Fractions allowed; at most a week.
+    #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_interval)]
+    rescan_interval: Duration,
 }
 
 #[derive(clap::Args)]
@@ -157,6 +165,20 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
 }
 
+/// Parses `--rescan-interval`: seconds, 0 (never) up to a week, fractions allowed.
+fn parse_interval(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of seconds (examples: 2, 0.5, 0)"))?;
+    if !(0.0..=MAX_TIMEOUT_SECS).contains(&secs) {
+        return Err(format!(
+            "`{text}` is out of range: give a number of seconds from 0 (rescan only on SIGHUP) to {MAX_TIMEOUT_SECS} (a week)"
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
+}
+
 /// Resolves host:port (an IP address or a name) to its first address.
 fn parse_address(text: &str) -> Result<SocketAddr, String> {
     match std::net::ToSocketAddrs::to_socket_addrs(text.trim()).map(|mut a| a.next()) {
@@ -222,6 +244,9 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => return fail("serve", &e.to_string()),
     };
+    for skipped in store.skipped() {
+        eprintln!("udpferry serve: skipped {skipped}");
+    }
     let mut stdout = std::io::stdout().lock();
     if args.list {
         for o in store.objects() {
@@ -234,6 +259,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     let mut config = ServerConfig::default();
     config.endpoint.rate_limit_bytes_per_sec = args.rate.unwrap_or(0);
     config.endpoint.transfer.max_rate_bytes_per_sec = args.client_rate.unwrap_or(0);
+    config.rescan_interval = Some(args.rescan_interval).filter(|i| !i.is_zero());
     let listen = args.listen;
     let mut server = match Server::bind(listen, store, config) {
         Ok(s) => s,
@@ -243,6 +269,10 @@ fn serve(args: ServeArgs) -> ExitCode {
         Ok(stop) => stop,
         Err(e) => return fail("serve", &e),
     };
+    #[cfg(unix)]
+    if let Err(e) = signal_hook::flag::register(signal_hook::consts::SIGHUP, server.rescan_flag()) {
+        return fail("serve", &format!("cannot handle signals: {e}"));
+    }
     match server.local_addr() {
         Ok(addr) => {
             let _ = writeln!(stdout, "listening on {addr}");
@@ -260,10 +290,12 @@ fn serve(args: ServeArgs) -> ExitCode {
             }
         },
         Duration::from_secs(1),
-        |status| {
-            if verbose {
-                eprintln!("{status}");
+        |report| match report {
+            ServerReport::Index(change) if change.is_warning() => {
+                eprintln!("udpferry serve: {change}");
             }
+            _ if verbose => eprintln!("{report}"),
+            _ => {}
         },
     );
     match result {

@@ -38,7 +38,7 @@ pub use demo::{loopback_demo, DemoReport};
 pub use client::{Client, FetchError, FetchOptions, Got, Progress, Report, Waiting};
 pub use driver::{Activity, Driver};
 pub use hasher::HashThread;
-pub use server::{Server, ServerConfig, ServerHandle, ServerStatus};
+pub use server::{Server, ServerConfig, ServerHandle, ServerReport, ServerStatus};
 
 /// Socket buffer size requested for both directions (the kernel may grant less).
 pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;

@@ -1,14 +1,17 @@
 //! The server's side: a directory of files served by the MD5 of their bytes.
 
-use std::collections::HashMap;
-use std::fs::{self, File, Metadata};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::bundle::{Bundle, BundleEntry};
 use super::manifest::{block_size_for, manifest_id, Manifest};
+use super::scan::{self, open_regular, IndexChange, Job, Known, SkippedFile, Update};
 use super::stamp::Stamp;
-use super::{hash_file, read_exact_at, FileIds, SafePath, StoreError};
+use super::{read_exact_at, SafePath, StoreError};
 use crate::core::{ChunkSource, ObjectProvider};
 use crate::id::ObjectId;
 
@@ -68,43 +71,52 @@ struct ServedBundle {
     listing: std::sync::Arc<[u8]>,
 }
 
-/// What [`ContentStore::recheck`] found.
-enum Recheck {
-    /// Still (or again) the requested bytes: serve this.
-    Serve(u64, FileSource),
-    /// Now holds other bytes; the index must be rebuilt.
-    Changed,
-    /// Deleted or no longer a servable file.
-    Gone,
-    /// Not servable at the moment (being rewritten).
-    NotNow,
-}
-
 #[derive(Debug)]
 struct Entry {
     /// The path relative to the root, as checked by the walk; `info.path` is its `PathBuf`.
     name: SafePath,
     info: ObjectInfo,
+    /// The file's stamp when it was hashed: it is served only while the stamp still matches.
     stamp: Stamp,
-    /// Hashed too soon after a change to trust the stamp: re-hash on open.
+    /// Hashed too soon after a change to trust the stamp for good: a rescan hashes it again
+    /// once its mtime is old enough (section 6.2 of ARCHITECTURE).
     racy: bool,
+}
+
+/// A skipped entry, and the stamp to retry it on (see `scan::Known::skipped`).
+#[derive(Debug)]
+struct Skip {
+    file: SkippedFile,
+    stamp: Option<Stamp>,
 }
 
 /// Every regular file under a directory, addressed by the MD5 of its bytes (server side).
 ///
 /// Create it with [`open`](Self::open) when the server starts, list what it serves with
 /// [`objects`](Self::objects), and call [`open_object`](Self::open_object) for each request to
-/// get a `FileSource` for the core's sender. After adding or removing files call
-/// [`rescan`](Self::rescan). Symbolic links are followed only to regular files inside the root;
-/// links to directories, links leading outside the root and non-regular files are not served.
-/// Neither is a file whose path relative to the root is not a `SafePath` (not UTF-8, a Windows
-/// device name such as `con.txt`, a name ending in a dot, deeper than 32 levels, ...): it is
-/// skipped without an error, and a directory whose path is not one is not entered.
+/// get a `FileSource` for the core's sender. Symbolic links are followed only to regular files
+/// inside the root; links to directories, links leading outside the root and non-regular files
+/// are not served. Neither is a file whose path relative to the root is not a `SafePath` (not
+/// UTF-8, a Windows device name such as `con.txt`, a name ending in a dot, deeper than 32
+/// levels, ...), nor one that cannot be opened or read: each is listed by
+/// [`skipped`](Self::skipped) with the reason, and a directory whose path is not one is not
+/// entered.
+///
+/// **Following the directory.** Requests never hash: [`open_object`](Self::open_object) serves
+/// a file only while its stamp (size, mtime, ctime, inode) is the one it was hashed with. New,
+/// changed and removed files are picked up by a rescan, which `stat`s every entry and hashes
+/// only files that are new or whose stamp moved: [`rescan`](Self::rescan) does it on the
+/// calling thread; [`start_rescan`](Self::start_rescan) on a thread of its own, and
+/// [`poll_rescan`](Self::poll_rescan), called from the serving loop, applies what it found so
+/// far (the `Server` does both, every 2 s by default). Each change is reported as an
+/// [`IndexChange`].
 #[derive(Debug)]
 pub struct ContentStore {
     root: PathBuf,
-    entries: Vec<Entry>,
-    by_id: HashMap<ObjectId, Vec<usize>>,
+    /// Every served file, by its path relative to the root (so listed sorted by path).
+    entries: BTreeMap<PathBuf, Entry>,
+    /// Object id (MD5 and SHA-256) -> the paths of the files holding those bytes, sorted.
+    by_id: HashMap<ObjectId, Vec<PathBuf>>,
     /// Manifest id -> the object it describes (for every indexed id).
     manifest_of: HashMap<ObjectId, ObjectId>,
     /// Encoded manifests built so far, by object id: computed once, served to every client.
@@ -112,6 +124,16 @@ pub struct ContentStore {
     /// One bundle per top-level subdirectory holding files, sorted by directory; rebuilt with
     /// the index.
     bundles: Vec<ServedBundle>,
+    /// Entries not served, by path relative to the root.
+    skipped: BTreeMap<PathBuf, Skip>,
+    /// The rescan running in the background, if any.
+    job: Option<Job>,
+    /// Files hashed since the store was opened.
+    hashed: Arc<AtomicU64>,
+    /// A request found an indexed file changed or gone since it was hashed.
+    stale: bool,
+    /// The last rescan's failure, reported once.
+    failure: Option<String>,
 }
 
 /// Serves every object of the store, and the manifest of each (for delta downloads).
@@ -131,6 +153,10 @@ impl ContentStore {
     /// Indexes every regular file under `root` (recursively), hashing each one through a 1 MiB
     /// buffer. Call it once at startup; it reads every byte, so it takes as long as reading the
     /// directory does. Then serve requests with [`open_object`](Self::open_object).
+    ///
+    /// Fails only when `root` is not a directory or cannot be read. An entry under it that
+    /// cannot be served (unreadable, not a regular file, a bad name, a dangling link) is
+    /// skipped and listed by [`skipped`](Self::skipped).
     pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
         let given = root.as_ref();
         let root = fs::canonicalize(given).map_err(|e| StoreError::io("open", given, e))?;
@@ -139,11 +165,16 @@ impl ContentStore {
         }
         let mut store = ContentStore {
             root,
-            entries: Vec::new(),
+            entries: BTreeMap::new(),
             by_id: HashMap::new(),
             manifest_of: HashMap::new(),
             manifests: HashMap::new(),
             bundles: Vec::new(),
+            skipped: BTreeMap::new(),
+            job: None,
+            hashed: Arc::new(AtomicU64::new(0)),
+            stale: false,
+            failure: None,
         };
         store.rescan()?;
         Ok(store)
@@ -157,15 +188,29 @@ impl ContentStore {
     /// Every object served, sorted by relative path. Files with equal bytes share an id and are
     /// all listed.
     pub fn objects(&self) -> impl Iterator<Item = &ObjectInfo> {
-        self.entries.iter().map(|e| &e.info)
+        self.entries.values().map(|e| &e.info)
+    }
+
+    /// Every entry under the root that is not served, sorted by path, with the reason: a file
+    /// that could not be opened or read, a FIFO, device or socket, a symbolic link that leads
+    /// nowhere, outside the root or to a directory, a name that is not a `SafePath`, a
+    /// directory that could not be read. As of the last rescan.
+    pub fn skipped(&self) -> impl Iterator<Item = &SkippedFile> {
+        self.skipped.values().map(|s| &s.file)
+    }
+
+    /// How many files this store has hashed since it was opened, the first index included. A
+    /// rescan hashes only files that are new or whose stamp moved (and racy ones once, to
+    /// settle them), so this stays put while the directory does.
+    pub fn files_hashed(&self) -> u64 {
+        self.hashed.load(Ordering::Relaxed)
     }
 
     /// Every bundle served, sorted by directory: one per top-level subdirectory of the root
     /// that holds at least one served file, listing those files (recursively) by their paths
-    /// relative to it, with their sizes and MD5s as last indexed. Rebuilt whenever the index
-    /// is ([`rescan`](Self::rescan), or a request that found a file changed), so a bundle's id
-    /// changes when one of its files does. A subdirectory whose files cannot form a bundle (two
-    /// names equal but for case) is not served as one.
+    /// relative to it, with their sizes and MD5s as last indexed. Rebuilt whenever a rescan
+    /// changes the index, so a bundle's id changes when one of its files does. A subdirectory
+    /// whose files cannot form a bundle (two names equal but for case) is not served as one.
     pub fn bundles(&self) -> impl Iterator<Item = &BundleInfo> {
         self.bundles.iter().map(|b| &b.info)
     }
@@ -173,126 +218,240 @@ impl ContentStore {
     /// The object named `id` as last indexed, or `None` if no file has those bytes. To serve it,
     /// call [`open_object`](Self::open_object), which re-checks the file.
     pub fn get(&self, id: &ObjectId) -> Option<&ObjectInfo> {
-        let i = *self.by_id.get(id)?.first()?;
-        self.entries.get(i).map(|e| &e.info)
+        let path = self.by_id.get(id)?.first()?;
+        self.entries.get(path).map(|e| &e.info)
     }
 
     /// Opens object `id` for one transfer: its size and a `FileSource` to hand to the sender.
     ///
-    /// Re-checks the file's size and timestamps against the index; if they moved, the file is
-    /// re-hashed and the index updated. If its bytes no longer hash to `id` (and no other file
-    /// has them) this returns `Ok(None)`: answer "not found", as changed bytes are never served
-    /// under the old MD5. A file that disappeared is dropped from the index the same way.
+    /// Never hashes. It re-checks the file's stamp (size, timestamps, inode) against the one
+    /// it was hashed with, and serves it only if they are equal. A file that changed or
+    /// disappeared since is not served under its old id: this returns `Ok(None)` (answer "not
+    /// found") and sets [`needs_rescan`](Self::needs_rescan); the next rescan hashes it again
+    /// in the background. An error is one from opening the file.
     pub fn open_object(&mut self, id: &ObjectId) -> Result<Option<(u64, FileSource)>, StoreError> {
-        let candidates = self.by_id.get(id).cloned().unwrap_or_default();
-        let mut outcome = Ok(None);
-        let (mut changed, mut gone) = (false, Vec::new());
-        for i in candidates {
-            match self.recheck(i, id) {
-                Ok(Recheck::Serve(size, source)) => {
-                    outcome = Ok(Some((size, source)));
-                    break;
+        let mut error = None;
+        for path in self.by_id.get(id).into_iter().flatten() {
+            let Some(entry) = self.entries.get(path) else {
+                continue;
+            };
+            let abs = entry.name.join_to(&self.root);
+            match open_regular(&self.root, &abs) {
+                Ok(Some((file, meta))) if Stamp::of(&meta) == entry.stamp => {
+                    let size = entry.stamp.size();
+                    return Ok(Some((size, FileSource::new(file, entry.stamp, abs))));
                 }
-                Ok(Recheck::Changed) => changed = true,
-                Ok(Recheck::Gone) => gone.push(i),
-                Ok(Recheck::NotNow) => {}
+                Ok(_) => self.stale = true,
                 Err(e) => {
-                    outcome = Err(e);
-                    break;
+                    self.stale = true;
+                    error.get_or_insert(StoreError::io("open", abs, e));
                 }
             }
         }
-        if changed || !gone.is_empty() {
-            let mut i = 0;
-            self.entries.retain(|_| {
-                i += 1;
-                !gone.contains(&(i - 1))
-            });
+        error.map_or(Ok(None), Err)
+    }
+
+    /// True when a request found an indexed file changed or gone since it was hashed: a rescan
+    /// would update the index. The `Server` then starts one without waiting for its interval.
+    /// Starting a rescan clears it.
+    pub fn needs_rescan(&self) -> bool {
+        self.stale
+    }
+
+    /// Walks the root again on the calling thread and applies what it finds: new files are
+    /// hashed and added, removed ones dropped, changed ones re-hashed; unchanged files keep
+    /// their ids without being read. Returns the changes, in the order made. A rescan running
+    /// in the background ([`start_rescan`](Self::start_rescan)) is finished first, and its
+    /// changes are returned too. Fails only when the root cannot be read; the index is then
+    /// left as it was.
+    pub fn rescan(&mut self) -> Result<Vec<IndexChange>, StoreError> {
+        let mut changes = Vec::new();
+        if let Some(mut job) = self.job.take() {
+            let mut updates = Vec::new();
+            job.wait(&mut updates);
+            // A failure of that one is superseded by the scan below.
+            let _ = self.apply(updates, &mut |c| changes.push(c));
+        }
+        self.stale = false;
+        let known = self.known();
+        let mut updates = Vec::new();
+        let never = AtomicBool::new(false);
+        scan::scan(&self.root, &known, &never, &self.hashed, &mut |u| {
+            updates.push(u);
+            true
+        });
+        match self.apply(updates, &mut |c| changes.push(c)) {
+            Some(e) => Err(e),
+            None => {
+                self.failure = None;
+                Ok(changes)
+            }
+        }
+    }
+
+    /// Starts a rescan on a thread of its own and returns at once; true if it started, false
+    /// if one is already running. Call [`poll_rescan`](Self::poll_rescan) from the serving
+    /// loop to apply what it finds. Nothing is hashed on the caller's thread. Only files that
+    /// are new or whose stamp moved are hashed; until a changed file is, requests for its old
+    /// id get "not found" ([`open_object`](Self::open_object)). Dropping the store stops the
+    /// scan.
+    pub fn start_rescan(&mut self) -> Result<bool, StoreError> {
+        if self.job.is_some() {
+            return Ok(false);
+        }
+        self.stale = false;
+        let job = Job::start(self.root.clone(), self.known(), self.hashed.clone())
+            .map_err(|e| StoreError::io("start a thread to rescan", &self.root, e))?;
+        self.job = Some(job);
+        Ok(true)
+    }
+
+    /// True while a rescan started by [`start_rescan`](Self::start_rescan) has not finished
+    /// (or its last changes have not been applied by [`poll_rescan`](Self::poll_rescan)).
+    pub fn rescanning(&self) -> bool {
+        self.job.is_some()
+    }
+
+    /// Applies what the background rescan found so far, without waiting, calling `on_change`
+    /// for each change: a file as soon as it is hashed, removals and skipped entries first.
+    /// Returns true when the rescan finished in this call. A rescan that could not read the
+    /// root reports [`IndexChange::Failed`] (once, until one succeeds) and leaves the index as
+    /// it was. Cheap when there is nothing new: call it every turn of a serving loop.
+    pub fn poll_rescan(&mut self, mut on_change: impl FnMut(IndexChange)) -> bool {
+        let Some(job) = self.job.as_mut() else {
+            return false;
+        };
+        let mut updates = Vec::new();
+        let done = job.take(&mut updates);
+        if done {
+            self.job = None;
+        }
+        match self.apply(updates, &mut on_change) {
+            Some(e) => {
+                let message = e.to_string();
+                if self.failure.as_ref() != Some(&message) {
+                    on_change(IndexChange::Failed(message.clone()));
+                }
+                self.failure = Some(message);
+            }
+            None if done => self.failure = None,
+            None => {}
+        }
+        done
+    }
+
+    /// What a rescan compares the directory with.
+    fn known(&self) -> Known {
+        Known {
+            files: self
+                .entries
+                .values()
+                .map(|e| (e.name.clone(), (e.stamp, e.racy)))
+                .collect(),
+            skipped: self
+                .skipped
+                .iter()
+                .map(|(path, s)| (path.clone(), s.stamp))
+                .collect(),
+        }
+    }
+
+    /// Applies a rescan's updates, reporting each change; returns the rescan's failure, if any.
+    fn apply(
+        &mut self,
+        updates: Vec<Update>,
+        on_change: &mut dyn FnMut(IndexChange),
+    ) -> Option<StoreError> {
+        let mut changed = false;
+        let mut failure = None;
+        for update in updates {
+            match update {
+                Update::Indexed {
+                    name,
+                    ids,
+                    stamp,
+                    racy,
+                } => {
+                    let path = name.to_path_buf();
+                    self.skipped.remove(&path);
+                    let info = ObjectInfo {
+                        id: ids.md5,
+                        sha256: ids.sha256,
+                        size: stamp.size(),
+                        path: path.clone(),
+                    };
+                    let same = self.entries.get(&path).is_some_and(|e| e.info == info);
+                    let entry = Entry {
+                        name,
+                        info: info.clone(),
+                        stamp,
+                        racy,
+                    };
+                    self.entries.insert(path, entry);
+                    if !same {
+                        changed = true;
+                        on_change(IndexChange::Indexed(info));
+                    }
+                }
+                Update::Removed(name) => {
+                    let path = name.to_path_buf();
+                    self.skipped.remove(&path);
+                    if self.entries.remove(&path).is_some() {
+                        changed = true;
+                        on_change(IndexChange::Removed(path));
+                    }
+                }
+                Update::Skipped {
+                    path,
+                    stamp,
+                    reason,
+                } => {
+                    if self.entries.remove(&path).is_some() {
+                        changed = true;
+                        on_change(IndexChange::Removed(path.clone()));
+                    }
+                    let file = SkippedFile {
+                        path: path.clone(),
+                        reason,
+                    };
+                    if self.skipped.get(&path).is_none_or(|s| s.file != file) {
+                        on_change(IndexChange::Skipped(file.clone()));
+                    }
+                    self.skipped.insert(path, Skip { file, stamp });
+                }
+                Update::NotSkipped(path) => {
+                    self.skipped.remove(&path);
+                }
+                Update::Failed(e) => failure = Some(e),
+            }
+        }
+        if changed {
+            let before: HashMap<SafePath, ObjectId> = self
+                .bundles
+                .iter()
+                .map(|b| (b.info.dir.clone(), b.info.id))
+                .collect();
             self.reindex();
-        }
-        outcome
-    }
-
-    /// Re-checks entry `i` (indexed as `id`) against the disk, re-hashing it if it moved.
-    fn recheck(&mut self, i: usize, id: &ObjectId) -> Result<Recheck, StoreError> {
-        let Some(entry) = self.entries.get_mut(i) else {
-            return Ok(Recheck::NotNow);
-        };
-        let path = entry.name.join_to(&self.root);
-        let Some((file, meta)) = open_regular(&self.root, &path)? else {
-            return Ok(Recheck::Gone);
-        };
-        let stamp = Stamp::of(&meta);
-        if stamp != entry.stamp || entry.racy {
-            let Some(ids) = hash_settled(&file, stamp.size(), &path)? else {
-                entry.racy = true; // shrinking under us: not servable now, re-check next time
-                return Ok(Recheck::NotNow);
-            };
-            entry.info.id = ids.md5;
-            entry.info.sha256 = ids.sha256;
-            entry.info.size = stamp.size();
-            entry.stamp = stamp;
-            entry.racy = stamp.is_racy();
-        }
-        Ok(if entry.info.id == *id || entry.info.sha256 == *id {
-            Recheck::Serve(stamp.size(), FileSource::new(file, stamp, path))
-        } else {
-            Recheck::Changed
-        })
-    }
-
-    /// Walks the root again: new files are hashed and added, removed ones dropped, changed ones
-    /// re-hashed; unchanged files keep their id without being read. Call it when the served
-    /// directory changed (for example after deploying new maps).
-    pub fn rescan(&mut self) -> Result<(), StoreError> {
-        let mut known: HashMap<SafePath, Entry> = self
-            .entries
-            .drain(..)
-            .map(|e| (e.name.clone(), e))
-            .collect();
-        let mut entries = Vec::new();
-        for (name, abs) in walk(&self.root)? {
-            if let Some(old) = known.remove(&name) {
-                let meta = fs::metadata(&abs).map_err(|e| StoreError::io("inspect", &abs, e))?;
-                if !old.racy && old.stamp == Stamp::of(&meta) {
-                    entries.push(old);
-                    continue;
+            for b in &self.bundles {
+                if before.get(&b.info.dir) != Some(&b.info.id) {
+                    on_change(IndexChange::Bundle(b.info.clone()));
                 }
             }
-            // Vanished between the walk and now: not served.
-            let Some((file, meta)) = open_regular(&self.root, &abs)? else {
-                continue;
-            };
-            let stamp = Stamp::of(&meta);
-            // Shrinking while being read: being rewritten; the next rescan picks it up.
-            let Some(ids) = hash_settled(&file, stamp.size(), &abs)? else {
-                continue;
-            };
-            let unchanged = file.metadata().is_ok_and(|m| Stamp::of(&m) == stamp);
-            entries.push(Entry {
-                info: ObjectInfo {
-                    id: ids.md5,
-                    sha256: ids.sha256,
-                    size: stamp.size(),
-                    path: name.to_path_buf(),
-                },
-                name,
-                stamp,
-                racy: !unchanged || stamp.is_racy(),
-            });
+            for dir in before.into_keys() {
+                if !self.bundles.iter().any(|b| b.info.dir == dir) {
+                    on_change(IndexChange::BundleRemoved(dir));
+                }
+            }
         }
-        entries.sort_by(|a, b| a.info.path.cmp(&b.info.path));
-        self.entries = entries;
-        self.reindex();
-        Ok(())
+        failure
     }
 
     fn reindex(&mut self) {
         self.by_id.clear();
         self.manifest_of.clear();
-        for (i, e) in self.entries.iter().enumerate() {
+        for (path, e) in &self.entries {
             for id in [e.info.id, e.info.sha256] {
-                self.by_id.entry(id).or_default().push(i);
+                self.by_id.entry(id).or_default().push(path.clone());
                 self.manifest_of.insert(manifest_id(&id), id);
             }
         }
@@ -306,7 +465,7 @@ impl ContentStore {
     /// so each directory's files are adjacent). Reads nothing from disk.
     fn rebuild_bundles(&mut self) {
         let mut groups: Vec<(String, Vec<BundleEntry>)> = Vec::new();
-        for e in &self.entries {
+        for e in self.entries.values() {
             let Some((top, rest)) = e.name.as_str().split_once('/') else {
                 continue; // a file directly in the root belongs to no bundle
             };
@@ -412,85 +571,6 @@ impl ContentStore {
         };
         Ok(Some((bytes.len() as u64, Served::Memory(bytes))))
     }
-}
-
-/// Hashes `len` bytes of `file`; `None` if the file got shorter meanwhile (it is being rewritten).
-fn hash_settled(file: &File, len: u64, path: &Path) -> Result<Option<FileIds>, StoreError> {
-    match hash_file(file, len) {
-        Ok(id) => Ok(Some(id)),
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
-        Err(e) => Err(StoreError::io("hash", path, e)),
-    }
-}
-
-/// Every servable file under `root`: (path relative to root, path to open). Entries whose
-/// relative path is not a [`SafePath`] are skipped, and so is everything under such a directory
-/// (its contents' paths would break the same rule).
-fn walk(root: &Path) -> Result<Vec<(SafePath, PathBuf)>, StoreError> {
-    let mut out = Vec::new();
-    let mut dirs: Vec<Option<SafePath>> = vec![None];
-    while let Some(rel_dir) = dirs.pop() {
-        let dir = rel_dir
-            .as_ref()
-            .map_or_else(|| root.to_path_buf(), |d| d.join_to(root));
-        let read = match fs::read_dir(&dir) {
-            Ok(r) => r,
-            Err(e) if e.kind() == io::ErrorKind::NotFound && rel_dir.is_some() => continue,
-            Err(e) => return Err(StoreError::io("read directory", &dir, e)),
-        };
-        for item in read {
-            let item = item.map_err(|e| StoreError::io("read directory", &dir, e))?;
-            let file_name = item.file_name();
-            let Some(file_name) = file_name.to_str() else {
-                continue; // not UTF-8: not a SafePath
-            };
-            let rel = match &rel_dir {
-                Some(d) => SafePath::parse(&format!("{d}/{file_name}")),
-                None => SafePath::parse(file_name),
-            };
-            let Ok(rel) = rel else { continue };
-            let Ok(kind) = item.file_type() else { continue };
-            let abs = rel.join_to(root);
-            if kind.is_dir() {
-                dirs.push(Some(rel));
-            } else if kind.is_file()
-                || (kind.is_symlink() && inside_root_file(root, &abs).is_some())
-            {
-                out.push((rel, abs));
-            }
-        }
-    }
-    Ok(out)
-}
-
-/// The target of `link` if it is a regular file inside `root`.
-fn inside_root_file(root: &Path, link: &Path) -> Option<PathBuf> {
-    let target = fs::canonicalize(link).ok()?;
-    (target.starts_with(root) && target.is_file()).then_some(target)
-}
-
-/// Opens `path` if it is (or links, inside `root`, to) a regular file; `None` if it is gone or
-/// no longer servable.
-fn open_regular(root: &Path, path: &Path) -> Result<Option<(File, Metadata)>, StoreError> {
-    let target = match fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => match inside_root_file(root, path) {
-            Some(t) => t,
-            None => return Ok(None),
-        },
-        Ok(m) if m.is_file() => path.to_path_buf(),
-        Ok(_) => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(StoreError::io("inspect", path, e)),
-    };
-    let file = match File::open(&target) {
-        Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(StoreError::io("open", path, e)),
-    };
-    let meta = file
-        .metadata()
-        .map_err(|e| StoreError::io("inspect", path, e))?;
-    Ok(meta.is_file().then_some((file, meta)))
 }
 
 /// Length of the encoded manifest of `object` of `size` bytes (see [`super::manifest`]).

@@ -2,7 +2,9 @@
 //!
 //! - [`ContentStore`] (server): serves every regular file under a directory, named by the MD5 of
 //!   its bytes, through [`FileSource`], a [`ChunkSource`](crate::core::ChunkSource) that refuses
-//!   to serve a file that changed after it was indexed.
+//!   to serve a file that changed after it was indexed. Rescans (`stat` only; new and changed
+//!   files hashed, on a thread of their own if wanted) follow the directory and report each
+//!   [`IndexChange`].
 //! - [`Cache`] (client): finished objects as `<root>/<md5hex>`, downloads in progress as
 //!   `<md5hex>.part` plus a resume [`journal`] (`<md5hex>.journal`) through [`PartialFile`], a
 //!   [`ChunkSink`](crate::core::ChunkSink), one per object at a time (an [`EntryLock`] on
@@ -47,11 +49,13 @@ mod lock;
 pub mod manifest;
 mod output;
 mod safe_path;
+mod scan;
 mod stamp;
 
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 pub use cache::{
     BlockCheck, Cache, Lookup, PartialFile, JOURNAL_INTERVAL_BYTES, JOURNAL_INTERVAL_TIME,
@@ -61,6 +65,7 @@ pub use hygiene::{
     CacheEntry, CacheListing, CleanReport, DamagedEntry, Removed, VerifyReport, CLEAN_AGE,
 };
 pub use lock::EntryLock;
+pub use scan::{IndexChange, SkippedFile};
 #[cfg(feature = "internals")]
 pub use content::FileSource;
 pub use output::{node_kind, resolve_target};
@@ -219,29 +224,38 @@ pub(crate) struct FileIds {
     pub(crate) sha256: ObjectId,
 }
 
-/// Feeds the first `len` bytes of `file` to `f`, in order, through one 1 MiB buffer. An
-/// `UnexpectedEof` error means the file is shorter than `len`.
-fn for_each_block(file: &File, len: u64, mut f: impl FnMut(&[u8])) -> io::Result<()> {
+/// Feeds the first `len` bytes of `file` to `f`, in order, through one 1 MiB buffer, and stops
+/// at the first error `f` returns. An `UnexpectedEof` error means the file is shorter than `len`.
+fn for_each_block(
+    file: &File,
+    len: u64,
+    mut f: impl FnMut(&[u8]) -> io::Result<()>,
+) -> io::Result<()> {
     let mut buf = vec![0u8; BUF_LEN];
     let mut offset = 0u64;
     while offset < len {
         let n = usize::try_from(len - offset).map_or(BUF_LEN, |left| left.min(BUF_LEN));
         let chunk = &mut buf[..n];
         read_exact_at(file, chunk, offset)?;
-        f(chunk);
+        f(chunk)?;
         offset += n as u64;
     }
     Ok(())
 }
 
 /// Hashes the first `len` bytes of `file`, MD5 and SHA-256 in one pass (a client may ask by
-/// either).
-pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<FileIds> {
+/// either). Once `stop` is set it gives up with `ErrorKind::Interrupted` at the next 1 MiB
+/// block (a rescan being dropped).
+pub(crate) fn hash_file(file: &File, len: u64, stop: &AtomicBool) -> io::Result<FileIds> {
     let mut md5 = crate::id::IdHasher::new(ObjectId::ALG_MD5).unwrap_or_default();
     let mut sha256 = crate::id::IdHasher::new(ObjectId::ALG_SHA256).unwrap_or_default();
     for_each_block(file, len, |chunk| {
+        if stop.load(Ordering::Relaxed) {
+            return Err(io::ErrorKind::Interrupted.into());
+        }
         md5.update(chunk);
         sha256.update(chunk);
+        Ok(())
     })?;
     Ok(FileIds {
         md5: md5.finish(),
@@ -253,7 +267,10 @@ pub(crate) fn hash_file(file: &File, len: u64) -> io::Result<FileIds> {
 /// to check a file against the id it should have.
 pub fn id_of_file(file: &File, len: u64, like: &ObjectId) -> io::Result<ObjectId> {
     let mut hasher = like.hasher();
-    for_each_block(file, len, |chunk| hasher.update(chunk))?;
+    for_each_block(file, len, |chunk| {
+        hasher.update(chunk);
+        Ok(())
+    })?;
     Ok(hasher.finish())
 }
 

@@ -13,7 +13,14 @@ use std::time::{Duration, Instant};
 
 use md5::{Digest, Md5};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_udpferry");
+/// The binary under test: cargo's `CARGO_BIN_EXE_udpferry`, unless the environment variable
+/// `UDPFERRY_BIN` names another. Checkouts (git worktrees) that share one target directory
+/// overwrite each other's build there (cargo names a workspace member's artifacts by its path
+/// relative to the workspace), so copy this checkout's binary elsewhere right after building
+/// it and point `UDPFERRY_BIN` at the copy.
+pub static BIN: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    std::env::var("UDPFERRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_udpferry").into())
+});
 pub const MIB: usize = 1 << 20;
 
 /// Deterministic bytes from splitmix64.
@@ -132,7 +139,17 @@ impl Drop for Proc {
 /// `listening on ADDR` line (at most 20 s). Returns the guarded process, the address and the
 /// lines printed before it (the `--list` output).
 pub fn spawn_server(dir: &Path, extra: &[&str]) -> (Proc, SocketAddr, Vec<String>) {
-    let mut child = Command::new(BIN)
+    spawn_server_with(Command::new(&*BIN), dir, extra)
+}
+
+/// [`spawn_server`] through `command`, which must run the binary with the arguments appended
+/// (`Command::new(BIN)`, or a wrapper such as `setpriv ... BIN`).
+pub fn spawn_server_with(
+    mut command: Command,
+    dir: &Path,
+    extra: &[&str],
+) -> (Proc, SocketAddr, Vec<String>) {
+    let mut child = command
         .arg("serve")
         .arg(dir)
         .args(["--listen", "127.0.0.1:0"])
@@ -221,7 +238,7 @@ impl std::fmt::Debug for Run {
 
 /// Starts `udpferry ARGS...` with piped output (stderr is therefore not a terminal).
 pub fn spawn(args: &[&std::ffi::OsStr]) -> (Proc, Arc<Mutex<String>>, Vec<thread::JoinHandle<()>>) {
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(&*BIN)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -249,7 +249,8 @@ impl Drop for TempDir {
 }
 
 /// Writes `data` at `path` (creating its directory) and dates it a minute back: a served map is
-/// not being written right now, and a file written moments ago is re-hashed on every open.
+/// not being written right now, and a file hashed moments after a write is hashed once more by
+/// a later rescan (ARCHITECTURE section 6.2).
 pub fn put_dated(path: &std::path::Path, data: &[u8]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, data).unwrap();
