@@ -611,8 +611,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         let (mut total, mut at_address) = (self.called.total, self.called.at(from.ip()));
         if let Some(w) = except.and_then(|i| self.waiting.get(i)) {
             if w.called.is_some() {
-                total -= 1;
-                at_address -= 1;
+                total = total.saturating_sub(1);
+                at_address = at_address.saturating_sub(1);
             }
         }
         self.transfers.len() + total < self.config.max_transfers
