@@ -781,3 +781,74 @@ fn waiting_for_another_download_of_the_object_honours_timeout_and_stop() {
         "a released lock leaves nothing behind"
     );
 }
+
+/// Issue 14: a fresh download is put at `-o` without a second pass over its bytes (a hard link
+/// to the verified cache entry when both share a file system). Writing into the output in place
+/// changes the entry too; the entry's record notices, and the next fetch repairs it instead of
+/// reporting a hit.
+#[test]
+fn a_fresh_download_is_linked_to_its_output_and_an_edit_in_place_is_noticed() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = TempDir::new("linkout");
+    let data = bytes(3 << 20, 14);
+    let id = ObjectId::md5_of(&data);
+    std::fs::write(dir.0.join("m.bin"), &data).unwrap();
+    let server = RunningServer::start(&dir.0, ServerConfig::default());
+    let out = dir.0.join("out.map");
+    let client = Client::new(dir.0.join("cache")).unwrap();
+    let options = FetchOptions {
+        output: Some(out.clone()),
+        timeout: Some(Duration::from_secs(60)),
+        ..FetchOptions::default()
+    };
+    let report = client.fetch(server.addr, id, &options, |_| {}).unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    let (entry, output) = (
+        std::fs::metadata(&report.path).unwrap(),
+        std::fs::metadata(&out).unwrap(),
+    );
+    assert_eq!(
+        entry.ino(),
+        output.ino(),
+        "the output is the cache entry, linked"
+    );
+    assert!(
+        matches!(
+            client.cache().lookup(&id).unwrap(),
+            udpferry::Lookup::Verified { .. }
+        ),
+        "linking keeps the entry verified"
+    );
+    // Fetched again into the same output: a hit, and the output stays right.
+    let again = client.fetch(server.addr, id, &options, |_| {}).unwrap();
+    assert!(again.from_cache);
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    // The same object fetched into another output: linked again, no stray temporary files.
+    let fresh = Client::new(dir.0.join("cache2")).unwrap();
+    fresh.fetch(server.addr, id, &options, |_| {}).unwrap();
+    let strays: Vec<String> = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(strays.is_empty(), "{strays:?}");
+    // An edit in place through the output (the game patches the map file): the entry that
+    // shares its bytes is no longer trusted, and the next fetch repairs it.
+    let linked = std::fs::read(fresh.cache().path_of(&id)).unwrap();
+    assert_eq!(linked, data);
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&out).unwrap();
+        f.seek(SeekFrom::Start(1000)).unwrap();
+        f.write_all(b"patched").unwrap();
+    }
+    let repaired = fresh
+        .fetch(server.addr, id, &FetchOptions::default(), |_| {})
+        .unwrap();
+    assert!(
+        !repaired.from_cache,
+        "a changed entry is not a hit: {repaired:?}"
+    );
+    assert_eq!(std::fs::read(&repaired.path).unwrap(), data);
+    drop(server);
+}

@@ -195,7 +195,7 @@ impl Client {
             });
             let path = partial.finalize()?;
             if let Some(out) = &options.output {
-                self.cache.copy_out(&id, out)?;
+                self.publish(&id, out, true)?;
             }
             engine.finish(linger_for(&ended.stats));
             return Ok(Report {
@@ -313,7 +313,7 @@ impl Client {
         match &options.output {
             Some(dir) if is_bundle_listing(&report.path) => install(dir, &mut progress),
             Some(out) => {
-                self.cache.copy_out(&id, out)?;
+                self.publish(&id, out, !report.from_cache)?;
                 Ok(Got::Object(report))
             }
             None => Ok(Got::Object(report)),
@@ -349,6 +349,17 @@ impl Client {
                 (_, None) => lock = Some(self.wait_for_lock(&id, options, started)?),
             }
         }
+    }
+
+    /// Puts the cache's entry `id` at `out`. A download that just finished and verified it
+    /// (`fresh`) is hard-linked when the cache and `out` share a file system (no second pass
+    /// over the bytes); otherwise it is copied with its digest checked on the way
+    /// ([`Cache::copy_out`]), which is what a cache hit costs.
+    pub(super) fn publish(&self, id: &ObjectId, out: &Path, fresh: bool) -> Result<(), StoreError> {
+        if fresh && self.cache.link_out(id, out)? {
+            return Ok(());
+        }
+        self.cache.copy_out(id, out)
     }
 
     /// The lock on `id`'s entry, polled every [`LOCK_POLL`] while another download holds it;

@@ -302,7 +302,7 @@ pub(super) fn fetch_from(
     });
     let path = partial.finalize()?;
     if let Some(out) = &options.output {
-        client.cache.copy_out(&id, out)?;
+        client.publish(&id, out, true)?;
     }
     Ok(Report {
         object: id,

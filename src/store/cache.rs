@@ -373,20 +373,7 @@ impl Cache {
             }
             Err(e) => return Err(StoreError::io("open", &src_path, e)),
         };
-        let name = dest.file_name().ok_or_else(|| {
-            StoreError::io(
-                "copy to",
-                dest,
-                io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
-            )
-        })?;
-        let parent = match dest.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        let mut tmp_name = name.to_os_string();
-        tmp_name.push(format!(".tmp-{:016x}", crate::random::random_u64()));
-        let tmp = parent.join(tmp_name);
+        let (parent, tmp) = temp_beside(dest)?;
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -424,6 +411,58 @@ impl Cache {
         result?;
         sync_dir(&parent)
     }
+}
+
+impl Cache {
+    /// Puts the entry `id`, which this process has just verified (a download that finished),
+    /// at `dest` without copying a byte: a hard link at a temporary name beside `dest`, renamed
+    /// over it, so `dest` is replaced atomically as with [`copy_out`](Self::copy_out) (and
+    /// resolved the same way: a symbolic link is followed, anything but a regular file is
+    /// refused). The entry's record is written again, since linking changes its ctime.
+    ///
+    /// Returns false, having changed nothing, when no link can be made (`dest` is on another
+    /// file system, or one without hard links): call `copy_out` then. The entry and `dest`
+    /// share their bytes afterwards; writing into one in place changes the other, which the
+    /// entry's record notices ([`lookup`](Self::lookup) hashes it again and sets it aside if
+    /// it no longer matches).
+    pub fn link_out(&self, id: &ObjectId, dest: &Path) -> Result<bool, StoreError> {
+        let dest = &resolve_target(dest, None)?;
+        let src = self.path_of(id);
+        let (parent, tmp) = temp_beside(dest)?;
+        if fs::hard_link(&src, &tmp).is_err() {
+            return Ok(false);
+        }
+        let renamed = fs::rename(&tmp, dest);
+        // Renaming a link over another link to the same file succeeds and does nothing: the
+        // temporary name is still there then.
+        let _ = fs::remove_file(&tmp);
+        renamed.map_err(|e| StoreError::io("rename into place", dest, e))?;
+        sync_dir(&parent)?;
+        if let Ok(file) = File::open(&src) {
+            self.record_verified(id, &file, &src);
+        }
+        Ok(true)
+    }
+}
+
+/// The directory of `dest` and a fresh temporary name in it, for writing a file that is then
+/// renamed over `dest`.
+fn temp_beside(dest: &Path) -> Result<(PathBuf, PathBuf), StoreError> {
+    let name = dest.file_name().ok_or_else(|| {
+        StoreError::io(
+            "copy to",
+            dest,
+            io::Error::new(io::ErrorKind::InvalidInput, "not a file name"),
+        )
+    })?;
+    let parent = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut tmp_name = name.to_os_string();
+    tmp_name.push(format!(".tmp-{:016x}", crate::random::random_u64()));
+    let tmp = parent.join(tmp_name);
+    Ok((parent, tmp))
 }
 
 /// A partial download: a [`ChunkSink`] over `<hex>.part` that keeps the resume journal.
