@@ -93,6 +93,17 @@ fn options(cache: PathBuf) -> (Client, FetchOptions) {
     (Client::new(cache).unwrap(), o)
 }
 
+/// Serves [`serve_tree`] under `root`, each transfer capped at 2 MiB/s (so a download can be
+/// caught halfway): its files, the `maps` bundle's id, the server.
+fn serve_maps_capped(root: &Path) -> (Served, ObjectId, Serving) {
+    let s = serve_tree(root);
+    let store = ContentStore::open(root).unwrap();
+    let maps = store.bundles().next().unwrap().id;
+    let mut config = ServerConfig::default();
+    config.endpoint.transfer.max_rate_bytes_per_sec = 2 * MIB as u64;
+    (s, maps, Serving::start(store, config))
+}
+
 /// Serves [`serve_tree`] under `tmp/served`: its files, the `maps` bundle's id, the server.
 fn serve_maps(tmp: &TempDir) -> (Served, ObjectId, Serving) {
     let root = tmp.join("served");
@@ -236,12 +247,7 @@ fn a_rescan_changes_only_the_bundle_whose_file_changed() {
 fn an_interrupted_bundle_download_resumes() {
     let tmp = TempDir::new("resume");
     let root = tmp.join("served");
-    let s = serve_tree(&root);
-    let store = ContentStore::open(&root).unwrap();
-    let maps = store.bundles().next().unwrap().id;
-    let mut config = ServerConfig::default();
-    config.endpoint.transfer.max_rate_bytes_per_sec = 2 * MIB as u64;
-    let server = Serving::start(store, config);
+    let (s, maps, server) = serve_maps_capped(&root);
     let dir = tmp.join("install");
     let (client, mut opts) = options(tmp.join("cache"));
     opts.timeout = Some(Duration::from_millis(700));
@@ -547,13 +553,8 @@ proptest! {
 fn two_bundle_downloads_into_one_cache_take_turns_per_file() {
     let tmp = TempDir::new("two-bundles");
     let root = tmp.join("served");
-    let s = serve_tree(&root);
-    let store = ContentStore::open(&root).unwrap();
-    let maps = store.bundles().next().unwrap().id;
-    let mut config = ServerConfig::default();
     // The 3 MiB file takes about 1.5 s, so the two downloads of it overlap.
-    config.endpoint.transfer.max_rate_bytes_per_sec = 2 * MIB as u64;
-    let server = Serving::start(store, config);
+    let (s, maps, server) = serve_maps_capped(&root);
     let addr = server.addr;
     let cache = tmp.join("cache");
     let runs: Vec<_> = (0..2u64)

@@ -53,6 +53,17 @@ struct Files {
 }
 
 impl Files {
+    /// How long the partial download has not been written: the age of the newer of its
+    /// `.part` and its journal.
+    fn untouched_for(&self, now: SystemTime) -> Duration {
+        [&self.part, &self.journal]
+            .into_iter()
+            .flatten()
+            .map(|m| age_of(m, now))
+            .min()
+            .unwrap_or_default()
+    }
+
     fn slot(&mut self, suffix: &str) -> &mut Option<Metadata> {
         match suffix {
             PART => &mut self.part,
@@ -169,12 +180,7 @@ impl Cache {
             match &files.part {
                 Some(part) => {
                     let (held, total) = self.progress_of(&id, part.len());
-                    let touched = [&files.part, &files.journal]
-                        .into_iter()
-                        .flatten()
-                        .map(|m| age_of(m, now))
-                        .min()
-                        .unwrap_or_default();
+                    let touched = files.untouched_for(now);
                     entries.push(CacheEntry::Partial {
                         id,
                         held,
@@ -253,12 +259,7 @@ impl Cache {
             let tmp_why = || "unfinished journal update".to_string();
             match files.part.as_ref().filter(|m| m.is_file()) {
                 Some(part) => {
-                    let touched = [&files.part, &files.journal]
-                        .into_iter()
-                        .flatten()
-                        .map(|m| age_of(m, now))
-                        .min()
-                        .unwrap_or_default();
+                    let touched = files.untouched_for(now);
                     let why = if part.len() == 0 {
                         Some("partial download that holds nothing".to_string())
                     } else if touched >= max_age {
