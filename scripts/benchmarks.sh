@@ -21,6 +21,11 @@ env_note=""
 [[ -n "${UDPFERRY_BENCH_SIZE_MIB:-}" ]] && env_note+="UDPFERRY_BENCH_SIZE_MIB=$UDPFERRY_BENCH_SIZE_MIB "
 [[ -n "${UDPFERRY_BENCH_SMOKE:-}" ]] && env_note+="UDPFERRY_BENCH_SMOKE=$UDPFERRY_BENCH_SMOKE "
 
+# The loopback bench also runs the real binary (`serve` + `get -o`, issue 14).
+cargo build --release --quiet --bin udpferry
+export UDPFERRY_BIN="$PWD/$target/release/udpferry"
+[[ "$target" = /* ]] && export UDPFERRY_BIN="$target/release/udpferry"
+
 echo "== $env_note$loopback_cmd" >&2
 rm -f "$target/loopback-bench.json"
 $loopback_cmd 2>&1 | tee "$log_dir/loopback.txt" >&2

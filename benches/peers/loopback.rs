@@ -28,6 +28,8 @@ use udpferry::store::ContentStore;
 use udpferry::ObjectId;
 use udpferry_sim::Rng;
 
+mod processes;
+
 const MIB: usize = 1 << 20;
 const DATAGRAM: usize = 1200;
 const TCP_WRITE: usize = MIB;
@@ -516,17 +518,7 @@ struct FileServer {
 impl FileServer {
     fn start(data: &Data) -> Result<Self, String> {
         let dir = TempDir::new("store").map_err(err)?;
-        let path = dir.0.join("object.bin");
-        std::fs::write(&path, &data[..]).map_err(err)?;
-        // A file written moments ago is re-hashed on every open (its timestamps cannot yet be
-        // trusted, see ContentStore); a served map is older than that. Date it back a minute so
-        // the timed runs measure serving, not re-hashing.
-        let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(a_minute_ago))
-            .map_err(err)?;
+        put_served(&dir.0.join("object.bin"), data)?;
         let store = ContentStore::open(&dir.0).map_err(err)?;
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -541,6 +533,19 @@ impl FileServer {
             _dir: dir,
         })
     }
+}
+
+/// Writes `data` at `path` as a served map is: dated back a minute. A file written moments ago
+/// is hashed again once it settles (its timestamps cannot yet be trusted, see ContentStore); a
+/// served map is older than that, and the timed runs measure serving, not hashing.
+fn put_served(path: &std::path::Path, data: &[u8]) -> Result<(), String> {
+    std::fs::write(path, data).map_err(err)?;
+    let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_modified(a_minute_ago))
+        .map_err(err)
 }
 
 /// One `Client::fetch` into a fresh cache. Returns (first progress callback, return) from the
@@ -751,6 +756,73 @@ fn main() {
         });
     }
 
+    // What users run: processes, timed from start to exit (issue 14). Each contender's runs of
+    // the large object and of the 1 MiB one.
+    let served = TempDir::new("served").map_err(err).and_then(|dir| {
+        put_served(&dir.0.join("object.bin"), &data)?;
+        put_served(&dir.0.join("small.bin"), &small)?;
+        Ok(dir)
+    });
+    let scratch = TempDir::new("scratch").map_err(err);
+    let mut small_secs: HashMap<&str, f64> = HashMap::new();
+    let mut process_runs =
+        |name: &'static str, note: &str, runs: Result<(Vec<f64>, Vec<f64>), String>| {
+            if let Ok((_, small)) = &runs {
+                small_secs.insert(name, median(small.clone()));
+            }
+            results.push(Throughput {
+                name,
+                outcome: runs.map(|(big, _)| {
+                    big.into_iter()
+                        .map(|secs| Run {
+                            secs,
+                            received: size,
+                        })
+                        .collect()
+                }),
+                note: note.into(),
+            });
+        };
+    if wanted("udpferry get -o") {
+        eprintln!("udpferry serve + get -o (processes)...");
+        let runs = (|| {
+            let bin = processes::udpferry_bin()?;
+            let (dir, scratch) = (served.as_ref()?, scratch.as_ref()?);
+            let (_server, addr) = processes::udpferry_serve(&bin, &dir.0)?;
+            let get = |id: &ObjectId, len| {
+                processes::udpferry_get(&bin, &addr, &id.to_hex(), &scratch.0, len)
+            };
+            Ok((
+                repeat(reps, || get(&id, size))?,
+                repeat(reps, || get(&small_id, LATENCY_SIZE))?,
+            ))
+        })();
+        process_runs(
+            "udpferry get -o (CLI)",
+            "the release binary: serve, then one get -o process per run into a fresh cache, start to exit",
+            runs,
+        );
+    }
+    if wanted("HTTP + curl + md5sum") {
+        eprintln!("HTTP + curl -o + md5sum (processes)...");
+        let runs = (|| {
+            let (dir, scratch) = (served.as_ref()?, scratch.as_ref()?);
+            let (_server, base) = processes::http_serve(&dir.0)?;
+            let fetch = |name: &str, id: &ObjectId| {
+                processes::curl_md5sum(&format!("{base}/{name}"), &scratch.0, &id.to_hex())
+            };
+            Ok((
+                repeat(reps, || fetch("object.bin", &id))?,
+                repeat(reps, || fetch("small.bin", &small_id))?,
+            ))
+        })();
+        process_runs(
+            "HTTP + curl + md5sum",
+            "python3 -m http.server, then curl -o and md5sum per run, start to exit",
+            runs,
+        );
+    }
+
     eprintln!("1 MiB latency...");
     let mut latency: Vec<LatencyResult> = Vec::new();
     if wanted("TCP + MD5") {
@@ -881,6 +953,33 @@ fn main() {
             ratio(mbps("udpferry mem-to-mem"), mbps("MD5 alone")),
             ">= 0.8",
             true,
+        ),
+        (
+            "get -o (CLI) / HTTP+curl+md5sum, wall time",
+            ratio(mbps("HTTP + curl + md5sum"), mbps("udpferry get -o (CLI)")),
+            "<= 1.0",
+            false,
+        ),
+        (
+            "get -o (CLI) / TCP+MD5",
+            ratio(mbps("udpferry get -o (CLI)"), mbps("TCP + MD5")),
+            ">= 0.85",
+            true,
+        ),
+        (
+            "get -o (CLI) / quinn+MD5",
+            ratio(mbps("udpferry get -o (CLI)"), mbps("quinn + MD5")),
+            ">= 1.3",
+            true,
+        ),
+        (
+            "1 MiB get -o / curl+md5sum, start to exit",
+            ratio(
+                small_secs.get("udpferry get -o (CLI)").copied(),
+                small_secs.get("HTTP + curl + md5sum").copied(),
+            ),
+            "<= 1.5",
+            false,
         ),
         (
             "1 MiB Client::fetch / TCP+MD5, verified time",
