@@ -557,13 +557,7 @@ impl<K: udpferry::core::ChunkSink> Peer for DropDones<K> {
     fn poll_transmit(&mut self, now: Instant, buf: &mut [u8]) -> Option<usize> {
         loop {
             let n = self.inner.poll_transmit(now, buf)?;
-            let done = matches!(
-                wire::decode(&buf[..n]),
-                Ok(Datagram {
-                    frame: Frame::Done,
-                    ..
-                })
-            );
+            let done = common::is_done(&buf[..n]);
             if done && self.dropped < self.allow_after {
                 self.dropped += 1;
                 continue;

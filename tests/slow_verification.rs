@@ -271,13 +271,7 @@ impl Peer for SlowVerifier {
         }
         loop {
             let n = self.inner.poll_transmit(now, buf)?;
-            let done = matches!(
-                wire::decode(&buf[..n]),
-                Ok(Datagram {
-                    frame: Frame::Done,
-                    ..
-                })
-            );
+            let done = common::is_done(&buf[..n]);
             if done && self.drop_dones > 0 {
                 self.drop_dones -= 1;
                 continue;

@@ -270,6 +270,8 @@ pub struct Endpoint<P: ObjectProvider, K> {
     freed: bool,
     /// Slots held for called waiters.
     called: HeldSlots,
+    /// When the queue was last walked for places to forget.
+    expiry_scanned: Option<Instant>,
 }
 
 /// Slots held for called waiters, in total and per IP address, so that checking a limit
@@ -335,6 +337,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             waiting: VecDeque::new(),
             freed: false,
             called: HeldSlots::default(),
+            expiry_scanned: None,
             config,
         }
     }
@@ -632,6 +635,15 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// Forgets waiters that stopped repeating their Start, and called ones that did not start
     /// in time.
     fn expire_waiters(&mut self, now: Instant) {
+        // At most one walk of the queue per interval, however often timers fire: the queue's
+        // times are seconds, and this runs on the server's timer path.
+        if self
+            .expiry_scanned
+            .is_some_and(|at| now.saturating_duration_since(at) < EXPIRY_SCAN_EVERY)
+        {
+            return;
+        }
+        self.expiry_scanned = Some(now);
         let mut i = 0;
         while i < self.waiting.len() {
             let w = self.waiting[i];
@@ -1163,6 +1175,8 @@ enum Reply {
 const WAIT_REPEAT_MS: u16 = 1000;
 /// A waiter whose Start has not come again for this long (three repeats) is forgotten.
 const WAITER_FORGOTTEN_AFTER: Duration = Duration::from_millis(3 * WAIT_REPEAT_MS as u64);
+/// Least time between two walks of the queue for places to forget.
+const EXPIRY_SCAN_EVERY: Duration = Duration::from_millis(100);
 /// How long a slot set aside for a called waiter is held for its Start.
 const CALLED_SLOT_HELD: Duration = Duration::from_secs(2);
 

@@ -49,6 +49,19 @@ pub(super) fn vote(copies: &[Vec<u8>]) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// The job that fetches the manifest of `object` from `server` into memory. Its id is derived,
+/// not its digest, so the caller checks the bytes (`Manifest::decode`).
+pub(super) fn manifest_job(server: SocketAddr, object: ObjectId) -> Job {
+    Job {
+        server,
+        id: manifest_id(&object),
+        have: RangeSet::new(),
+        sink: Sink::Memory(Vec::new()),
+        expect: Expect::AtMost(MAX_MANIFEST_BYTES),
+        verify: Verify::ByCaller,
+    }
+}
+
 /// Fetches and checks the manifest of `object` through `engine`, for at most `limit`.
 /// Without one, the caller fetches the whole object.
 pub(super) fn fetch_manifest(
@@ -57,16 +70,7 @@ pub(super) fn fetch_manifest(
     object: ObjectId,
     limit: Duration,
 ) -> Result<Result<Manifest, NoManifest>, FetchError> {
-    let job = Job {
-        server,
-        id: manifest_id(&object),
-        have: RangeSet::new(),
-        sink: Sink::Memory(Vec::new()),
-        expect: Expect::AtMost(MAX_MANIFEST_BYTES),
-        // Its id is derived, not its digest: the bytes are checked by `Manifest::decode`.
-        verify: Verify::ByCaller,
-    };
-    let ended = engine.run(job, Some(limit), &mut |_| {})?;
+    let ended = engine.run(manifest_job(server, object), Some(limit), &mut |_| {})?;
     let Sink::Memory(bytes) = ended.sink else {
         return Err(lost());
     };

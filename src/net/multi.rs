@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use md5::{Digest, Md5};
 
 use super::client::linger_for;
-use super::delta::MAX_MANIFEST_BYTES;
+use super::delta::manifest_job;
 use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, Sink, Verify};
 use super::{Client, FetchError, FetchOptions, Progress, Report, Waiting};
 use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
-use crate::store::manifest::{manifest_id, Manifest};
+use crate::store::manifest::Manifest;
 use crate::store::{EntryLock, PartialFile};
 
 /// Bytes of a source's first piece (rounded to whole manifest blocks), and the unit pieces are
@@ -133,8 +133,8 @@ pub(super) fn fetch_from(
     // Blocks still to fetch (pieces are cut from the queue's units at any size).
     let mut blocks_left: usize = queue.iter().map(|r| r.end - r.start).sum();
     let file = Arc::new(Mutex::new(partial));
-    let mut in_flight: HashMap<TransferId, (usize, Range<usize>)> = HashMap::new();
-    let mut since: HashMap<TransferId, Instant> = HashMap::new();
+    // Pieces in flight: their source, their blocks, and when they were asked for.
+    let mut in_flight: HashMap<TransferId, (usize, Range<usize>, Instant)> = HashMap::new();
     // Each source's rate, bytes per second of one piece, from its last piece.
     let mut rate: Vec<Option<f64>> = vec![None; servers.len()];
     let mut stats = Stats::default();
@@ -152,7 +152,7 @@ pub(super) fn fetch_from(
         // Hand pieces to active sources with room.
         for (s, &server) in servers.iter().enumerate() {
             while state[s] == SourceState::Active
-                && in_flight.values().filter(|(src, _)| *src == s).count() < PIECES_PER_SOURCE
+                && in_flight.values().filter(|(src, ..)| *src == s).count() < PIECES_PER_SOURCE
             {
                 let active = state.iter().filter(|s| **s == SourceState::Active).count();
                 let want = piece_blocks(&manifest, rate[s], &queue, active);
@@ -176,8 +176,7 @@ pub(super) fn fetch_from(
                     // Each piece is checked against the manifest's block hashes below.
                     verify: Verify::ByCaller,
                 })?;
-                in_flight.insert(t, (s, blocks));
-                since.insert(t, Instant::now());
+                in_flight.insert(t, (s, blocks, Instant::now()));
             }
         }
         let resting = state
@@ -196,10 +195,9 @@ pub(super) fn fetch_from(
         }
         let mut dropped: Vec<usize> = Vec::new();
         for ended in engine.turn()? {
-            let Some((s, blocks)) = in_flight.remove(&ended.transfer) else {
+            let Some((s, blocks, began)) = in_flight.remove(&ended.transfer) else {
                 continue;
             };
-            let began = since.remove(&ended.transfer);
             drop(ended.sink);
             let mut checked = false;
             match ended.outcome {
@@ -208,7 +206,7 @@ pub(super) fn fetch_from(
                     checked = blocks_match(&manifest, &blocks, &mut lock(&file));
                     if !checked {
                         state[s] = SourceState::Lied;
-                    } else if let Some(began) = began {
+                    } else {
                         let piece = byte_range(&manifest, &blocks);
                         let secs = began.elapsed().as_secs_f64().max(1e-3);
                         rate[s] = Some((piece.end - piece.start) as f64 / secs);
@@ -238,7 +236,7 @@ pub(super) fn fetch_from(
         }
         // A source silent for a piece is set aside.
         let now = Instant::now();
-        for (&t, &(s, _)) in &in_flight {
+        for (&t, &(s, ..)) in &in_flight {
             if state[s] == SourceState::Active
                 && engine.silent_for(t).is_some_and(|d| d >= SILENCE)
             {
@@ -250,13 +248,12 @@ pub(super) fn fetch_from(
         for s in dropped {
             let theirs: Vec<TransferId> = in_flight
                 .iter()
-                .filter(|(_, (src, _))| *src == s)
+                .filter(|(_, (src, ..))| *src == s)
                 .map(|(&t, _)| t)
                 .collect();
             for t in theirs {
-                since.remove(&t);
                 engine.cancel(t);
-                if let Some((_, blocks)) = in_flight.remove(&t) {
+                if let Some((_, blocks, _)) = in_flight.remove(&t) {
                     queue.push_back(blocks);
                 }
             }
@@ -331,15 +328,7 @@ fn manifests(
     id: ObjectId,
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<(Manifest, Vec<SourceState>), FetchError> {
-    let job = |server| Job {
-        server,
-        id: manifest_id(&id),
-        have: RangeSet::new(),
-        sink: Sink::Memory(Vec::new()),
-        expect: Expect::AtMost(MAX_MANIFEST_BYTES),
-        // Its id is derived, not its digest: `Manifest::decode` checks the bytes.
-        verify: Verify::ByCaller,
-    };
+    let job = |server| manifest_job(server, id);
     let started = engine.started();
     let mut pending: HashMap<TransferId, (usize, u32)> = HashMap::new();
     for (s, &server) in servers.iter().enumerate() {

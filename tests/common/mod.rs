@@ -214,6 +214,17 @@ pub fn start_datagram(conn: u64, id: ObjectId, nonce: u64) -> Vec<u8> {
     encoded(conn, udpferry::wire::Frame::Start { nonce, request })
 }
 
+/// Whether `datagram` is a Done.
+pub fn is_done(datagram: &[u8]) -> bool {
+    matches!(
+        udpferry::wire::decode(datagram),
+        Ok(udpferry::wire::Datagram {
+            frame: udpferry::wire::Frame::Done,
+            ..
+        })
+    )
+}
+
 pub fn request_datagram(conn: u64, id: ObjectId) -> Vec<u8> {
     encoded(conn, udpferry::wire::Frame::Request(plain_request(id)))
 }
