@@ -36,6 +36,9 @@ const MAX_SEQ_BELOW_LARGEST: u32 = 4;
 /// that missed the Done probes at least every 2 s, so a minute answers it many times over.
 const MAX_LINGER: Duration = Duration::from_secs(60);
 
+/// Bytes of held chunks read back from the sink in one call, to bring the digest up to date.
+const READ_BACK_BYTES: u64 = 256 << 10;
+
 /// Largest number of have-ranges one request carries.
 /// The `limit` largest ranges of `have`, in ascending order: what a Request can announce when
 /// the have-set is more fragmented than one datagram holds. Dropping the smallest ranges costs
@@ -442,7 +445,6 @@ impl<K: ChunkSink> Receiver<K> {
             nonce: offer.nonce,
         };
         self.object = Some(object);
-        self.scratch = vec![0; chunk_size as usize];
         // Chunks wholly inside the have-set are already here (the sender applies the same rule
         // to the announced part; chunks held beyond it may be sent again, and are then
         // duplicates, never written over what is held). The Start repeats the request.
@@ -560,15 +562,31 @@ impl<K: ChunkSink> Receiver<K> {
             Some(_) if !self.received.contains(self.hashed_chunks) => return,
             _ => {}
         }
-        while self.hashed_chunks < object.chunks && self.received.contains(self.hashed_chunks) {
-            let range = chunk_bytes(self.hashed_chunks, object.chunk_size, object.size);
-            let buf = &mut self.scratch[..(range.end - range.start) as usize];
-            if let Err(e) = self.sink.read_at(range.start, buf) {
+        // Held chunks are read back a run at a time (at most `READ_BACK_BYTES` per read), not a
+        // chunk per system call: after a reordering or a resume, runs of thousands are common.
+        let per_read = (READ_BACK_BYTES / object.chunk_size).max(1);
+        while self.hashed_chunks < object.chunks {
+            let run_end = self
+                .received
+                .first_missing_from(self.hashed_chunks)
+                .min(object.chunks)
+                .min(self.hashed_chunks + per_read);
+            if run_end == self.hashed_chunks {
+                break;
+            }
+            let start = chunk_bytes(self.hashed_chunks, object.chunk_size, object.size).start;
+            let end = chunk_bytes(run_end - 1, object.chunk_size, object.size).end;
+            let len = (end - start) as usize;
+            if self.scratch.len() < len {
+                self.scratch.resize(len, 0);
+            }
+            let buf = &mut self.scratch[..len];
+            if let Err(e) = self.sink.read_at(start, buf) {
                 self.fail_with(TransferError::storage("read", &e));
                 return;
             }
             self.hasher.update(&*buf);
-            self.hashed_chunks += 1;
+            self.hashed_chunks = run_end;
         }
     }
 

@@ -274,17 +274,28 @@ fn conflict(entries: &[BundleEntry], i: usize, j: usize) -> BundleError {
 /// Whether the file at `path` is a bundle listing: it starts with `MAGIC`, is no longer than
 /// `MAX_LISTING_BYTES` and decodes. `udpferry get SERVER ID -o DIR` asks it of a fetched
 /// object to decide whether `-o` names a file to write or a directory to install into.
+///
+/// Only a file of a listing's size that starts with `MAGIC` is read whole: a map of hundreds of
+/// MB costs one `stat` and a 4-byte read.
 pub fn is_bundle_listing(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else {
+    let Ok(mut file) = File::open(path) else {
         return false;
     };
-    let mut bytes = Vec::new();
+    let mut magic = [0u8; 4];
+    if !file
+        .metadata()
+        .is_ok_and(|m| m.len() <= MAX_LISTING_BYTES)
+        || file.read_exact(&mut magic).is_err()
+        || magic != MAGIC
+    {
+        return false;
+    }
+    let mut bytes = MAGIC.to_vec();
     if file
-        .take(MAX_LISTING_BYTES + 1)
+        .take(MAX_LISTING_BYTES + 1 - MAGIC.len() as u64)
         .read_to_end(&mut bytes)
         .is_err()
         || bytes.len() as u64 > MAX_LISTING_BYTES
-        || !bytes.starts_with(&MAGIC)
     {
         return false;
     }
@@ -585,5 +596,35 @@ mod tests {
             b
         };
         assert_eq!(Bundle::decode(&bad_alg), Err(BundleError::Malformed));
+    }
+
+    #[test]
+    fn only_a_decodable_listing_of_a_listings_size_is_a_listing() {
+        let dir = std::env::temp_dir().join(format!(
+            "udpferry-is-listing-{}-{}",
+            std::process::id(),
+            crate::random::random_u64()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let put = |name: &str, bytes: &[u8]| {
+            let p = dir.join(name);
+            std::fs::write(&p, bytes).unwrap();
+            p
+        };
+        let listing = Bundle::build(vec![entry("maps/a.map", b"1"), entry("b", b"2")])
+            .unwrap()
+            .encode();
+        assert!(is_bundle_listing(&put("listing", &listing)));
+        assert!(!is_bundle_listing(&put("map", b"not a listing at all")));
+        assert!(!is_bundle_listing(&put("short", b"UF")));
+        let mut damaged = listing.clone();
+        damaged.truncate(listing.len() - 1);
+        assert!(!is_bundle_listing(&put("damaged", &damaged)));
+        // A file that starts like a listing but is longer than any listing can be.
+        let mut long = listing.clone();
+        long.resize(MAX_LISTING_BYTES as usize + 1, 0);
+        assert!(!is_bundle_listing(&put("long", &long)));
+        assert!(!is_bundle_listing(&dir.join("missing")));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -626,7 +626,16 @@ pub struct FileSource {
     path: PathBuf,
     reads: u64,
     changed: bool,
+    /// Bytes read ahead of the sender (allocated on the first read): chunks go out about
+    /// 1.2 KB at a time, mostly in order, and one system call each cost the server a third of
+    /// its time on loopback.
+    ahead: Vec<u8>,
+    /// File offset of `ahead[0]`.
+    ahead_at: u64,
 }
+
+/// Bytes a [`FileSource`] reads at once: 28 chunks of the default size, per open transfer.
+const READ_AHEAD: usize = 32 << 10;
 
 impl FileSource {
     fn new(file: File, stamp: Stamp, path: PathBuf) -> Self {
@@ -636,7 +645,33 @@ impl FileSource {
             path,
             reads: 0,
             changed: false,
+            ahead: Vec::new(),
+            ahead_at: 0,
         }
+    }
+
+    /// Fills `buf` from the read-ahead buffer, refilling it from `offset` on a miss. Reads as
+    /// large as the buffer go straight to the file.
+    fn read_through(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if buf.len() >= READ_AHEAD {
+            return read_exact_at(&self.file, buf, offset);
+        }
+        let end = offset.saturating_add(buf.len() as u64);
+        let hit = offset >= self.ahead_at && end <= self.ahead_at + self.ahead.len() as u64;
+        if !hit {
+            let want = (self.stamp.size().saturating_sub(offset))
+                .min(READ_AHEAD as u64)
+                .max(buf.len() as u64) as usize;
+            self.ahead.resize(want, 0);
+            if let Err(e) = read_exact_at(&self.file, &mut self.ahead, offset) {
+                self.ahead.clear();
+                return Err(e);
+            }
+            self.ahead_at = offset;
+        }
+        let from = (offset - self.ahead_at) as usize;
+        buf.copy_from_slice(&self.ahead[from..from + buf.len()]);
+        Ok(())
     }
 
     /// The object's size as opened (also returned by `open_object`): pass it to the sender.
@@ -659,6 +694,6 @@ impl ChunkSource for FileSource {
             return Err(io::Error::other(CHANGED));
         }
         self.reads = self.reads.wrapping_add(1);
-        read_exact_at(&self.file, buf, offset)
+        self.read_through(offset, buf)
     }
 }
