@@ -2,7 +2,9 @@
 //! is the bottleneck.
 
 use std::io;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::core::PrefixHasher;
@@ -30,6 +32,8 @@ pub struct HashThread {
     batches: Option<SyncSender<Vec<u8>>>,
     /// Emptied batches coming back for reuse.
     spare: Receiver<Vec<u8>>,
+    /// Batches handed over and not yet hashed.
+    queued: Arc<AtomicUsize>,
     thread: Option<JoinHandle<io::Result<ObjectId>>>,
 }
 
@@ -48,11 +52,14 @@ impl HashThread {
     fn start(mut hasher: IdHasher) -> io::Result<Self> {
         let (batches, todo) = sync_channel::<Vec<u8>>(QUEUED_BATCHES);
         let (give_back, spare) = sync_channel::<Vec<u8>>(QUEUED_BATCHES + 1);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let done = queued.clone();
         let thread = std::thread::Builder::new()
             .name("udpferry-hash".into())
             .spawn(move || {
                 for mut batch in todo {
                     hasher.update(&batch);
+                    done.fetch_sub(1, Ordering::Relaxed);
                     batch.clear();
                     let _ = give_back.try_send(batch);
                 }
@@ -62,8 +69,17 @@ impl HashThread {
             batch: Vec::with_capacity(BATCH_BYTES),
             batches: Some(batches),
             spare,
+            queued,
             thread: Some(thread),
         })
+    }
+
+    /// Bytes [`update`](PrefixHasher::update) takes now without waiting for the thread: a
+    /// caller that must not stall (a receive loop feeding bytes it reads back) hands over at
+    /// most this much per turn.
+    pub(crate) fn room(&self) -> usize {
+        let free = QUEUED_BATCHES.saturating_sub(self.queued.load(Ordering::Relaxed));
+        free * BATCH_BYTES + (BATCH_BYTES - self.batch.len())
     }
 
     fn hand_over(&mut self) {
@@ -76,6 +92,7 @@ impl HashThread {
             .unwrap_or_else(|_| Vec::with_capacity(BATCH_BYTES));
         let full = std::mem::replace(&mut self.batch, next);
         if let Some(batches) = &self.batches {
+            self.queued.fetch_add(1, Ordering::Relaxed);
             if batches.send(full).is_err() {
                 // The thread is gone; `finish` reports it.
                 self.batches = None;

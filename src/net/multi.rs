@@ -5,11 +5,18 @@
 //!    that did not answer yet are set aside, not dropped.
 //! 2. The object is cut into pieces along the manifest's blocks; each source fetches up to two
 //!    pieces at a time (a transfer whose have-set is everything but that piece), faster
-//!    sources finish sooner and so get more, and every piece is checked against the
-//!    manifest's block hashes.
-//! 3. A source that fails or lies is dropped, and one that stays silent for a piece (no offer,
-//!    no bytes) for [`SILENCE`] is set aside and tried again later; either way its pieces go
-//!    to the others. The overall timeout bounds every step.
+//!    sources finish sooner and so get more. Pieces grow with the source's measured rate to
+//!    about [`PIECE_TIME`] each, so a fast source makes a request or two per second, well
+//!    inside a server's per-address request limit.
+//! 3. The object's digest is computed while the pieces arrive, over the received prefix, on a
+//!    second core ([`InOrderDigest`]): one pass over the bytes, as for one source. Only when it
+//!    does not match the id are the pieces checked against the manifest's block hashes: the
+//!    sources whose blocks differ lied, are dropped and named, and their blocks are fetched
+//!    again from the others (then the whole is hashed once more). A download with a liar costs
+//!    the liar's share again; one without costs one digest.
+//! 4. A source that fails is dropped, and one that stays silent for a piece (no offer, no
+//!    bytes) for [`SILENCE`] is set aside and tried again later; either way its pieces go to
+//!    the others. The overall timeout bounds every step.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -21,9 +28,9 @@ use md5::{Digest, Md5};
 
 use super::client::linger_for;
 use super::delta::manifest_job;
-use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, Sink, Verify};
-use super::{Client, FetchError, FetchOptions, Progress, Report, Waiting};
-use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
+use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, SharedFile, Sink, Verify};
+use super::{Client, FetchError, FetchOptions, HashThread, Progress, Report, Waiting};
+use crate::core::{ChunkSink, InlineHasher, PrefixHasher, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
 use crate::store::{EntryLock, PartialFile};
@@ -133,15 +140,69 @@ pub(super) fn fetch_from(
     // Blocks still to fetch (pieces are cut from the queue's units at any size).
     let mut blocks_left: usize = queue.iter().map(|r| r.end - r.start).sum();
     let file = Arc::new(Mutex::new(partial));
+    let mut digest = InOrderDigest::new(&id, manifest.size);
     // Pieces in flight: their source, their blocks, and when they were asked for.
     let mut in_flight: HashMap<TransferId, (usize, Range<usize>, Instant)> = HashMap::new();
+    // Pieces delivered in this download, and by whom: checked against the manifest only if
+    // the digest does not match.
+    let mut delivered: Vec<(usize, Range<usize>)> = Vec::new();
     // Each source's rate, bytes per second of one piece, from its last piece.
     let mut rate: Vec<Option<f64>> = vec![None; servers.len()];
     let mut stats = Stats::default();
     let mut last_error: Option<TransferError> = None;
     let mut last_progress = started;
 
-    while blocks_left > 0 {
+    loop {
+        if blocks_left == 0 {
+            // Every piece arrived: the digest decides, and names liars if it does not match.
+            digest.advance(&file, true)?;
+            if digest.matches()? {
+                break;
+            }
+            let liars = liars(&manifest, &delivered, &mut lock(&file));
+            // Everything a liar delivered is fetched again, in runs as long as possible
+            // (each piece is a request, and a server limits requests per address).
+            let mut bad = RangeSet::new();
+            for (_, blocks) in delivered.iter().filter(|(s, _)| liars.contains(s)) {
+                bad.insert(blocks.start as u64..blocks.end as u64);
+            }
+            let bad: Vec<Range<usize>> = bad
+                .iter()
+                .map(|r| r.start as usize..r.end as usize)
+                .collect();
+            // Bytes hashed while they arrived may have been written again since (a piece
+            // cancelled and fetched from another source): with no block at fault, the file
+            // is hashed once more.
+            if bad.is_empty() && lock(&file).digest(&id, manifest.size)? == id {
+                break;
+            }
+            if bad.is_empty() {
+                // The manifest itself (most sources agreed on it) does not describe `id`: the
+                // bytes are another object's, and are not kept.
+                let actual = digest.actual().unwrap_or(id);
+                engine.finish(Duration::ZERO);
+                if let Some(partial) = Arc::into_inner(file) {
+                    let _ = partial
+                        .into_inner()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .discard();
+                }
+                return Err(TransferError::DigestMismatch {
+                    expected: id,
+                    actual,
+                }
+                .into());
+            }
+            for s in liars {
+                state[s] = SourceState::Lied;
+            }
+            delivered.retain(|(s, _)| state[*s] != SourceState::Lied);
+            blocks_left = bad.iter().map(|r| r.end - r.start).sum();
+            queue = bad.into();
+            // What the liars wrote is fetched again; the whole is hashed once more after.
+            digest = InOrderDigest::new(&id, manifest.size);
+            continue;
+        }
         let now = Instant::now();
         // Sources set aside long enough get another chance.
         for s in state.iter_mut() {
@@ -173,7 +234,7 @@ pub(super) fn fetch_from(
                     have,
                     sink,
                     expect: Expect::Size(manifest.size),
-                    // Each piece is checked against the manifest's block hashes below.
+                    // The object's digest checks the whole (see the module docs).
                     verify: Verify::ByCaller,
                 })?;
                 in_flight.insert(t, (s, blocks, Instant::now()));
@@ -199,18 +260,14 @@ pub(super) fn fetch_from(
                 continue;
             };
             drop(ended.sink);
-            let mut checked = false;
+            let mut arrived = false;
             match ended.outcome {
                 Outcome::Completed { .. } => {
                     add_stats(&mut stats, &ended.stats);
-                    checked = blocks_match(&manifest, &blocks, &mut lock(&file));
-                    if !checked {
-                        state[s] = SourceState::Lied;
-                    } else {
-                        let piece = byte_range(&manifest, &blocks);
-                        let secs = began.elapsed().as_secs_f64().max(1e-3);
-                        rate[s] = Some((piece.end - piece.start) as f64 / secs);
-                    }
+                    arrived = true;
+                    let piece = byte_range(&manifest, &blocks);
+                    let secs = began.elapsed().as_secs_f64().max(1e-3);
+                    rate[s] = Some((piece.end - piece.start) as f64 / secs);
                 }
                 Outcome::Failed(TransferError::TimedOut(_)) => {
                     state[s] = state[s].silenced(Instant::now());
@@ -225,8 +282,9 @@ pub(super) fn fetch_from(
                 }
                 Outcome::WrongSize { .. } | Outcome::NoSpace(_) => state[s] = SourceState::Failed,
             }
-            if checked {
+            if arrived {
                 blocks_left -= blocks.end - blocks.start;
+                delivered.push((s, blocks));
             } else {
                 queue.push_back(blocks);
             }
@@ -258,6 +316,7 @@ pub(super) fn fetch_from(
                 }
             }
         }
+        digest.advance(&file, false)?;
         if last_progress.elapsed() >= client.config.transfer.progress_interval {
             last_progress = Instant::now();
             let done = lock(&file).received().covered().min(manifest.size);
@@ -269,28 +328,19 @@ pub(super) fn fetch_from(
             });
         }
     }
-    // Every piece matched the manifest; the object's own digest checks the whole.
+    // The digest matched.
     engine.finish(linger_for(&stats));
-    let Some(mut partial) =
+    let Some(partial) =
         Arc::into_inner(file).map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
     else {
         return Err(lost());
     };
-    let actual = partial.digest(&id, manifest.size)?;
     let bad_sources: Vec<SocketAddr> = servers
         .iter()
         .zip(&state)
         .filter(|(_, s)| **s == SourceState::Lied)
         .map(|(a, _)| *a)
         .collect();
-    if actual != id {
-        let _ = partial.discard();
-        return Err(TransferError::DigestMismatch {
-            expected: id,
-            actual,
-        }
-        .into());
-    }
     progress(&Progress {
         bytes_done: manifest.size,
         total: manifest.size,
@@ -485,18 +535,118 @@ fn byte_range(manifest: &Manifest, blocks: &Range<usize>) -> Range<u64> {
     start..end
 }
 
-/// Whether every block of `blocks` in the partial file has the manifest's strong hash.
-fn blocks_match(manifest: &Manifest, blocks: &Range<usize>, partial: &mut PartialFile) -> bool {
+/// The sources that delivered a block of `delivered` that does not have the manifest's strong
+/// hash in the partial file (a block that cannot be read counts as not matching).
+fn liars(
+    manifest: &Manifest,
+    delivered: &[(usize, Range<usize>)],
+    partial: &mut PartialFile,
+) -> Vec<usize> {
     let mut buf = vec![0u8; manifest.block_size as usize];
-    blocks.clone().all(|i| {
-        let r = manifest.block_range(i);
-        let len = (r.end - r.start) as usize;
-        if partial.read_at(r.start, &mut buf[..len]).is_err() {
-            return false;
+    let mut liars: Vec<usize> = Vec::new();
+    for (source, blocks) in delivered {
+        if liars.contains(source) {
+            continue;
         }
-        let d: [u8; 16] = Md5::digest(&buf[..len]).into();
-        d[..8] == manifest.blocks[i].1
-    })
+        let lied = blocks.clone().any(|i| {
+            let r = manifest.block_range(i);
+            let len = (r.end - r.start) as usize;
+            partial.read_at(r.start, &mut buf[..len]).is_err() || {
+                let d: [u8; 16] = Md5::digest(&buf[..len]).into();
+                d[..8] != manifest.blocks[i].1
+            }
+        });
+        if lied {
+            liars.push(*source);
+        }
+    }
+    liars
+}
+
+/// Bytes read back and handed to the digest at once.
+const DIGEST_READ: usize = 256 << 10;
+
+/// The object's digest over the received prefix of a multi-source download's partial file,
+/// computed as the pieces arrive: bytes are read back from the file (the page cache, mostly)
+/// and hashed on a second core ([`HashThread`]; on this one if no thread can start).
+struct InOrderDigest {
+    hasher: DigestHasher,
+    id: ObjectId,
+    hashed: u64,
+    size: u64,
+    buf: Vec<u8>,
+    actual: Option<ObjectId>,
+}
+
+enum DigestHasher {
+    Thread(HashThread),
+    Inline(InlineHasher),
+}
+
+impl InOrderDigest {
+    fn new(id: &ObjectId, size: u64) -> Self {
+        let hasher = match HashThread::for_id(id) {
+            Ok(h) => DigestHasher::Thread(h),
+            Err(_) => DigestHasher::Inline(InlineHasher::for_id(id)),
+        };
+        InOrderDigest {
+            hasher,
+            id: *id,
+            hashed: 0,
+            size,
+            buf: Vec::new(),
+            actual: None,
+        }
+    }
+
+    /// Hashes what arrived past the hashed prefix. During the download (`all` false) it hands
+    /// over only whole reads of [`DIGEST_READ`] that the thread takes without waiting, so the
+    /// receive loop never stalls on the digest; at the end (`all`) everything.
+    fn advance(&mut self, file: &SharedFile, all: bool) -> Result<(), FetchError> {
+        loop {
+            let end = lock(file)
+                .received()
+                .first_missing_from(self.hashed)
+                .min(self.size);
+            let len = (end - self.hashed).min(DIGEST_READ as u64) as usize;
+            let room = match &self.hasher {
+                DigestHasher::Thread(t) => t.room(),
+                DigestHasher::Inline(_) => usize::MAX,
+            };
+            if len == 0 || (!all && (len < DIGEST_READ || room < len)) {
+                return Ok(());
+            }
+            self.buf.resize(len, 0);
+            if let Err(e) = lock(file).read_at(self.hashed, &mut self.buf) {
+                return Err(TransferError::storage("read", &e).into());
+            }
+            match &mut self.hasher {
+                DigestHasher::Thread(t) => t.update(&self.buf),
+                DigestHasher::Inline(h) => h.update(&self.buf),
+            }
+            self.hashed += len as u64;
+        }
+    }
+
+    /// Whether the whole object hashes to the id; call it after `advance(.., true)`, once.
+    fn matches(&mut self) -> Result<bool, FetchError> {
+        if self.hashed < self.size {
+            // Every piece arrived, so the prefix reaches the end; a gap means bytes were lost.
+            return Err(lost());
+        }
+        let actual = match &mut self.hasher {
+            DigestHasher::Thread(t) => t.finish(),
+            DigestHasher::Inline(h) => h.finish(),
+        }
+        .map_err(|e| TransferError::storage("hash", &e))?;
+        self.actual = Some(actual);
+        Ok(actual == self.id)
+    }
+
+    /// What the object hashed to, once [`matches`](Self::matches) said.
+    fn actual(&self) -> Option<ObjectId> {
+        self.actual
+    }
 }
 
 fn add_stats(total: &mut Stats, piece: &Stats) {
