@@ -12,8 +12,14 @@
 //! bound to its own loopback address (127.0.0.2, 127.0.0.3, ...: the server's per-address limit
 //! stays at its default), and two threads drive all clients. Server CPU time comes from
 //! `/proc/thread-self/schedstat` (Linux; "-" elsewhere); server heap from a counting allocator
-//! that keeps a per-thread tally of live bytes and its peak. Prints a table and writes
-//! `$CARGO_TARGET_DIR/scaling-bench.json`.
+//! that keeps a per-thread tally of live bytes and its peak.
+//!
+//! With `UDPFERRY_BIN` set to the release binary (scripts/benchmarks.sh and .ci/run set it), it
+//! then runs what users run: one `udpferry serve` process and 1 or 50 concurrent `udpferry get`
+//! processes (each `--bind` to its own loopback address), with the serve process's CPU time
+//! (all threads) per GB and the growth of its peak resident memory per get.
+//!
+//! Prints the tables and writes `$CARGO_TARGET_DIR/scaling-bench.json`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -261,6 +267,145 @@ fn run(clients: usize, size: usize) -> Result<Row, String> {
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// The same with the real binary (issue 14): one `udpferry serve` process and concurrent
+// `udpferry get` processes, each from its own loopback address (`--bind`).
+
+/// What one run of the real binaries measured.
+struct ProcessRow {
+    clients: usize,
+    size_mib: usize,
+    secs: f64,
+    /// CPU seconds of the serve process during the run (all its threads).
+    server_cpu: Option<f64>,
+    /// Growth of the serve process's peak resident memory over its level before the run.
+    server_rss_growth: Option<u64>,
+}
+
+impl ProcessRow {
+    fn aggregate_mb_per_s(&self) -> f64 {
+        (self.clients * self.size_mib * MIB) as f64 / self.secs / 1e6
+    }
+    fn cpu_per_gb(&self) -> Option<f64> {
+        let gb = (self.clients * self.size_mib * MIB) as f64 / 1e9;
+        self.server_cpu.map(|c| c / gb)
+    }
+}
+
+/// CPU seconds of every thread of process `pid` (Linux: `/proc/PID/task/*/schedstat`).
+fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        ns += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(ns as f64 / 1e9)
+}
+
+/// A field of `/proc/PID/status` in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// A child process, killed when dropped.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run_processes(bin: &std::path::Path, clients: usize, size: usize) -> Result<ProcessRow, String> {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let err = |e: std::io::Error| e.to_string();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let dir = std::env::temp_dir().join(format!("udpferry-scaling-{}-{nanos}", std::process::id()));
+    let served = dir.join("served");
+    std::fs::create_dir_all(&served).map_err(err)?;
+    let result = (|| {
+        let mut bytes = vec![0u8; size];
+        Rng::new(0x5ca1e).fill_bytes(&mut bytes);
+        let id = ObjectId::md5_of(&bytes).to_hex();
+        std::fs::write(served.join("map.bin"), &bytes).map_err(err)?;
+        drop(bytes);
+        // `--list` indexes before listening: the run starts with the file known.
+        let mut server = Child(
+            Command::new(bin)
+                .arg("serve")
+                .arg(&served)
+                .args(["--listen", "127.0.0.1:0", "--list"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", bin.display()))?,
+        );
+        let pid = server.0.id();
+        let stdout = server.0.stdout.take().ok_or("no stdout")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(a) = line.strip_prefix("listening on ") {
+                        break a.to_string();
+                    }
+                }
+                _ => return Err("serve exited before listening".to_string()),
+            }
+        };
+        thread::spawn(move || lines.for_each(drop));
+        let rss_before = status_kib(pid, "VmRSS:");
+        let cpu_before = process_cpu_secs(pid);
+        let start = Instant::now();
+        let gets: Vec<Child> = (0..clients)
+            .map(|i| {
+                let ip = Ipv4Addr::new(127, 0, (2 + i / 250) as u8, (2 + i % 250) as u8);
+                Command::new(bin)
+                    .args(["get", &addr, &id, "--timeout", "120", "--bind"])
+                    .arg(format!("{ip}:0"))
+                    .arg("--cache")
+                    .arg(dir.join(format!("cache-{i}")))
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .map(Child)
+                    .map_err(err)
+            })
+            .collect::<Result<_, _>>()?;
+        let mut failed = 0;
+        for mut g in gets {
+            if !g.0.wait().map_err(err)?.success() {
+                failed += 1;
+            }
+        }
+        let secs = start.elapsed().as_secs_f64();
+        let server_cpu = process_cpu_secs(pid).zip(cpu_before).map(|(b, a)| b - a);
+        let peak = status_kib(pid, "VmHWM:");
+        if failed > 0 {
+            return Err(format!("{failed} of {clients} get processes failed"));
+        }
+        Ok(ProcessRow {
+            clients,
+            size_mib: size / MIB,
+            secs,
+            server_cpu,
+            server_rss_growth: peak
+                .zip(rss_before)
+                .map(|(p, b)| p.saturating_sub(b) * 1024),
+        })
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let smoke = args.iter().any(|a| a == "--smoke")
@@ -289,6 +434,32 @@ fn main() {
             Err(e) => eprintln!("  failed: {e}"),
         }
     }
+    // The real binaries, when UDPFERRY_BIN names the release binary (scripts/benchmarks.sh
+    // and .ci/run set it): 50 get processes of 8 MiB, and one of 8 and one of 64 MiB to show
+    // that the server's memory per transfer does not follow the object (smoke: 10 of 1 MiB).
+    let bin = std::env::var_os("UDPFERRY_BIN")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file());
+    let process_cases: Vec<(usize, usize)> = match &bin {
+        None => {
+            eprintln!("real binaries not run: set UDPFERRY_BIN to the release binary");
+            Vec::new()
+        }
+        Some(_) if smoke => vec![(10, 1)],
+        Some(_) => vec![(1, 8), (1, 64), (50, 8)],
+    };
+    let mut process_rows = Vec::new();
+    for &(clients, size_mib) in &process_cases {
+        eprintln!("udpferry serve + {clients} udpferry get process(es), {size_mib} MiB each...");
+        match bin
+            .as_deref()
+            .map(|b| run_processes(b, clients, size_mib * MIB))
+        {
+            Some(Ok(row)) => process_rows.push(row),
+            Some(Err(e)) => eprintln!("  failed: {e}"),
+            None => {}
+        }
+    }
     println!();
     println!("one server, concurrent clients, memory to memory over loopback (MB = 10^6 bytes)");
     println!(
@@ -311,6 +482,52 @@ fn main() {
             r.heap_per_transfer / 1024.0
         );
     }
+    if !process_rows.is_empty() {
+        println!();
+        println!(
+            "the real binaries: one `udpferry serve` process, concurrent `udpferry get` processes \
+             (each --bind to its own 127.0.x.y, into its own cache), start of the first to exit of \
+             the last; the clients share the machine's cores with the server"
+        );
+        println!(
+            "{:>8} {:>10} {:>10} {:>14} {:>20} {:>26}",
+            "gets",
+            "MiB each",
+            "seconds",
+            "aggregate MB/s",
+            "server CPU s per GB",
+            "server peak RSS growth/get"
+        );
+        for r in &process_rows {
+            println!(
+                "{:>8} {:>10} {:>10.3} {:>14.1} {:>20} {:>26}",
+                r.clients,
+                r.size_mib,
+                r.secs,
+                r.aggregate_mb_per_s(),
+                r.cpu_per_gb().map_or("-".into(), |c| format!("{c:.2}")),
+                r.server_rss_growth.map_or("-".into(), |g| format!(
+                    "{:.1} KiB",
+                    g as f64 / 1024.0 / r.clients as f64
+                ))
+            );
+        }
+    }
+    let process_body: Vec<String> = process_rows
+        .iter()
+        .map(|r| {
+            format!(
+                "    {{\"clients\": {}, \"size_mib\": {}, \"secs\": {:.6}, \"aggregate_mb_per_s\": {:.3}, \"server_cpu_secs_per_gb\": {}, \"server_rss_growth_bytes_per_get\": {}}}",
+                r.clients,
+                r.size_mib,
+                r.secs,
+                r.aggregate_mb_per_s(),
+                r.cpu_per_gb().map_or("null".into(), |c| format!("{c:.4}")),
+                r.server_rss_growth
+                    .map_or("null".into(), |g| format!("{:.0}", g as f64 / r.clients as f64))
+            )
+        })
+        .collect();
     let body: Vec<String> = rows
         .iter()
         .map(|r| {
@@ -326,8 +543,9 @@ fn main() {
         })
         .collect();
     let json = format!(
-        "{{\n  \"smoke\": {smoke},\n  \"rows\": [\n{}\n  ]\n}}\n",
-        body.join(",\n")
+        "{{\n  \"smoke\": {smoke},\n  \"rows\": [\n{}\n  ],\n  \"process_rows\": [\n{}\n  ]\n}}\n",
+        body.join(",\n"),
+        process_body.join(",\n")
     );
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -337,7 +555,7 @@ fn main() {
         Ok(()) => eprintln!("wrote {}", path.display()),
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
     }
-    if rows.len() < cases.len() {
+    if rows.len() < cases.len() || process_rows.len() < process_cases.len() {
         std::process::exit(1);
     }
 }

@@ -207,6 +207,26 @@ w("A sending transfer keeps a record per datagram in flight, so its memory follo
 w("congestion window (at most the receive window, 16 MiB by default), not the object: the one-client")
 w("rows at 64 and 256 MiB are the check. With many clients each window stays small.")
 w("")
+prows = sc.get("process_rows") or []
+if prows:
+    w("### The real binaries")
+    w("")
+    w("One `udpferry serve` process (started with `--list`, so the file is indexed before the")
+    w("run) and concurrent `udpferry get` processes, each sending from its own loopback address")
+    w("(`--bind 127.0.x.y:0`) into its own cache, timed from the first spawn to the last exit.")
+    w("The get processes (each a receive thread and an MD5 thread) share the two cores with the")
+    w("server. Server CPU is the serve process's CPU time over all its threads")
+    w("(`/proc/PID/task/*/schedstat`) per GB delivered; memory is the growth of its peak resident")
+    w("set (`VmHWM` after the run minus `VmRSS` before it) divided by the number of gets.")
+    w("")
+    w("| gets | MiB each | seconds | aggregate MB/s | server CPU s per GB | server peak RSS growth per get |")
+    w("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    for row in prows:
+        cpu = row["server_cpu_secs_per_gb"]
+        rss = row["server_rss_growth_bytes_per_get"]
+        w(f"| {row['clients']} | {row['size_mib']} | {row['secs']:.3f} | {row['aggregate_mb_per_s']:.1f} "
+          f"| {fmt(cpu, '.2f')} | {fmt(None if rss is None else rss / 1024, '.1f')} KiB |")
+    w("")
 if not e.get("BENCH_SKIP_TRANSFER"):
     w("## Core (simulator) benches: `cargo bench --bench transfer`")
     w("")

@@ -164,6 +164,50 @@ fn second_get_uses_the_cache_without_network() {
     }
 }
 
+/// `get --bind` sends from the address given (the server sees it), and an address this host
+/// does not have fails with a clear message before any transfer.
+#[test]
+fn get_bind_sends_from_the_given_address() {
+    let tmp = TempDir::new("bind");
+    let dir = tmp.join("served");
+    let data = content(300_000, 9);
+    let md5 = put_file(&dir, "level.map", &data);
+    let (mut server, addr, _) = spawn_server(&dir, &["-v"]);
+    let r = get(
+        addr,
+        &md5,
+        &tmp.join("one"),
+        &tmp.join("c"),
+        &["--bind", "127.0.0.7:0"],
+        GET_LIMIT,
+    );
+    assert!(r.status.success(), "get --bind 127.0.0.7:0: {r:?}");
+    assert_file_eq(&tmp.join("one"), &data);
+    let r = get(
+        addr,
+        &md5,
+        &tmp.join("two"),
+        &tmp.join("c2"),
+        &["--bind", "192.0.2.1:0"],
+        GET_LIMIT,
+    );
+    assert!(
+        !r.status.success(),
+        "bound to an address not on this host: {r:?}"
+    );
+    assert!(
+        r.stderr.contains("192.0.2.1"),
+        "the message names the address: {r:?}"
+    );
+    server.signal("TERM");
+    let _ = server.wait_for(Duration::from_secs(10));
+    let log = server.stderr();
+    assert!(
+        log.contains("to 127.0.0.7:"),
+        "the server saw the bound address: {log}"
+    );
+}
+
 #[test]
 fn get_failures_name_the_cause() {
     let tmp = TempDir::new("fail");

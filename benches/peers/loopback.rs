@@ -803,6 +803,32 @@ fn main() {
             runs,
         );
     }
+    if wanted("udpferry get -o, two servers") {
+        eprintln!("two udpferry serve + get -o from both (processes)...");
+        let runs = (|| {
+            let bin = processes::udpferry_bin()?;
+            let (dir, scratch) = (served.as_ref()?, scratch.as_ref()?);
+            let (_one, a) = processes::udpferry_serve(&bin, &dir.0)?;
+            let (_two, b) = processes::udpferry_serve(&bin, &dir.0)?;
+            let both = format!("{a},{b}");
+            let get = |id: &ObjectId, len| {
+                processes::udpferry_get(&bin, &both, &id.to_hex(), &scratch.0, len)
+            };
+            // One warm-up run each: a server builds an object's manifest on the first request
+            // for it (a pass over the file), then keeps it.
+            get(&id, size)?;
+            get(&small_id, LATENCY_SIZE)?;
+            Ok((
+                repeat(reps, || get(&id, size))?,
+                repeat(reps, || get(&small_id, LATENCY_SIZE))?,
+            ))
+        })();
+        process_runs(
+            "udpferry get -o, two servers (CLI)",
+            "two serve processes of the same directory, one get -o from both per run (after one warm-up run that builds the servers' manifests)",
+            runs,
+        );
+    }
     if wanted("HTTP + curl + md5sum") {
         eprintln!("HTTP + curl -o + md5sum (processes)...");
         let runs = (|| {
@@ -970,6 +996,15 @@ fn main() {
             "get -o (CLI) / quinn+MD5",
             ratio(mbps("udpferry get -o (CLI)"), mbps("quinn + MD5")),
             ">= 1.3",
+            true,
+        ),
+        (
+            "get -o from two servers / from one",
+            ratio(
+                mbps("udpferry get -o, two servers (CLI)"),
+                mbps("udpferry get -o (CLI)"),
+            ),
+            ">= 0.9",
             true,
         ),
         (

@@ -111,6 +111,10 @@ struct GetArgs {
     /// same way.
     #[arg(long, requires = "output", conflicts_with = "bases")]
     bundle: bool,
+    /// Local address to send from, host:port (port 0: any free port), e.g. to pick an
+    /// interface. Default: any address, of the servers' family.
+    #[arg(long, value_parser = parse_address)]
+    bind: Option<SocketAddr>,
 }
 
 #[derive(clap::Args)]
@@ -332,7 +336,10 @@ fn get(args: GetArgs) -> ExitCode {
         return fail("get", NO_CACHE_DIR);
     };
     let client = match Client::new(&cache_dir) {
-        Ok(client) => client,
+        Ok(client) => match args.bind {
+            Some(local) => client.with_bind(local),
+            None => client,
+        },
         Err(e) => return fail("get", &FetchError::from(e).to_string()),
     };
     let mut servers: Vec<SocketAddr> = Vec::new();

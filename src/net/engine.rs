@@ -210,7 +210,9 @@ impl<'a> Engine<'a> {
         if self.driver.is_none() {
             let v4 = SocketAddr::from(([0u8; 4], 0));
             let socket = match self.client.bind {
-                Some(local) => bind(local)?,
+                Some(local) => bind(local).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot send from {local}: {e}"))
+                })?,
                 // Dual-stack; where IPv6 is off, IPv4 still works.
                 None if servers.iter().any(|s| s.is_ipv6()) => {
                     bind(SocketAddr::from(([0u16; 8], 0))).or_else(|_| bind(v4))?
