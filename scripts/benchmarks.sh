@@ -34,6 +34,11 @@ echo "== $env_note$scaling_cmd" >&2
 rm -f "$target/scaling-bench.json"
 $scaling_cmd 2>&1 | tee "$log_dir/scaling.txt" >&2
 
+lossy_cmd="cargo bench --bench lossy"
+echo "== $env_note$lossy_cmd" >&2
+rm -f "$target/lossy-bench.json"
+$lossy_cmd 2>&1 | tee "$log_dir/lossy.txt" >&2
+
 if [[ -z "${SKIP_TRANSFER:-}" ]]; then
     echo "== $transfer_cmd" >&2
     $transfer_cmd 2>&1 | tee "$log_dir/transfer.txt" >&2
@@ -54,6 +59,8 @@ export BENCH_JSON="$target/loopback-bench.json"
 export BENCH_SCALING_JSON="$target/scaling-bench.json"
 export BENCH_SCALING_CMD="$env_note$scaling_cmd"
 export BENCH_TRANSFER_LOG="$log_dir/transfer.txt"
+export BENCH_LOSSY_JSON="$target/lossy-bench.json"
+export BENCH_LOSSY_CMD="$env_note$lossy_cmd"
 
 python3 - <<'EOF' >docs/BENCHMARKS.md
 import json, os, re
@@ -85,6 +92,27 @@ w("")
 w("```")
 w(e["BENCH_LOOPBACK_CMD"])
 w(e["BENCH_SCALING_CMD"])
+with open(e["BENCH_LOSSY_JSON"]) as f:
+    lo = json.load(f)
+w(f"## A lossy link, real sockets: `{e['BENCH_LOSSY_CMD']}`")
+w("")
+if lo.get("smoke"):
+    w("**Smoke mode**: a check that everything runs, not a measurement.")
+    w("")
+w(f"`net::Server` and `net::Client::fetch` (defaults) through `udpferry_sim::Relay`, a loopback")
+w(f"UDP relay that applies the simulator's link model in real time: a {lo['rate_bytes_per_sec'] / 1048576:.0f} MiB/s")
+w(f"bottleneck with a 100 ms drop-tail queue on the way down, {lo['rtt_ms']} ms RTT, random loss")
+w(f"each way, a {lo['size_bytes'] / 1048576:.0f} MiB object; a run is cut off at 60 s and its goodput is what")
+w("arrived per second, as a fraction of the link rate. This is the starting point of issue 15")
+w("(model-based congestion control): today every loss halves the window.")
+w("")
+w("| loss each way | seconds | delivered MiB | fraction of link | queue drops | random drops |")
+w("| ---: | ---: | ---: | ---: | ---: | ---: |")
+for row in lo["rows"]:
+    cut = "" if row["completed"] else " (cut off)"
+    w(f"| {row['loss'] * 100:.1f}% | {row['secs']:.2f}{cut} | {row['delivered_bytes'] / 1048576:.2f} "
+      f"| {row['fraction_of_link']:.2f} | {row['queue_dropped']} | {row['lost']} |")
+w("")
 if not e.get("BENCH_SKIP_TRANSFER"):
     w(e["BENCH_TRANSFER_CMD"])
 w("```")

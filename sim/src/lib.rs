@@ -14,6 +14,9 @@
 //!   duplication, bit corruption, mutation that passes the CRC32, an MTU,
 //!   and a bandwidth bottleneck with a tail-drop queue. [`LinkStats`]
 //!   counts what happened.
+//! * [`Relay`] is the same link model for real sockets: a loopback UDP relay between one
+//!   client and a server, driven by the real clock, for benches of what users run (the
+//!   binaries, the driver, quinn for comparison).
 //! * [`Pair`] joins two [`Peer`]s with a link in each direction and runs them
 //!   in *virtual time*: instead of sleeping, the clock jumps straight to the
 //!   next event (a datagram arrival or a peer's timer). A transfer that would
@@ -83,10 +86,12 @@ mod game;
 mod link;
 mod pair;
 mod peers;
+mod relay;
 mod rng;
 
 pub use game::{EndpointPeer, GameTraffic};
 pub use link::{mutate, GilbertElliott, Link, LinkConfig, LinkStats};
 pub use pair::{Direction, Pair, Peer, RunOutcome};
 pub use peers::OneShotServer;
+pub use relay::Relay;
 pub use rng::{seed_from_env, Rng};
