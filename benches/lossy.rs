@@ -10,7 +10,6 @@
 //! `UDPFERRY_BENCH_SMOKE=1` runs 1 MiB at 0% only. Prints a table and writes
 //! `$CARGO_TARGET_DIR/lossy-bench.json`.
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,6 +18,8 @@ use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
 use udpferry::store::ContentStore;
 use udpferry::ObjectId;
 use udpferry_sim::{LinkConfig, Relay, Rng};
+
+mod common;
 
 const MIB: usize = 1 << 20;
 const RATE: u64 = 4 << 20;
@@ -41,75 +42,55 @@ impl Row {
 
 fn run(loss: f64, size: usize, cap: Duration, seed: u64) -> Result<Row, String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("udpferry-lossy-{}-{nanos}", std::process::id()));
+    let dir = common::TempDir::new("lossy").map_err(|e| err(&e))?;
     let served = dir.join("served");
     std::fs::create_dir_all(&served).map_err(|e| err(&e))?;
-    let result = (|| {
-        let mut bytes = vec![0u8; size];
-        Rng::new(seed).fill_bytes(&mut bytes);
-        let id = ObjectId::md5_of(&bytes);
-        let path = served.join("map.bin");
-        std::fs::write(&path, &bytes).map_err(|e| err(&e))?;
-        // Dated back a minute, as a served map is (a file written moments ago is re-hashed).
-        let old = std::time::SystemTime::now() - Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(old))
-            .map_err(|e| err(&e))?;
-        let store = ContentStore::open(&served).map_err(|e| err(&e))?;
-        let server = Server::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            store,
-            ServerConfig::default(),
-        )
-        .and_then(Server::spawn)
-        .map_err(|e| err(&e))?;
-        let down = LinkConfig::clean(ONE_WAY)
-            .with_bottleneck(RATE, (RATE / 10) as usize)
-            .with_loss(loss);
-        let up = LinkConfig::clean(ONE_WAY).with_loss(loss);
-        let relay = Relay::start(server.local_addr(), up, down, seed).map_err(|e| err(&e))?;
-        let client = Client::new(dir.join("cache")).map_err(|e| err(&e))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let options = FetchOptions {
-            stop: Some(stop.clone()),
-            ..FetchOptions::default()
-        };
-        let start = Instant::now();
-        let mut delivered = 0u64;
-        let outcome = client.fetch(relay.addr(), id, &options, |p| {
-            delivered = p.bytes_done;
-            if start.elapsed() >= cap {
-                stop.store(true, Ordering::Relaxed);
-            }
-        });
-        let secs = start.elapsed().as_secs_f64();
-        let (_, down_stats) = relay.stats();
-        let completed = outcome.is_ok();
-        if completed {
-            delivered = size as u64;
+    let mut bytes = vec![0u8; size];
+    Rng::new(seed).fill_bytes(&mut bytes);
+    let id = ObjectId::md5_of(&bytes);
+    common::put_served(&served.join("map.bin"), &bytes).map_err(|e| err(&e))?;
+    let store = ContentStore::open(&served).map_err(|e| err(&e))?;
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        store,
+        ServerConfig::default(),
+    )
+    .and_then(Server::spawn)
+    .map_err(|e| err(&e))?;
+    let down = LinkConfig::clean(ONE_WAY)
+        .with_bottleneck(RATE, (RATE / 10) as usize)
+        .with_loss(loss);
+    let up = LinkConfig::clean(ONE_WAY).with_loss(loss);
+    let relay = Relay::start(server.local_addr(), up, down, seed).map_err(|e| err(&e))?;
+    let client = Client::new(dir.join("cache")).map_err(|e| err(&e))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let options = FetchOptions {
+        stop: Some(stop.clone()),
+        ..FetchOptions::default()
+    };
+    let start = Instant::now();
+    let mut delivered = 0u64;
+    let outcome = client.fetch(relay.addr(), id, &options, |p| {
+        delivered = p.bytes_done;
+        if start.elapsed() >= cap {
+            stop.store(true, Ordering::Relaxed);
         }
-        Ok(Row {
-            loss,
-            secs,
-            delivered,
-            completed,
-            queue_dropped: down_stats.queue_dropped,
-            lost: down_stats.lost,
-        })
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+    });
+    let secs = start.elapsed().as_secs_f64();
+    let (_, down_stats) = relay.stats();
+    let completed = outcome.is_ok();
+    Ok(Row {
+        loss,
+        secs,
+        delivered: if completed { size as u64 } else { delivered },
+        completed,
+        queue_dropped: down_stats.queue_dropped,
+        lost: down_stats.lost,
+    })
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = args.iter().any(|a| a == "--smoke")
-        || std::env::var("UDPFERRY_BENCH_SMOKE").is_ok_and(|v| v == "1");
+    let smoke = common::smoke();
     let custom: Option<Vec<f64>> = std::env::var("UDPFERRY_LOSSY_CASES").ok().map(|v| {
         v.split(',')
             .filter_map(|c| c.trim().parse().ok())
@@ -173,14 +154,7 @@ fn main() {
         2 * ONE_WAY.as_millis(),
         body.join(",\n")
     );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"));
-    let path = target.join("lossy-bench.json");
-    match std::fs::create_dir_all(&target).and_then(|_| std::fs::write(&path, json)) {
-        Ok(()) => eprintln!("wrote {}", path.display()),
-        Err(e) => eprintln!("could not write {}: {e}", path.display()),
-    }
+    common::write_report("lossy-bench.json", &json);
     if rows.len() < losses.len() {
         std::process::exit(1);
     }

@@ -25,7 +25,6 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -35,6 +34,8 @@ use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet};
 use udpferry::net::Driver;
 use udpferry::ObjectId;
 use udpferry_sim::Rng;
+
+mod common;
 
 // ---------------------------------------------------------------------------------------------
 // A global allocator that counts live heap bytes per thread (and their peak), so the server
@@ -309,107 +310,58 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// A child process, killed when dropped.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn run_processes(bin: &std::path::Path, clients: usize, size: usize) -> Result<ProcessRow, String> {
-    use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
+    use common::processes::{udpferry_serve, Proc};
     let err = |e: std::io::Error| e.to_string();
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let dir = std::env::temp_dir().join(format!("udpferry-scaling-{}-{nanos}", std::process::id()));
+    let dir = common::TempDir::new("scaling").map_err(err)?;
     let served = dir.join("served");
     std::fs::create_dir_all(&served).map_err(err)?;
-    let result = (|| {
-        let mut bytes = vec![0u8; size];
-        Rng::new(0x5ca1e).fill_bytes(&mut bytes);
-        let id = ObjectId::md5_of(&bytes).to_hex();
-        std::fs::write(served.join("map.bin"), &bytes).map_err(err)?;
-        drop(bytes);
-        // `--list` indexes before listening: the run starts with the file known.
-        let mut server = Child(
-            Command::new(bin)
-                .arg("serve")
-                .arg(&served)
-                .args(["--listen", "127.0.0.1:0", "--list"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", bin.display()))?,
-        );
-        let pid = server.0.id();
-        let stdout = server.0.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
-            match lines.next() {
-                Some(Ok(line)) => {
-                    if let Some(a) = line.strip_prefix("listening on ") {
-                        break a.to_string();
-                    }
-                }
-                _ => return Err("serve exited before listening".to_string()),
-            }
-        };
-        thread::spawn(move || lines.for_each(drop));
-        let rss_before = status_kib(pid, "VmRSS:");
-        let cpu_before = process_cpu_secs(pid);
-        let start = Instant::now();
-        let gets: Vec<Child> = (0..clients)
-            .map(|i| {
-                let ip = Ipv4Addr::new(127, 0, (2 + i / 250) as u8, (2 + i % 250) as u8);
-                Command::new(bin)
-                    .args(["get", &addr, &id, "--timeout", "120", "--bind"])
-                    .arg(format!("{ip}:0"))
-                    .arg("--cache")
-                    .arg(dir.join(format!("cache-{i}")))
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .map(Child)
-                    .map_err(err)
-            })
-            .collect::<Result<_, _>>()?;
-        let mut failed = 0;
-        for mut g in gets {
-            if !g.0.wait().map_err(err)?.success() {
-                failed += 1;
-            }
-        }
-        let secs = start.elapsed().as_secs_f64();
-        let server_cpu = process_cpu_secs(pid).zip(cpu_before).map(|(b, a)| b - a);
-        let peak = status_kib(pid, "VmHWM:");
-        if failed > 0 {
-            return Err(format!("{failed} of {clients} get processes failed"));
-        }
-        Ok(ProcessRow {
-            clients,
-            size_mib: size / MIB,
-            secs,
-            server_cpu,
-            server_rss_growth: peak
-                .zip(rss_before)
-                .map(|(p, b)| p.saturating_sub(b) * 1024),
+    let mut bytes = vec![0u8; size];
+    Rng::new(0x5ca1e).fill_bytes(&mut bytes);
+    let id = ObjectId::md5_of(&bytes).to_hex();
+    common::put_served(&served.join("map.bin"), &bytes).map_err(err)?;
+    drop(bytes);
+    let (server, addr) = udpferry_serve(bin, &served)?;
+    let pid = server.id();
+    let rss_before = status_kib(pid, "VmRSS:");
+    let cpu_before = process_cpu_secs(pid);
+    let start = Instant::now();
+    let gets: Vec<Proc> = (0..clients)
+        .map(|i| {
+            let ip = Ipv4Addr::new(127, 0, (2 + i / 250) as u8, (2 + i % 250) as u8);
+            let mut get = std::process::Command::new(bin);
+            get.args(["get", &addr, &id, "--timeout", "120", "--bind"])
+                .arg(format!("{ip}:0"))
+                .arg("--cache")
+                .arg(dir.join(&format!("cache-{i}")));
+            Proc::quiet(get).map_err(err)
         })
-    })();
-    let _ = std::fs::remove_dir_all(&dir);
-    result
+        .collect::<Result<_, _>>()?;
+    let mut failed = 0;
+    for mut g in gets {
+        if !g.wait().map_err(err)?.success() {
+            failed += 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let server_cpu = process_cpu_secs(pid).zip(cpu_before).map(|(b, a)| b - a);
+    let peak = status_kib(pid, "VmHWM:");
+    if failed > 0 {
+        return Err(format!("{failed} of {clients} get processes failed"));
+    }
+    Ok(ProcessRow {
+        clients,
+        size_mib: size / MIB,
+        secs,
+        server_cpu,
+        server_rss_growth: peak
+            .zip(rss_before)
+            .map(|(p, b)| p.saturating_sub(b) * 1024),
+    })
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = args.iter().any(|a| a == "--smoke")
-        || std::env::var("UDPFERRY_BENCH_SMOKE").is_ok_and(|v| v == "1");
+    let smoke = common::smoke();
     // `UDPFERRY_SCALING_CASES=1x4,50x8` runs other cases: clients x MiB each.
     let custom: Option<Vec<(usize, usize)>> =
         std::env::var("UDPFERRY_SCALING_CASES").ok().map(|v| {
@@ -437,27 +389,23 @@ fn main() {
     // The real binaries, when UDPFERRY_BIN names the release binary (scripts/benchmarks.sh
     // and .ci/run set it): 50 get processes of 8 MiB, and one of 8 and one of 64 MiB to show
     // that the server's memory per transfer does not follow the object (smoke: 10 of 1 MiB).
-    let bin = std::env::var_os("UDPFERRY_BIN")
-        .map(PathBuf::from)
-        .filter(|p| p.is_file());
+    let bin = common::processes::udpferry_bin();
     let process_cases: Vec<(usize, usize)> = match &bin {
-        None => {
-            eprintln!("real binaries not run: set UDPFERRY_BIN to the release binary");
+        Err(e) => {
+            eprintln!("real binaries {e}");
             Vec::new()
         }
-        Some(_) if smoke => vec![(10, 1)],
-        Some(_) => vec![(1, 8), (1, 64), (50, 8)],
+        Ok(_) if smoke => vec![(10, 1)],
+        Ok(_) => vec![(1, 8), (1, 64), (50, 8)],
     };
     let mut process_rows = Vec::new();
     for &(clients, size_mib) in &process_cases {
         eprintln!("udpferry serve + {clients} udpferry get process(es), {size_mib} MiB each...");
-        match bin
-            .as_deref()
-            .map(|b| run_processes(b, clients, size_mib * MIB))
-        {
-            Some(Ok(row)) => process_rows.push(row),
-            Some(Err(e)) => eprintln!("  failed: {e}"),
-            None => {}
+        if let Ok(bin) = &bin {
+            match run_processes(bin, clients, size_mib * MIB) {
+                Ok(row) => process_rows.push(row),
+                Err(e) => eprintln!("  failed: {e}"),
+            }
         }
     }
     println!();
@@ -547,14 +495,7 @@ fn main() {
         body.join(",\n"),
         process_body.join(",\n")
     );
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("target"));
-    let path = target.join("scaling-bench.json");
-    match std::fs::create_dir_all(&target).and_then(|_| std::fs::write(&path, json)) {
-        Ok(()) => eprintln!("wrote {}", path.display()),
-        Err(e) => eprintln!("could not write {}: {e}", path.display()),
-    }
+    common::write_report("scaling-bench.json", &json);
     if rows.len() < cases.len() || process_rows.len() < process_cases.len() {
         std::process::exit(1);
     }

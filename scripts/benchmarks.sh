@@ -5,6 +5,8 @@
 #   UDPFERRY_BENCH_SIZE_MIB=64 scripts/benchmarks.sh  # smaller object
 #   UDPFERRY_BENCH_SMOKE=1 scripts/benchmarks.sh    # 8 MiB, one run (a quick check)
 #   SKIP_TRANSFER=1 scripts/benchmarks.sh           # skip the core (criterion) benches
+#   REPORT_ONLY=1 scripts/benchmarks.sh             # no benches: rewrite the page from the last
+#                                                   # run's JSON and logs in target/
 #
 # Needs cargo and python3. Run it on an otherwise idle machine: both benches measure wall time.
 set -euo pipefail
@@ -17,33 +19,35 @@ mkdir -p "$log_dir"
 loopback_cmd="cargo bench -p udpferry-peers --bench loopback"
 transfer_cmd="cargo bench --bench transfer"
 scaling_cmd="cargo bench --bench scaling"
+lossy_cmd="cargo bench --bench lossy"
 env_note=""
 [[ -n "${UDPFERRY_BENCH_SIZE_MIB:-}" ]] && env_note+="UDPFERRY_BENCH_SIZE_MIB=$UDPFERRY_BENCH_SIZE_MIB "
 [[ -n "${UDPFERRY_BENCH_SMOKE:-}" ]] && env_note+="UDPFERRY_BENCH_SMOKE=$UDPFERRY_BENCH_SMOKE "
 
-# The loopback bench also runs the real binary (`serve` + `get -o`, issue 14).
-cargo build --release --quiet --bin udpferry
-export UDPFERRY_BIN="$PWD/$target/release/udpferry"
-[[ "$target" = /* ]] && export UDPFERRY_BIN="$target/release/udpferry"
+if [[ -z "${REPORT_ONLY:-}" ]]; then
+    # The loopback bench also runs the real binary (`serve` + `get -o`, issue 14).
+    cargo build --release --quiet --bin udpferry
+    export UDPFERRY_BIN="$PWD/$target/release/udpferry"
+    [[ "$target" = /* ]] && export UDPFERRY_BIN="$target/release/udpferry"
 
-echo "== $env_note$loopback_cmd" >&2
-rm -f "$target/loopback-bench.json"
-$loopback_cmd 2>&1 | tee "$log_dir/loopback.txt" >&2
+    echo "== $env_note$loopback_cmd" >&2
+    rm -f "$target/loopback-bench.json"
+    $loopback_cmd 2>&1 | tee "$log_dir/loopback.txt" >&2
 
-echo "== $env_note$scaling_cmd" >&2
-rm -f "$target/scaling-bench.json"
-$scaling_cmd 2>&1 | tee "$log_dir/scaling.txt" >&2
+    echo "== $env_note$scaling_cmd" >&2
+    rm -f "$target/scaling-bench.json"
+    $scaling_cmd 2>&1 | tee "$log_dir/scaling.txt" >&2
 
-lossy_cmd="cargo bench --bench lossy"
-echo "== $env_note$lossy_cmd" >&2
-rm -f "$target/lossy-bench.json"
-$lossy_cmd 2>&1 | tee "$log_dir/lossy.txt" >&2
+    echo "== $env_note$lossy_cmd" >&2
+    rm -f "$target/lossy-bench.json"
+    $lossy_cmd 2>&1 | tee "$log_dir/lossy.txt" >&2
 
-if [[ -z "${SKIP_TRANSFER:-}" ]]; then
-    echo "== $transfer_cmd" >&2
-    $transfer_cmd 2>&1 | tee "$log_dir/transfer.txt" >&2
-else
-    : >"$log_dir/transfer.txt"
+    if [[ -z "${SKIP_TRANSFER:-}" ]]; then
+        echo "== $transfer_cmd" >&2
+        $transfer_cmd 2>&1 | tee "$log_dir/transfer.txt" >&2
+    else
+        : >"$log_dir/transfer.txt"
+    fi
 fi
 
 cpu="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//' || true)"
@@ -69,6 +73,14 @@ e = os.environ
 with open(e["BENCH_JSON"]) as f:
     r = json.load(f)
 
+def table(head, align, rows):
+    """A markdown table: the header cells, one alignment per column, rows of cells."""
+    w("| " + " | ".join(head) + " |")
+    w("| " + " | ".join(align) + " |")
+    for row in rows:
+        w("| " + " | ".join(str(c) for c in row) + " |")
+    w("")
+
 def fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
 
@@ -92,27 +104,7 @@ w("")
 w("```")
 w(e["BENCH_LOOPBACK_CMD"])
 w(e["BENCH_SCALING_CMD"])
-with open(e["BENCH_LOSSY_JSON"]) as f:
-    lo = json.load(f)
-w(f"## A lossy link, real sockets: `{e['BENCH_LOSSY_CMD']}`")
-w("")
-if lo.get("smoke"):
-    w("**Smoke mode**: a check that everything runs, not a measurement.")
-    w("")
-w(f"`net::Server` and `net::Client::fetch` (defaults) through `udpferry_sim::Relay`, a loopback")
-w(f"UDP relay that applies the simulator's link model in real time: a {lo['rate_bytes_per_sec'] / 1048576:.0f} MiB/s")
-w(f"bottleneck with a 100 ms drop-tail queue on the way down, {lo['rtt_ms']} ms RTT, random loss")
-w(f"each way, a {lo['size_bytes'] / 1048576:.0f} MiB object; a run is cut off at 60 s and its goodput is what")
-w("arrived per second, as a fraction of the link rate. This is the starting point of issue 15")
-w("(model-based congestion control): today every loss halves the window.")
-w("")
-w("| loss each way | seconds | delivered MiB | fraction of link | queue drops | random drops |")
-w("| ---: | ---: | ---: | ---: | ---: | ---: |")
-for row in lo["rows"]:
-    cut = "" if row["completed"] else " (cut off)"
-    w(f"| {row['loss'] * 100:.1f}% | {row['secs']:.2f}{cut} | {row['delivered_bytes'] / 1048576:.2f} "
-      f"| {row['fraction_of_link']:.2f} | {row['queue_dropped']} | {row['lost']} |")
-w("")
+w(e["BENCH_LOSSY_CMD"])
 if not e.get("BENCH_SKIP_TRANSFER"):
     w(e["BENCH_TRANSFER_CMD"])
 w("```")
@@ -173,14 +165,10 @@ targets = r.get("targets", [])
 if targets:
     w("### Targets, as ratios within this run")
     w("")
-    w("| ratio | value | target | |")
-    w("| --- | ---: | --- | --- |")
-    for t in targets:
-        v = t["value"]
-        met = t["met"]
-        w(f"| {t['name']} | {fmt(v, '.2f')} | {t['target']} | "
-          f"{'met' if met else ('missed' if met is not None else 'not measured')} |")
-    w("")
+    table(["ratio", "value", "target", ""], ["---", "---:", "---", "---"],
+          [[t["name"], fmt(t["value"], ".2f"), t["target"],
+            "met" if t["met"] else ("missed" if t["met"] is not None else "not measured")]
+           for t in targets])
 w("Repeated runs on this shared machine moved by 5 to 20% (raw UDP and udpferry file to file")
 w("most: both depend on which threads share a core at a moment, and the file contender also")
 w("on the disk); compare ratios within one run.")
@@ -224,13 +212,11 @@ w("(`/proc/thread-self/schedstat`) per GB it sent, retransmissions included. Ser
 w("server thread's peak of live heap bytes above its level before the first request (a counting")
 w("allocator in the bench), divided by the number of transfers.")
 w("")
-w("| clients | MiB each | seconds | aggregate MB/s | server CPU s per GB | server heap per transfer |")
-w("| ---: | ---: | ---: | ---: | ---: | ---: |")
-for row in sc["rows"]:
-    cpu = row["server_cpu_secs_per_gb"]
-    w(f"| {row['clients']} | {row['size_mib']} | {row['secs']:.3f} | {row['aggregate_mb_per_s']:.1f} "
-      f"| {fmt(cpu, '.2f')} | {row['server_heap_bytes_per_transfer'] / 1024:.1f} KiB |")
-w("")
+table(["clients", "MiB each", "seconds", "aggregate MB/s", "server CPU s per GB", "server heap per transfer"],
+      ["---:"] * 6,
+      [[row["clients"], row["size_mib"], f"{row['secs']:.3f}", f"{row['aggregate_mb_per_s']:.1f}",
+        fmt(row["server_cpu_secs_per_gb"], ".2f"),
+        f"{row['server_heap_bytes_per_transfer'] / 1024:.1f} KiB"] for row in sc["rows"]])
 w("A sending transfer keeps a record per datagram in flight, so its memory follows the")
 w("congestion window (at most the receive window, 16 MiB by default), not the object: the one-client")
 w("rows at 64 and 256 MiB are the check. With many clients each window stays small.")
@@ -247,14 +233,34 @@ if prows:
     w("(`/proc/PID/task/*/schedstat`) per GB delivered; memory is the growth of its peak resident")
     w("set (`VmHWM` after the run minus `VmRSS` before it) divided by the number of gets.")
     w("")
-    w("| gets | MiB each | seconds | aggregate MB/s | server CPU s per GB | server peak RSS growth per get |")
-    w("| ---: | ---: | ---: | ---: | ---: | ---: |")
-    for row in prows:
-        cpu = row["server_cpu_secs_per_gb"]
-        rss = row["server_rss_growth_bytes_per_get"]
-        w(f"| {row['clients']} | {row['size_mib']} | {row['secs']:.3f} | {row['aggregate_mb_per_s']:.1f} "
-          f"| {fmt(cpu, '.2f')} | {fmt(None if rss is None else rss / 1024, '.1f')} KiB |")
+    table(["gets", "MiB each", "seconds", "aggregate MB/s", "server CPU s per GB",
+           "server peak RSS growth per get"],
+          ["---:"] * 6,
+          [[row["clients"], row["size_mib"], f"{row['secs']:.3f}", f"{row['aggregate_mb_per_s']:.1f}",
+            fmt(row["server_cpu_secs_per_gb"], ".2f"),
+            fmt(None if row["server_rss_growth_bytes_per_get"] is None
+                else row["server_rss_growth_bytes_per_get"] / 1024, ".1f") + " KiB"]
+           for row in prows])
+with open(e["BENCH_LOSSY_JSON"]) as f:
+    lo = json.load(f)
+w(f"## A lossy link, real sockets: `{e['BENCH_LOSSY_CMD']}`")
+w("")
+if lo.get("smoke"):
+    w("**Smoke mode**: a check that everything runs, not a measurement.")
     w("")
+w(f"`net::Server` and `net::Client::fetch` (defaults) through `udpferry_sim::Relay`, a loopback")
+w(f"UDP relay that applies the simulator's link model in real time: a {lo['rate_bytes_per_sec'] / 1048576:.0f} MiB/s")
+w(f"bottleneck with a 100 ms drop-tail queue on the way down, {lo['rtt_ms']} ms RTT, random loss")
+w(f"each way, a {lo['size_bytes'] / 1048576:.0f} MiB object; a run is cut off at 60 s and its goodput is what")
+w("arrived per second, as a fraction of the link rate. This is the starting point of issue 15")
+w("(model-based congestion control): today every loss halves the window.")
+w("")
+table(["loss each way", "seconds", "delivered MiB", "fraction of link", "queue drops", "random drops"],
+      ["---:"] * 6,
+      [[f"{row['loss'] * 100:.1f}%",
+        f"{row['secs']:.2f}" + ("" if row["completed"] else " (cut off)"),
+        f"{row['delivered_bytes'] / 1048576:.2f}", f"{row['fraction_of_link']:.2f}",
+        row["queue_dropped"], row["lost"]] for row in lo["rows"]])
 if not e.get("BENCH_SKIP_TRANSFER"):
     w("## Core (simulator) benches: `cargo bench --bench transfer`")
     w("")

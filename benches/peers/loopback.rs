@@ -13,10 +13,9 @@
 //! contender that fails or times out is reported as such instead of stopping the run.
 
 use std::collections::HashMap;
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -28,7 +27,9 @@ use udpferry::store::ContentStore;
 use udpferry::ObjectId;
 use udpferry_sim::Rng;
 
-mod processes;
+#[path = "../common/mod.rs"]
+mod common;
+use common::{processes, put_served, TempDir};
 
 const MIB: usize = 1 << 20;
 const DATAGRAM: usize = 1200;
@@ -39,28 +40,6 @@ type Data = Arc<[u8]>;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
-
-static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// A fresh directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> io::Result<Self> {
-        let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let p =
-            std::env::temp_dir().join(format!("udpferry-bench-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p)?;
-        Ok(TempDir(p))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
@@ -518,7 +497,7 @@ struct FileServer {
 impl FileServer {
     fn start(data: &Data) -> Result<Self, String> {
         let dir = TempDir::new("store").map_err(err)?;
-        put_served(&dir.0.join("object.bin"), data)?;
+        put_served(&dir.0.join("object.bin"), data).map_err(err)?;
         let store = ContentStore::open(&dir.0).map_err(err)?;
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -533,19 +512,6 @@ impl FileServer {
             _dir: dir,
         })
     }
-}
-
-/// Writes `data` at `path` as a served map is: dated back a minute. A file written moments ago
-/// is hashed again once it settles (its timestamps cannot yet be trusted, see ContentStore); a
-/// served map is older than that, and the timed runs measure serving, not hashing.
-fn put_served(path: &std::path::Path, data: &[u8]) -> Result<(), String> {
-    std::fs::write(path, data).map_err(err)?;
-    let a_minute_ago = std::time::SystemTime::now() - Duration::from_secs(60);
-    std::fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(a_minute_ago))
-        .map_err(err)
 }
 
 /// One `Client::fetch` into a fresh cache. Returns (first progress callback, return) from the
@@ -610,10 +576,7 @@ fn json_num(v: Option<f64>) -> String {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    // `cargo bench` passes `--bench`; ignore everything but our own flag.
-    let smoke = args.iter().any(|a| a == "--smoke")
-        || std::env::var("UDPFERRY_BENCH_SMOKE").is_ok_and(|v| v == "1");
+    let smoke = common::smoke();
     let size_mib: usize = if smoke {
         8
     } else {
@@ -759,8 +722,8 @@ fn main() {
     // What users run: processes, timed from start to exit (issue 14). Each contender's runs of
     // the large object and of the 1 MiB one.
     let served = TempDir::new("served").map_err(err).and_then(|dir| {
-        put_served(&dir.0.join("object.bin"), &data)?;
-        put_served(&dir.0.join("small.bin"), &small)?;
+        put_served(&dir.0.join("object.bin"), &data).map_err(err)?;
+        put_served(&dir.0.join("small.bin"), &small).map_err(err)?;
         Ok(dir)
     });
     let scratch = TempDir::new("scratch").map_err(err);
@@ -1120,13 +1083,5 @@ fn main() {
         .collect();
     j.push_str(&rows.join(",\n"));
     j.push_str("\n  ]\n}\n");
-    // The workspace's target directory (a bench runs in its own package's directory).
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-    let path = target.join("loopback-bench.json");
-    match std::fs::create_dir_all(&target).and_then(|_| std::fs::write(&path, j)) {
-        Ok(()) => eprintln!("wrote {}", path.display()),
-        Err(e) => eprintln!("could not write {}: {e}", path.display()),
-    }
+    common::write_report("loopback-bench.json", &j);
 }

@@ -236,9 +236,8 @@ impl<'a> Engine<'a> {
                 self.endpoint.verify_by_caller(transfer);
             }
             Verify::Digest => {
-                if let Ok(hasher) = HashThread::for_id(&job.id) {
-                    self.endpoint.set_hasher(transfer, Box::new(hasher));
-                }
+                self.endpoint
+                    .set_hasher(transfer, HashThread::or_inline(&job.id));
             }
         }
         self.live.insert(

@@ -74,12 +74,13 @@ impl HashThread {
         })
     }
 
-    /// Bytes [`update`](PrefixHasher::update) takes now without waiting for the thread: a
-    /// caller that must not stall (a receive loop feeding bytes it reads back) hands over at
-    /// most this much per turn.
-    pub(crate) fn room(&self) -> usize {
-        let free = QUEUED_BATCHES.saturating_sub(self.queued.load(Ordering::Relaxed));
-        free * BATCH_BYTES + (BATCH_BYTES - self.batch.len())
+    /// The digest of a download of `id` on a thread of its own, or on the calling thread when
+    /// no thread can start.
+    pub(crate) fn or_inline(id: &ObjectId) -> Box<dyn PrefixHasher> {
+        match Self::for_id(id) {
+            Ok(thread) => Box::new(thread),
+            Err(_) => Box::new(crate::core::InlineHasher::for_id(id)),
+        }
     }
 
     fn hand_over(&mut self) {
@@ -112,6 +113,13 @@ impl PrefixHasher for HashThread {
                 self.hand_over();
             }
         }
+    }
+
+    /// What the queue holds room for: the batches not taken, and the rest of the one being
+    /// gathered.
+    fn room(&self) -> usize {
+        let free = QUEUED_BATCHES.saturating_sub(self.queued.load(Ordering::Relaxed));
+        free * BATCH_BYTES + (BATCH_BYTES - self.batch.len())
     }
 
     fn finish(&mut self) -> io::Result<ObjectId> {

@@ -30,7 +30,7 @@ use super::client::linger_for;
 use super::delta::manifest_job;
 use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, SharedFile, Sink, Verify};
 use super::{Client, FetchError, FetchOptions, HashThread, Progress, Report, Waiting};
-use crate::core::{ChunkSink, InlineHasher, PrefixHasher, RangeSet, Stats, TransferError, TransferId};
+use crate::core::{ChunkSink, PrefixHasher, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
 use crate::store::{EntryLock, PartialFile};
@@ -156,30 +156,19 @@ pub(super) fn fetch_from(
         if blocks_left == 0 {
             // Every piece arrived: the digest decides, and names liars if it does not match.
             digest.advance(&file, true)?;
-            if digest.matches()? {
+            let actual = digest.finish()?;
+            if actual == id {
                 break;
             }
             let liars = liars(&manifest, &delivered, &mut lock(&file));
-            // Everything a liar delivered is fetched again, in runs as long as possible
-            // (each piece is a request, and a server limits requests per address).
-            let mut bad = RangeSet::new();
-            for (_, blocks) in delivered.iter().filter(|(s, _)| liars.contains(s)) {
-                bad.insert(blocks.start as u64..blocks.end as u64);
-            }
-            let bad: Vec<Range<usize>> = bad
-                .iter()
-                .map(|r| r.start as usize..r.end as usize)
-                .collect();
-            // Bytes hashed while they arrived may have been written again since (a piece
-            // cancelled and fetched from another source): with no block at fault, the file
-            // is hashed once more.
-            if bad.is_empty() && lock(&file).digest(&id, manifest.size)? == id {
-                break;
-            }
-            if bad.is_empty() {
+            if liars.is_empty() {
+                // Bytes hashed while they arrived may have been written again since (a piece
+                // cancelled and fetched from another source): the file is hashed once more.
+                if lock(&file).digest(&id, manifest.size)? == id {
+                    break;
+                }
                 // The manifest itself (most sources agreed on it) does not describe `id`: the
                 // bytes are another object's, and are not kept.
-                let actual = digest.actual().unwrap_or(id);
                 engine.finish(Duration::ZERO);
                 if let Some(partial) = Arc::into_inner(file) {
                     let _ = partial
@@ -193,13 +182,22 @@ pub(super) fn fetch_from(
                 }
                 .into());
             }
+            // Everything a liar delivered is fetched again, in runs as long as possible (each
+            // piece is a request, and a server limits requests per address); the whole is
+            // hashed once more after.
+            let mut again = RangeSet::new();
+            for (_, blocks) in delivered.iter().filter(|(s, _)| liars.contains(s)) {
+                again.insert(blocks.start as u64..blocks.end as u64);
+            }
+            queue = again
+                .iter()
+                .map(|r| r.start as usize..r.end as usize)
+                .collect();
+            blocks_left = queue.iter().map(|r| r.end - r.start).sum();
             for s in liars {
                 state[s] = SourceState::Lied;
             }
             delivered.retain(|(s, _)| state[*s] != SourceState::Lied);
-            blocks_left = bad.iter().map(|r| r.end - r.start).sum();
-            queue = bad.into();
-            // What the liars wrote is fetched again; the whole is hashed once more after.
             digest = InOrderDigest::new(&id, manifest.size);
             continue;
         }
@@ -570,82 +568,55 @@ const DIGEST_READ: usize = 256 << 10;
 /// computed as the pieces arrive: bytes are read back from the file (the page cache, mostly)
 /// and hashed on a second core ([`HashThread`]; on this one if no thread can start).
 struct InOrderDigest {
-    hasher: DigestHasher,
-    id: ObjectId,
+    hasher: Box<dyn PrefixHasher>,
     hashed: u64,
     size: u64,
     buf: Vec<u8>,
-    actual: Option<ObjectId>,
-}
-
-enum DigestHasher {
-    Thread(HashThread),
-    Inline(InlineHasher),
 }
 
 impl InOrderDigest {
     fn new(id: &ObjectId, size: u64) -> Self {
-        let hasher = match HashThread::for_id(id) {
-            Ok(h) => DigestHasher::Thread(h),
-            Err(_) => DigestHasher::Inline(InlineHasher::for_id(id)),
-        };
         InOrderDigest {
-            hasher,
-            id: *id,
+            hasher: HashThread::or_inline(id),
             hashed: 0,
             size,
             buf: Vec::new(),
-            actual: None,
         }
     }
 
     /// Hashes what arrived past the hashed prefix. During the download (`all` false) it hands
-    /// over only whole reads of [`DIGEST_READ`] that the thread takes without waiting, so the
+    /// over only whole reads of [`DIGEST_READ`] that the hasher takes without waiting, so the
     /// receive loop never stalls on the digest; at the end (`all`) everything.
     fn advance(&mut self, file: &SharedFile, all: bool) -> Result<(), FetchError> {
         loop {
-            let end = lock(file)
+            let mut partial = lock(file);
+            let end = partial
                 .received()
                 .first_missing_from(self.hashed)
                 .min(self.size);
             let len = (end - self.hashed).min(DIGEST_READ as u64) as usize;
-            let room = match &self.hasher {
-                DigestHasher::Thread(t) => t.room(),
-                DigestHasher::Inline(_) => usize::MAX,
-            };
-            if len == 0 || (!all && (len < DIGEST_READ || room < len)) {
+            if len == 0 || (!all && (len < DIGEST_READ || self.hasher.room() < len)) {
                 return Ok(());
             }
             self.buf.resize(len, 0);
-            if let Err(e) = lock(file).read_at(self.hashed, &mut self.buf) {
+            if let Err(e) = partial.read_at(self.hashed, &mut self.buf) {
                 return Err(TransferError::storage("read", &e).into());
             }
-            match &mut self.hasher {
-                DigestHasher::Thread(t) => t.update(&self.buf),
-                DigestHasher::Inline(h) => h.update(&self.buf),
-            }
+            drop(partial);
+            self.hasher.update(&self.buf);
             self.hashed += len as u64;
         }
     }
 
-    /// Whether the whole object hashes to the id; call it after `advance(.., true)`, once.
-    fn matches(&mut self) -> Result<bool, FetchError> {
+    /// What the whole object hashes to; call it after `advance(.., true)`, once.
+    fn finish(&mut self) -> Result<ObjectId, FetchError> {
         if self.hashed < self.size {
             // Every piece arrived, so the prefix reaches the end; a gap means bytes were lost.
             return Err(lost());
         }
-        let actual = match &mut self.hasher {
-            DigestHasher::Thread(t) => t.finish(),
-            DigestHasher::Inline(h) => h.finish(),
-        }
-        .map_err(|e| TransferError::storage("hash", &e))?;
-        self.actual = Some(actual);
-        Ok(actual == self.id)
-    }
-
-    /// What the object hashed to, once [`matches`](Self::matches) said.
-    fn actual(&self) -> Option<ObjectId> {
-        self.actual
+        self.hasher
+            .finish()
+            .map_err(|e| TransferError::storage("hash", &e).into())
     }
 }
 

@@ -20,8 +20,30 @@ pub fn udpferry_bin() -> Result<PathBuf, String> {
         })
 }
 
-/// A server process, killed when dropped.
+/// A child process, killed when dropped.
 pub struct Proc(Child);
+
+impl Proc {
+    /// Starts `command` with no input and its output thrown away.
+    pub fn quiet(mut command: Command) -> std::io::Result<Proc> {
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map(Proc)
+    }
+
+    /// The process id, for `/proc/PID/...`.
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        self.0.wait()
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -56,13 +78,14 @@ fn start_until<T>(
     Err(format!("{what} exited before it was ready"))
 }
 
-/// `udpferry serve DIR --listen 127.0.0.1:0`, and the address it printed.
+/// `udpferry serve DIR --listen 127.0.0.1:0 --list`, and the address it printed. `--list`
+/// indexes DIR before listening, so a run starts with every file known.
 pub fn udpferry_serve(bin: &Path, dir: &Path) -> Result<(Proc, String), String> {
     let mut command = Command::new(bin);
     command
         .arg("serve")
         .arg(dir)
-        .args(["--listen", "127.0.0.1:0"]);
+        .args(["--listen", "127.0.0.1:0", "--list"]);
     start_until(command, "udpferry serve", |line| {
         line.strip_prefix("listening on ").map(str::to_string)
     })
