@@ -374,6 +374,43 @@ fn requests_beyond_the_per_address_rate_are_dropped() {
     );
 }
 
+/// A multi-source client asks each server for piece after piece on one socket. Once that
+/// address and port has a transfer (it proved its address with a Start), its requests are not
+/// counted against the per-address rate: they cannot be forged to reach anyone else, and an
+/// Offer is barely larger than a Request. Another port on the same IP is still limited.
+#[test]
+fn a_peer_with_a_transfer_asks_for_more_without_the_rate_limit() {
+    let now = Instant::now();
+    let id = ObjectId::md5_of(b"map");
+    let config = EndpointConfig {
+        max_requests_per_address_per_sec: 5,
+        max_pending_replies: 1000,
+        max_transfers_per_address: 100,
+        ..EndpointConfig::default()
+    };
+    let mut ep: Endpoint<Maps, Vec<u8>> = Endpoint::new(config, maps(&[b"map"]));
+    assert!(handshake(&mut ep, now, addr(1), 1, id).is_some());
+    assert_eq!(ep.transfer_count(), 1);
+    drain(&mut ep, now);
+    for conn in 10..30 {
+        ep.handle_datagram(now, addr(1), &common::request_datagram(conn, id));
+        ep.handle_datagram(now, addr(2), &common::request_datagram(conn, id));
+    }
+    let out = drain(&mut ep, now);
+    let offers_to = |a: SocketAddr| {
+        out.iter()
+            .filter(|(d, bytes)| {
+                *d == a && matches!(wire::decode(bytes).map(|d| d.frame), Ok(Frame::Offer(_)))
+            })
+            .count()
+    };
+    assert_eq!(
+        (offers_to(addr(1)), offers_to(addr(2))),
+        (20, 4),
+        "the peer with a transfer is answered every time; the other port shares what is left of the bucket"
+    );
+}
+
 #[test]
 fn garbage_and_stray_datagrams_create_no_state() {
     let now = Instant::now();

@@ -80,7 +80,9 @@ pub struct EndpointConfig {
     pub max_pending_replies: usize,
     /// Requests answered per second from one IP address (a token bucket holding as many), so
     /// that a forged source address cannot turn the server into a stream of replies at a
-    /// victim. Requests beyond it are dropped unanswered. 0: no limit.
+    /// victim. Requests beyond it are dropped unanswered. Requests from an address and port
+    /// that already has a transfer with this endpoint are not counted (it proved its address;
+    /// a multi-source client asks for its next pieces that way). 0: no limit.
     pub max_requests_per_address_per_sec: u32,
     /// The 128-bit key of the SipHash-2-4 that makes connection ids, and offer nonces from
     /// requests. A driver takes it from the operating system's randomness
@@ -793,7 +795,11 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         conn_id: ConnectionId,
         request: &Request<'_>,
     ) {
-        if !self.requests.allow(from.ip(), now) {
+        // A peer (address and port) that has a transfer, or started one moments ago, proved
+        // its address with a Start: its requests (a multi-source client's next pieces) are
+        // answered without a token (see `RequestLimiter::vouch`).
+        let proven = self.per_peer.contains_key(&from) || self.requests.vouched(from, now);
+        if !proven && !self.requests.allow(from.ip(), now) {
             self.stats.rate_limited += 1;
             return;
         }
@@ -843,6 +849,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             self.offer(now, from, datagram.conn_id, request);
             return;
         }
+        self.requests.vouch(from, now);
         if !self.admit(now, from, datagram.conn_id) {
             return;
         }
@@ -1189,13 +1196,18 @@ const TRACKED_ADDRESSES: usize = 4096;
 /// accrue between requests (a whole token costs this many).
 const TOKEN: u64 = 1_000_000_000;
 
+/// How long after its last valid Start a peer's requests take no token.
+const VOUCHED_FOR: Duration = Duration::from_secs(10);
+
 /// Per-IP token buckets for requests (`EndpointConfig::max_requests_per_address_per_sec`),
-/// in a bounded table.
+/// in a bounded table, and the peers whose requests need none.
 #[derive(Debug)]
 struct RequestLimiter {
     per_sec: u32,
     /// Per address: its tokens in billionths ([`TOKEN`] each), as of the instant beside them.
     buckets: HashMap<std::net::IpAddr, (u64, Instant)>,
+    /// Peers (address and port) that sent a valid Start, and when they last did.
+    vouched: HashMap<SocketAddr, Instant>,
 }
 
 impl RequestLimiter {
@@ -1203,7 +1215,29 @@ impl RequestLimiter {
         RequestLimiter {
             per_sec,
             buckets: HashMap::new(),
+            vouched: HashMap::new(),
         }
+    }
+
+    /// `peer` echoed a nonce offered to it: it receives at that address and port. Its requests
+    /// for [`VOUCHED_FOR`] take no token: a multi-source client asks each server for piece
+    /// after piece, and a request forged with its address can only reach it, with an Offer
+    /// barely larger than the Request. The table is bounded like the buckets.
+    fn vouch(&mut self, peer: SocketAddr, now: Instant) {
+        if self.vouched.len() >= TRACKED_ADDRESSES && !self.vouched.contains_key(&peer) {
+            self.vouched
+                .retain(|_, at| now.saturating_duration_since(*at) < VOUCHED_FOR);
+            if self.vouched.len() >= TRACKED_ADDRESSES {
+                self.vouched.clear();
+            }
+        }
+        self.vouched.insert(peer, now);
+    }
+
+    fn vouched(&self, peer: SocketAddr, now: Instant) -> bool {
+        self.vouched
+            .get(&peer)
+            .is_some_and(|at| now.saturating_duration_since(*at) < VOUCHED_FOR)
     }
 
     /// Takes a token for a request from `ip`, refilling at `per_sec` up to `per_sec` tokens.
@@ -1286,8 +1320,8 @@ impl std::fmt::Debug for IdGenerator {
 
 #[cfg(test)]
 mod tests {
-    use super::{IdGenerator, RequestLimiter};
-    use std::net::IpAddr;
+    use super::{IdGenerator, RequestLimiter, TRACKED_ADDRESSES, VOUCHED_FOR};
+    use std::net::{IpAddr, SocketAddr};
     use std::time::{Duration, Instant};
 
     /// Requests every 40 ms (25/s) against a limit of 20/s: once the initial burst is spent,
@@ -1356,5 +1390,25 @@ mod tests {
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted.len(), 4, "ids from one generator are distinct");
+    }
+
+    /// A peer that sent a valid Start is vouched for, for that address and port only and for
+    /// [`VOUCHED_FOR`]; the table stays bounded under a flood of peers.
+    #[test]
+    fn vouching_covers_one_peer_for_a_while_in_a_bounded_table() {
+        let now = Instant::now();
+        let peer = SocketAddr::from(([10, 0, 0, 1], 5000));
+        let same_ip = SocketAddr::from(([10, 0, 0, 1], 5001));
+        let mut limiter = RequestLimiter::new(20);
+        assert!(!limiter.vouched(peer, now));
+        limiter.vouch(peer, now);
+        assert!(limiter.vouched(peer, now + VOUCHED_FOR - Duration::from_millis(1)));
+        assert!(!limiter.vouched(peer, now + VOUCHED_FOR));
+        assert!(!limiter.vouched(same_ip, now), "another port is another peer");
+        for i in 0..3 * TRACKED_ADDRESSES as u32 {
+            let p = SocketAddr::from((std::net::Ipv4Addr::from(i), 1));
+            limiter.vouch(p, now);
+            assert!(limiter.vouched.len() <= TRACKED_ADDRESSES);
+        }
     }
 }
