@@ -69,12 +69,6 @@ pub trait PrefixHasher: Send + std::fmt::Debug {
     /// `handle_timeout`, once the ack of the last chunk has gone out); it may wait for work it
     /// handed elsewhere. An error fails the transfer as a storage error.
     fn finish(&mut self) -> io::Result<ObjectId>;
-    /// Bytes [`update`](Self::update) takes now without waiting for work handed elsewhere. A
-    /// caller that must not stall (a receive loop feeding bytes it reads back) hands over at
-    /// most this much per turn. Hashers that never wait return `usize::MAX` (the default).
-    fn room(&self) -> usize {
-        usize::MAX
-    }
 }
 
 /// The id's own algorithm (MD5 or SHA-256) on the calling thread: the default

@@ -1,6 +1,7 @@
 //! The id's digest (MD5 or SHA-256) on a thread of its own, for receivers whose driving thread
 //! is the bottleneck.
 
+use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
@@ -32,8 +33,6 @@ pub struct HashThread {
     batches: Option<SyncSender<Vec<u8>>>,
     /// Emptied batches coming back for reuse.
     spare: Receiver<Vec<u8>>,
-    /// Batches handed over and not yet hashed.
-    queued: Arc<AtomicUsize>,
     thread: Option<JoinHandle<io::Result<ObjectId>>>,
 }
 
@@ -52,14 +51,11 @@ impl HashThread {
     fn start(mut hasher: IdHasher) -> io::Result<Self> {
         let (batches, todo) = sync_channel::<Vec<u8>>(QUEUED_BATCHES);
         let (give_back, spare) = sync_channel::<Vec<u8>>(QUEUED_BATCHES + 1);
-        let queued = Arc::new(AtomicUsize::new(0));
-        let done = queued.clone();
         let thread = std::thread::Builder::new()
             .name("udpferry-hash".into())
             .spawn(move || {
                 for mut batch in todo {
                     hasher.update(&batch);
-                    done.fetch_sub(1, Ordering::Relaxed);
                     batch.clear();
                     let _ = give_back.try_send(batch);
                 }
@@ -69,7 +65,6 @@ impl HashThread {
             batch: Vec::with_capacity(BATCH_BYTES),
             batches: Some(batches),
             spare,
-            queued,
             thread: Some(thread),
         })
     }
@@ -93,7 +88,6 @@ impl HashThread {
             .unwrap_or_else(|_| Vec::with_capacity(BATCH_BYTES));
         let full = std::mem::replace(&mut self.batch, next);
         if let Some(batches) = &self.batches {
-            self.queued.fetch_add(1, Ordering::Relaxed);
             if batches.send(full).is_err() {
                 // The thread is gone; `finish` reports it.
                 self.batches = None;
@@ -115,13 +109,6 @@ impl PrefixHasher for HashThread {
         }
     }
 
-    /// What the queue holds room for: the batches not taken, and the rest of the one being
-    /// gathered.
-    fn room(&self) -> usize {
-        let free = QUEUED_BATCHES.saturating_sub(self.queued.load(Ordering::Relaxed));
-        free * BATCH_BYTES + (BATCH_BYTES - self.batch.len())
-    }
-
     fn finish(&mut self) -> io::Result<ObjectId> {
         self.hand_over();
         let lost = self.batches.take().is_none();
@@ -135,6 +122,78 @@ impl PrefixHasher for HashThread {
             return Err(io::Error::other("hash thread stopped early"));
         }
         Ok(digest)
+    }
+}
+
+/// Byte ranges of a file a [`FileHashThread`] may have queued.
+const QUEUED_RANGES: usize = 8;
+
+/// The id's digest of a file's bytes, read and hashed on a thread of its own, range after
+/// range in order: for a download whose receive thread must not spend time reading its bytes
+/// back (the multi-source download, whose pieces arrive out of order). The caller makes sure
+/// each range is written before handing it over (`PartialFile::write_out`).
+#[derive(Debug)]
+pub(crate) struct FileHashThread {
+    ranges: Option<SyncSender<std::ops::Range<u64>>>,
+    queued: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<io::Result<ObjectId>>>,
+}
+
+impl FileHashThread {
+    /// Starts a thread that computes an id of `id`'s algorithm over the ranges of `file`
+    /// handed to [`hash`](Self::hash).
+    pub(crate) fn start(file: File, id: &ObjectId) -> io::Result<Self> {
+        let (ranges, todo) = sync_channel::<std::ops::Range<u64>>(QUEUED_RANGES);
+        let queued = Arc::new(AtomicUsize::new(0));
+        let done = queued.clone();
+        let mut hasher = id.hasher();
+        let thread = std::thread::Builder::new()
+            .name("udpferry-hash".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; BATCH_BYTES];
+                for range in todo {
+                    let mut at = range.start;
+                    while at < range.end {
+                        let n = (range.end - at).min(BATCH_BYTES as u64) as usize;
+                        crate::store::read_exact_at(&file, &mut buf[..n], at)?;
+                        hasher.update(&buf[..n]);
+                        at += n as u64;
+                    }
+                    done.fetch_sub(1, Ordering::Relaxed);
+                }
+                Ok(hasher.finish())
+            })?;
+        Ok(FileHashThread {
+            ranges: Some(ranges),
+            queued,
+            thread: Some(thread),
+        })
+    }
+
+    /// Whether [`hash`](Self::hash) would wait for the thread.
+    pub(crate) fn is_full(&self) -> bool {
+        self.queued.load(Ordering::Relaxed) >= QUEUED_RANGES
+    }
+
+    /// Hands over the next `range` of the object (written to the file already).
+    pub(crate) fn hash(&mut self, range: std::ops::Range<u64>) {
+        if let Some(ranges) = &self.ranges {
+            self.queued.fetch_add(1, Ordering::Relaxed);
+            if ranges.send(range).is_err() {
+                // The thread stopped (a read failed); `finish` reports why.
+                self.ranges = None;
+            }
+        }
+    }
+
+    /// The id of every range handed over, once the thread has read and hashed them all.
+    pub(crate) fn finish(&mut self) -> io::Result<ObjectId> {
+        self.ranges = None;
+        self.thread
+            .take()
+            .ok_or_else(|| io::Error::other("hash thread already finished"))?
+            .join()
+            .map_err(|_| io::Error::other("hash thread panicked"))?
     }
 }
 
@@ -176,5 +235,35 @@ mod tests {
             threaded.update(chunk);
         }
         assert_eq!(threaded.finish().unwrap(), sha);
+    }
+
+    #[test]
+    fn the_file_thread_hashes_the_ranges_it_is_given_in_order() {
+        let data: Vec<u8> = (0..700_001u32).map(|i| (i * 13 + i / 7) as u8).collect();
+        let path = std::env::temp_dir().join(format!(
+            "udpferry-file-hash-{}-{}",
+            std::process::id(),
+            crate::random::random_u64()
+        ));
+        std::fs::write(&path, &data).unwrap();
+        let file = File::open(&path).unwrap();
+        let mut thread = FileHashThread::start(file, &ObjectId::md5_of(b"")).unwrap();
+        // Ranges of every length, a batch and more included, never more than the queue holds.
+        let mut at = 0u64;
+        for len in [1u64, 1166, BATCH_BYTES as u64, BATCH_BYTES as u64 + 3, 0] {
+            while thread.is_full() {
+                std::thread::yield_now();
+            }
+            thread.hash(at..at + len);
+            at += len;
+        }
+        thread.hash(at..data.len() as u64);
+        assert_eq!(thread.finish().unwrap(), ObjectId::md5_of(&data));
+        // A range past the end fails the digest instead of inventing bytes.
+        let mut short =
+            FileHashThread::start(File::open(&path).unwrap(), &ObjectId::md5_of(b"")).unwrap();
+        short.hash(0..data.len() as u64 + 1);
+        assert!(short.finish().is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 }

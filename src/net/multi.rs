@@ -29,8 +29,9 @@ use md5::{Digest, Md5};
 use super::client::linger_for;
 use super::delta::manifest_job;
 use super::engine::{lock, lost, Engine, Expect, Job, Outcome, PieceSink, SharedFile, Sink, Verify};
-use super::{Client, FetchError, FetchOptions, HashThread, Progress, Report, Waiting};
-use crate::core::{ChunkSink, PrefixHasher, RangeSet, Stats, TransferError, TransferId};
+use super::hasher::FileHashThread;
+use super::{Client, FetchError, FetchOptions, Progress, Report, Waiting};
+use crate::core::{ChunkSink, RangeSet, Stats, TransferError, TransferId};
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
 use crate::store::{EntryLock, PartialFile};
@@ -236,6 +237,26 @@ pub(super) fn fetch_from(
                     verify: Verify::ByCaller,
                 })?;
                 in_flight.insert(t, (s, blocks, Instant::now()));
+            }
+        }
+        // Nothing left to hand out, a source idle, another still busy for a while: the busy
+        // piece's missing blocks are shared out again.
+        if queue.is_empty() {
+            let share = piece_to_share(&manifest, &state, &in_flight, &lock(&file));
+            if let Some(t) = share {
+                if let Some((s, blocks, _)) = in_flight.remove(&t) {
+                    engine.cancel(t);
+                    let partial = lock(&file);
+                    for (run, arrived) in block_runs(&manifest, &blocks, partial.received()) {
+                        if arrived {
+                            blocks_left -= run.end - run.start;
+                            delivered.push((s, run));
+                        } else {
+                            queue.push_back(run);
+                        }
+                    }
+                }
+                continue;
             }
         }
         let resting = state
@@ -526,6 +547,78 @@ fn take_piece(queue: &mut VecDeque<Range<usize>>, blocks: usize) -> Option<Range
     Some(piece)
 }
 
+/// A piece in flight is shared out again (see [`piece_to_share`]) only when it has at least
+/// this much missing...
+const SHARE_MIN_BYTES: u64 = 2 * PIECE_BYTES;
+/// ... and would take at least this long more at its rate so far.
+const SHARE_MIN_TIME: Duration = Duration::from_millis(50);
+/// A piece's rate is judged only once it has run this long.
+const SHARE_AFTER: Duration = Duration::from_millis(20);
+
+/// When the queue is empty and an active source has room for a piece, the piece of another
+/// source that would take longest to finish at its rate so far, if that is more than
+/// [`SHARE_MIN_TIME`] and its missing bytes are at least [`SHARE_MIN_BYTES`]. The caller cancels
+/// it and queues its missing blocks, which the idle source and the busy one then share: without
+/// this, a download from a fast and a slow source ended with the slow one alone finishing a
+/// piece of up to 32 MiB (two loopback servers: the last 0.3 s of 0.7 s).
+fn piece_to_share(
+    manifest: &Manifest,
+    state: &[SourceState],
+    in_flight: &HashMap<TransferId, (usize, Range<usize>, Instant)>,
+    partial: &PartialFile,
+) -> Option<TransferId> {
+    let busy = |s: usize| in_flight.values().filter(|(src, ..)| *src == s).count();
+    let idle: Vec<usize> = (0..state.len())
+        .filter(|&s| state[s] == SourceState::Active && busy(s) < PIECES_PER_SOURCE)
+        .collect();
+    let now = Instant::now();
+    let mut longest: Option<(TransferId, f64)> = None;
+    for (&t, (s, blocks, began)) in in_flight {
+        if idle.iter().all(|i| i == s) {
+            continue; // only another source can take over
+        }
+        let age = now.saturating_duration_since(*began);
+        let range = byte_range(manifest, blocks);
+        let missing: u64 = partial
+            .received()
+            .gaps(range.clone())
+            .map(|g| g.end - g.start)
+            .sum();
+        let arrived = (range.end - range.start) - missing;
+        if age < SHARE_AFTER || missing < SHARE_MIN_BYTES {
+            continue;
+        }
+        let secs_left = if arrived == 0 {
+            f64::INFINITY
+        } else {
+            missing as f64 * age.as_secs_f64() / arrived as f64
+        };
+        if secs_left >= SHARE_MIN_TIME.as_secs_f64()
+            && longest.is_none_or(|(_, longest)| secs_left > longest)
+        {
+            longest = Some((t, secs_left));
+        }
+    }
+    longest.map(|(t, _)| t)
+}
+
+/// The blocks of `blocks` in runs, each with whether all its bytes arrived.
+fn block_runs(
+    manifest: &Manifest,
+    blocks: &Range<usize>,
+    received: &RangeSet,
+) -> Vec<(Range<usize>, bool)> {
+    let mut runs: Vec<(Range<usize>, bool)> = Vec::new();
+    for i in blocks.clone() {
+        let arrived = received.contains_range(manifest.block_range(i));
+        match runs.last_mut() {
+            Some((run, a)) if *a == arrived => run.end = i + 1,
+            _ => runs.push((i..i + 1, arrived)),
+        }
+    }
+    runs
+}
+
 fn byte_range(manifest: &Manifest, blocks: &Range<usize>) -> Range<u64> {
     let start = manifest.block_range(blocks.start).start;
     let end = if blocks.end == 0 {
@@ -568,46 +661,67 @@ fn liars(
 const DIGEST_READ: usize = 256 << 10;
 
 /// The object's digest over the received prefix of a multi-source download's partial file,
-/// computed as the pieces arrive: bytes are read back from the file (the page cache, mostly)
-/// and hashed on a second core ([`HashThread`]; on this one if no thread can start).
+/// computed as the pieces arrive. A thread of its own ([`FileHashThread`]) reads the bytes back
+/// (from the page cache, mostly) and hashes them: reading them on the receive thread cost it a
+/// fifth of its time, and two loopback servers then delivered 0.8x of what one does. Where no
+/// thread can start, the bytes are read and hashed here.
 struct InOrderDigest {
-    hasher: Box<dyn PrefixHasher>,
+    id: ObjectId,
+    thread: Option<FileHashThread>,
+    /// Without a thread: the hasher, and a buffer to read into.
+    inline: Option<(crate::id::IdHasher, Vec<u8>)>,
     hashed: u64,
     size: u64,
-    buf: Vec<u8>,
 }
 
 impl InOrderDigest {
     fn new(id: &ObjectId, size: u64) -> Self {
         InOrderDigest {
-            hasher: HashThread::or_inline(id),
+            id: *id,
+            thread: None,
+            inline: None,
             hashed: 0,
             size,
-            buf: Vec::new(),
         }
     }
 
     /// Hashes what arrived past the hashed prefix. During the download (`all` false) it hands
-    /// over only whole reads of [`DIGEST_READ`] that the hasher takes without waiting, so the
-    /// receive loop never stalls on the digest; at the end (`all`) everything.
+    /// over only whole ranges of [`DIGEST_READ`] and only while the thread has room, so the
+    /// receive loop never waits for the digest; at the end (`all`) everything.
     fn advance(&mut self, file: &SharedFile, all: bool) -> Result<(), FetchError> {
+        let storage = |e: std::io::Error| FetchError::from(TransferError::storage("read", &e));
         loop {
             let mut partial = lock(file);
             let end = partial
                 .received()
                 .first_missing_from(self.hashed)
                 .min(self.size);
-            let len = (end - self.hashed).min(DIGEST_READ as u64) as usize;
-            if len == 0 || (!all && (len < DIGEST_READ || self.hasher.room() < len)) {
+            let len = (end - self.hashed).min(DIGEST_READ as u64);
+            let full = self.thread.as_ref().is_some_and(FileHashThread::is_full);
+            if len == 0 || (!all && (len < DIGEST_READ as u64 || full)) {
                 return Ok(());
             }
-            self.buf.resize(len, 0);
-            if let Err(e) = partial.read_at(self.hashed, &mut self.buf) {
-                return Err(TransferError::storage("read", &e).into());
+            let range = self.hashed..self.hashed + len;
+            partial.write_out(range.clone()).map_err(storage)?;
+            if self.thread.is_none() && self.inline.is_none() {
+                match partial
+                    .reader()
+                    .and_then(|reader| FileHashThread::start(reader, &self.id))
+                {
+                    Ok(thread) => self.thread = Some(thread),
+                    Err(_) => self.inline = Some((self.id.hasher(), Vec::new())),
+                }
             }
-            drop(partial);
-            self.hasher.update(&self.buf);
-            self.hashed += len as u64;
+            match (&mut self.thread, &mut self.inline) {
+                (Some(thread), _) => thread.hash(range.clone()),
+                (None, Some((hasher, buf))) => {
+                    buf.resize(len as usize, 0);
+                    partial.read_at(range.start, buf).map_err(storage)?;
+                    hasher.update(buf);
+                }
+                (None, None) => return Err(lost()),
+            }
+            self.hashed = range.end;
         }
     }
 
@@ -617,9 +731,13 @@ impl InOrderDigest {
             // Every piece arrived, so the prefix reaches the end; a gap means bytes were lost.
             return Err(lost());
         }
-        self.hasher
-            .finish()
-            .map_err(|e| TransferError::storage("hash", &e).into())
+        let digest = match (self.thread.take(), self.inline.take()) {
+            (Some(mut thread), _) => thread.finish(),
+            (None, Some((hasher, _))) => Ok(hasher.finish()),
+            // An empty object: nothing was handed over.
+            (None, None) => Ok(self.id.hasher().finish()),
+        };
+        digest.map_err(|e| TransferError::storage("hash", &e).into())
     }
 }
 
@@ -633,8 +751,8 @@ fn add_stats(total: &mut Stats, piece: &Stats) {
 
 #[cfg(test)]
 mod tests {
-    use super::take_piece;
-    use std::collections::VecDeque;
+    use super::*;
+    use crate::store::Cache;
 
     #[test]
     fn pieces_grow_over_contiguous_units_and_split_long_ranges() {
@@ -646,5 +764,66 @@ mod tests {
         assert_eq!((queue.len(), queue.front()), (1, Some(&(21..24))));
         assert_eq!(take_piece(&mut queue, 8), Some(21..24));
         assert_eq!(take_piece(&mut queue, 8), None);
+    }
+
+    /// The queue is empty, source 0 is idle, source 1 has a piece half done at a slow rate: its
+    /// missing blocks are shared out. Not a piece of the idle source's own, not one nearly
+    /// finished, not one too young to judge, and not when no other source is idle.
+    #[test]
+    fn a_slow_piece_is_shared_out_when_another_source_is_idle() {
+        let dir = std::env::temp_dir().join(format!(
+            "udpferry-share-{}-{}",
+            std::process::id(),
+            crate::random::random_u64()
+        ));
+        let size: u64 = 8 << 20;
+        let data = vec![7u8; size as usize];
+        let id = ObjectId::md5_of(&data);
+        let manifest = Manifest::build(id, size, &data[..]).unwrap();
+        let block = manifest.block_size as usize;
+        let blocks = manifest.blocks.len();
+        let cache = Cache::open(&dir).unwrap();
+        let (mut partial, _) = cache.begin_sized(&id, Some(size)).unwrap();
+        // The slow piece: the second half of the object, its first quarter arrived.
+        let slow = blocks / 2..blocks;
+        let arrived = (slow.end - slow.start) / 4;
+        let from = slow.start * block;
+        partial
+            .write_at(from as u64, &data[from..from + arrived * block])
+            .unwrap();
+        let now = Instant::now();
+        let long_ago = now - Duration::from_secs(1);
+        let mut in_flight: HashMap<TransferId, (usize, Range<usize>, Instant)> = HashMap::new();
+        in_flight.insert(TransferId(1), (1, slow.clone(), long_ago));
+        let active = [SourceState::Active, SourceState::Active];
+        assert_eq!(
+            piece_to_share(&manifest, &active, &in_flight, &partial),
+            Some(TransferId(1))
+        );
+        let runs = block_runs(&manifest, &slow, partial.received());
+        assert_eq!(
+            runs,
+            vec![
+                (slow.start..slow.start + arrived, true),
+                (slow.start + arrived..slow.end, false)
+            ]
+        );
+        // Source 1 alone is idle (source 0 failed): nobody can take over.
+        let one = [SourceState::Failed, SourceState::Active];
+        assert_eq!(piece_to_share(&manifest, &one, &in_flight, &partial), None);
+        // Too young to judge its rate.
+        in_flight.insert(TransferId(1), (1, slow.clone(), Instant::now()));
+        assert_eq!(piece_to_share(&manifest, &active, &in_flight, &partial), None);
+        // Nearly done: less than SHARE_MIN_BYTES missing.
+        let nearly = slow.end - 1..slow.end;
+        in_flight.insert(TransferId(1), (1, nearly, long_ago));
+        assert_eq!(piece_to_share(&manifest, &active, &in_flight, &partial), None);
+        // Source 0 has both its pieces in flight: not idle.
+        in_flight.insert(TransferId(1), (1, slow.clone(), long_ago));
+        in_flight.insert(TransferId(2), (0, 0..1, now));
+        in_flight.insert(TransferId(3), (0, 1..2, now));
+        assert_eq!(piece_to_share(&manifest, &active, &in_flight, &partial), None);
+        drop(partial);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -670,6 +670,18 @@ impl PartialFile {
         self.size
     }
 
+    /// A second handle on the partial file, for another thread to read what was written (the
+    /// multi-source digest does, on its own core): call [`write_out`](Self::write_out) for a
+    /// range before that thread reads it.
+    pub(crate) fn reader(&self) -> io::Result<File> {
+        self.file.try_clone()
+    }
+
+    /// Writes out the received bytes of `range` still gathered in memory.
+    pub(crate) fn write_out(&mut self, range: Range<u64>) -> io::Result<()> {
+        self.runs.flush(&self.file, range)
+    }
+
     /// Byte ranges written so far (what the next journal will list), for progress displays.
     pub fn received(&self) -> &RangeSet {
         &self.received
