@@ -387,7 +387,7 @@ fn main() {
         }
     }
     // The real binaries, when UDPFERRY_BIN names the release binary (scripts/benchmarks.sh
-    // and .ci/run set it): 50 get processes of 8 MiB, and one of 8 and one of 64 MiB to show
+    // and .ci/run set it): 50 get processes of 8 MiB, and one of 8, 64 and 256 MiB to show
     // that the server's memory per transfer does not follow the object (smoke: 10 of 1 MiB).
     let bin = common::processes::udpferry_bin();
     let process_cases: Vec<(usize, usize)> = match &bin {
@@ -396,7 +396,7 @@ fn main() {
             Vec::new()
         }
         Ok(_) if smoke => vec![(10, 1)],
-        Ok(_) => vec![(1, 8), (1, 64), (50, 8)],
+        Ok(_) => vec![(1, 8), (1, 64), (1, 256), (50, 8)],
     };
     let mut process_rows = Vec::new();
     for &(clients, size_mib) in &process_cases {
