@@ -508,7 +508,9 @@ fn manifests(
 
 /// How many blocks the next piece for a source of `rate` should have: [`PIECE_TIME`] of its
 /// rate (the first piece, before a rate is known, is [`PIECE_BYTES`]), at most
-/// [`MAX_PIECE_BYTES`], and never more than an even share of what is left among the `active`
+/// [`MAX_PIECE_BYTES`] and at most an even share of [`DIGEST_AHEAD`] among the pieces the
+/// `active` sources may have in flight (so that one source's pieces never hold the others
+/// back, see [`digest_allows`]), and never more than an even share of what is left among the `active`
 /// sources, so that the end of the download is not one slow source's piece; but never less
 /// than [`PIECE_BYTES`] either (unless less is left): halving shares made a tail of pieces of
 /// a block or two, each a request of its own.
@@ -520,7 +522,10 @@ fn piece_blocks(
 ) -> usize {
     let block = u64::from(manifest.block_size).max(1);
     let bytes = rate.map_or(PIECE_BYTES, |r| (r * PIECE_TIME.as_secs_f64()) as u64);
-    let wanted = (bytes.clamp(PIECE_BYTES, MAX_PIECE_BYTES) / block).max(1) as usize;
+    // Every source's pieces fit within what the digest lets the download ask for ahead.
+    let largest = (DIGEST_AHEAD / (PIECES_PER_SOURCE * active.max(1)) as u64)
+        .clamp(PIECE_BYTES, MAX_PIECE_BYTES);
+    let wanted = (bytes.clamp(PIECE_BYTES, largest) / block).max(1) as usize;
     let smallest = (PIECE_BYTES / block).max(1) as usize;
     let left: usize = queue.iter().map(|r| r.end - r.start).sum();
     let share = left.div_ceil(active.max(1));
