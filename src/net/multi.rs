@@ -7,7 +7,10 @@
 //!    pieces at a time (a transfer whose have-set is everything but that piece), faster
 //!    sources finish sooner and so get more. Pieces grow with the source's measured rate to
 //!    about [`PIECE_TIME`] each, so a fast source makes a request or two per second, well
-//!    inside a server's per-address request limit.
+//!    inside a server's per-address request limit (which does not count a peer that proved its
+//!    address anyway). New pieces wait while the download is far ahead of its digest
+//!    ([`digest_allows`]), and when nothing is left to hand out, an idle source shares a busy
+//!    one's piece ([`piece_to_share`]).
 //! 3. The object's digest is computed while the pieces arrive, over the received prefix, on a
 //!    second core ([`InOrderDigest`]): one pass over the bytes, as for one source. Only when it
 //!    does not match the id are the pieces checked against the manifest's block hashes: the
@@ -507,13 +510,14 @@ fn manifests(
 }
 
 /// How many blocks the next piece for a source of `rate` should have: [`PIECE_TIME`] of its
-/// rate (the first piece, before a rate is known, is [`PIECE_BYTES`]), at most
-/// [`MAX_PIECE_BYTES`] and at most an even share of [`DIGEST_AHEAD`] among the pieces the
-/// `active` sources may have in flight (so that one source's pieces never hold the others
-/// back, see [`digest_allows`]), and never more than an even share of what is left among the `active`
-/// sources, so that the end of the download is not one slow source's piece; but never less
-/// than [`PIECE_BYTES`] either (unless less is left): halving shares made a tail of pieces of
-/// a block or two, each a request of its own.
+/// rate (the first piece, before a rate is known, is [`PIECE_BYTES`]), bounded by
+///
+/// - [`MAX_PIECE_BYTES`], and an even share of [`DIGEST_AHEAD`] among the pieces the `active`
+///   sources may have in flight, so that one source's pieces never hold the others back (see
+///   [`digest_allows`]);
+/// - an even share of what is left among the `active` sources, so that the end of the download
+///   is not one slow source's piece, but never less than [`PIECE_BYTES`] (unless less is
+///   left): halving shares made a tail of pieces of a block or two, each a request of its own.
 fn piece_blocks(
     manifest: &Manifest,
     rate: Option<f64>,
