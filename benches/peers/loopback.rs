@@ -2,7 +2,7 @@
 //! TCP + MD5, QUIC (quinn) + MD5, udpferry memory to memory, and udpferry file to file; plus
 //! time to first byte and to verified completion for a 1 MiB object.
 //!
-//! `cargo bench -p udpferry-peers --bench loopback` (256 MiB, median of 3);
+//! `cargo bench -p udpferry-peers --bench loopback` (256 MiB, median of 3, of 5 for the CLI);
 //! `UDPFERRY_BENCH_SIZE_MIB=64 cargo bench -p udpferry-peers --bench loopback` (other size);
 //! `cargo bench -p udpferry-peers --bench loopback -- --smoke` or `UDPFERRY_BENCH_SMOKE=1` (8 MiB, one run).
 //!
@@ -587,6 +587,9 @@ fn main() {
             .unwrap_or(256)
     };
     let reps = if smoke { 1 } else { 3 };
+    // The contenders that spawn processes take under a second a run at 256 MiB and vary more
+    // from run to run (process start, page cache): five runs each for their medians.
+    let process_reps = if smoke { 1 } else { 5 };
     let size = size_mib * MIB;
     // `UDPFERRY_BENCH_ONLY=mem,tcp` runs only the contenders whose names contain one of the
     // comma-separated words (for profiling one of them).
@@ -746,51 +749,73 @@ fn main() {
                 note: note.into(),
             });
         };
-    if wanted("udpferry get -o") {
-        eprintln!("udpferry serve + get -o (processes)...");
-        let runs = (|| {
-            let bin = processes::udpferry_bin()?;
-            let (dir, scratch) = (served.as_ref()?, scratch.as_ref()?);
-            let (_server, addr) = processes::udpferry_serve(&bin, &dir.0)?;
-            let get = |id: &ObjectId, len| {
-                processes::udpferry_get(&bin, &addr, &id.to_hex(), &scratch.0, len)
-            };
-            Ok((
-                repeat(reps, || get(&id, size))?,
-                repeat(reps, || get(&small_id, LATENCY_SIZE))?,
-            ))
-        })();
-        process_runs(
-            "udpferry get -o (CLI)",
-            "the release binary: serve, then one get -o process per run into a fresh cache, start to exit",
-            runs,
+    // One server and two: their runs alternate (one, two, one, two, ...) so both see the same
+    // machine; the table's "two servers / one" ratio compares them (issue 14).
+    let (want_one, want_two) = (
+        wanted("udpferry get -o (CLI)"),
+        wanted("udpferry get -o, two servers"),
+    );
+    if want_one || want_two {
+        eprintln!(
+            "udpferry serve + get -o from one server and from two, alternating (processes)..."
         );
-    }
-    if wanted("udpferry get -o, two servers") {
-        eprintln!("two udpferry serve + get -o from both (processes)...");
-        let runs = (|| {
+        let runs: Result<_, String> = (|| {
             let bin = processes::udpferry_bin()?;
             let (dir, scratch) = (served.as_ref()?, scratch.as_ref()?);
             let (_one, a) = processes::udpferry_serve(&bin, &dir.0)?;
-            let (_two, b) = processes::udpferry_serve(&bin, &dir.0)?;
-            let both = format!("{a},{b}");
-            let get = |id: &ObjectId, len| {
-                processes::udpferry_get(&bin, &both, &id.to_hex(), &scratch.0, len)
+            let second = if want_two {
+                Some(processes::udpferry_serve(&bin, &dir.0)?)
+            } else {
+                None
             };
-            // One warm-up run each: a server builds an object's manifest on the first request
-            // for it (a pass over the file), then keeps it.
-            get(&id, size)?;
-            get(&small_id, LATENCY_SIZE)?;
-            Ok((
-                repeat(reps, || get(&id, size))?,
-                repeat(reps, || get(&small_id, LATENCY_SIZE))?,
-            ))
+            let both = second.as_ref().map(|(_, b)| format!("{a},{b}"));
+            let get = |servers: &str, id: &ObjectId, len| {
+                processes::udpferry_get(&bin, servers, &id.to_hex(), &scratch.0, len)
+            };
+            // One warm-up run from both: a server builds an object's manifest on the first
+            // request for it (a pass over the file), then keeps it.
+            if let Some(both) = &both {
+                get(both, &id, size)?;
+                get(both, &small_id, LATENCY_SIZE)?;
+            }
+            let mut one = (Vec::new(), Vec::new());
+            let mut two = (Vec::new(), Vec::new());
+            for _ in 0..process_reps {
+                if want_one {
+                    one.0.push(get(&a, &id, size)?);
+                }
+                if let Some(both) = &both {
+                    two.0.push(get(both, &id, size)?);
+                }
+            }
+            for _ in 0..process_reps {
+                if want_one {
+                    one.1.push(get(&a, &small_id, LATENCY_SIZE)?);
+                }
+                if let Some(both) = &both {
+                    two.1.push(get(both, &small_id, LATENCY_SIZE)?);
+                }
+            }
+            Ok((one, two))
         })();
-        process_runs(
-            "udpferry get -o, two servers (CLI)",
-            "two serve processes of the same directory, one get -o from both per run (after one warm-up run that builds the servers' manifests)",
-            runs,
-        );
+        let (one, two) = match runs {
+            Ok((one, two)) => (Ok(one), Ok(two)),
+            Err(e) => (Err(e.clone()), Err(e)),
+        };
+        if want_one {
+            process_runs(
+                "udpferry get -o (CLI)",
+                "the release binary: serve, then one get -o process per run into a fresh cache, start to exit",
+                one,
+            );
+        }
+        if want_two {
+            process_runs(
+                "udpferry get -o, two servers (CLI)",
+                "two serve processes of the same directory, one get -o from both per run, alternating with the one-server runs (after one warm-up run that builds the servers' manifests)",
+                two,
+            );
+        }
     }
     if wanted("HTTP + curl + md5sum") {
         eprintln!("HTTP + curl -o + md5sum (processes)...");
@@ -801,8 +826,8 @@ fn main() {
                 processes::curl_md5sum(&format!("{base}/{name}"), &scratch.0, &id.to_hex())
             };
             Ok((
-                repeat(reps, || fetch("object.bin", &id))?,
-                repeat(reps, || fetch("small.bin", &small_id))?,
+                repeat(process_reps, || fetch("object.bin", &id))?,
+                repeat(process_reps, || fetch("small.bin", &small_id))?,
             ))
         })();
         process_runs(
@@ -856,7 +881,9 @@ fn main() {
         .find(|r| r.name == "udpferry file-to-file")
         .and_then(|r| r.mb_per_s());
     println!();
-    println!("loopback, {size_mib} MiB object, median of {reps} (MB = 10^6 bytes)");
+    println!(
+        "loopback, {size_mib} MiB object, median of {reps} ({process_reps} for the CLI contenders; MB = 10^6 bytes)"
+    );
     println!(
         "{:<24} {:>10} {:>10} {:>12}  notes",
         "contender", "MB/s", "seconds", "vs file2file"
@@ -882,7 +909,7 @@ fn main() {
         }
     }
     println!();
-    println!("1 MiB object, median of {reps}");
+    println!("1 MiB object, median of {reps} ({process_reps} for the CLI contenders)");
     println!(
         "{:<24} {:>14} {:>14} {:>18}  notes",
         "contender", "first byte ms", "verified ms", "verified cb ms"
@@ -1020,7 +1047,7 @@ fn main() {
     let mut j = String::new();
     j.push_str("{\n");
     j.push_str(&format!(
-        "  \"size_mib\": {size_mib},\n  \"runs\": {reps},\n  \"smoke\": {smoke},\n"
+        "  \"size_mib\": {size_mib},\n  \"runs\": {reps},\n  \"process_runs\": {process_reps},\n  \"smoke\": {smoke},\n"
     ));
     j.push_str("  \"unit\": \"MB/s, MB = 10^6 bytes\",\n  \"throughput\": [\n");
     let rows: Vec<String> = results
