@@ -243,10 +243,12 @@ struct Coexistence {
     capacity_left: f64,
 }
 
-fn with_game_flow(kind: CongestionControl) -> Coexistence {
+fn with_game_flow(kind: CongestionControl, loss: f64) -> Coexistence {
     const CAPACITY: u64 = 1_000_000;
     let latency = Duration::from_millis(20);
-    let bottleneck = LinkConfig::clean(latency).with_bottleneck(CAPACITY, (CAPACITY / 5) as usize);
+    let bottleneck = LinkConfig::clean(latency)
+        .with_bottleneck(CAPACITY, (CAPACITY / 5) as usize)
+        .with_loss(loss);
     let objs = objects(1, 8 << 20);
     let mut config = EndpointConfig::default();
     config.transfer.congestion = kind;
@@ -259,11 +261,9 @@ fn with_game_flow(kind: CongestionControl) -> Coexistence {
     run.run_to_end();
     let done = run.completions()[&t];
     let game = run.pair.b.game.as_ref().unwrap();
-    // The game flow's one-way delay above the path's 20 ms, while the download runs (after its
-    // first second).
-    let p95 = game
-        .delay_quantile(0.95, run.start + Duration::from_secs(1)..done)
-        .unwrap();
+    // The game flow's one-way delay above the path's 20 ms over the whole download, start-up
+    // included.
+    let p95 = game.delay_quantile(0.95, run.start..done).unwrap();
     let added = p95.saturating_sub(latency);
     let goodput = (8 << 20) as f64 / (done - run.start).as_secs_f64();
     // Both game flows cross the bottleneck in this direction only for the server's packets.
@@ -275,34 +275,41 @@ fn with_game_flow(kind: CongestionControl) -> Coexistence {
     }
 }
 
+/// Issue 15: Background keeps the game flow's p95 added delay within 35 ms over the whole
+/// download (start-up included), and still takes at least 0.85 of what the game leaves, on a
+/// clean path and with 2% random loss.
 #[test]
 fn background_mode_keeps_game_latency_and_still_fills_the_link() {
     let target = Duration::from_millis(25);
-    let bg = with_game_flow(CongestionControl::Background { target });
-    let std = with_game_flow(CongestionControl::Standard);
-    for (name, c) in [("background", &bg), ("standard", &std)] {
-        println!(
-            "{name}: game flow p95 added delay {:.1} ms, download goodput {:.0} B/s = {:.3} of the {:.0} B/s the game leaves",
-            c.game_p95_added.as_secs_f64() * 1e3,
-            c.goodput,
-            c.goodput / c.capacity_left,
-            c.capacity_left
+    for loss in [0.0, 0.02] {
+        let bg = with_game_flow(CongestionControl::Background { target }, loss);
+        let std = with_game_flow(CongestionControl::Standard, loss);
+        for (name, c) in [("background", &bg), ("standard", &std)] {
+            println!(
+                "{name}, {:.0}% loss: game flow p95 added delay {:.1} ms, download goodput {:.0} B/s = {:.3} of the {:.0} B/s the game leaves",
+                loss * 100.0,
+                c.game_p95_added.as_secs_f64() * 1e3,
+                c.goodput,
+                c.goodput / c.capacity_left,
+                c.capacity_left
+            );
+        }
+        assert!(
+            bg.game_p95_added <= Duration::from_millis(35),
+            "background, {loss} loss: {:?}",
+            bg.game_p95_added
+        );
+        assert!(
+            bg.goodput >= 0.85 * bg.capacity_left,
+            "background, {loss} loss: goodput {}",
+            bg.goodput
+        );
+        assert!(
+            std.goodput >= 0.85 * std.capacity_left,
+            "standard, {loss} loss: goodput {}",
+            std.goodput
         );
     }
-    assert!(
-        bg.game_p95_added <= target * 2,
-        "background: {:?}",
-        bg.game_p95_added
-    );
-    assert!(
-        bg.goodput >= 0.8 * bg.capacity_left,
-        "background goodput {}",
-        bg.goodput
-    );
-    assert!(
-        std.game_p95_added > bg.game_p95_added * 2,
-        "standard mode should queue far more"
-    );
 }
 
 #[test]

@@ -38,7 +38,7 @@ use std::time::Duration;
 pub use config::TransferConfig;
 pub use congestion::CongestionControl;
 #[cfg(feature = "internals")]
-pub use congestion::Controller;
+pub use congestion::{Controller, Delivery};
 pub use endpoint::{
     Endpoint, EndpointConfig, EndpointEvent, EndpointStats, NoObjects, ObjectProvider, Role,
     TransferId, TransferInfo, Transmit,

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::congestion::Controller;
+use super::congestion::{Controller, Delivery};
 use super::pacer::Pacer;
 use super::ranges::RangeSet;
 use super::report::{emit, Report};
@@ -59,6 +59,8 @@ struct SentPacket {
     bytes: u32,
     /// Acknowledged or declared lost: no longer counts as in flight.
     settled: bool,
+    /// The congestion controller's delivery state at the send time (its rate sample).
+    delivery: Delivery,
 }
 
 /// The sending side of one transfer.
@@ -119,6 +121,10 @@ pub struct Sender<S> {
     renege_suspects: Vec<u64>,
     /// The suspects of the ack before, kept as a buffer so that no ack allocates.
     renege_previous: Vec<u64>,
+    /// Withdrawn chunks that may still be on their way to the receiver, and when those not
+    /// acknowledged by then are lost (see `recover_reneged`).
+    renege_pending: RangeSet,
+    renege_deadline: Option<Instant>,
 
     rtt: RttEstimator,
     congestion: Controller,
@@ -239,6 +245,8 @@ impl<S: ChunkSource> Sender<S> {
             all_acked_at: None,
             renege_suspects: Vec::new(),
             renege_previous: Vec::new(),
+            renege_pending: RangeSet::new(),
+            renege_deadline: None,
             rtt: RttEstimator::new(config.initial_rtt),
             congestion: Controller::new(config.congestion, datagram_size as u64),
             pacer: Pacer::new(0, burst),
@@ -419,7 +427,7 @@ impl<S: ChunkSource> Sender<S> {
             self.acks_past_end = 0;
         }
         let mut newly_acked = false;
-        let app_limited = self.bytes_in_flight * 2 < self.congestion.window();
+        let mut acked_bytes = 0u64;
         let cumulative = u64::from(ack.cumulative).min(self.chunks);
         let ranges = std::iter::once(0..cumulative).chain(
             ack.ranges
@@ -450,24 +458,27 @@ impl<S: ChunkSource> Sender<S> {
                     if !p.settled {
                         p.settled = true;
                         *bytes_in_flight -= u64::from(p.bytes);
-                        congestion.on_ack(p.sent, u64::from(p.bytes), now, app_limited);
+                        congestion.on_ack(&p.delivery, p.sent, u64::from(p.bytes), now);
+                        acked_bytes += u64::from(p.bytes);
                         newly_acked = true;
                     }
                 }
             });
         }
         if newest {
-            self.recover_reneged(ack);
+            self.recover_reneged(now, ack);
         }
         if seq_sent && self.largest_acked_seq.is_none_or(|l| ack.largest_seq > l) {
             self.largest_acked_seq = Some(ack.largest_seq);
-            self.congestion.on_delay_sample(ack.owd_us, now);
             self.delay_sample = Some(ack.owd_us);
             // The datagram may already be gone from the front (settled by an earlier ack that
             // arrived out of order); then this ack gives no RTT sample.
             let index = ack.largest_seq.checked_sub(self.first_seq);
+            let sent = index.and_then(|i| self.sent.get(i as usize)).map(|p| p.sent);
+            self.congestion.on_delay_sample(ack.owd_us, sent, now);
             if let Some(p) = index.and_then(|i| self.sent.get(i as usize)) {
                 let sample = now.saturating_duration_since(p.sent);
+                self.congestion.on_rtt_sample(sample, now);
                 let ack_delay = Duration::from_micros(u64::from(ack.ack_delay_us))
                     .min(self.config.max_ack_delay);
                 self.rtt.update(sample, ack_delay);
@@ -484,6 +495,9 @@ impl<S: ChunkSource> Sender<S> {
         }
         self.window_end = self.window_end.max(u64::from(ack.window_end));
         self.detect_losses(now);
+        self.expire_reneged(now);
+        self.congestion
+            .on_ack_done(now, self.bytes_in_flight, acked_bytes);
         self.report_progress(now);
     }
 
@@ -510,7 +524,7 @@ impl<S: ChunkSource> Sender<S> {
     ///
     /// The congestion window gives back what the withdrawn claims gave it, so a receiver that
     /// acknowledges what it never got (to make the sender overrun its window) gains nothing.
-    fn recover_reneged(&mut self, ack: &Ack<'_>) {
+    fn recover_reneged(&mut self, now: Instant, ack: &Ack<'_>) {
         let cumulative = u64::from(ack.cumulative);
         let chunks = self.chunks;
         // Walked afresh wherever needed (the ack's ranges are read from its bytes), and the two
@@ -528,7 +542,8 @@ impl<S: ChunkSource> Sender<S> {
                 .chain(ranges().map(|r| r.end))
                 .filter(|&c| c < chunks && self.acked.contains(c)),
         );
-        let mut reneged = 0;
+        // Allocated only when a claim is withdrawn.
+        let mut withdrawn = RangeSet::new();
         for &chunk in self.renege_suspects.iter().filter(|c| previous.contains(c)) {
             let Some(claimed) = self.acked.range_containing(chunk) else {
                 continue;
@@ -540,8 +555,29 @@ impl<S: ChunkSource> Sender<S> {
             let gap = chunk..claimed.end.min(next_listed);
             self.acked.remove(gap.clone());
             // Chunks at or past `next_new_chunk` go out as new data anyway.
-            let sent_before = gap.start..gap.end.min(self.next_new_chunk);
-            reneged += self.lost.insert(sent_before);
+            withdrawn.insert(gap.start..gap.end.min(self.next_new_chunk));
+        }
+        if withdrawn.is_empty() {
+            return;
+        }
+        // Withdrawn chunks past everything the receiver lists may simply not have reached it
+        // yet (a total lie claims the whole window in flight): they wait one probe timeout for
+        // an acknowledgement before they count as lost. Those below are missing now.
+        let held_end = ranges()
+            .map(|r| r.end)
+            .max()
+            .unwrap_or(cumulative)
+            .max(cumulative);
+        let mut reneged = 0;
+        for range in withdrawn.iter() {
+            reneged += range.end - range.start;
+            let split = held_end.clamp(range.start, range.end);
+            self.lost.insert(range.start..split);
+            if split < range.end {
+                self.renege_pending.insert(split..range.end);
+                let wait = self.rtt.pto(self.config.max_ack_delay);
+                self.renege_deadline.get_or_insert(now + wait);
+            }
         }
         if reneged > 0 {
             self.stats.chunks_reneged += reneged;
@@ -549,6 +585,20 @@ impl<S: ChunkSource> Sender<S> {
             self.congestion
                 .on_acks_withdrawn(reneged.saturating_mul(datagram));
         }
+    }
+
+    /// Withdrawn chunks still unacknowledged at their deadline are lost.
+    fn expire_reneged(&mut self, now: Instant) {
+        if self.renege_deadline.is_none_or(|t| t > now) {
+            return;
+        }
+        self.renege_deadline = None;
+        for range in self.renege_pending.iter() {
+            for gap in self.acked.gaps(range) {
+                self.lost.insert(gap);
+            }
+        }
+        self.renege_pending.clear();
     }
 
     /// Declares lost every in-flight datagram that later acknowledgements outran (RFC 9002
@@ -579,7 +629,7 @@ impl<S: ChunkSource> Sender<S> {
                 }
                 if !self.acked.contains(u64::from(p.chunk)) {
                     self.lost.insert(u64::from(p.chunk)..u64::from(p.chunk) + 1);
-                    self.congestion.on_loss(p.sent, now);
+                    self.congestion.on_loss(p.sent, u64::from(p.bytes), now);
                 }
             }
             self.sent.pop_front();
@@ -656,7 +706,11 @@ impl<S: ChunkSource> Sender<S> {
             if self.bytes_in_flight + datagram_size > self.congestion.window() {
                 return None;
             }
-            let chunk = self.next_chunk()?;
+            let Some(chunk) = self.next_chunk() else {
+                // The window has room the sender cannot use.
+                self.congestion.on_app_limited(self.bytes_in_flight);
+                return None;
+            };
             self.update_pacing_rate(now);
             if !self.pacer.try_take(datagram_size, now) {
                 self.pacing_wait = Some(self.pacer.ready_at(datagram_size, now));
@@ -695,11 +749,13 @@ impl<S: ChunkSource> Sender<S> {
         } else {
             self.sent_frontier = chunk + 1;
         }
+        let delivery = self.congestion.on_send(now, self.bytes_in_flight);
         self.sent.push_back(SentPacket {
             chunk: chunk as u32,
             sent: now,
             bytes: n as u32,
             settled: false,
+            delivery,
         });
         self.bytes_in_flight += n as u64;
         self.last_data_sent = Some(now);
@@ -758,14 +814,20 @@ impl<S: ChunkSource> Sender<S> {
     }
 
     fn update_pacing_rate(&mut self, now: Instant) {
-        // Pace at 1.25 windows per round trip (as quinn and Linux do), under the rate cap.
-        let rtt = self.rtt.smoothed().max(Duration::from_micros(100));
-        let window_rate =
-            u128::from(self.congestion.window()) * 5 * 1_000_000 / 4 / rtt.as_micros();
-        let window_rate = u64::try_from(window_rate).unwrap_or(u64::MAX);
+        // The model's rate once it has one; before, 1.25 windows per round trip (as quinn and
+        // Linux do). Under the rate cap, which makes the transfer app-limited while it binds.
+        let model_rate = self.congestion.pacing_rate().unwrap_or_else(|| {
+            let rtt = self.rtt.smoothed().max(Duration::from_micros(100));
+            let rate = u128::from(self.congestion.window()) * 5 * 1_000_000 / 4 / rtt.as_micros();
+            u64::try_from(rate).unwrap_or(u64::MAX)
+        });
         let rate = match self.rate_cap {
-            0 => window_rate,
-            cap => window_rate.min(cap),
+            0 => model_rate,
+            cap if cap < model_rate => {
+                self.congestion.on_app_limited(self.bytes_in_flight);
+                cap
+            }
+            _ => model_rate,
         };
         if rate != self.pacer.rate() {
             self.pacer.set_rate(rate.max(1), now);
@@ -786,6 +848,7 @@ impl<S: ChunkSource> Sender<S> {
             self.pto_deadline(),
             self.pacing_wait,
             self.offer_deadline(),
+            self.renege_deadline,
         ]
         .into_iter()
         .flatten()
@@ -853,6 +916,7 @@ impl<S: ChunkSource> Sender<S> {
         if self.loss_time.is_some_and(|t| t <= now) {
             self.detect_losses(now);
         }
+        self.expire_reneged(now);
         if self.offer_deadline().is_some_and(|t| t <= now) {
             self.offer_repeats += 1;
             self.offer_pending = true;

@@ -40,8 +40,8 @@ pub struct Stats {
     pub bytes_in_flight: u64,
     /// Estimated queueing delay this transfer's path adds, from one-way delay samples (sender).
     pub queueing_delay: Option<Duration>,
-    /// The rate the sender paces at now, bytes per second: the lowest of its window's rate
-    /// (1.25 windows per round trip) and its cap (sender).
+    /// The rate the sender paces at now, bytes per second: the congestion model's (its
+    /// bandwidth estimate times the pacing gain of its state) under the cap (sender).
     pub pacing_rate: u64,
 }
 
