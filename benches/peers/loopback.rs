@@ -268,115 +268,21 @@ fn tcp_once(data: &Data, expected: [u8; 16]) -> Result<Latency, String> {
 // ---------------------------------------------------------------------------------------------
 // 3. QUIC (quinn, default transport settings) + incremental MD5, one unidirectional stream.
 
-mod quic {
-    use super::*;
-    use quinn::crypto::rustls::QuicClientConfig;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+#[path = "quic.rs"]
+mod quic;
 
-    pub struct Quic {
-        rt: tokio::runtime::Runtime,
-        server_config: quinn::ServerConfig,
-        client_config: quinn::ClientConfig,
+/// One quinn transfer of `data` on loopback, handshake included.
+fn quic_once(q: &quic::Quic, data: &Data, expected: [u8; 16]) -> Result<Latency, String> {
+    let limit = deadline_for(data.len());
+    let run = q.once(data.clone(), expected, limit, Ok)?;
+    if !run.verified {
+        return Err(format!("timed out after {limit:?}"));
     }
-
-    impl Quic {
-        pub fn new() -> Result<Self, String> {
-            let _ = rustls::crypto::ring::default_provider().install_default();
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .map_err(err)?;
-            let certified =
-                rcgen::generate_simple_self_signed(vec!["localhost".into()]).map_err(err)?;
-            let cert: CertificateDer<'static> = certified.cert.der().clone();
-            let key =
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(certified.key_pair.serialize_der()));
-            let server_config =
-                quinn::ServerConfig::with_single_cert(vec![cert.clone()], key).map_err(err)?;
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add(cert).map_err(err)?;
-            let crypto = rustls::ClientConfig::builder()
-                .with_root_certificates(roots)
-                .with_no_client_auth();
-            let client_config = quinn::ClientConfig::new(Arc::new(
-                QuicClientConfig::try_from(crypto).map_err(err)?,
-            ));
-            Ok(Quic {
-                rt,
-                server_config,
-                client_config,
-            })
-        }
-
-        /// One transfer of `data`, handshake included. Returns (first byte, verified).
-        pub fn once(&self, data: &Data, expected: [u8; 16]) -> Result<Latency, String> {
-            let size = data.len();
-            let limit = deadline_for(size);
-            self.rt.block_on(async {
-                match tokio::time::timeout(limit, self.transfer(data.clone(), expected)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(format!("timed out after {limit:?}")),
-                }
-            })
-        }
-
-        async fn transfer(&self, data: Data, expected: [u8; 16]) -> Result<Latency, String> {
-            let size = data.len();
-            let server =
-                quinn::Endpoint::server(self.server_config.clone(), "127.0.0.1:0".parse().unwrap())
-                    .map_err(err)?;
-            let addr = server.local_addr().map_err(err)?;
-            let serving = {
-                let server = server.clone();
-                tokio::spawn(async move {
-                    let incoming = server.accept().await.ok_or("server endpoint closed")?;
-                    let conn = incoming.await.map_err(err)?;
-                    let mut send = conn.open_uni().await.map_err(err)?;
-                    for chunk in data.chunks(TCP_WRITE) {
-                        send.write_all(chunk).await.map_err(err)?;
-                    }
-                    send.finish().map_err(err)?;
-                    // Keep the connection until the client has read everything and closes.
-                    conn.closed().await;
-                    Ok::<(), String>(())
-                })
-            };
-            let mut client =
-                quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(err)?;
-            client.set_default_client_config(self.client_config.clone());
-
-            let start = Instant::now();
-            let conn = client
-                .connect(addr, "localhost")
-                .map_err(err)?
-                .await
-                .map_err(err)?;
-            let mut recv = conn.accept_uni().await.map_err(err)?;
-            let mut held: Vec<u8> = Vec::with_capacity(size);
-            let mut hasher = Md5::new();
-            let mut first_byte = None;
-            while let Some(chunk) = recv.read_chunk(usize::MAX, true).await.map_err(err)? {
-                first_byte.get_or_insert_with(|| start.elapsed());
-                hasher.update(&chunk.bytes);
-                held.extend_from_slice(&chunk.bytes);
-            }
-            let digest: [u8; 16] = hasher.finalize().into();
-            let complete = start.elapsed();
-            if held.len() != size || digest != expected {
-                return Err(format!("got {} bytes, digest mismatch", held.len()));
-            }
-            conn.close(0u32.into(), b"done");
-            serving.await.map_err(err)??;
-            client.wait_idle().await;
-            server.close(0u32.into(), b"bye");
-            Ok(Latency {
-                first_byte: first_byte.unwrap_or_default().as_secs_f64(),
-                complete: complete.as_secs_f64(),
-                verified_callback: None,
-            })
-        }
-    }
+    Ok(Latency {
+        first_byte: run.first_byte,
+        complete: run.complete,
+        verified_callback: None,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -612,7 +518,7 @@ fn main() {
     let small_id = ObjectId::md5_of(&small);
     let small_expected = md5(&small);
 
-    let quic = quic::Quic::new();
+    let quic = quic::Quic::new(None);
 
     let mut results: Vec<Throughput> = Vec::new();
 
@@ -678,7 +584,7 @@ fn main() {
             name: "quinn + MD5",
             outcome: match &quic {
                 Ok(q) => repeat(reps, || {
-                    q.once(&data, expected).map(|l| Run {
+                    quic_once(q, &data, expected).map(|l| Run {
                         secs: l.complete,
                         received: size,
                     })
@@ -850,7 +756,7 @@ fn main() {
         latency.push(LatencyResult {
             name: "quinn + MD5",
             outcome: match &quic {
-                Ok(q) => repeat(reps, || q.once(&small, small_expected)),
+                Ok(q) => repeat(reps, || quic_once(q, &small, small_expected)),
                 Err(e) => Err(format!("not run: {e}")),
             },
             note: "from connect (handshake included); first byte = first chunk".into(),

@@ -9,8 +9,7 @@
 //! The figure has two panels sharing the time axis: the server's udpferry send rate in 100 ms
 //! bins, and the one-way delay of every server-to-client game packet. With
 //! [`CongestionControl::Background`] the download keeps the queue near its 25 ms target; with
-//! [`CongestionControl::Standard`] (NewReno) it fills the 200 ms queue, and the game packets wait
-//! in it.
+//! [`CongestionControl::Standard`] it fills the path, keeping a shorter queue of its own.
 //!
 //! ```text
 //! cargo run --release -p udpferry-sim --example coexistence [-- OUTPUT.png]

@@ -568,7 +568,7 @@ impl Controller {
     fn bdp(&self) -> Option<u64> {
         let bw = self.bandwidth();
         let rtt = self.min_rtt?;
-        (bw > 0).then(|| (bw as f64 * rtt.as_secs_f64()) as u64)
+        (bw > 0).then_some((bw as f64 * rtt.as_secs_f64()) as u64)
     }
 
     fn update_phase(&mut self, now: Instant, bytes_in_flight: u64) {
