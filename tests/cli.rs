@@ -208,6 +208,49 @@ fn get_bind_sends_from_the_given_address() {
     );
 }
 
+/// `--framing panda3d` on both sides: each datagram carries Panda3D's 2-byte checksum header
+/// (what a Panda3D game in its default UDP mode sends and expects). A plain `get` against such
+/// a server is not understood (its datagrams lack the header) and times out; the framed one
+/// downloads. The Python tests check the same against real Panda3D loops.
+#[test]
+fn framing_panda3d_on_both_sides_interoperates_and_plain_does_not() {
+    let tmp = TempDir::new("framing");
+    let dir = tmp.join("served");
+    let data = content(700_000, 12);
+    let md5 = put_file(&dir, "arena.bam", &data);
+    let (mut server, addr, _) = spawn_server(&dir, &["--framing", "panda3d"]);
+    let r = get(
+        addr,
+        &md5,
+        &tmp.join("framed"),
+        &tmp.join("c"),
+        &["--framing", "panda3d"],
+        GET_LIMIT,
+    );
+    assert!(r.status.success(), "get --framing panda3d: {r:?}");
+    assert_file_eq(&tmp.join("framed"), &data);
+    let r = get(
+        addr,
+        &md5,
+        &tmp.join("plain"),
+        &tmp.join("c2"),
+        &["--timeout", "2"],
+        GET_LIMIT,
+    );
+    assert!(
+        !r.status.success(),
+        "a plain get cannot talk to a framed server: {r:?}"
+    );
+    assert!(!tmp.join("plain").exists());
+    let r = run(
+        &[os("serve"), os("--framing"), os("raw"), dir.as_os_str()],
+        GET_LIMIT,
+    );
+    assert!(!r.status.success() && r.stderr.contains("panda3d"), "{r:?}");
+    server.signal("TERM");
+    let _ = server.wait_for(Duration::from_secs(10));
+}
+
 #[test]
 fn get_failures_name_the_cause() {
     let tmp = TempDir::new("fail");

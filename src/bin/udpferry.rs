@@ -14,7 +14,7 @@ use udpferry::Event;
 use udpferry::ObjectId;
 use udpferry::{BundleFetchError, Client, FetchError, FetchOptions, Got};
 use udpferry::{Cache, ContentStore, CLEAN_AGE};
-use udpferry::{Server, ServerConfig, ServerReport};
+use udpferry::{Framing, Server, ServerConfig, ServerReport};
 
 #[derive(Parser)]
 #[command(
@@ -77,6 +77,10 @@ struct ServeArgs {
     /// SIGHUP. Fractions allowed; at most a week.
     #[arg(long, value_name = "SECONDS", default_value = "2", value_parser = parse_interval)]
     rescan_interval: Duration,
+    /// How datagrams are framed: `plain` (udpferry's own), or `panda3d` for Panda3D clients in
+    /// their default (non-raw) UDP mode, which puts a 2-byte checksum in front of each.
+    #[arg(long, default_value = "plain", value_parser = parse_framing)]
+    framing: Framing,
 }
 
 #[derive(clap::Args)]
@@ -115,6 +119,10 @@ struct GetArgs {
     /// interface. Default: any address, of the servers' family.
     #[arg(long, value_parser = parse_address)]
     bind: Option<SocketAddr>,
+    /// How datagrams are framed: `plain`, or `panda3d` for a Panda3D server in its default
+    /// (non-raw) UDP mode.
+    #[arg(long, default_value = "plain", value_parser = parse_framing)]
+    framing: Framing,
 }
 
 #[derive(clap::Args)]
@@ -167,6 +175,15 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
         ));
     }
     Duration::try_from_secs_f64(secs).map_err(|e| format!("`{text}`: {e}"))
+}
+
+/// Parses `--framing`.
+fn parse_framing(text: &str) -> Result<Framing, String> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "plain" | "udpferry" => Ok(Framing::Plain),
+        "panda3d" | "panda" => Ok(Framing::Panda3d),
+        _ => Err(format!("{text:?}: expected plain or panda3d")),
+    }
 }
 
 /// Parses `--rescan-interval`: seconds, 0 (never) up to a week, fractions allowed.
@@ -264,6 +281,7 @@ fn serve(args: ServeArgs) -> ExitCode {
     config.endpoint.rate_limit_bytes_per_sec = args.rate.unwrap_or(0);
     config.endpoint.transfer.max_rate_bytes_per_sec = args.client_rate.unwrap_or(0);
     config.rescan_interval = Some(args.rescan_interval).filter(|i| !i.is_zero());
+    config.framing = args.framing;
     let listen = args.listen;
     let mut server = match Server::bind(listen, store, config) {
         Ok(s) => s,
@@ -339,7 +357,8 @@ fn get(args: GetArgs) -> ExitCode {
         Ok(client) => match args.bind {
             Some(local) => client.with_bind(local),
             None => client,
-        },
+        }
+        .with_framing(args.framing),
         Err(e) => return fail("get", &FetchError::from(e).to_string()),
     };
     let mut servers: Vec<SocketAddr> = Vec::new();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use super::delta::{self, NoManifest};
 use super::engine::{lost, Engine, Expect, Job, Outcome, Sink, Verify};
 use super::multi;
+use super::Framing;
 use crate::core::{EndpointConfig, Stats, TransferError};
 use crate::id::ObjectId;
 use crate::store::manifest::Manifest;
@@ -31,6 +32,7 @@ pub struct Client {
     pub(super) cache: Cache,
     pub(super) config: EndpointConfig,
     pub(super) bind: Option<SocketAddr>,
+    pub(super) framing: Framing,
 }
 
 impl Client {
@@ -42,6 +44,7 @@ impl Client {
             cache: Cache::open(cache_dir)?,
             config: EndpointConfig::default(),
             bind: None,
+            framing: Framing::Plain,
         })
     }
 
@@ -54,6 +57,13 @@ impl Client {
     /// The same client binding `local` for its sockets (for a given interface or port).
     pub fn with_bind(mut self, local: SocketAddr) -> Self {
         self.bind = Some(local);
+        self
+    }
+
+    /// The same client framing its datagrams with `framing` (for a Panda3D server in its default
+    /// mode: [`Framing::Panda3d`]).
+    pub fn with_framing(mut self, framing: Framing) -> Self {
+        self.framing = framing;
         self
     }
 

@@ -26,6 +26,51 @@ const MAX_GSO_BYTES: usize = 65_000;
 /// (recovery then treats it as lost).
 const SEND_RETRY_FOR: Duration = Duration::from_millis(20);
 
+/// How datagrams are framed on the socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Framing {
+    /// udpferry's datagrams as they are (docs/PROTOCOL.md).
+    #[default]
+    Plain,
+    /// Panda3D's default UDP framing, for a Panda3D game whose `QueuedConnectionReader` is not
+    /// in raw mode: every datagram starts with a 2-byte little-endian additive checksum of the
+    /// rest (Panda's `DatagramUDPHeader`), and datagrams whose checksum is wrong are dropped, as
+    /// Panda's reader drops them. See [`panda3d_checksum`].
+    Panda3d,
+}
+
+impl Framing {
+    /// Bytes the framing adds in front of each datagram.
+    pub fn header_len(self) -> usize {
+        match self {
+            Framing::Plain => 0,
+            Framing::Panda3d => PANDA3D_HEADER,
+        }
+    }
+
+    /// The udpferry datagram inside `framed`, or `None` when the framing is wrong (too short,
+    /// or a bad Panda3D checksum).
+    pub fn unwrap(self, framed: &[u8]) -> Option<&[u8]> {
+        match self {
+            Framing::Plain => Some(framed),
+            Framing::Panda3d => {
+                let (header, payload) = framed.split_first_chunk::<PANDA3D_HEADER>()?;
+                (u16::from_le_bytes(*header) == panda3d_checksum(payload)).then_some(payload)
+            }
+        }
+    }
+}
+
+/// The size of Panda3D's UDP header.
+pub const PANDA3D_HEADER: usize = 2;
+
+/// Panda3D's UDP checksum of a datagram's payload: the sum of its bytes, modulo 2^16.
+pub fn panda3d_checksum(payload: &[u8]) -> u16 {
+    payload
+        .iter()
+        .fold(0u16, |sum, &b| sum.wrapping_add(u16::from(b)))
+}
+
 /// Drives one [`Endpoint`] on one UDP socket.
 ///
 /// Call [`turn`](Self::turn) in a loop: it waits for a datagram or the endpoint's next timer
@@ -51,6 +96,7 @@ pub struct Driver {
     /// The next sleep slice (see `SHORTEST_SLICE`).
     #[cfg(not(unix))]
     slice: Duration,
+    framing: Framing,
 }
 
 /// What one [`Driver::pump`] did.
@@ -77,7 +123,7 @@ impl Driver {
         let slot = if state.gro_segments() > 1 {
             MAX_DATAGRAM_SIZE + 29 // 64 KiB: one coalesced GRO read
         } else {
-            MAX_DATAGRAM_SIZE
+            MAX_DATAGRAM_SIZE + PANDA3D_HEADER
         };
         let slots = quinn_udp::BATCH_SIZE.clamp(1, RECV_SLOTS);
         let v6 = socket.local_addr()?.is_ipv6();
@@ -88,10 +134,18 @@ impl Driver {
             rx: vec![0; slot * slots],
             slot,
             meta: vec![RecvMeta::default(); slots],
-            tx: vec![0; MAX_GSO_BYTES + MAX_DATAGRAM_SIZE],
+            tx: vec![0; MAX_GSO_BYTES + MAX_DATAGRAM_SIZE + PANDA3D_HEADER],
             #[cfg(not(unix))]
             slice: SHORTEST_SLICE,
+            framing: Framing::Plain,
         })
+    }
+
+    /// The same driver with `framing` on the socket (both ways). Set it before the first
+    /// datagram.
+    pub fn with_framing(mut self, framing: Framing) -> Self {
+        self.framing = framing;
+        self
     }
 
     /// The socket, for its address.
@@ -182,27 +236,33 @@ impl Driver {
         let mut count = 0;
         let mut segment = 0;
         let mut to: Option<SocketAddr> = None;
-        while let Some(t) = endpoint.poll_transmit(now, &mut self.tx[used..]) {
+        let header = self.framing.header_len();
+        while let Some(t) = endpoint.poll_transmit(now, &mut self.tx[used + header..]) {
+            if self.framing == Framing::Panda3d {
+                let sum = panda3d_checksum(&self.tx[used + header..used + header + t.len]);
+                self.tx[used..used + header].copy_from_slice(&sum.to_le_bytes());
+            }
+            let len = header + t.len;
             let fits = to == Some(t.destination)
-                && t.len <= segment
+                && len <= segment
                 && count < max_segments
-                && used + t.len <= MAX_GSO_BYTES;
+                && used + len <= MAX_GSO_BYTES;
             if count > 0 && !fits {
                 // Send the batch, then move the new datagram to the front.
                 self.send_batch(used, segment, count, to);
                 sent += count;
-                self.tx.copy_within(used..used + t.len, 0);
+                self.tx.copy_within(used..used + len, 0);
                 used = 0;
                 count = 0;
             }
             if count == 0 {
                 to = Some(t.destination);
-                segment = t.len;
+                segment = len;
             }
-            used += t.len;
+            used += len;
             count += 1;
             // A shorter datagram can only end a batch.
-            if t.len < segment || count == max_segments {
+            if len < segment || count == max_segments {
                 self.send_batch(used, segment, count, to);
                 sent += count;
                 used = 0;
@@ -269,8 +329,11 @@ impl Driver {
         let mut datagrams = 0;
         for (meta, buf) in self.meta[..filled].iter().zip(self.rx.chunks(self.slot)) {
             let stride = meta.stride.max(1);
-            for datagram in buf[..meta.len.min(buf.len())].chunks(stride) {
+            for framed in buf[..meta.len.min(buf.len())].chunks(stride) {
                 datagrams += 1;
+                let Some(datagram) = self.framing.unwrap(framed) else {
+                    continue;
+                };
                 if crate::is_udpferry_datagram(datagram) {
                     endpoint.handle_datagram(now, canonical(meta.addr), datagram);
                 }
@@ -329,4 +392,25 @@ fn is_quiet(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionRefused
             | io::ErrorKind::ConnectionReset
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panda3d_framing_checks_and_strips_the_checksum() {
+        // Panda's checksum is the byte sum modulo 2^16, written little-endian in front.
+        assert_eq!(panda3d_checksum(&[]), 0);
+        assert_eq!(panda3d_checksum(&[1, 2, 255]), 258);
+        assert_eq!(panda3d_checksum(&[0xff; 300]), (300 * 255 % 65536) as u16);
+        let framed = [2u8, 1, 1, 2, 255];
+        assert_eq!(Framing::Panda3d.unwrap(&framed), Some(&framed[2..]));
+        assert_eq!(Framing::Panda3d.unwrap(&[3, 1, 1, 2, 255]), None);
+        assert_eq!(Framing::Panda3d.unwrap(&[0]), None);
+        assert_eq!(Framing::Panda3d.unwrap(&[0, 0]), Some(&[][..]));
+        assert_eq!(Framing::Plain.unwrap(&framed), Some(&framed[..]));
+        assert_eq!(Framing::Panda3d.header_len(), 2);
+        assert_eq!(Framing::Plain.header_len(), 0);
+    }
 }

@@ -219,7 +219,7 @@ impl<'a> Engine<'a> {
                 }
                 None => bind(v4)?,
             };
-            self.driver = Some(Driver::new(socket)?);
+            self.driver = Some(Driver::new(socket)?.with_framing(self.client.framing));
         }
         Ok(())
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{bind, random_seed, Driver, MAX_WAIT};
+use super::{bind, random_seed, Driver, Framing, MAX_WAIT};
 use crate::core::{Endpoint, EndpointConfig, EndpointEvent, TransferInfo};
 use crate::store::{ContentStore, IndexChange};
 
@@ -76,6 +76,9 @@ pub struct ServerConfig {
     /// files that are new or changed). `None`: only when asked ([`Server::rescan_flag`],
     /// [`ServerHandle::rescan`]) or when a request found a file changed. Default: 2 s.
     pub rescan_interval: Option<Duration>,
+    /// How datagrams are framed on the socket: [`Framing::Panda3d`] serves Panda3D clients in
+    /// their default (non-raw) mode. Default: plain.
+    pub framing: Framing,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
         ServerConfig {
             endpoint: EndpointConfig::default(),
             rescan_interval: Some(DEFAULT_RESCAN_INTERVAL),
+            framing: Framing::Plain,
         }
     }
 }
@@ -102,7 +106,7 @@ impl Server {
     /// Binds `addr` (port 0 picks a free port; see [`local_addr`](Self::local_addr)) and prepares
     /// to serve `store`. Call [`run_until`](Self::run_until) next.
     pub fn bind(addr: SocketAddr, store: ContentStore, config: ServerConfig) -> io::Result<Self> {
-        let driver = Driver::new(bind(addr)?)?;
+        let driver = Driver::new(bind(addr)?)?.with_framing(config.framing);
         let mut endpoint_config = config.endpoint;
         endpoint_config.seed = random_seed();
         Ok(Server {
