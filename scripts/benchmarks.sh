@@ -40,7 +40,7 @@ if [[ -z "${REPORT_ONLY:-}" ]]; then
 
     echo "== $env_note$lossy_cmd" >&2
     rm -f "$target/lossy-bench.json"
-    UDPFERRY_LOSSY_PLOT=docs/lossy.png $lossy_cmd 2>&1 | tee "$log_dir/lossy.txt" >&2
+    UDPFERRY_LOSSY_PLOT="$PWD/docs/lossy.png" $lossy_cmd 2>&1 | tee "$log_dir/lossy.txt" >&2
 
     if [[ -z "${SKIP_TRANSFER:-}" ]]; then
         echo "== $transfer_cmd" >&2
