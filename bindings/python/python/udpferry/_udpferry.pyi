@@ -94,6 +94,7 @@ class Endpoint:
         client_rate: Optional[int] = None,
         standard: bool = False,
         seed: Optional[int] = None,
+        burst: int = 256,
     ) -> None: ...
     def serve_dir(self, path: StrPath) -> int:
         """Serve every file under ``path`` by its MD5; returns how many objects."""
