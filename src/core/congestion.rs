@@ -52,6 +52,11 @@ const OVERLOAD_FACTOR: u32 = 4;
 const MAX_TARGET: Duration = Duration::from_millis(100);
 /// Round trips the bandwidth filter remembers (BBR: 10).
 const BW_WINDOW_ROUNDS: usize = 10;
+/// The shortest interval a delivery-rate sample may cover. On loopback and fast LANs the
+/// minimum RTT is tens of microseconds, and a sample over such a span measures how acks and
+/// sends bunch up (the receiver reads in batches, the sender writes in bursts), up to twice
+/// the real rate.
+const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 /// How long a minimum RTT stays valid without being seen again (BBR: 10 s).
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(10);
 /// How long ProbeRtt holds the window at `PROBE_RTT_WINDOW_DATAGRAMS` (BBR: 200 ms).
@@ -76,6 +81,8 @@ const HEAVY_LOSS: f64 = 0.2;
 const LOSS_EVENTS_MIN: u64 = 8;
 /// The bandwidth cap after a congestion signal, as a fraction of the estimate (BBRv2's beta).
 const LOSS_BETA: f64 = 0.7;
+/// The least share of its queue allowance a window keeps after loss rounds without a queue.
+const QUEUE_SCALE_MIN: f64 = 0.25;
 /// How much a round without a congestion signal raises the bandwidth cap.
 const CAP_GROWTH: f64 = 1.125;
 /// The cap rises only while the path delivers at least this fraction of it.
@@ -222,6 +229,18 @@ pub struct Controller {
     delay_sample_sent: Option<Instant>,
     /// The minimum RTT expired: enter ProbeRtt.
     probe_rtt_due: bool,
+    /// The latest RTT sample.
+    latest_rtt: Duration,
+    /// The share of the window's allowance for queue (Background: target's worth; Standard: a
+    /// second BDP) in use: halved by loss rounds without a queue, restored by quiet ones.
+    queue_scale: f64,
+    /// The delivery rate over the last whole round.
+    last_round_rate: u64,
+    /// After a loss signal: the window grows back by one datagram per round trip.
+    additive: bool,
+    /// When the current round began, and the bytes delivered then.
+    round_started: Option<Instant>,
+    round_start_delivered: u64,
 }
 
 impl Controller {
@@ -254,6 +273,12 @@ impl Controller {
             cut_at: None,
             delay_sample_sent: None,
             probe_rtt_due: false,
+            latest_rtt: Duration::ZERO,
+            round_started: None,
+            queue_scale: 1.0,
+            last_round_rate: 0,
+            additive: false,
+            round_start_delivered: 0,
         }
     }
 
@@ -266,7 +291,11 @@ impl Controller {
     /// that, the caller paces the window over the smoothed RTT.
     pub fn pacing_rate(&self) -> Option<u64> {
         let bw = self.bandwidth();
-        (bw > 0).then(|| ((bw as f64 * self.pacing_gain()) as u64).max(1))
+        // Never slower than the minimum window per round trip: an estimate that losses and
+        // cuts drove near zero must not hold the last chunk back for minutes.
+        let rtt = self.min_rtt.unwrap_or(Duration::from_millis(100)).max(MIN_SAMPLE_INTERVAL);
+        let floor = (self.min_window() as f64 / rtt.as_secs_f64()) as u64;
+        (bw > 0).then(|| ((bw as f64 * self.pacing_gain()) as u64).max(floor).max(1))
     }
 
     /// The bandwidth estimate, bytes per second (0 before the first sample).
@@ -337,6 +366,7 @@ impl Controller {
 
     /// A round-trip sample (ack delay not subtracted) taken at `now`.
     pub fn on_rtt_sample(&mut self, rtt: Duration, now: Instant) {
+        self.latest_rtt = rtt;
         let expired = self
             .min_rtt_stamp
             .is_none_or(|t| now.saturating_duration_since(t) > MIN_RTT_WINDOW);
@@ -380,8 +410,28 @@ impl Controller {
         self.delivered += bytes;
         self.delivered_time = Some(now);
         self.round_acked += bytes;
-        if delivery.delivered >= self.next_round_delivered {
+        // A round trip ends when a datagram sent after the last one began is acknowledged, and
+        // lasts at least `MIN_SAMPLE_INTERVAL` (on loopback a round trip is microseconds long,
+        // too short for a rate sample or a loss fraction).
+        let long_enough = self
+            .round_started
+            .is_none_or(|t| now.saturating_duration_since(t) >= MIN_SAMPLE_INTERVAL);
+        if delivery.delivered >= self.next_round_delivered && long_enough {
+            // The round's own delivery rate is a sample too: on a path whose round trips are
+            // shorter than `MIN_SAMPLE_INTERVAL` it is the only one.
+            if let Some(started) = self.round_started {
+                let span = now.saturating_duration_since(started).as_secs_f64();
+                let bytes = self.delivered.saturating_sub(self.round_start_delivered);
+                let rate = (bytes as f64 / span) as u64;
+                self.last_round_rate = rate;
+                let app_limited = self.app_limited_until > self.round_start_delivered;
+                if !app_limited || rate > self.bw_filter.get(self.round) {
+                    self.bw_filter.update(self.round, rate);
+                }
+            }
+            self.round_start_delivered = self.delivered;
             self.next_round_delivered = self.delivered;
+            self.round_started = Some(now);
             self.start_round(now);
         }
         if self.first_sent.is_none_or(|f| sent >= f) {
@@ -390,8 +440,10 @@ impl Controller {
         let send_elapsed = sent.saturating_duration_since(delivery.first_sent);
         let ack_elapsed = now.saturating_duration_since(delivery.delivered_time);
         let interval = send_elapsed.max(ack_elapsed);
-        // A sample over less than the minimum RTT measures ack compression, not the path.
-        if interval.is_zero() || self.min_rtt.is_some_and(|m| interval < m) {
+        // A sample over less than the minimum RTT (or `MIN_SAMPLE_INTERVAL`) measures ack
+        // compression and bursts, not the path.
+        let floor = self.min_rtt.unwrap_or(Duration::ZERO).max(MIN_SAMPLE_INTERVAL);
+        if interval < floor {
             return;
         }
         let rate = self.delivered.saturating_sub(delivery.delivered) as f64 / interval.as_secs_f64();
@@ -445,17 +497,39 @@ impl Controller {
         let queue_high = self.queue_high();
         // A few losses in a short round say little (one in four is 25%).
         let enough = self.round_lost >= LOSS_EVENTS_MIN * self.max_datagram;
-        let cut = if enough && (lost > HEAVY_LOSS || (lost > LOSS_THRESH && queue_high)) {
+        let loss_signal = enough && (lost > HEAVY_LOSS || (lost > LOSS_THRESH && queue_high));
+        let cut = if loss_signal {
             Some(LOSS_BETA)
         } else {
             self.delay_backoff()
         };
+        // Losses above the threshold without a queue to show for them: radio noise, or a
+        // buffer too shallow to show a queue. Either way the queue the window allows beyond the
+        // pipe is useless there: it halves (the rate, set by the bandwidth, is untouched), and
+        // quiet rounds give it back a sixteenth at a time.
+        if enough && lost > LOSS_THRESH && cut.is_none() {
+            // Never below a quarter: a window of exactly one BDP would shrink with every
+            // round's losses (what arrives sets the next estimate).
+            self.queue_scale = (self.queue_scale * 0.5).max(QUEUE_SCALE_MIN);
+        } else if self.round_lost == 0 {
+            self.queue_scale = (self.queue_scale + 1.0 / 16.0).min(1.0);
+        }
         self.round_lost = 0;
         self.round_acked = 0;
         match cut {
             // Startup and Drain handle their own queue: a signal there ends Startup.
             Some(_) if matches!(self.phase, Phase::Startup | Phase::Drain) => {
                 self.filled_pipe = true;
+                self.cut_round = self.round;
+                self.cut_at = Some(now);
+            }
+            // A loss signal halves the window and makes it grow back slowly (a sixteenth per
+            // round trip), leaving the pacing rate to the model: where the
+            // bandwidth estimate runs high (acks that arrive in bursts), the window still
+            // holds the flight to what the path carries.
+            Some(_) if loss_signal && self.round > self.cut_round + 1 => {
+                self.window = (self.window / 2).max(self.min_window());
+                self.additive = true;
                 self.cut_round = self.round;
                 self.cut_at = Some(now);
             }
@@ -531,7 +605,9 @@ impl Controller {
         let Some(cap) = self.bw_cap else {
             return;
         };
-        let delivering = self.bw_filter.get(self.round) as f64 >= cap as f64 * CAP_KEEPING_UP;
+        // The last round's own rate, not the filter's maximum: a burst of acks can lift the
+        // maximum far above what the path carries, and the cap would rise on it.
+        let delivering = self.last_round_rate as f64 >= cap as f64 * CAP_KEEPING_UP;
         if !delivering {
             return;
         }
@@ -567,7 +643,9 @@ impl Controller {
     /// The bandwidth-delay product, once both are known.
     fn bdp(&self) -> Option<u64> {
         let bw = self.bandwidth();
-        let rtt = self.min_rtt?;
+        // On loopback and fast LANs the minimum RTT is microseconds, far below the time an ack
+        // takes to come back under load (the receiver reads and acknowledges in batches).
+        let rtt = self.min_rtt?.max(MIN_SAMPLE_INTERVAL);
         (bw > 0).then_some((bw as f64 * rtt.as_secs_f64()) as u64)
     }
 
@@ -585,7 +663,10 @@ impl Controller {
             self.enter_probe_bw(now);
         }
         if let Phase::ProbeBw { cycle, since } = self.phase {
-            let rtt = self.min_rtt.unwrap_or(Duration::from_millis(100));
+            let rtt = self
+                .min_rtt
+                .unwrap_or(Duration::from_millis(100))
+                .max(self.latest_rtt);
             let gain = PROBE_BW_GAINS[cycle];
             let elapsed = now.saturating_duration_since(since);
             let drained = gain < 1.0 && self.bdp().is_some_and(|bdp| bytes_in_flight <= bdp);
@@ -681,11 +762,26 @@ impl Controller {
         let target = match self.kind {
             CongestionControl::Background { .. } if self.filled_pipe => {
                 let queue = self.bandwidth() as f64 * self.target().as_secs_f64();
-                bdp + queue as u64 + quanta
+                bdp + (queue * self.queue_scale) as u64 + quanta
+            }
+            CongestionControl::Standard if self.filled_pipe => {
+                let extra = bdp as f64 * (STANDARD_WINDOW_GAIN - 1.0) * self.queue_scale;
+                bdp + extra as u64 + quanta
             }
             _ => (bdp as f64 * STANDARD_WINDOW_GAIN) as u64 + quanta,
         };
-        self.window = if self.filled_pipe {
+        self.window = if self.filled_pipe && self.additive {
+            // A sixteenth of the window per round trip (at least one datagram): back from a
+            // halving in about a dozen round trips, slow enough not to overrun a receiver that
+            // the bandwidth estimate overrates.
+            let growth = (newly_acked.saturating_mul(self.max_datagram) / self.window.max(1))
+                .max(newly_acked / 16);
+            let window = self.window.saturating_add(growth.max(1));
+            if window >= target {
+                self.additive = false;
+            }
+            window.min(target)
+        } else if self.filled_pipe {
             self.window.saturating_add(newly_acked).min(target)
         } else if self.window < target {
             self.window.saturating_add(newly_acked)
@@ -915,29 +1011,24 @@ mod tests {
     }
 
     #[test]
-    fn loss_with_a_queue_cuts_and_quiet_rounds_restore() {
+    fn loss_with_a_queue_halves_the_window_once_and_it_grows_back() {
         let mut cc = Controller::new(CongestionControl::Standard, MSS);
         let mut p = path();
         run(&mut cc, &mut p, 40, 0, |_| false);
-        let before = cc.bandwidth();
+        let (window, bw) = (cc.window(), cc.bandwidth());
         // 10% lost while the queue holds 20 ms (half the RTT): a congestion signal.
         p.round(&mut cc, 20_000, |i| i % 10 == 0);
         p.round(&mut cc, 20_000, |i| i % 10 == 0);
-        let cut = cc.bandwidth();
-        assert!(
-            (cut as f64) < 0.75 * before as f64,
-            "{cut} after {before}"
-        );
+        let cut = cc.window();
+        assert!(cut <= window * 11 / 20, "{cut} after {window}");
         // One cut per episode: the next round, still showing the old queue, cuts no further.
         p.round(&mut cc, 20_000, |i| i % 10 == 0);
-        assert!(cc.bandwidth() >= cut, "{} after {cut}", cc.bandwidth());
-        // Quiet rounds raise the cap back to the rate measured before.
+        assert!(cc.window() >= cut, "{} after {cut}", cc.window());
+        // The pacing rate stays the model's; the window grows back one datagram per round.
+        assert!(cc.bandwidth() >= bw / 2, "{} after {bw}", cc.bandwidth());
+        let before = cc.window();
         run(&mut cc, &mut p, 12, 0, |_| false);
-        assert!(
-            cc.bandwidth() as f64 >= 0.9 * before as f64,
-            "{} against {before}",
-            cc.bandwidth()
-        );
+        assert!(cc.window() > before, "{} after {before}", cc.window());
     }
 
     #[test]
