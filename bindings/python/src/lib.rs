@@ -462,7 +462,12 @@ impl Endpoint {
                     self.events.push_back(t);
                     return Ok(0);
                 }
-                let (partial, have) = cache.begin(&object).map_err(|e| store_error(&e))?;
+                let (mut partial, have) = cache.begin(&object).map_err(|e| store_error(&e))?;
+                // Journal syncs (fdatasync, rename) on a thread of their own, not in the
+                // game's frame.
+                partial
+                    .set_background_journal(true)
+                    .map_err(|e| store_error(&e))?;
                 (Sink::Cache(Box::new(partial)), have)
             }
         };
