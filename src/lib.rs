@@ -92,10 +92,10 @@ pub use crate::core::{
 };
 pub use crate::id::{ObjectId, ParseIdError};
 pub use crate::net::{
-    bind, loopback_demo, panda3d_checksum, random_seed, Activity, BundleFetchError, BundleProgress,
-    BundleReport, Client, DemoReport, Driver, FetchError, FetchOptions, FileError, FileFailure,
-    Framing, Got, HashThread, Progress, Report, Server, ServerConfig, ServerHandle, ServerReport,
-    ServerStatus, Waiting, CONCURRENT_FILES,
+    bind, canonical_addr, loopback_demo, panda3d_checksum, random_seed, Activity, BundleFetchError,
+    BundleProgress, BundleReport, Client, DemoReport, Driver, FetchError, FetchOptions, FileError,
+    FileFailure, Framing, Got, HashThread, Progress, Report, Server, ServerConfig, ServerHandle,
+    ServerReport, ServerStatus, Waiting, CONCURRENT_FILES,
 };
 pub use crate::store::{
     BlockCheck, BundleInfo, Cache, CacheEntry, CacheListing, CleanReport, ContentStore,

@@ -7,7 +7,7 @@
 //!   the rate the path delivered while it was in flight.
 //! - **Bandwidth** is the highest sample over the last `BW_WINDOW_ROUNDS` round trips (samples
 //!   taken while the sender had nothing to send count only if they raise it), held under a cap
-//!   that congestion signals lower and quiet rounds raise again. **Minimum RTT** is the lowest
+//!   that Background's delay signal lowers and quiet rounds raise again. **Minimum RTT** is the lowest
 //!   round-trip sample of the last `MIN_RTT_WINDOW`.
 //! - **Pacing** at a gain times the bandwidth; the **window** is a multiple of the
 //!   bandwidth-delay product.
@@ -18,8 +18,9 @@
 //!   flow on the path sees its true base delay).
 //! - **Loss is a congestion signal only with a queue behind it.** At the end of each round, the
 //!   fraction of bytes lost in it counts when it is above `LOSS_THRESH` while the queueing delay
-//!   is high, or above `HEAVY_LOSS` whatever the delay. Radio noise on an idle path (random loss,
-//!   bursts) is recovered by retransmission and slows nothing.
+//!   is high, or above `HEAVY_LOSS` whatever the delay; it halves the window, which grows back a
+//!   sixteenth per round trip. Radio noise on an idle path (random loss, bursts) is recovered by
+//!   retransmission and slows nothing.
 //!
 //! The modes, chosen per endpoint with [`CongestionControl`]:
 //!
@@ -79,8 +80,6 @@ const HEAVY_LOSS: f64 = 0.2;
 /// A round's losses count as a signal only from this many datagrams' worth on (BBRv2's
 /// full_loss_cnt).
 const LOSS_EVENTS_MIN: u64 = 8;
-/// The bandwidth cap after a congestion signal, as a fraction of the estimate (BBRv2's beta).
-const LOSS_BETA: f64 = 0.7;
 /// The least share of its queue allowance a window keeps after loss rounds without a queue.
 const QUEUE_SCALE_MIN: f64 = 0.25;
 /// How much a round without a congestion signal raises the bandwidth cap.
@@ -129,6 +128,15 @@ pub struct Delivery {
     first_sent: Instant,
     /// Sent while the sender had less to send than the model allowed.
     app_limited: bool,
+}
+
+/// What a round's congestion signal was.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Signal {
+    /// Its losses (see the module docs).
+    Loss,
+    /// Background's queueing delay above the target: cut the bandwidth by this factor.
+    Delay(f64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -465,13 +473,8 @@ impl Controller {
 
     /// Every datagram over a long period was lost (repeated probe timeouts): start again from
     /// the minimum window, with a quarter of the bandwidth estimate.
-    pub fn on_persistent_congestion(&mut self) {
-        let bw = self.bandwidth();
-        if self.bw_cap.is_none() {
-            self.bw_before_cut = self.bw_filter.get(self.round);
-        }
-        self.bw_cap = Some((bw / 4).max(1));
-        self.cut_round = self.round;
+    pub fn on_persistent_congestion(&mut self, now: Instant) {
+        self.set_cap(self.bandwidth() / 4, now);
         self.window = self.min_window();
     }
 
@@ -499,9 +502,9 @@ impl Controller {
         let enough = self.round_lost >= LOSS_EVENTS_MIN * self.max_datagram;
         let loss_signal = enough && (lost > HEAVY_LOSS || (lost > LOSS_THRESH && queue_high));
         let cut = if loss_signal {
-            Some(LOSS_BETA)
+            Some(Signal::Loss)
         } else {
-            self.delay_backoff()
+            self.delay_backoff().map(Signal::Delay)
         };
         // Losses above the threshold without a queue to show for them: radio noise, or a
         // buffer too shallow to show a queue. Either way the queue the window allows beyond the
@@ -520,21 +523,23 @@ impl Controller {
             // Startup and Drain handle their own queue: a signal there ends Startup.
             Some(_) if matches!(self.phase, Phase::Startup | Phase::Drain) => {
                 self.filled_pipe = true;
-                self.cut_round = self.round;
-                self.cut_at = Some(now);
+                self.mark_cut(now);
             }
+            // One cut per episode (see above).
+            Some(_) if self.round <= self.cut_round + 1 => {}
             // A loss signal halves the window and makes it grow back slowly (a sixteenth per
-            // round trip), leaving the pacing rate to the model: where the
-            // bandwidth estimate runs high (acks that arrive in bursts), the window still
-            // holds the flight to what the path carries.
-            Some(_) if loss_signal && self.round > self.cut_round + 1 => {
+            // round trip), leaving the pacing rate to the model: where the bandwidth estimate
+            // runs high (acks that arrive in bursts), the window still holds the flight to what
+            // the path carries.
+            Some(Signal::Loss) => {
                 self.window = (self.window / 2).max(self.min_window());
                 self.additive = true;
-                self.cut_round = self.round;
-                self.cut_at = Some(now);
+                self.mark_cut(now);
             }
-            Some(factor) if self.round > self.cut_round + 1 => self.lower_cap(factor, now),
-            Some(_) => {}
+            Some(Signal::Delay(factor)) => {
+                let cap = (self.bandwidth() as f64 * factor) as u64;
+                self.set_cap(cap, now);
+            }
             None if !queue_high => self.raise_cap(),
             None => {}
         }
@@ -583,17 +588,21 @@ impl Controller {
         })
     }
 
-    /// Cuts the bandwidth estimate to `factor` of what it is: it becomes a cap, which quiet
-    /// rounds raise again (`raise_cap`).
-    fn lower_cap(&mut self, factor: f64, now: Instant) {
-        let bw = self.bandwidth();
-        if bw == 0 {
+    /// Caps the bandwidth estimate at `cap`; quiet rounds raise it again (`raise_cap`).
+    fn set_cap(&mut self, cap: u64, now: Instant) {
+        if self.bandwidth() == 0 {
             return;
         }
         if self.bw_cap.is_none() {
             self.bw_before_cut = self.bw_filter.get(self.round);
         }
-        self.bw_cap = Some(((bw as f64 * factor) as u64).max(1));
+        self.bw_cap = Some(cap.max(1));
+        self.mark_cut(now);
+    }
+
+    /// A cut was made (or Startup's queue drained) at `now`: the next round's signals, and
+    /// losses of datagrams sent before it, belong to the queue it dealt with.
+    fn mark_cut(&mut self, now: Instant) {
         self.cut_round = self.round;
         self.cut_at = Some(now);
     }
@@ -658,8 +667,7 @@ impl Controller {
         }
         if self.phase == Phase::Drain && self.bdp().is_none_or(|bdp| bytes_in_flight <= bdp) {
             // The next round's signals still show the queue Startup built: Drain took care of it.
-            self.cut_round = self.round;
-            self.cut_at = Some(now);
+            self.mark_cut(now);
             self.enter_probe_bw(now);
         }
         if let Phase::ProbeBw { cycle, since } = self.phase {
@@ -1094,7 +1102,7 @@ mod tests {
     fn never_below_minimum() {
         for kind in [CongestionControl::Standard, CongestionControl::default()] {
             let mut cc = Controller::new(kind, 1000);
-            cc.on_persistent_congestion();
+            cc.on_persistent_congestion(Instant::now());
             assert_eq!(cc.window(), 2000);
             cc.on_acks_withdrawn(u64::MAX);
             assert_eq!(cc.window(), 2000);

@@ -929,7 +929,7 @@ impl<S: ChunkSource> Sender<S> {
             // fate says nothing about how much data the path carries.
             let data_outstanding = self.acked.covered() < self.chunks;
             if self.pto_count >= PERSISTENT_CONGESTION_PTOS && data_outstanding {
-                self.congestion.on_persistent_congestion();
+                self.congestion.on_persistent_congestion(now);
             }
         }
     }

@@ -342,7 +342,7 @@ impl Driver {
                     continue;
                 };
                 if crate::is_udpferry_datagram(datagram) {
-                    endpoint.handle_datagram(now, canonical(meta.addr), datagram);
+                    endpoint.handle_datagram(now, canonical_addr(meta.addr), datagram);
                 }
             }
         }
@@ -375,9 +375,10 @@ impl Driver {
     }
 }
 
-/// An IPv4-mapped IPv6 address (what a dual-stack socket reports for an IPv4 peer) as the
-/// plain IPv4 address; any other address as it is.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+/// An IPv4-mapped IPv6 address (what a dual-stack socket reports for an IPv4 peer, Panda3D's
+/// among them) as the plain IPv4 address; any other address as it is. Use it wherever
+/// addresses from a socket are compared, so both forms name one peer.
+pub fn canonical_addr(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),

@@ -36,7 +36,7 @@ pub use bundle::{
 };
 pub use demo::{loopback_demo, DemoReport};
 pub use client::{Client, FetchError, FetchOptions, Got, Progress, Report, Waiting};
-pub use driver::{panda3d_checksum, Activity, Driver, Framing};
+pub use driver::{canonical_addr, panda3d_checksum, Activity, Driver, Framing};
 pub use hasher::HashThread;
 pub use server::{Server, ServerConfig, ServerHandle, ServerReport, ServerStatus};
 

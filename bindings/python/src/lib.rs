@@ -28,9 +28,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
 
 use udpferry::{
-    Cache, ChunkSink, ChunkSource, Client, ContentStore, Endpoint as CoreEndpoint, EndpointConfig,
-    Event as CoreEvent, FetchError, FetchOptions, ObjectId, ObjectProvider, PartialFile, RangeSet,
-    Role, Served, Server as CoreServer, ServerConfig, ServerHandle, StoreError, TransferError,
+    canonical_addr as canonical, Cache, ChunkSink, ChunkSource, Client, ContentStore,
+    Endpoint as CoreEndpoint, EndpointConfig, Event as CoreEvent, FetchError, FetchOptions,
+    ObjectId, ObjectProvider, PartialFile, RangeSet, Role, Served, Server as CoreServer,
+    ServerConfig, ServerHandle, StoreError, TransferError,
 };
 
 create_exception!(
@@ -115,18 +116,6 @@ fn parse_id(id: &str) -> PyResult<ObjectId> {
     id.trim()
         .parse()
         .map_err(|e| PyValueError::new_err(format!("{id:?} is not an object id: {e}")))
-}
-
-/// An IPv4-mapped IPv6 address (what a dual-stack socket, Panda3D's among them, reports for an
-/// IPv4 peer) as the plain IPv4 address, so both forms name one peer.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
 }
 
 /// `(host, port)` to an address: an IP literal directly, a name through the resolver.
@@ -299,6 +288,29 @@ struct Failed {
     error: Py<PyAny>,
 }
 
+/// A `Failed` event carrying `error`.
+fn failed(
+    py: Python<'_>,
+    transfer: u64,
+    object: String,
+    peer: Py<PyTuple>,
+    fetching: bool,
+    error: PyErr,
+) -> PyResult<Py<PyAny>> {
+    let error = error.into_value(py).into_any();
+    Ok(Py::new(
+        py,
+        Failed {
+            transfer,
+            object,
+            peer,
+            fetching,
+            error,
+        },
+    )?
+    .into_any())
+}
+
 /// The caller's clock (seconds, any origin, e.g. `time.monotonic()`) against `Instant`.
 struct Clock {
     origin: Instant,
@@ -349,8 +361,6 @@ struct Endpoint {
     inner: CoreEndpoint<Objects, Sink>,
     clock: Clock,
     caches: HashMap<PathBuf, Cache>,
-    /// For each fetch into a cache: its cache, to finalize into on completion.
-    fetch_cache: HashMap<u64, PathBuf>,
     events: VecDeque<Py<PyAny>>,
     buf: Vec<u8>,
 }
@@ -393,7 +403,6 @@ impl Endpoint {
                 origin_secs: None,
             },
             caches: HashMap::new(),
-            fetch_cache: HashMap::new(),
             events: VecDeque::new(),
             buf: vec![0; 2048],
         }
@@ -471,11 +480,7 @@ impl Endpoint {
                 (Sink::Cache(Box::new(partial)), have)
             }
         };
-        let t = self.inner.fetch(now, addr, object, &have, sink);
-        if let Some(dir) = cache_dir {
-            self.fetch_cache.insert(t.0, dir);
-        }
-        Ok(t.0)
+        Ok(self.inner.fetch(now, addr, object, &have, sink).0)
     }
 
     /// Stops transfer `transfer`; it ends with a `Failed` event.
@@ -587,34 +592,17 @@ impl Endpoint {
             .into_any(),
             CoreEvent::Completed(c) => {
                 let (mut path, mut data) = (None, None);
-                if fetching {
-                    match self.inner.take_sink(e.transfer) {
-                        Some(Sink::Memory(v)) => data = Some(PyBytes::new(py, &v).unbind()),
-                        Some(Sink::Cache(p)) => {
-                            self.fetch_cache.remove(&transfer);
-                            let done = py.detach(move || p.finalize());
-                            match done {
-                                Ok(p) => path = Some(p.display().to_string()),
-                                Err(err) => {
-                                    let error = store_error(&err).into_value(py).into_any();
-                                    return Ok(Some(
-                                        Py::new(
-                                            py,
-                                            Failed {
-                                                transfer,
-                                                object,
-                                                peer,
-                                                fetching,
-                                                error,
-                                            },
-                                        )?
-                                        .into_any(),
-                                    ));
-                                }
-                            }
+                match self.inner.take_sink(e.transfer).filter(|_| fetching) {
+                    Some(Sink::Memory(v)) => data = Some(PyBytes::new(py, &v).unbind()),
+                    Some(Sink::Cache(p)) => match py.detach(move || p.finalize()) {
+                        Ok(p) => path = Some(p.display().to_string()),
+                        Err(err) => {
+                            let failed =
+                                failed(py, transfer, object, peer, fetching, store_error(&err));
+                            return failed.map(Some);
                         }
-                        None => {}
-                    }
+                    },
+                    None => {}
                 }
                 Py::new(
                     py,
@@ -631,23 +619,9 @@ impl Endpoint {
                 .into_any()
             }
             CoreEvent::Failed(err) => {
-                if fetching {
-                    // A cache download keeps its partial file and journal for a resume.
-                    drop(self.inner.take_sink(e.transfer));
-                    self.fetch_cache.remove(&transfer);
-                }
-                let error = transfer_error(&err).into_value(py).into_any();
-                Py::new(
-                    py,
-                    Failed {
-                        transfer,
-                        object,
-                        peer,
-                        fetching,
-                        error,
-                    },
-                )?
-                .into_any()
+                // A cache download keeps its partial file and journal for a resume.
+                drop(self.inner.take_sink(e.transfer));
+                failed(py, transfer, object, peer, fetching, transfer_error(&err))?
             }
             // A kind of event this binding does not know yet: skip it.
             _ => return self.next_event(py),
