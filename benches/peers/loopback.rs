@@ -494,8 +494,8 @@ fn main() {
     };
     let reps = if smoke { 1 } else { 3 };
     // The contenders that spawn processes take under a second a run at 256 MiB and vary more
-    // from run to run (process start, page cache): five runs each for their medians.
-    let process_reps = if smoke { 1 } else { 5 };
+    // from run to run (process start, page cache, disk sync): seven runs each for their medians.
+    let process_reps = if smoke { 1 } else { 7 };
     let size = size_mib * MIB;
     // `UDPFERRY_BENCH_ONLY=mem,tcp` runs only the contenders whose names contain one of the
     // comma-separated words (for profiling one of them).
@@ -655,28 +655,51 @@ fn main() {
                 note: note.into(),
             });
         };
-    // One server and two: their runs alternate (one, two, one, two, ...) so both see the same
-    // machine; the table's "two servers / one" ratio compares them (issue 14).
-    let (want_one, want_two) = (
+    // One server, two, and HTTP + curl: their runs take turns (one, two, curl, one, two, curl,
+    // ...) so every contender sees the same machine; the ratios "two servers / one" and
+    // "get -o / curl + md5sum" compare them (issue 14). On this shared VM, a block of runs of
+    // one contender could otherwise land in a quiet minute and the next in a busy one.
+    let (want_one, want_two, want_curl) = (
         wanted("udpferry get -o (CLI)"),
         wanted("udpferry get -o, two servers"),
+        wanted("HTTP + curl + md5sum"),
     );
-    if want_one || want_two {
+    if want_one || want_two || want_curl {
         eprintln!(
-            "udpferry serve + get -o from one server and from two, alternating (processes)..."
+            "udpferry serve + get -o from one server and from two, and HTTP + curl -o + md5sum, taking turns (processes)..."
         );
-        let runs: Result<_, String> = (|| {
-            let bin = processes::udpferry_bin()?;
+        type Runs = (Vec<f64>, Vec<f64>);
+        let runs: Result<(Runs, Runs, Runs), String> = (|| {
             let (dir, scratch) = (served.as_ref()?, scratch.as_ref()?);
-            let (_one, a) = processes::udpferry_serve(&bin, &dir.0)?;
-            let second = if want_two {
-                Some(processes::udpferry_serve(&bin, &dir.0)?)
+            // The udpferry rows need the release binary; the curl row runs without it.
+            let bin = if want_one || want_two {
+                Some(processes::udpferry_bin()?)
             } else {
                 None
             };
-            let both = second.as_ref().map(|(_, b)| format!("{a},{b}"));
-            let get = |servers: &str, id: &ObjectId, len| {
-                processes::udpferry_get(&bin, servers, &id.to_hex(), &scratch.0, len)
+            let mut servers = Vec::new();
+            if let Some(bin) = &bin {
+                servers.push(processes::udpferry_serve(bin, &dir.0)?);
+                if want_two {
+                    servers.push(processes::udpferry_serve(bin, &dir.0)?);
+                }
+            }
+            let one_addr = servers.first().filter(|_| want_one).map(|(_, a)| a.clone());
+            let both = match servers.as_slice() {
+                [(_, a), (_, b)] => Some(format!("{a},{b}")),
+                _ => None,
+            };
+            let http = if want_curl {
+                Some(processes::http_serve(&dir.0)?)
+            } else {
+                None
+            };
+            let get = |servers: &str, id: &ObjectId, len| match &bin {
+                Some(bin) => processes::udpferry_get(bin, servers, &id.to_hex(), &scratch.0, len),
+                None => Err("no udpferry binary".to_string()),
+            };
+            let curl = |base: &str, name: &str, id: &ObjectId| {
+                processes::curl_md5sum(&format!("{base}/{name}"), &scratch.0, &id.to_hex())
             };
             // One warm-up run from both: a server builds an object's manifest on the first
             // request for it (a pass over the file), then keeps it.
@@ -686,61 +709,62 @@ fn main() {
             }
             let mut one = (Vec::new(), Vec::new());
             let mut two = (Vec::new(), Vec::new());
-            for _ in 0..process_reps {
-                if want_one {
-                    one.0.push(get(&a, &id, size)?);
+            let mut web = (Vec::new(), Vec::new());
+            for big in [true, false] {
+                let (object, name, len) = if big {
+                    (&id, "object.bin", size)
+                } else {
+                    (&small_id, "small.bin", LATENCY_SIZE)
+                };
+                fn pick(runs: &mut Runs, big: bool) -> &mut Vec<f64> {
+                    if big {
+                        &mut runs.0
+                    } else {
+                        &mut runs.1
+                    }
                 }
-                if let Some(both) = &both {
-                    two.0.push(get(both, &id, size)?);
+                for _ in 0..process_reps {
+                    if let Some(a) = &one_addr {
+                        let secs = get(a, object, len)?;
+                        pick(&mut one, big).push(secs);
+                    }
+                    if let Some(both) = &both {
+                        let secs = get(both, object, len)?;
+                        pick(&mut two, big).push(secs);
+                    }
+                    if let Some((_, base)) = &http {
+                        let secs = curl(base, name, object)?;
+                        pick(&mut web, big).push(secs);
+                    }
                 }
             }
-            for _ in 0..process_reps {
-                if want_one {
-                    one.1.push(get(&a, &small_id, LATENCY_SIZE)?);
-                }
-                if let Some(both) = &both {
-                    two.1.push(get(both, &small_id, LATENCY_SIZE)?);
-                }
-            }
-            Ok((one, two))
+            Ok((one, two, web))
         })();
-        let (one, two) = match runs {
-            Ok((one, two)) => (Ok(one), Ok(two)),
-            Err(e) => (Err(e.clone()), Err(e)),
+        let (one, two, web) = match runs {
+            Ok((one, two, web)) => (Ok(one), Ok(two), Ok(web)),
+            Err(e) => (Err(e.clone()), Err(e.clone()), Err(e)),
         };
         if want_one {
             process_runs(
                 "udpferry get -o (CLI)",
-                "the release binary: serve, then one get -o process per run into a fresh cache, start to exit",
+                "the release binary: serve, then one get -o process per run into a fresh cache, start to exit (durable: fdatasync of file and directory)",
                 one,
             );
         }
         if want_two {
             process_runs(
                 "udpferry get -o, two servers (CLI)",
-                "two serve processes of the same directory, one get -o from both per run, alternating with the one-server runs (after one warm-up run that builds the servers' manifests)",
+                "two serve processes of the same directory, one get -o from both per run (after one warm-up run that builds the servers' manifests)",
                 two,
             );
         }
-    }
-    if wanted("HTTP + curl + md5sum") {
-        eprintln!("HTTP + curl -o + md5sum (processes)...");
-        let runs = (|| {
-            let (dir, scratch) = (served.as_ref()?, scratch.as_ref()?);
-            let (_server, base) = processes::http_serve(&dir.0)?;
-            let fetch = |name: &str, id: &ObjectId| {
-                processes::curl_md5sum(&format!("{base}/{name}"), &scratch.0, &id.to_hex())
-            };
-            Ok((
-                repeat(process_reps, || fetch("object.bin", &id))?,
-                repeat(process_reps, || fetch("small.bin", &small_id))?,
-            ))
-        })();
-        process_runs(
-            "HTTP + curl + md5sum",
-            "python3 -m http.server, then curl -o and md5sum per run, start to exit",
-            runs,
-        );
+        if want_curl {
+            process_runs(
+                "HTTP + curl + md5sum",
+                "python3 -m http.server, then curl -o and md5sum per run, start to exit (no sync); its runs take turns with the two rows above",
+                web,
+            );
+        }
     }
 
     eprintln!("1 MiB latency...");
