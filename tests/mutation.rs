@@ -559,6 +559,7 @@ fn the_relay_mutates_with_a_valid_crc_and_counts_what_it_did() {
             seed: 5,
             to_server: Impairment::mutate(1.0),
             to_client: Impairment::default(),
+            rebind_at: Vec::new(),
         },
     );
     let mut buf = [0u8; 2048];
@@ -601,6 +602,7 @@ fn the_relay_mutates_with_a_valid_crc_and_counts_what_it_did() {
             seed: 7,
             to_server: Impairment::loss(0.5),
             to_client: Impairment::default(),
+            rebind_at: Vec::new(),
         },
     );
     for _ in 0..400 {

@@ -102,6 +102,10 @@ pub struct EndpointPeer<P: ObjectProvider, K> {
     pub finished: Vec<K>,
     /// Stop sending game packets once every transfer is over (so a run can end).
     pub stop_game_when_idle: bool,
+    /// Bytes of the datagrams the endpoint addressed to somewhere other than `remote`, by
+    /// destination: they never reach the other side (a NAT mapping that went away, a spoofed
+    /// address). Tests change `remote` to re-map the other side's address.
+    pub sent_elsewhere: std::collections::HashMap<SocketAddr, u64>,
     seen_transfer: bool,
 }
 
@@ -116,6 +120,7 @@ impl<P: ObjectProvider, K: ChunkSink> EndpointPeer<P, K> {
             events: Vec::new(),
             finished: Vec::new(),
             stop_game_when_idle: true,
+            sent_elsewhere: std::collections::HashMap::new(),
             seen_transfer: false,
         }
     }
@@ -155,9 +160,16 @@ impl<P: ObjectProvider, K: ChunkSink> Peer for EndpointPeer<P, K> {
                 return Some(n);
             }
         }
-        let t = self.endpoint.poll_transmit(now, buf);
-        self.drain_events(now);
-        t.map(|t| t.len)
+        loop {
+            let t = self.endpoint.poll_transmit(now, buf);
+            self.drain_events(now);
+            match t {
+                Some(t) if t.destination != self.remote => {
+                    *self.sent_elsewhere.entry(t.destination).or_default() += t.len as u64;
+                }
+                t => return t.map(|t| t.len),
+            }
+        }
     }
 
     fn poll_timeout(&self) -> Option<Instant> {

@@ -196,6 +196,14 @@ pub struct EndpointStats {
     pub queue_expired: u64,
     /// Transfers removed after they finished.
     pub reaped: u64,
+    /// Path challenges sent: a serving transfer's client spoke from a new address
+    /// (docs/PROTOCOL.md section 5.9).
+    pub path_challenges: u64,
+    /// Serving transfers moved to a new client address after it echoed a challenge.
+    pub migrations: u64,
+    /// Path responses that did not echo a token issued for their address (or came for no
+    /// serving transfer): dropped.
+    pub bad_path_responses: u64,
 }
 
 enum Transfer<S, K> {
@@ -208,6 +216,18 @@ struct Slot<S, K> {
     conn_id: ConnectionId,
     object: ObjectId,
     transfer: Transfer<S, K>,
+    /// A serving transfer's candidate new path: the latest other address its connection id
+    /// came from, and what was received from and sent to it, for the 3x budget.
+    probe: Option<PathProbe>,
+}
+
+/// Bytes to and from an address not yet validated for a transfer (docs/PROTOCOL.md 5.9): the
+/// server sends it at most three times what it received from it.
+#[derive(Debug, Clone, Copy)]
+struct PathProbe {
+    addr: SocketAddr,
+    received: u64,
+    sent: u64,
 }
 
 /// Holds a fetching transfer's sink so the owner can take it out once the transfer finished,
@@ -247,6 +267,10 @@ pub struct Endpoint<P: ObjectProvider, K> {
     provider: P,
     transfers: BTreeMap<TransferId, Slot<P::Source, K>>,
     by_connection: HashMap<(SocketAddr, ConnectionId), TransferId>,
+    /// Serving transfers by connection id alone, to recognise a client that speaks from a new
+    /// address. The first transfer with an id keeps the entry (a later one with the same id, from
+    /// another address, cannot take over its path).
+    serving_by_conn: HashMap<ConnectionId, TransferId>,
     /// The transfers with each IP address (both roles): the per-address limit counts them, and
     /// window sharing walks a host's transfers without scanning the others.
     per_address: HashMap<std::net::IpAddr, Vec<TransferId>>,
@@ -328,6 +352,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             provider,
             transfers: BTreeMap::new(),
             by_connection: HashMap::new(),
+            serving_by_conn: HashMap::new(),
             per_address: HashMap::new(),
             per_peer: HashMap::new(),
             next_id: 0,
@@ -488,9 +513,10 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     ) -> TransferId {
         let id = TransferId(self.next_id);
         self.next_id += 1;
-        self.by_connection.insert((peer, conn_id), id);
-        self.per_address.entry(peer.ip()).or_default().push(id);
-        *self.per_peer.entry(peer).or_default() += 1;
+        if matches!(transfer, Transfer::Serving(_)) {
+            self.serving_by_conn.entry(conn_id).or_insert(id);
+        }
+        self.index(id, peer, conn_id);
         self.transfers.insert(
             id,
             Slot {
@@ -498,28 +524,45 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 conn_id,
                 object,
                 transfer,
+                probe: None,
             },
         );
         id
     }
 
+    /// Files transfer `id` under its peer address (connection table, per-address and per-peer
+    /// counts).
+    fn index(&mut self, id: TransferId, peer: SocketAddr, conn_id: ConnectionId) {
+        self.by_connection.insert((peer, conn_id), id);
+        self.per_address.entry(peer.ip()).or_default().push(id);
+        *self.per_peer.entry(peer).or_default() += 1;
+    }
+
+    /// Undoes [`index`](Self::index); the peer's path state goes with its last transfer.
+    fn unindex(&mut self, id: TransferId, peer: SocketAddr, conn_id: ConnectionId) {
+        self.by_connection.remove(&(peer, conn_id));
+        if let Some(n) = self.per_peer.get_mut(&peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_peer.remove(&peer);
+                self.paths.remove(&peer);
+            }
+        }
+        if let Some(ids) = self.per_address.get_mut(&peer.ip()) {
+            if let Some(i) = ids.iter().position(|t| *t == id) {
+                ids.swap_remove(i);
+            }
+            if ids.is_empty() {
+                self.per_address.remove(&peer.ip());
+            }
+        }
+    }
+
     fn remove(&mut self, id: TransferId) {
         if let Some(slot) = self.transfers.remove(&id) {
-            self.by_connection.remove(&(slot.peer, slot.conn_id));
-            if let Some(n) = self.per_peer.get_mut(&slot.peer) {
-                *n -= 1;
-                if *n == 0 {
-                    self.per_peer.remove(&slot.peer);
-                    self.paths.remove(&slot.peer);
-                }
-            }
-            if let Some(ids) = self.per_address.get_mut(&slot.peer.ip()) {
-                if let Some(i) = ids.iter().position(|t| *t == id) {
-                    ids.swap_remove(i);
-                }
-                if ids.is_empty() {
-                    self.per_address.remove(&slot.peer.ip());
-                }
+            self.unindex(id, slot.peer, slot.conn_id);
+            if self.serving_by_conn.get(&slot.conn_id) == Some(&id) {
+                self.serving_by_conn.remove(&slot.conn_id);
             }
             self.stats.reaped += 1;
             self.freed = true;
@@ -563,8 +606,96 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         match &datagram.frame {
             Frame::Request(request) => self.offer(now, from, datagram.conn_id, request),
             Frame::Start { .. } => self.accept(now, from, &datagram, data.len()),
+            Frame::Ack(_) | Frame::Done => {
+                if !self.challenge(now, from, datagram.conn_id, data.len()) {
+                    self.stats.unknown_connection += 1;
+                }
+            }
+            Frame::PathResponse(token) => {
+                self.validate(now, from, datagram.conn_id, *token);
+            }
             _ => self.stats.unknown_connection += 1,
         }
+    }
+
+    /// The serving transfer with connection id `conn_id` that is still sending, if its client is
+    /// not at `from`.
+    fn moved_transfer(&self, from: SocketAddr, conn_id: ConnectionId) -> Option<TransferId> {
+        let id = *self.serving_by_conn.get(&conn_id)?;
+        let slot = self.transfers.get(&id)?;
+        match &slot.transfer {
+            Transfer::Serving(s) if s.is_sending() && slot.peer != from => Some(id),
+            _ => None,
+        }
+    }
+
+    /// An ack or done of a serving transfer came from `from`, not the transfer's address: the
+    /// client's NAT re-mapped it, or it moved, or someone forged it. The transfer stays where
+    /// it is; `from` is sent a path challenge, within three times what it sent us
+    /// (docs/PROTOCOL.md 5.9). False when no serving transfer has that connection id.
+    fn challenge(&mut self, now: Instant, from: SocketAddr, conn_id: ConnectionId, len: usize) -> bool {
+        let Some(id) = self.moved_transfer(from, conn_id) else {
+            return false;
+        };
+        let bucket = self.cookie_bucket(now);
+        let token = self.path_token(from, conn_id, bucket);
+        let Some(slot) = self.transfers.get_mut(&id) else {
+            return false;
+        };
+        let probe = match &mut slot.probe {
+            Some(p) if p.addr == from => p,
+            other => other.insert(PathProbe {
+                addr: from,
+                received: 0,
+                sent: 0,
+            }),
+        };
+        probe.received = probe.received.saturating_add(len as u64);
+        let cost = PATH_FRAME_LEN as u64;
+        if probe.sent + cost <= probe.received.saturating_mul(3) {
+            probe.sent += cost;
+            self.stats.path_challenges += 1;
+            self.queue_reply(from, conn_id, Reply::PathChallenge(token));
+        }
+        true
+    }
+
+    /// A path response from `from`: if it echoes the token issued to that address for a serving
+    /// transfer (this cookie period or the one before), the transfer moves there.
+    fn validate(&mut self, now: Instant, from: SocketAddr, conn_id: ConnectionId, token: u64) {
+        let bucket = self.cookie_bucket(now);
+        let valid = self.moved_transfer(from, conn_id).filter(|_| {
+            (bucket.saturating_sub(1)..=bucket).any(|b| self.path_token(from, conn_id, b) == token)
+        });
+        let Some(id) = valid else {
+            self.stats.bad_path_responses += 1;
+            return;
+        };
+        let Some(slot) = self.transfers.get_mut(&id) else {
+            return;
+        };
+        let old = std::mem::replace(&mut slot.peer, from);
+        slot.probe = None;
+        if let Transfer::Serving(s) = &mut slot.transfer {
+            s.migrate(now);
+        }
+        self.unindex(id, old, conn_id);
+        self.index(id, from, conn_id);
+        self.requests.vouch(from, now);
+        self.stats.migrations += 1;
+    }
+
+    /// The token of a path challenge: SipHash-2-4 under the endpoint's secret over the address
+    /// challenged, the connection id and the cookie period, so only a client that receives at
+    /// that address can echo it, and no state is kept per challenge.
+    fn path_token(&self, to: SocketAddr, conn_id: ConnectionId, bucket: u64) -> u64 {
+        use std::hash::Hasher;
+        let mut h = self.rng.hasher();
+        h.write_u8(b'P'); // domain: path tokens, never equal to a cookie
+        write_addr(&mut h, to);
+        h.write_u64(conn_id.0);
+        h.write_u64(bucket);
+        h.finish()
     }
 
     /// Transfers to one host share its path, so they share its congestion window: when their
@@ -907,11 +1038,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         use std::hash::Hasher;
         let mut h = self.rng.hasher();
         h.write_u8(b'C'); // domain: cookies, never equal to an id from `next`
-        match from.ip() {
-            std::net::IpAddr::V4(ip) => h.write(&ip.octets()),
-            std::net::IpAddr::V6(ip) => h.write(&ip.octets()),
-        }
-        h.write_u16(from.port());
+        write_addr(&mut h, from);
         h.write_u64(conn_id.0);
         h.write_u8(request.object.algorithm());
         h.write(request.object.digest());
@@ -1037,6 +1164,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
                 place,
                 retry_after_ms: WAIT_REPEAT_MS,
             }),
+            Reply::PathChallenge(token) => Frame::PathChallenge(token),
         };
         let len = Datagram { conn_id, frame }.encode(buf).ok()?;
         Some(self.sent(to, len, now))
@@ -1176,6 +1304,20 @@ enum Reply {
     Offer(Offer),
     /// A place in the admission queue (1: first in line; 0: start now).
     Wait(u32),
+    /// A path challenge's token.
+    PathChallenge(u64),
+}
+
+/// Length of a PathChallenge or PathResponse datagram.
+const PATH_FRAME_LEN: usize = 26;
+
+/// Feeds an address (IP and port) to a keyed hash.
+fn write_addr(h: &mut impl std::hash::Hasher, addr: SocketAddr) {
+    match addr.ip() {
+        std::net::IpAddr::V4(ip) => h.write(&ip.octets()),
+        std::net::IpAddr::V6(ip) => h.write(&ip.octets()),
+    }
+    h.write_u16(addr.port());
 }
 
 /// How often a waiting client repeats its Start (the Wait's `retry_after_ms`).

@@ -149,6 +149,8 @@ pub struct Receiver<K> {
     /// When to send a keep-alive acknowledgement, and how many were sent since data last arrived.
     keepalive_due: Instant,
     keepalives: u32,
+    /// The token of the newest path challenge, to echo (docs/PROTOCOL.md section 5.9).
+    path_response: Option<u64>,
 
     stats: Stats,
     report: Report,
@@ -203,6 +205,7 @@ impl<K: ChunkSink> Receiver<K> {
             handshake_pending: true,
             queued: None,
             last_heard: now,
+            path_response: None,
             keepalive_due: now,
             keepalives: 0,
             stats: Stats::default(),
@@ -333,6 +336,20 @@ impl<K: ChunkSink> Receiver<K> {
     pub fn handle_decoded(&mut self, now: Instant, datagram: &Datagram<'_>, len: usize) {
         if datagram.conn_id != self.conn_id {
             self.stats.dropped.wrong_connection += 1;
+            return;
+        }
+        if let (Frame::PathChallenge(token), false) =
+            (&datagram.frame, self.state == State::Closed)
+        {
+            // The server heard this connection from an address that is not the one it sends to
+            // (our NAT re-mapped us, or we moved): echo the token, one response per challenge,
+            // from where we are now. Answered in every state but Closed, so that a sender still
+            // waiting for our Done can find us too.
+            self.path_response = Some(*token);
+            self.stats.path_changes += 1;
+            self.stats.datagrams_received += 1;
+            self.stats.bytes_received += len as u64;
+            self.last_heard = now;
             return;
         }
         match self.state {
@@ -645,6 +662,14 @@ impl<K: ChunkSink> Receiver<K> {
             .poll_error_frame(self.conn_id, &mut self.stats, buf)
         {
             return Some(n);
+        }
+        if let Some(token) = self.path_response.take() {
+            return emit(
+                self.conn_id,
+                &mut self.stats,
+                buf,
+                Frame::PathResponse(token),
+            );
         }
         if self.done_pending {
             self.done_pending = false;

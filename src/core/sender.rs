@@ -895,6 +895,41 @@ impl<S: ChunkSource> Sender<S> {
         }
     }
 
+    /// The client now receives at another address, which its owner validated (docs/PROTOCOL.md
+    /// section 5.9); the owner sends from now on there. What was in flight went to the old path
+    /// and is presumed lost (queued again, without counting as congestion), and the congestion
+    /// state and RTT estimate start over, as for a new path: its bottleneck and delay may be
+    /// nothing like the old one's. Chunks acknowledged stay acknowledged. Drain
+    /// [`poll_transmit`](Self::poll_transmit) next.
+    pub fn migrate(&mut self, now: Instant) {
+        if self.state != State::Sending {
+            return;
+        }
+        for p in self.sent.iter_mut().filter(|p| !p.settled) {
+            p.settled = true;
+            if !self.acked.contains(u64::from(p.chunk)) {
+                self.lost
+                    .insert(u64::from(p.chunk)..u64::from(p.chunk) + 1);
+            }
+        }
+        self.chunk_seq.clear();
+        self.bytes_in_flight = 0;
+        self.loss_time = None;
+        self.pto_count = 0;
+        self.probes_pending = 0;
+        self.renege_pending.clear();
+        self.renege_deadline = None;
+        self.rtt = RttEstimator::new(self.config.initial_rtt);
+        self.congestion = Controller::new(
+            self.congestion.kind(),
+            self.chunk_size + DATA_OVERHEAD as u64,
+        );
+        self.last_heard = now;
+        self.stats.path_changes += 1;
+        self.update_pacing_rate(now);
+        self.pacing_wait = None;
+    }
+
     /// Call when the instant from [`poll_timeout`](Self::poll_timeout) has passed, then drain
     /// `poll_transmit` and `poll_event`.
     pub fn handle_timeout(&mut self, now: Instant) {

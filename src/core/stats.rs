@@ -30,6 +30,9 @@ pub struct Stats {
     /// Chunks an earlier acknowledgement claimed and a later one showed missing (a damaged or
     /// false ack), queued again (sender).
     pub chunks_reneged: u64,
+    /// Path changes: times the sender moved the transfer to a client address it had validated
+    /// (a NAT rebinding or a network switch), or times the receiver answered a path challenge.
+    pub path_changes: u64,
     /// Datagrams dropped, by reason.
     pub dropped: DropStats,
     /// Smoothed round-trip time.

@@ -25,6 +25,8 @@ const KIND_ACK: u8 = 0x05;
 const KIND_DONE: u8 = 0x06;
 const KIND_ERROR: u8 = 0x07;
 const KIND_WAIT: u8 = 0x08;
+const KIND_PATH_CHALLENGE: u8 = 0x09;
+const KIND_PATH_RESPONSE: u8 = 0x0A;
 
 /// One decoded (or to-be-encoded) datagram.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +63,12 @@ pub enum Frame<'a> {
     /// Server to client, in answer to a Start at the server's limit: the request holds a place
     /// in the server's queue; repeat the Start to keep it.
     Wait(Wait),
+    /// Server to client, to an address a known connection's datagram came from that is not the
+    /// transfer's: echo this token from there to move the transfer to it (path validation,
+    /// docs/PROTOCOL.md section 5.9).
+    PathChallenge(u64),
+    /// Client to server: the token of a `PathChallenge`, sent from the address it reached.
+    PathResponse(u64),
 }
 
 /// A place in a server's admission queue (docs/PROTOCOL.md section 3.8).
@@ -396,6 +404,7 @@ impl Datagram<'_> {
                 w.u32(wait.place)?;
                 w.u16(wait.retry_after_ms)?;
             }
+            Frame::PathChallenge(token) | Frame::PathResponse(token) => w.u64(*token)?,
         }
         finish(w)
     }
@@ -412,6 +421,8 @@ impl Frame<'_> {
             Frame::Done => KIND_DONE,
             Frame::Error(_) => KIND_ERROR,
             Frame::Wait(_) => KIND_WAIT,
+            Frame::PathChallenge(_) => KIND_PATH_CHALLENGE,
+            Frame::PathResponse(_) => KIND_PATH_RESPONSE,
         }
     }
 }
@@ -545,6 +556,16 @@ pub(super) fn decode(buf: &[u8]) -> Result<Datagram<'_>, DecodeError> {
                 place,
                 retry_after_ms,
             })
+        }
+        KIND_PATH_CHALLENGE | KIND_PATH_RESPONSE => {
+            let mut r = Reader::new(body, "path token");
+            let token = r.u64()?;
+            r.finish()?;
+            if kind == KIND_PATH_CHALLENGE {
+                Frame::PathChallenge(token)
+            } else {
+                Frame::PathResponse(token)
+            }
         }
         other => return Err(DecodeError::UnknownKind(other)),
     };

@@ -10,7 +10,8 @@
 //!
 //! One thread polls every socket without blocking and naps for 200 µs when nothing came. A later
 //! link emulator (rate, queue, delay, burst loss) fits in [`Lane::pass`] and a release queue in
-//! that loop; rebinding a client's port is replacing its entry in the NAT table.
+//! that loop. `RelayConfig::rebind_at` re-maps clients mid-run by replacing their entries in the
+//! NAT table (issue 17).
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::io::ErrorKind;
@@ -64,6 +65,11 @@ pub struct RelayConfig {
     pub to_server: Impairment,
     /// Server to client.
     pub to_client: Impairment,
+    /// Re-map every client (as a NAT does that drops a mapping and makes a new one) each time
+    /// the bytes passed on to clients reach one of these totals, ascending: from then on the
+    /// client's datagrams reach the server from a fresh port, and what the server sends to the
+    /// old one is read and thrown away (counted in `RelayStats::to_dead_mappings`).
+    pub rebind_at: Vec<u64>,
 }
 
 impl RelayConfig {
@@ -73,6 +79,7 @@ impl RelayConfig {
             seed,
             to_server: impairment.clone(),
             to_client: impairment,
+            rebind_at: Vec::new(),
         }
     }
 }
@@ -99,6 +106,13 @@ pub struct RelayStats {
     pub to_client: LaneStats,
     /// Client addresses seen (one upstream socket each).
     pub clients: u64,
+    /// Bytes of every datagram read from the server (before impairment), live mappings and
+    /// dead ones: what the server sent.
+    pub from_server_bytes: u64,
+    /// Bytes the server sent to mappings the relay had dropped.
+    pub to_dead_mappings: u64,
+    /// Re-mappings done (see `RelayConfig::rebind_at`).
+    pub rebinds: u64,
 }
 
 #[derive(Default)]
@@ -125,6 +139,9 @@ struct Counters {
     to_server: LaneCounters,
     to_client: LaneCounters,
     clients: AtomicU64,
+    from_server_bytes: AtomicU64,
+    to_dead_mappings: AtomicU64,
+    rebinds: AtomicU64,
 }
 
 /// One direction: its impairment, random stream and counters.
@@ -204,9 +221,10 @@ impl Relay {
             to_server: false,
         };
         let flag = stop.clone();
+        let rebind_at = config.rebind_at;
         let thread = std::thread::Builder::new()
             .name("relay".into())
-            .spawn(move || run(front, upstream, to_server, to_client, &flag))
+            .spawn(move || run(front, upstream, to_server, to_client, rebind_at, &flag))
             .expect("spawn the relay thread");
         Relay {
             addr,
@@ -227,6 +245,9 @@ impl Relay {
             to_server: self.counters.to_server.snapshot(),
             to_client: self.counters.to_client.snapshot(),
             clients: self.counters.clients.load(Ordering::Relaxed),
+            from_server_bytes: self.counters.from_server_bytes.load(Ordering::Relaxed),
+            to_dead_mappings: self.counters.to_dead_mappings.load(Ordering::Relaxed),
+            rebinds: self.counters.rebinds.load(Ordering::Relaxed),
         }
     }
 }
@@ -247,9 +268,16 @@ fn run(
     upstream: SocketAddr,
     mut to_server: Lane,
     mut to_client: Lane,
+    rebind_at: Vec<u64>,
     stop: &AtomicBool,
 ) {
     let mut nat: HashMap<SocketAddr, UdpSocket> = HashMap::new();
+    // Upstream sockets of dropped mappings: still read, so the server's datagrams to them are
+    // counted, but never passed on.
+    let mut dead: Vec<UdpSocket> = Vec::new();
+    let mut rebinds = rebind_at.into_iter().peekable();
+    let mut passed_to_clients = 0u64;
+    let counters = to_server.counters.clone();
     let mut buf = vec![0u8; 65_536];
     while !stop.load(Ordering::Relaxed) {
         let mut busy = false;
@@ -268,7 +296,7 @@ fn run(
                     let Some(socket) = connect_upstream(upstream) else {
                         continue;
                     };
-                    to_server.counters.clients.fetch_add(1, Ordering::Relaxed);
+                    counters.clients.fetch_add(1, Ordering::Relaxed);
                     entry.insert(socket)
                 }
             };
@@ -285,11 +313,34 @@ fn run(
                     Err(_) => break,
                 };
                 busy = true;
+                counters
+                    .from_server_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
                 let datagram = &mut buf[..n];
                 if to_client.pass(datagram) {
+                    passed_to_clients += n as u64;
                     to_client.sent(front.send_to(datagram, client));
                 }
             }
+        }
+        for socket in &dead {
+            while let Ok(n) = socket.recv(&mut buf) {
+                busy = true;
+                counters
+                    .from_server_bytes
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                counters
+                    .to_dead_mappings
+                    .fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+        if rebinds.next_if(|&at| passed_to_clients >= at).is_some() {
+            for socket in nat.values_mut() {
+                if let Some(fresh) = connect_upstream(upstream) {
+                    dead.push(std::mem::replace(socket, fresh));
+                }
+            }
+            counters.rebinds.fetch_add(1, Ordering::Relaxed);
         }
         if !busy {
             std::thread::sleep(IDLE_NAP);
