@@ -392,3 +392,76 @@ fn a_stolen_connection_id_cannot_redirect_the_download() {
         "anything but challenges went to the victim: {ctx}"
     );
 }
+
+/// Nothing comes back after the re-mapping (the server forgot the transfer, or a middlebox eats
+/// its challenges): a receiver configured with `path_lost_after` (what `net::Client` uses) fails
+/// with `PathLost` that long after it last heard the server, well before the idle timeout, and
+/// keeps what arrived for the resume; one without it waits for the idle timeout.
+#[test]
+fn a_silent_path_ends_in_path_lost_with_the_bytes_kept() {
+    use udpferry::core::TransferError;
+    for (after, expect_lost) in [(Duration::from_secs(4), true), (Duration::MAX, false)] {
+        let seed = 31;
+        let mut t = trip(seed, 0.0);
+        let mut config = EndpointConfig {
+            seed: 77,
+            ..EndpointConfig::default()
+        };
+        config.transfer.path_lost_after = after;
+        t.pair.b.endpoint = Endpoint::new(config, NoObjects);
+        t.transfer = t.pair.b.endpoint.fetch(
+            t.start,
+            SocketAddr::from(SERVER),
+            ObjectId::md5_of(&t.data),
+            &RangeSet::new(),
+            Vec::new(),
+        );
+        assert!(t.run_until(|t| t.received() >= 1_000_000), "seed {seed}");
+        let held = t.received();
+        let silent_from = t.pair.now;
+        t.rebind(1);
+        t.pair
+            .a_to_b
+            .set_config(LinkConfig::default().with_loss(1.0));
+        t.pair.run(u64::MAX, t.start + Duration::from_secs(60));
+        let (at, err) = t
+            .pair
+            .b
+            .events
+            .iter()
+            .find_map(|(at, e)| match &e.event {
+                Event::Failed(err) => Some((*at, err.clone())),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("seed {seed}: no failure"));
+        let waited = at - silent_from;
+        let sink = t.pair.b.finished.first().expect("the sink comes back");
+        // No loss: what arrived is a prefix of the object, and it is all still there.
+        let held = held as usize;
+        assert!(
+            sink.len() >= held,
+            "seed {seed}: {} of {held} bytes kept",
+            sink.len()
+        );
+        assert!(
+            sink[..held] == t.data[..held],
+            "seed {seed}: kept bytes differ"
+        );
+        if expect_lost {
+            assert!(
+                matches!(err, TransferError::PathLost(_)),
+                "seed {seed}: {err:?}"
+            );
+            assert!(
+                waited >= Duration::from_secs(4) && waited < Duration::from_secs(5),
+                "seed {seed}: gave up {waited:?} after the path went silent"
+            );
+        } else {
+            assert!(
+                matches!(err, TransferError::TimedOut(_)),
+                "seed {seed}: {err:?}"
+            );
+            assert!(waited >= Duration::from_secs(14), "seed {seed}: {waited:?}");
+        }
+    }
+}

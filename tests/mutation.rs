@@ -560,6 +560,7 @@ fn the_relay_mutates_with_a_valid_crc_and_counts_what_it_did() {
             to_server: Impairment::mutate(1.0),
             to_client: Impairment::default(),
             rebind_at: Vec::new(),
+            eat_path_challenges: false,
         },
     );
     let mut buf = [0u8; 2048];
@@ -603,6 +604,7 @@ fn the_relay_mutates_with_a_valid_crc_and_counts_what_it_did() {
             to_server: Impairment::loss(0.5),
             to_client: Impairment::default(),
             rebind_at: Vec::new(),
+            eat_path_challenges: false,
         },
     );
     for _ in 0..400 {

@@ -54,6 +54,13 @@ pub struct TransferConfig {
     /// least; it waits longer on slow paths, and at most a minute: the sender probes at least
     /// every 2 s).
     pub linger: Duration,
+    /// A receiver that has started receiving and then hears nothing for this long, while its
+    /// keep-alive acks (its probes of the path) go out, fails with
+    /// [`TransferError::PathLost`](super::TransferError::PathLost): its address changed in a way
+    /// the server could not follow (docs/PROTOCOL.md 5.9). The owner then starts over with what
+    /// arrived as the have-set (resume). `Duration::MAX` (the default): never, only the idle
+    /// timeout applies. `net::Client` uses 4 s and resumes by itself.
+    pub path_lost_after: Duration,
 }
 
 impl Default for TransferConfig {
@@ -72,6 +79,7 @@ impl Default for TransferConfig {
             burst_datagrams: 10,
             progress_interval: Duration::from_millis(100),
             linger: Duration::from_secs(2),
+            path_lost_after: Duration::MAX,
         }
     }
 }

@@ -241,6 +241,11 @@ pub enum TransferError {
     /// broken. A receiver keeps what it stored, so the download can resume.
     #[error("timed out: nothing heard from the peer for {0:?}")]
     TimedOut(Duration),
+    /// Mid-transfer, nothing arrived for `TransferConfig::path_lost_after` while the receiver
+    /// probed: the path broke (the client's address changed and the server did not follow).
+    /// What was stored is kept: start the download again to resume it on a new connection.
+    #[error("path lost: nothing heard from the server for {0:?} mid-transfer")]
+    PathLost(Duration),
     /// The server does not have the object.
     #[error("object not found on the server")]
     NotFound,
@@ -302,7 +307,9 @@ impl TransferError {
     /// that failed, or it is unreachable).
     pub(crate) fn code_for_peer(&self) -> Option<ErrorCode> {
         match self {
-            TransferError::TimedOut(_) | TransferError::Peer { .. } => None,
+            TransferError::TimedOut(_) | TransferError::PathLost(_) | TransferError::Peer { .. } => {
+                None
+            }
             TransferError::NotFound => Some(ErrorCode::NotFound),
             TransferError::Busy => Some(ErrorCode::Busy),
             TransferError::TooLarge { .. } => Some(ErrorCode::TooLarge),

@@ -796,7 +796,10 @@ impl<K: ChunkSink> Receiver<K> {
                     _ => None,
                 };
                 let keepalive = (self.state == State::Receiving).then_some(self.keepalive_due);
-                [idle, handshake, self.ack_deadline, keepalive]
+                let path_lost = (self.state == State::Receiving)
+                    .then(|| self.last_heard.checked_add(self.config.path_lost_after))
+                    .flatten();
+                [idle, handshake, self.ack_deadline, keepalive, path_lost]
                     .into_iter()
                     .flatten()
                     .min()
@@ -853,6 +856,14 @@ impl<K: ChunkSink> Receiver<K> {
                     self.state = State::Closed;
                     self.report.finish(Event::Failed(TransferError::TimedOut(
                         self.config.idle_timeout,
+                    )));
+                    return;
+                }
+                let path_lost = self.last_heard.checked_add(self.config.path_lost_after);
+                if self.state == State::Receiving && path_lost.is_some_and(|t| now >= t) {
+                    self.state = State::Closed;
+                    self.report.finish(Event::Failed(TransferError::PathLost(
+                        self.config.path_lost_after,
                     )));
                     return;
                 }

@@ -42,7 +42,7 @@ impl Client {
     pub fn new(cache_dir: impl AsRef<Path>) -> Result<Self, StoreError> {
         Ok(Client {
             cache: Cache::open(cache_dir)?,
-            config: EndpointConfig::default(),
+            config: client_config(),
             bind: None,
             framing: Framing::Plain,
         })
@@ -127,6 +127,7 @@ impl Client {
             }
         }
         let mut repaired_bytes = 0;
+        let mut path_restarts = 0;
         let mut rounds = 0;
         let mut asked_again = false;
         loop {
@@ -179,6 +180,15 @@ impl Client {
                     asked_again = true;
                     continue;
                 }
+                Outcome::Failed(TransferError::PathLost(_)) if path_restarts < MAX_PATH_RESTARTS => {
+                    // Our address changed and the server did not follow (it forgot the
+                    // transfer, or something ate its path challenge): start over on a new
+                    // connection, from a new socket, resuming what arrived.
+                    partial.checkpoint()?;
+                    engine.new_socket();
+                    path_restarts += 1;
+                    continue;
+                }
                 Outcome::Failed(err) if garbled(&err) && rounds < MAX_REPAIR_ROUNDS => {
                     // A control datagram altered on its way (an Offer with another size, say)
                     // broke the exchange, not the server: ask again, resuming what is held.
@@ -218,6 +228,7 @@ impl Client {
                 reused_bytes,
                 damaged_entry,
                 repaired_bytes,
+                path_restarts,
                 bad_sources: Vec::new(),
                 duration: started.elapsed(),
                 stats: ended.stats,
@@ -421,6 +432,7 @@ impl Client {
             reused_bytes: 0,
             damaged_entry: None,
             repaired_bytes: 0,
+            path_restarts: 0,
             bad_sources: Vec::new(),
             duration: started.elapsed(),
             stats: Stats::default(),
@@ -667,6 +679,10 @@ pub struct Report {
     /// Bytes downloaded again because the first delivery did not match the object's manifest
     /// (altered on the way despite the checksum): the download repaired them instead of failing.
     pub repaired_bytes: u64,
+    /// Times the download started over on a new connection, resuming what had arrived, after
+    /// the path went silent mid-transfer and the server did not follow the client to its new
+    /// address ([`TransferError::PathLost`]).
+    pub path_restarts: u32,
     /// Sources of a multi-source download ([`Client::fetch_from`]) that delivered bytes that
     /// did not match the object's manifest, and were dropped.
     pub bad_sources: Vec<SocketAddr>,
@@ -729,6 +745,20 @@ pub enum FetchError {
         /// What showed it.
         detail: String,
     },
+}
+
+/// How long a download may hear nothing mid-transfer before it starts over on a new connection
+/// (`TransferConfig::path_lost_after`): a few of the receiver's probes (at most 1 s apart) went
+/// unanswered, so the server did not follow a change of our address.
+pub const CLIENT_PATH_LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(4);
+/// Most restarts of one download after a lost path.
+const MAX_PATH_RESTARTS: u32 = 3;
+
+/// The client's default settings: the endpoint's, with [`CLIENT_PATH_LOST_AFTER`].
+fn client_config() -> EndpointConfig {
+    let mut config = EndpointConfig::default();
+    config.transfer.path_lost_after = CLIENT_PATH_LOST_AFTER;
+    config
 }
 
 /// Addresses as a comma-separated list.
@@ -812,6 +842,10 @@ impl std::fmt::Display for Report {
             (
                 self.repaired_bytes,
                 "re-fetched {} bytes that arrived altered",
+            ),
+            (
+                u64::from(self.path_restarts),
+                "started over {} time(s) after the path went silent, resuming what had arrived",
             ),
         ] {
             if bytes > 0 {

@@ -457,6 +457,16 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Closes the socket once no job is in flight, so that the next [`start`](Self::start) binds
+    /// a fresh one (another port; the interface the system routes by now): a download starting
+    /// over after its path went silent does not rely on the socket that lost it.
+    pub(super) fn new_socket(&mut self) {
+        if self.live.is_empty() {
+            self.flush();
+            self.driver = None;
+        }
+    }
+
     /// Ends the call: jobs still in flight are cancelled (what arrived is kept), and a server
     /// that missed a Done is answered for up to `linger` in the background, so the caller has
     /// its result at once. If the process exits first, the server times out on its own.

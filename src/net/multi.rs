@@ -388,6 +388,7 @@ pub(super) fn fetch_from(
         reused_bytes,
         damaged_entry: None,
         repaired_bytes: 0,
+        path_restarts: 0,
         duration: started.elapsed(),
         stats,
         bad_sources,

@@ -70,6 +70,9 @@ pub struct RelayConfig {
     /// client's datagrams reach the server from a fresh port, and what the server sends to the
     /// old one is read and thrown away (counted in `RelayStats::to_dead_mappings`).
     pub rebind_at: Vec<u64>,
+    /// Drop every path challenge (kind 0x09) on its way to the client, as a middlebox that
+    /// does not know the kind might: migration cannot succeed, the client must fall back.
+    pub eat_path_challenges: bool,
 }
 
 impl RelayConfig {
@@ -80,6 +83,7 @@ impl RelayConfig {
             to_server: impairment.clone(),
             to_client: impairment,
             rebind_at: Vec::new(),
+            eat_path_challenges: false,
         }
     }
 }
@@ -221,10 +225,10 @@ impl Relay {
             to_server: false,
         };
         let flag = stop.clone();
-        let rebind_at = config.rebind_at;
+        let (rebind_at, eat) = (config.rebind_at, config.eat_path_challenges);
         let thread = std::thread::Builder::new()
             .name("relay".into())
-            .spawn(move || run(front, upstream, to_server, to_client, rebind_at, &flag))
+            .spawn(move || run(front, upstream, to_server, to_client, rebind_at, eat, &flag))
             .expect("spawn the relay thread");
         Relay {
             addr,
@@ -269,6 +273,7 @@ fn run(
     mut to_server: Lane,
     mut to_client: Lane,
     rebind_at: Vec<u64>,
+    eat_path_challenges: bool,
     stop: &AtomicBool,
 ) {
     let mut nat: HashMap<SocketAddr, UdpSocket> = HashMap::new();
@@ -317,6 +322,10 @@ fn run(
                     .from_server_bytes
                     .fetch_add(n as u64, Ordering::Relaxed);
                 let datagram = &mut buf[..n];
+                if eat_path_challenges && n == 26 && datagram[5] == 0x09 {
+                    to_client.counters().dropped.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 if to_client.pass(datagram) {
                     passed_to_clients += n as u64;
                     to_client.sent(front.send_to(datagram, client));
