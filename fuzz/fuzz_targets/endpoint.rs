@@ -1,8 +1,9 @@
 //! An endpoint serving one object and fetching another, fed arbitrary (source, datagram, time
 //! step) sequences (each resealed with a valid CRC so they reach the state machines). Starts
 //! echo the nonce of an offer the endpoint sent to that address and connection when the input
-//! says so, so transfers get created past the stateless handshake. Never a panic; state stays
-//! within the configured limits.
+//! says so, so transfers get created past the stateless handshake, and path responses echo the
+//! token of a challenge the endpoint sent to that address, so transfers migrate between the
+//! input's addresses. Never a panic; state stays within the configured limits.
 #![no_main]
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,12 +37,14 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = vec![0u8; 2048];
     // Offers the endpoint sent: (to, connection id) -> nonce.
     let mut offers: HashMap<(SocketAddr, u64), u64> = HashMap::new();
+    // Path challenges the endpoint sent: (to, connection id) -> token.
+    let mut challenges: HashMap<(SocketAddr, u64), u64> = HashMap::new();
     // Records: [len][source][kind][step_ms][conn id byte][body...]
     let mut rest = data;
     while rest.len() >= 5 {
         let len = usize::from(rest[0]).min(rest.len() - 5);
         let from = SocketAddr::from(([10, 0, 0, rest[1] % 4], 1000 + u16::from(rest[1] >> 6)));
-        let kind = rest[2] % 8;
+        let kind = rest[2] % 11;
         now += Duration::from_millis(u64::from(rest[3]));
         let conn = u64::from(rest[4] % 4);
         let body = &rest[5..5 + len];
@@ -57,6 +60,7 @@ fuzz_target!(|data: &[u8]| {
             d.extend_from_slice(&[0u8; 10]);
         };
         let echo = offers.get(&(from, conn)).copied();
+        let token = challenges.get(&(from, conn)).copied();
         if kind == 1 {
             // Half the requests name the served object, so offers get made.
             request_body(&mut d, body.first().is_some_and(|b| b & 1 == 0));
@@ -65,6 +69,10 @@ fuzz_target!(|data: &[u8]| {
             // created); the rest carry whatever the input says.
             d.extend_from_slice(&echo.unwrap_or(0).to_be_bytes());
             request_body(&mut d, true);
+        } else if kind == 0x0A && token.is_some() && body.first().is_some_and(|b| b & 1 == 0) {
+            // Half the path responses from a challenged address echo its token, so transfers
+            // migrate between the input's addresses.
+            d.extend_from_slice(&token.unwrap_or(0).to_be_bytes());
         } else {
             d.extend_from_slice(body);
         }
@@ -77,8 +85,14 @@ fuzz_target!(|data: &[u8]| {
         while let Some(t) = ep.poll_transmit(now, &mut buf) {
             assert!(t.len <= 1200);
             if let Ok(d) = udpferry::wire::decode(&buf[..t.len]) {
-                if let udpferry::wire::Frame::Offer(o) = d.frame {
-                    offers.insert((t.destination, d.conn_id.0), o.nonce);
+                match d.frame {
+                    udpferry::wire::Frame::Offer(o) => {
+                        offers.insert((t.destination, d.conn_id.0), o.nonce);
+                    }
+                    udpferry::wire::Frame::PathChallenge(token) => {
+                        challenges.insert((t.destination, d.conn_id.0), token);
+                    }
+                    _ => {}
                 }
             }
         }

@@ -7,7 +7,7 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use udpferry::wire::{
     self, Ack, AckRanges, ConnectionId, Data, Datagram, ErrorCode, ErrorFrame, Frame, HaveRanges,
-    Offer, Request,
+    Offer, Request, Wait,
 };
 use udpferry::ObjectId;
 
@@ -20,6 +20,9 @@ enum Shape {
     Ack { seq: u64, delay: u32, owd: u32, window: u32, cum: u32, ranges: Vec<(u32, u32)> },
     Done,
     Error { code: u16, reason: String },
+    Wait { place: u32, retry_after_ms: u16 },
+    PathChallenge { token: u64 },
+    PathResponse { token: u64 },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -103,6 +106,12 @@ fuzz_target!(|input: Input| {
                 reason: &reason,
             })
         }
+        Shape::Wait { place, retry_after_ms } => Frame::Wait(Wait {
+            place: *place,
+            retry_after_ms: *retry_after_ms,
+        }),
+        Shape::PathChallenge { token } => Frame::PathChallenge(*token),
+        Shape::PathResponse { token } => Frame::PathResponse(*token),
     };
     let datagram = Datagram {
         conn_id: ConnectionId(input.conn),
