@@ -72,8 +72,8 @@ fn congestion() -> impl Strategy<Value = CongestionControl> {
 prop_compose! {
     fn transfer_config()(
         max_datagram_size in count_usize(),
-        (idle_timeout, initial_rtt, max_ack_delay, progress_interval, linger)
-            in (duration(), duration(), duration(), duration(), duration()),
+        (idle_timeout, initial_rtt, max_ack_delay, progress_interval, linger, path_lost_after)
+            in (duration(), duration(), duration(), duration(), duration(), duration()),
         ack_every in count_u32(),
         max_ack_ranges in count_usize(),
         (receive_window_bytes, max_object_size, max_rate_bytes_per_sec)
@@ -95,6 +95,7 @@ prop_compose! {
             burst_datagrams,
             progress_interval,
             linger,
+            path_lost_after,
         }
     }
 }
