@@ -217,6 +217,28 @@ fn assert_survives(
     );
 }
 
+/// Re-mapped after the server accepted the Start, before any data reached the client: its
+/// repeated Start comes from the new address, and the server validates that address instead of
+/// making a second transfer.
+#[test]
+fn rebinding_before_the_first_data() {
+    let seed = 41;
+    let base = unbroken(seed, 0.0);
+    let mut t = trip(seed, 0.0);
+    assert!(
+        t.run_until(|t| t.pair.a.endpoint.transfer_count() == 1),
+        "seed {seed}"
+    );
+    t.rebind(1);
+    let got = t.finish();
+    assert_survives(seed, "before the first data", &got, &base, 2.0, 0.1);
+    assert_eq!(
+        t.pair.a.endpoint.stats().accepted,
+        1,
+        "seed {seed}: a second transfer was made"
+    );
+}
+
 /// Re-mapped while the sender is still in slow start (32 KiB in).
 #[test]
 fn rebinding_during_slow_start() {

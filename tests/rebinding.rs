@@ -14,13 +14,38 @@ use common::TempDir;
 const MIB: usize = 1 << 20;
 const SIZE: usize = 8 * MIB;
 
-/// One download of 8 MiB through a relay that re-maps at each of `rebind_at` (bytes passed on
-/// to the client).
+/// One download of 8 MiB from `serve --rate 4MiB` through a relay that re-maps at each of
+/// `rebind_at` (bytes passed on to the client).
 fn download_through_rebinding(name: &str, rebind_at: Vec<u64>, eat_path_challenges: bool) -> Run {
+    // Migration costs what was in flight to the old mapping (the bound: 1.1x); a
+    // fallback restart also the offer exchange and what the old transfer sent into the dead
+    // mapping until it gave up.
+    let limit = if eat_path_challenges { 1.25 } else { 1.1 };
+    download_case(
+        name,
+        SIZE,
+        Some("4MiB"),
+        rebind_at,
+        eat_path_challenges,
+        limit,
+    )
+}
+
+/// One download of `size` bytes from `serve` (at `--rate rate`, if given) through a relay that
+/// re-maps at each of `rebind_at`.
+fn download_case(
+    name: &str,
+    size: usize,
+    rate: Option<&str>,
+    rebind_at: Vec<u64>,
+    eat_path_challenges: bool,
+    limit: f64,
+) -> Run {
     let tmp = TempDir::new(name);
-    let data = content(SIZE, 17);
+    let data = content(size, 17);
     let md5 = put_file(&tmp.join("maps"), "pack.bin", &data);
-    let (_server, addr, _) = spawn_server(&tmp.join("maps"), &["--rate", "4MiB"]);
+    let rate_args: Vec<&str> = rate.map_or_else(Vec::new, |r| vec!["--rate", r]);
+    let (_server, addr, _) = spawn_server(&tmp.join("maps"), &rate_args);
     let relay = Relay::start(
         addr,
         RelayConfig {
@@ -39,9 +64,9 @@ fn download_through_rebinding(name: &str, rebind_at: Vec<u64>, eat_path_challeng
         Duration::from_secs(60),
     );
     let stats = relay.stats();
-    let ratio = stats.from_server_bytes as f64 / SIZE as f64;
+    let ratio = stats.from_server_bytes as f64 / size as f64;
     println!(
-        "{name}: exit {:?} in {:.2} s, {} re-mapping(s) at {rebind_at:?}; the server sent {:.3}x the object ({} B to dropped mappings); {}",
+        "{name} ({size} B, rate {rate:?}): exit {:?} in {:.2} s, {} re-mapping(s) at {rebind_at:?}; the server sent {:.3}x the object ({} B to dropped mappings); {}",
         r.status.code(),
         r.elapsed.as_secs_f64(),
         stats.rebinds,
@@ -57,9 +82,6 @@ fn download_through_rebinding(name: &str, rebind_at: Vec<u64>, eat_path_challeng
     );
     assert_file_eq(&out, &data);
     assert_cache_done(&cache, &md5, &data);
-    // Migration costs what was in flight to the old mapping; a fallback restart also the
-    // offer exchange and what the old transfer sent into the dead mapping until it gave up.
-    let limit = if eat_path_challenges { 1.25 } else { 1.1 };
     assert!(
         ratio <= limit,
         "the server sent {ratio:.3}x the object: {stats:?}"
@@ -89,5 +111,33 @@ fn a_download_falls_back_to_a_resume_when_migration_fails() {
     assert!(
         r.stderr.contains("started over 1 time(s)"),
         "the summary does not say it started over: {r:?}"
+    );
+}
+
+/// Other sizes, rates and moments: an unpaced 1 MiB map re-mapped a fifth of the way in; a
+/// 24 MiB pack at 8 MiB/s re-mapped in slow start, in the middle and 50 KB before the end; and
+/// a re-mapping right after the Offer reached the client (its Start leaves from the new
+/// address: a fresh handshake there, no migration needed). What was in flight to the old
+/// mapping is lost; unpaced on loopback that is a window of 60-70 KB, 6% of a 1 MiB object,
+/// hence its looser bound.
+#[test]
+fn rebindings_at_other_sizes_rates_and_moments() {
+    download_case("rebind-1mib", MIB, None, vec![200_000], false, 1.2);
+    let big = 24 * MIB as u64;
+    download_case(
+        "rebind-24mib",
+        24 * MIB,
+        Some("8MiB"),
+        vec![100_000, big / 2, big - 50_000],
+        false,
+        1.1,
+    );
+    download_case(
+        "rebind-handshake",
+        2 * MIB,
+        Some("4MiB"),
+        vec![40],
+        false,
+        1.1,
     );
 }

@@ -605,6 +605,10 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         }
         match &datagram.frame {
             Frame::Request(request) => self.offer(now, from, datagram.conn_id, request),
+            // A Start from a new address of a transfer already sending: the client moved while
+            // it waited for the first data (which went to its old address). Validate the new
+            // address as for an ack; a fresh offer would start a second transfer.
+            Frame::Start { .. } if self.challenge(now, from, datagram.conn_id, data.len()) => {}
             Frame::Start { .. } => self.accept(now, from, &datagram, data.len()),
             Frame::Ack(_) | Frame::Done => {
                 if !self.challenge(now, from, datagram.conn_id, data.len()) {
@@ -629,8 +633,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         }
     }
 
-    /// An ack or done of a serving transfer came from `from`, not the transfer's address: the
-    /// client's NAT re-mapped it, or it moved, or someone forged it. The transfer stays where
+    /// An ack, done or start of a serving transfer came from `from`, not the transfer's address:
+    /// the client's NAT re-mapped it, or it moved, or someone forged it. The transfer stays where
     /// it is; `from` is sent a path challenge, within three times what it sent us
     /// (docs/PROTOCOL.md 5.9). False when no serving transfer has that connection id.
     fn challenge(&mut self, now: Instant, from: SocketAddr, conn_id: ConnectionId, len: usize) -> bool {
