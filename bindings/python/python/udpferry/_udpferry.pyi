@@ -13,7 +13,8 @@ class NotFound(Error):
     """The server does not have the object."""
 
 class TimedOut(Error):
-    """No answer in time: the server is gone, or the timeout passed."""
+    """No answer in time: the server is gone, the path to it went silent mid-transfer (and
+    starting over did not help), or the timeout passed."""
 
 class DigestMismatch(Error):
     """The bytes that arrived do not have the MD5 they were asked for; nothing was kept."""
