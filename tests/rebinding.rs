@@ -141,3 +141,50 @@ fn rebindings_at_other_sizes_rates_and_moments() {
         1.1,
     );
 }
+
+/// A multi-source download (two servers of the same directory, `get A,B`) where the path to one
+/// of them is re-mapped twice: that server follows the client, and the download completes
+/// from both, with the right bytes.
+#[test]
+fn a_multi_source_download_survives_a_rebinding_on_one_path() {
+    let tmp = TempDir::new("rebind-multi");
+    let data = content(SIZE, 23);
+    let md5 = put_file(&tmp.join("maps"), "pack.bin", &data);
+    let (_a, a, _) = spawn_server(&tmp.join("maps"), &["--rate", "2MiB"]);
+    let (_b, b, _) = spawn_server(&tmp.join("maps"), &["--rate", "2MiB"]);
+    let relay = Relay::start(
+        a,
+        RelayConfig {
+            rebind_at: vec![1_000_000, 2_500_000],
+            ..RelayConfig::default()
+        },
+    );
+    let servers = format!("{},{b}", relay.addr());
+    let (out, cache) = (tmp.join("out.bin"), tmp.join("cache"));
+    let r = run(
+        &[
+            os("get"),
+            os(&servers),
+            os(&md5),
+            os("-o"),
+            out.as_os_str(),
+            os("--cache"),
+            cache.as_os_str(),
+            os("--timeout"),
+            os("40"),
+        ],
+        Duration::from_secs(60),
+    );
+    let stats = relay.stats();
+    println!(
+        "rebind-multi: exit {:?} in {:.2} s, {} re-mapping(s) of the path to one of two servers; {}",
+        r.status.code(),
+        r.elapsed.as_secs_f64(),
+        stats.rebinds,
+        r.stderr.trim()
+    );
+    assert!(r.status.success(), "{r:?}");
+    assert_eq!(stats.rebinds, 2, "{stats:?}");
+    assert_file_eq(&out, &data);
+    assert_cache_done(&cache, &md5, &data);
+}

@@ -787,6 +787,10 @@ fn transfer_sentence(e: &TransferError) -> String {
             "timed out: no answer from the server for {:.0} s",
             d.as_secs_f64()
         ),
+        TransferError::PathLost(d) => format!(
+            "path lost: nothing from the server for {:.0} s mid-transfer, after starting over {MAX_PATH_RESTARTS} times (what arrived is kept; run the same command again to resume)",
+            d.as_secs_f64()
+        ),
         TransferError::NotFound => "not found: the server does not have this object".into(),
         TransferError::Busy => "server busy: its queue is full; try again later".into(),
         TransferError::DigestMismatch { actual, .. } => format!(

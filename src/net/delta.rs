@@ -79,7 +79,9 @@ pub(super) fn fetch_manifest(
             Manifest::decode(&bytes, &object).map_err(|_| NoManifest::Damaged(bytes))
         }
         Outcome::Failed(TransferError::DigestMismatch { .. }) => Err(NoManifest::Damaged(bytes)),
-        Outcome::Failed(TransferError::TimedOut(_)) => Err(NoManifest::TimedOut),
+        Outcome::Failed(TransferError::TimedOut(_) | TransferError::PathLost(_)) => {
+            Err(NoManifest::TimedOut)
+        }
         _ => Err(NoManifest::Refused),
     })
 }
