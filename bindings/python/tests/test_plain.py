@@ -337,3 +337,33 @@ def test_the_panda3d_module_imports_without_panda3d():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_a_game_that_moves_to_a_new_socket_keeps_its_download(peers):
+    """The client's socket is replaced mid-download (a new port, as after a NAT re-mapping or
+    a network switch): its Endpoint sends from the new socket, the server validates the new
+    address and moves the transfer there, and the download completes without starting over."""
+    server = peers(rate=4 << 20)
+    client = peers()
+    data = os.urandom(4 << 20)
+    oid = server.ep.serve_bytes(data)
+    t = client.ep.fetch(server.addr, oid)
+
+    def holds(n: int):
+        return any(
+            isinstance(e, udpferry.Progress) and e.transfer == t and e.bytes_done >= n
+            for e in client.events
+        )
+
+    run_peers([server, client], lambda: holds(1 << 20))
+    old_port = client.addr[1]
+    client.sock.close()
+    client.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.sock.bind(("127.0.0.1", 0))
+    client.sock.setblocking(False)
+    client.addr = client.sock.getsockname()
+    assert client.addr[1] != old_port
+    run_peers([server, client], lambda: final_event(client.events, t) is not None)
+    end = final_event(client.events, t)
+    assert isinstance(end, udpferry.Completed), end
+    assert end.data == data
