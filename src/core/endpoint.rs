@@ -605,10 +605,6 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         }
         match &datagram.frame {
             Frame::Request(request) => self.offer(now, from, datagram.conn_id, request),
-            // A Start from a new address of a transfer already sending: the client moved while
-            // it waited for the first data (which went to its old address). Validate the new
-            // address as for an ack; a fresh offer would start a second transfer.
-            Frame::Start { .. } if self.challenge(now, from, datagram.conn_id, data.len()) => {}
             Frame::Start { .. } => self.accept(now, from, &datagram, data.len()),
             Frame::Ack(_) | Frame::Done => {
                 if !self.challenge(now, from, datagram.conn_id, data.len()) {
@@ -638,12 +634,10 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
     /// it is; `from` is sent a path challenge, within three times what it sent us
     /// (docs/PROTOCOL.md 5.9). False when no serving transfer has that connection id.
     fn challenge(&mut self, now: Instant, from: SocketAddr, conn_id: ConnectionId, len: usize) -> bool {
-        let Some(id) = self.moved_transfer(from, conn_id) else {
-            return false;
-        };
-        let bucket = self.cookie_bucket(now);
-        let token = self.path_token(from, conn_id, bucket);
-        let Some(slot) = self.transfers.get_mut(&id) else {
+        let Some(slot) = self
+            .moved_transfer(from, conn_id)
+            .and_then(|id| self.transfers.get_mut(&id))
+        else {
             return false;
         };
         let probe = match &mut slot.probe {
@@ -658,6 +652,8 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
         let cost = PATH_FRAME_LEN as u64;
         if probe.sent + cost <= probe.received.saturating_mul(3) {
             probe.sent += cost;
+            let bucket = self.cookie_bucket(now);
+            let token = self.path_token(from, conn_id, bucket);
             self.stats.path_challenges += 1;
             self.queue_reply(from, conn_id, Reply::PathChallenge(token));
         }
@@ -981,7 +977,14 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             || (bucket > 0 && *nonce == self.cookie(from, datagram.conn_id, request, bucket - 1));
         if !valid {
             self.stats.bad_starts += 1;
-            self.offer(now, from, datagram.conn_id, request);
+            // A repeated Start of a transfer already sending, from a new address: the client
+            // moved while it waited for the first data (which went to its old address), and its
+            // nonce is for the old one. Validate the new address as for an ack; a fresh offer
+            // would start a second transfer. (A Start whose nonce is good for its own address
+            // makes a transfer of its own, whatever its connection id.)
+            if !self.challenge(now, from, datagram.conn_id, len) {
+                self.offer(now, from, datagram.conn_id, request);
+            }
             return;
         }
         self.requests.vouch(from, now);
