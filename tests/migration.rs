@@ -152,6 +152,7 @@ impl Trip {
             server_bytes: self.on_link.get() + elsewhere,
             elsewhere,
             migrations: self.pair.a.endpoint.stats().migrations,
+            accepted: self.pair.a.endpoint.stats().accepted,
         }
     }
 }
@@ -167,6 +168,8 @@ struct Ended {
     /// What it sent to addresses the client no longer had.
     elsewhere: u64,
     migrations: u64,
+    /// Transfers the server accepted (one per download unless a Start made another).
+    accepted: u64,
 }
 
 impl Ended {
@@ -223,32 +226,38 @@ fn assert_survives(
 #[test]
 fn rebinding_before_the_first_data() {
     let seed = 41;
-    let base = unbroken(seed, 0.0);
-    let mut t = trip(seed, 0.0);
+    let accepted = |t: &Trip| t.pair.a.endpoint.transfer_count() == 1;
+    let got = rebound_once(seed, 0.0, "before the first data", accepted, (2.0, 0.1));
+    assert_eq!(got.accepted, 1, "seed {seed}: a second transfer was made");
+}
+
+/// One trip re-mapped once, when `until` first holds, checked against the unbroken trip with
+/// the same seed and loss (see `assert_survives`).
+fn rebound_once(
+    seed: u64,
+    loss: f64,
+    what: &str,
+    until: impl FnMut(&Trip) -> bool,
+    (extra_secs, extra_bytes): (f64, f64),
+) -> Ended {
+    let base = unbroken(seed, loss);
+    let mut t = trip(seed, loss);
     assert!(
-        t.run_until(|t| t.pair.a.endpoint.transfer_count() == 1),
-        "seed {seed}"
+        t.run_until(until),
+        "{what}, seed {seed}: the moment never came"
     );
     t.rebind(1);
     let got = t.finish();
-    assert_survives(seed, "before the first data", &got, &base, 2.0, 0.1);
-    assert_eq!(
-        t.pair.a.endpoint.stats().accepted,
-        1,
-        "seed {seed}: a second transfer was made"
-    );
+    assert_survives(seed, what, &got, &base, extra_secs, extra_bytes);
+    got
 }
 
 /// Re-mapped while the sender is still in slow start (32 KiB in).
 #[test]
 fn rebinding_during_slow_start() {
     for seed in [1, 2, 3] {
-        let base = unbroken(seed, 0.0);
-        let mut t = trip(seed, 0.0);
-        assert!(t.run_until(|t| t.received() >= 32 << 10), "seed {seed}");
-        t.rebind(1);
-        let got = t.finish();
-        assert_survives(seed, "slow start", &got, &base, 2.0, 0.1);
+        let in_slow_start = |t: &Trip| t.received() >= 32 << 10;
+        rebound_once(seed, 0.0, "slow start", in_slow_start, (2.0, 0.1));
     }
 }
 
@@ -256,12 +265,8 @@ fn rebinding_during_slow_start() {
 #[test]
 fn rebinding_mid_transfer_costs_little() {
     for seed in [4, 5, 6] {
-        let base = unbroken(seed, 0.0);
-        let mut t = trip(seed, 0.0);
-        assert!(t.run_until(|t| t.received() >= 3_000_000), "seed {seed}");
-        t.rebind(1);
-        let got = t.finish();
-        assert_survives(seed, "mid-transfer", &got, &base, 2.0, 0.1);
+        let mid = |t: &Trip| t.received() >= 3_000_000;
+        let got = rebound_once(seed, 0.0, "mid-transfer", mid, (2.0, 0.1));
         assert!(got.overhead() <= 1.1, "seed {seed}: {got:?}");
     }
 }
@@ -271,8 +276,6 @@ fn rebinding_mid_transfer_costs_little() {
 #[test]
 fn rebinding_during_loss_recovery() {
     for seed in [7, 8, 9] {
-        let base = unbroken(seed, 0.02);
-        let mut t = trip(seed, 0.02);
         let retransmitting = |t: &Trip| {
             t.pair.a.endpoint.transfers().any(|info: TransferInfo| {
                 t.pair
@@ -282,10 +285,7 @@ fn rebinding_during_loss_recovery() {
                     .is_some_and(|s| s.chunks_retransmitted > 0)
             })
         };
-        assert!(t.run_until(retransmitting), "seed {seed}");
-        t.rebind(1);
-        let got = t.finish();
-        assert_survives(seed, "loss recovery", &got, &base, 2.5, 0.15);
+        rebound_once(seed, 0.02, "loss recovery", retransmitting, (2.5, 0.15));
     }
 }
 
@@ -293,15 +293,8 @@ fn rebinding_during_loss_recovery() {
 #[test]
 fn rebinding_just_before_the_last_chunk() {
     for seed in [10, 11, 12] {
-        let base = unbroken(seed, 0.0);
-        let mut t = trip(seed, 0.0);
-        assert!(
-            t.run_until(|t| t.received() + 2 * 1166 >= SIZE as u64),
-            "seed {seed}"
-        );
-        t.rebind(1);
-        let got = t.finish();
-        assert_survives(seed, "last chunk", &got, &base, 2.0, 0.1);
+        let last_two = |t: &Trip| t.received() + 2 * 1166 >= SIZE as u64;
+        rebound_once(seed, 0.0, "last chunk", last_two, (2.0, 0.1));
     }
 }
 
