@@ -403,7 +403,7 @@ fn a_stolen_connection_id_cannot_redirect_the_download() {
     assert!(to_victim <= 3 * forged.get(), "{ctx}");
     assert_eq!(
         to_victim,
-        26 * t.pair.a.endpoint.stats().path_challenges,
+        wire::PATH_FRAME_LEN as u64 * t.pair.a.endpoint.stats().path_challenges,
         "anything but challenges went to the victim: {ctx}"
     );
 }

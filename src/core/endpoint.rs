@@ -649,7 +649,7 @@ impl<P: ObjectProvider, K: ChunkSink> Endpoint<P, K> {
             }),
         };
         probe.received = probe.received.saturating_add(len as u64);
-        let cost = PATH_FRAME_LEN as u64;
+        let cost = wire::PATH_FRAME_LEN as u64;
         if probe.sent + cost <= probe.received.saturating_mul(3) {
             probe.sent += cost;
             let bucket = self.cookie_bucket(now);
@@ -1314,9 +1314,6 @@ enum Reply {
     /// A path challenge's token.
     PathChallenge(u64),
 }
-
-/// Length of a PathChallenge or PathResponse datagram.
-const PATH_FRAME_LEN: usize = 26;
 
 /// Feeds an address (IP and port) to a keyed hash.
 fn write_addr(h: &mut impl std::hash::Hasher, addr: SocketAddr) {

@@ -320,6 +320,13 @@ impl TransferError {
         }
     }
 
+    /// True when the peer went quiet ([`TimedOut`](Self::TimedOut), or
+    /// [`PathLost`](Self::PathLost) mid-transfer) rather than refusing or failing: what arrived
+    /// is kept, and asking again (later, or from a new socket) may succeed.
+    pub fn is_silence(&self) -> bool {
+        matches!(self, TransferError::TimedOut(_) | TransferError::PathLost(_))
+    }
+
     /// The error a peer's error frame stands for.
     pub(crate) fn from_peer(code: ErrorCode, reason: &str) -> Self {
         match code {

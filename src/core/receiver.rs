@@ -796,10 +796,7 @@ impl<K: ChunkSink> Receiver<K> {
                     _ => None,
                 };
                 let keepalive = (self.state == State::Receiving).then_some(self.keepalive_due);
-                let path_lost = (self.state == State::Receiving)
-                    .then(|| self.last_heard.checked_add(self.config.path_lost_after))
-                    .flatten();
-                [idle, handshake, self.ack_deadline, keepalive, path_lost]
+                [idle, handshake, self.ack_deadline, keepalive, self.path_lost_at()]
                     .into_iter()
                     .flatten()
                     .min()
@@ -816,6 +813,14 @@ impl<K: ChunkSink> Receiver<K> {
             .pto(self.config.max_ack_delay)
             .saturating_mul(1 << self.keepalives.min(6));
         interval.min(MAX_KEEPALIVE_INTERVAL)
+    }
+
+    /// When a transfer that is receiving gives up on a silent path
+    /// (`TransferConfig::path_lost_after`), if it can (a deadline too far to add never comes).
+    fn path_lost_at(&self) -> Option<Instant> {
+        (self.state == State::Receiving)
+            .then(|| self.last_heard.checked_add(self.config.path_lost_after))
+            .flatten()
     }
 
     fn handshake_timeout(&self) -> Duration {
@@ -859,8 +864,7 @@ impl<K: ChunkSink> Receiver<K> {
                     )));
                     return;
                 }
-                let path_lost = self.last_heard.checked_add(self.config.path_lost_after);
-                if self.state == State::Receiving && path_lost.is_some_and(|t| now >= t) {
+                if self.path_lost_at().is_some_and(|t| now >= t) {
                     self.state = State::Closed;
                     self.report.finish(Event::Failed(TransferError::PathLost(
                         self.config.path_lost_after,

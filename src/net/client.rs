@@ -750,7 +750,7 @@ pub enum FetchError {
 /// How long a download may hear nothing mid-transfer before it starts over on a new connection
 /// (`TransferConfig::path_lost_after`): a few of the receiver's probes (at most 1 s apart) went
 /// unanswered, so the server did not follow a change of our address.
-pub const CLIENT_PATH_LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(4);
+const CLIENT_PATH_LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(4);
 /// Most restarts of one download after a lost path.
 const MAX_PATH_RESTARTS: u32 = 3;
 

@@ -79,9 +79,7 @@ pub(super) fn fetch_manifest(
             Manifest::decode(&bytes, &object).map_err(|_| NoManifest::Damaged(bytes))
         }
         Outcome::Failed(TransferError::DigestMismatch { .. }) => Err(NoManifest::Damaged(bytes)),
-        Outcome::Failed(TransferError::TimedOut(_) | TransferError::PathLost(_)) => {
-            Err(NoManifest::TimedOut)
-        }
+        Outcome::Failed(err) if err.is_silence() => Err(NoManifest::TimedOut),
         _ => Err(NoManifest::Refused),
     })
 }

@@ -296,7 +296,7 @@ pub(super) fn fetch_from(
                     let secs = began.elapsed().as_secs_f64().max(1e-3);
                     rate[s] = Some((piece.end - piece.start) as f64 / secs);
                 }
-                Outcome::Failed(TransferError::TimedOut(_) | TransferError::PathLost(_)) => {
+                Outcome::Failed(err) if err.is_silence() => {
                     state[s] = state[s].silenced(Instant::now());
                 }
                 Outcome::Failed(TransferError::Busy) => {
@@ -470,7 +470,7 @@ fn manifests(
                         Err(_) => true,
                     }
                 }
-                (Outcome::Failed(TransferError::TimedOut(_) | TransferError::PathLost(_)), _) => false,
+                (Outcome::Failed(err), _) if err.is_silence() => false,
                 (Outcome::Failed(err), _) => {
                     // It answered, but not with a manifest: an altered request names another
                     // object, so a "not found" is asked once more.

@@ -37,6 +37,8 @@ pub const TRAILER_LEN: usize = 4;
 pub const MIN_DATAGRAM_LEN: usize = HEADER_LEN + TRAILER_LEN;
 /// Bytes of a data datagram that are not payload.
 pub const DATA_OVERHEAD: usize = HEADER_LEN + frames::DATA_FIELDS_LEN + TRAILER_LEN;
+/// Length of a PathChallenge or PathResponse datagram: the header, an 8-byte token, the trailer.
+pub const PATH_FRAME_LEN: usize = HEADER_LEN + 8 + TRAILER_LEN;
 /// Default datagram size: fits the IPv6 minimum MTU (1280) minus IPv6 and UDP headers.
 pub const DEFAULT_MAX_DATAGRAM_SIZE: usize = 1200;
 /// The smallest chunk (payload) size a peer may offer. With 32-bit chunk indices (at most

@@ -322,7 +322,8 @@ fn run(
                     .from_server_bytes
                     .fetch_add(n as u64, Ordering::Relaxed);
                 let datagram = &mut buf[..n];
-                if eat_path_challenges && n == 26 && datagram[5] == 0x09 {
+                if eat_path_challenges && n == udpferry::wire::PATH_FRAME_LEN && datagram[5] == 0x09
+                {
                     to_client.counters().dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }

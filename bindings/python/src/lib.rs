@@ -88,7 +88,7 @@ fn transfer_error(e: &TransferError) -> PyErr {
     let text = e.to_string();
     match e {
         TransferError::NotFound => NotFound::new_err(text),
-        TransferError::TimedOut(_) | TransferError::PathLost(_) => TimedOut::new_err(text),
+        e if e.is_silence() => TimedOut::new_err(text),
         TransferError::DigestMismatch { .. } => DigestMismatch::new_err(text),
         TransferError::Busy => Busy::new_err(text),
         TransferError::Storage { .. } => StorageError::new_err(text),
