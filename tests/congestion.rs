@@ -196,42 +196,48 @@ fn background_gives_way_to_standard() {
 }
 
 /// Two downloads from separate senders (no shared path state: different servers, or clients
-/// at different addresses), the second 3 s later: together they fill the bottleneck and the
-/// newcomer is not starved (at least a quarter of it). They do not converge to within 20% in
-/// 10 s (the gap is printed; docs/ARCHITECTURE.md section 5 has the figures): the model's
-/// probing is multiplicative, and only one endpoint's transfers to one host share a window
-/// (`tests/rates.rs::two_downloads_through_one_bottleneck_converge`).
+/// at different addresses), the second about 3 s later, through six bottlenecks (one-way delay
+/// 10 to 45 ms): together they fill each bottleneck and the newcomer is never starved (at least
+/// a quarter of it). The gap between them over seconds 8 to 18 is printed for each path; the
+/// issue's target is 20%, which Standard meets on most paths and Background does not
+/// (docs/ARCHITECTURE.md section 5 has the figures and why: a Background newcomer takes the
+/// queue the first download keeps as part of its base delay). Only one endpoint's transfers to
+/// one host share a window (`tests/rates.rs::two_downloads_through_one_bottleneck_converge`).
 #[test]
 fn two_independent_downloads_fill_the_path_and_neither_starves() {
     const RATE: u64 = 2 << 20;
     let mut missed = Vec::new();
     for kind in [CongestionControl::default(), CongestionControl::Standard] {
         let seed = seed_from_env(0xba5e_0002);
-        let bottleneck = LinkConfig::clean(Duration::from_millis(20))
-            .with_bottleneck(RATE, (RATE / 10) as usize);
-        let mut pair = two_downloads(
-            seed,
-            bottleneck,
-            (kind, kind),
-            Duration::from_secs(3),
-            48 << 20,
-        );
-        let secs = |s| Duration::from_secs(s);
-        let got = received_at(&mut pair, &[secs(8), secs(18)]);
-        let (a, b) = (
-            (got[1].0 - got[0].0) as f64 / 10.0,
-            (got[1].1 - got[0].1) as f64 / 10.0,
-        );
-        let gap = (a - b).abs() / a.max(b);
-        println!(
-            "{kind:?}: two downloads, the second from second 3; seconds 8 to 18: {a:.0} and {b:.0} B/s (gap {:.1}%), {:.3} of the bottleneck together (seed {seed:#x})",
-            gap * 100.0,
-            (a + b) / RATE as f64
-        );
-        let (total, newcomer) = ((a + b) / RATE as f64, b / RATE as f64);
-        if total < 0.9 || newcomer < 0.25 {
-            missed.push(format!("{kind:?} seed {seed:#x}: {a} and {b} B/s"));
+        let mut gaps = Vec::new();
+        for path in 0..6u64 {
+            let one_way = Duration::from_millis(10 + 7 * path);
+            let bottleneck = LinkConfig::clean(one_way).with_bottleneck(RATE, (RATE / 10) as usize);
+            let second_from = Duration::from_millis(3000 + 37 * path);
+            let mut pair = two_downloads(seed, bottleneck, (kind, kind), second_from, 48 << 20);
+            let secs = |s| Duration::from_secs(s);
+            let got = received_at(&mut pair, &[secs(8), secs(18)]);
+            let (a, b) = (
+                (got[1].0 - got[0].0) as f64 / 10.0,
+                (got[1].1 - got[0].1) as f64 / 10.0,
+            );
+            let gap = (a - b).abs() / a.max(b);
+            let (total, newcomer) = ((a + b) / RATE as f64, b / RATE as f64);
+            gaps.push(format!(
+                "{} ms: {:.0}% ({total:.2} full)",
+                one_way.as_millis(),
+                gap * 100.0
+            ));
+            if total < 0.9 || newcomer < 0.25 {
+                missed.push(format!(
+                    "{kind:?}, {one_way:?} one way, seed {seed:#x}: {a} and {b} B/s"
+                ));
+            }
         }
+        println!(
+            "{kind:?}: two independent downloads, the second from second 3; gap over seconds 8 to 18 by one-way delay: {} (seed {seed:#x})",
+            gaps.join(", ")
+        );
     }
     assert!(missed.is_empty(), "{missed:?}");
 }

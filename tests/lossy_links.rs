@@ -72,10 +72,14 @@ fn goodput(name: &str, loss: Loss, rtt: Duration, kind: CongestionControl) -> Go
         o.completed() && o.data == data,
         "{ctx}: not completed intact"
     );
-    let fraction = SIZE as f64 / o.elapsed.as_secs_f64() / RATE as f64;
+    // Until the client holds the verified object; the server may finish up to a second later
+    // when the client's Done is lost.
+    let time = o.download_time().unwrap_or(o.elapsed);
+    let fraction = SIZE as f64 / time.as_secs_f64() / RATE as f64;
     let overhead = o.overhead(SIZE);
     println!(
-        "{name} ({kind:?}): {:.2} s, {fraction:.3} of the link, {overhead:.3}x bytes sent (seed {seed:#x})",
+        "{name} ({kind:?}): {:.2} s ({:.2} s until the server's end), {fraction:.3} of the link, {overhead:.3}x bytes sent (seed {seed:#x})",
+        time.as_secs_f64(),
         o.elapsed.as_secs_f64()
     );
     Goodput { fraction, overhead }
@@ -115,11 +119,12 @@ fn standard_mode_keeps_near_the_link_rate_too() {
     }
 }
 
-/// The target here is 0.70; the model reaches 0.66, short of it: Startup from ten
-/// datagrams takes about seven 200 ms round trips to fill an 800 KiB pipe, and its last
-/// doubling overruns the 400 KiB queue. The bound below catches a regression (the controller
-/// that halved on loss got 0.05 at 40 ms); the note in docs/ARCHITECTURE.md section 5 keeps
-/// the miss on record.
+/// The target here is 0.70. Startup from twenty datagrams takes six 200 ms round trips
+/// to fill an 800 KiB pipe, on top of the two of the handshake, and its last doubling overruns
+/// the 400 KiB queue; over eight seeds the goodput is 0.695 to 0.712 (about half of them below
+/// 0.70; docs/ARCHITECTURE.md section 5 keeps the figures). The bound below catches a
+/// regression: ten initial datagrams gave 0.68, and the controller that halved on loss got 0.05
+/// at 40 ms.
 #[test]
 fn long_round_trip_with_loss() {
     let g = goodput(
@@ -128,7 +133,7 @@ fn long_round_trip_with_loss() {
         Duration::from_millis(200),
         background(),
     );
-    assert!(g.fraction >= 0.62, "{:.3}", g.fraction);
+    assert!(g.fraction >= 0.685, "{:.3}", g.fraction);
 }
 
 #[test]

@@ -442,7 +442,7 @@ fn ack(largest_seq: u64, cumulative: u32) -> Vec<u8> {
     }))
 }
 
-/// A sender of a 3-chunk object that has sent all three (seqs 0 to 2).
+/// A sender of a 3-chunk object that has sent all three (seqs 0 to 2) once.
 fn sender_with_all_sent(now: Instant) -> Sender<Vec<u8>> {
     let data = object(3000, 3);
     let request = Request {
@@ -469,7 +469,11 @@ fn sender_with_all_sent(now: Instant) -> Sender<Vec<u8>> {
         }),
     );
     let mut buf = vec![0u8; 1500];
-    let sent = std::iter::from_fn(|| s.poll_transmit(now, &mut buf)).count();
+    // The three chunks; the sender would then send the same three again as tail copies, which
+    // these tests leave out (they acknowledge every chunk before asking again).
+    let sent = (0..3)
+        .filter_map(|_| s.poll_transmit(now, &mut buf))
+        .count();
     assert_eq!(sent, 3);
     s
 }

@@ -41,6 +41,12 @@ const MAX_ACKS_PAST_END: u32 = 3;
 /// checks the digest, which may mean reading back and hashing much of the object (a resume);
 /// probing meanwhile would only repeat the last chunk to a receiver that holds it.
 const DONE_WAIT: Duration = Duration::from_secs(1);
+/// How many of the newest datagrams the sender sends a second time the first time it has
+/// nothing new left to send (`tail_copy`). A lost datagram is found lost when three sent after
+/// it are acknowledged; the last three of the object have fewer than three after them, so their
+/// loss would wait for a probe timeout and another round trip. Three copies cost three
+/// datagrams per transfer.
+const TAIL_COPIES: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
@@ -61,6 +67,8 @@ struct SentPacket {
     settled: bool,
     /// The congestion controller's delivery state at the send time (its rate sample).
     delivery: Delivery,
+    /// A tail copy (`tail_copy`), not a first send or a retransmission.
+    copy: bool,
 }
 
 /// The sending side of one transfer.
@@ -125,6 +133,8 @@ pub struct Sender<S> {
     /// acknowledged by then are lost (see `recover_reneged`).
     renege_pending: RangeSet,
     renege_deadline: Option<Instant>,
+    /// Tail copies sent so far (`tail_copy`).
+    tail_copies_sent: usize,
 
     rtt: RttEstimator,
     congestion: Controller,
@@ -247,6 +257,7 @@ impl<S: ChunkSource> Sender<S> {
             renege_previous: Vec::new(),
             renege_pending: RangeSet::new(),
             renege_deadline: None,
+            tail_copies_sent: 0,
             rtt: RttEstimator::new(config.initial_rtt),
             congestion: Controller::new(config.congestion, datagram_size as u64),
             pacer: Pacer::new(0, burst),
@@ -699,6 +710,7 @@ impl<S: ChunkSource> Sender<S> {
             return None;
         }
         let probe = self.probes_pending > 0;
+        let mut copy = false;
         let chunk = if probe {
             self.probe_chunk()?
         } else {
@@ -706,17 +718,28 @@ impl<S: ChunkSource> Sender<S> {
             if self.bytes_in_flight + datagram_size > self.congestion.window() {
                 return None;
             }
-            let Some(chunk) = self.next_chunk() else {
-                // The window has room the sender cannot use.
-                self.congestion.on_app_limited(self.bytes_in_flight);
-                return None;
+            let (chunk, is_copy) = match self.next_chunk() {
+                Some(chunk) => (chunk, false),
+                None => match self.tail_copy() {
+                    Some(chunk) => (chunk, true),
+                    None => {
+                        // The window has room the sender cannot use.
+                        self.congestion.on_app_limited(self.bytes_in_flight);
+                        return None;
+                    }
+                },
             };
             self.update_pacing_rate(now);
             if !self.pacer.try_take(datagram_size, now) {
                 self.pacing_wait = Some(self.pacer.ready_at(datagram_size, now));
                 return None;
             }
-            self.take_chunk(chunk);
+            copy = is_copy;
+            if is_copy {
+                self.tail_copies_sent += 1;
+            } else {
+                self.take_chunk(chunk);
+            }
             chunk
         };
         let range = chunk_bytes(chunk, self.chunk_size, self.size);
@@ -742,7 +765,9 @@ impl<S: ChunkSource> Sender<S> {
         }
         self.next_seq += 1;
         self.chunk_seq.insert(chunk as u32, seq);
-        if chunk < self.sent_frontier {
+        if copy {
+            self.stats.tail_copies += 1;
+        } else if chunk < self.sent_frontier {
             // New chunks go out in increasing order, so anything below the frontier is a repeat.
             self.stats.chunks_retransmitted += 1;
             self.stats.bytes_retransmitted += n as u64;
@@ -756,6 +781,7 @@ impl<S: ChunkSource> Sender<S> {
             bytes: n as u32,
             settled: false,
             delivery,
+            copy,
         });
         self.bytes_in_flight += n as u64;
         self.last_data_sent = Some(now);
@@ -777,6 +803,33 @@ impl<S: ChunkSource> Sender<S> {
         let limit = self.chunks.min(self.window_end);
         let next = self.acked.first_missing_from(self.next_new_chunk);
         (next < limit).then_some(next)
+    }
+
+    /// With every chunk sent and none waiting to be sent again, a chunk of one of the
+    /// `TAIL_COPIES` newest datagrams to send a second time: one still unacknowledged whose
+    /// newest send that datagram is and that is not itself a copy, the newest first. At most
+    /// `TAIL_COPIES` per transfer: retransmissions at the end, which a lossy path makes many
+    /// of, get none.
+    fn tail_copy(&self) -> Option<u64> {
+        if self.tail_copies_sent >= TAIL_COPIES
+            || self.acked.first_missing_from(self.next_new_chunk) < self.chunks
+        {
+            // Flow control holds back new chunks: not the tail.
+            return None;
+        }
+        let newest = self.first_seq + self.sent.len() as u64;
+        self.sent
+            .iter()
+            .rev()
+            .zip((0..newest).rev())
+            .take(TAIL_COPIES)
+            .find(|(p, seq)| {
+                !p.settled
+                    && !p.copy
+                    && !self.acked.contains(u64::from(p.chunk))
+                    && self.chunk_seq.get(&p.chunk) == Some(seq)
+            })
+            .map(|(p, _)| u64::from(p.chunk))
     }
 
     /// Removes `chunk` (returned by `next_chunk`) from the queues it came from.

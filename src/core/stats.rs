@@ -23,6 +23,10 @@ pub struct Stats {
     pub chunks_retransmitted: u64,
     /// Bytes of those repeats, headers included (sender).
     pub bytes_retransmitted: u64,
+    /// Data datagrams sent a second time, unasked, when the sender first ran out of new chunks
+    /// (at most three per transfer, so that losing one of the last datagrams costs no probe
+    /// timeout); not counted in `chunks_retransmitted` (sender).
+    pub tail_copies: u64,
     /// Data datagrams that carried a chunk already held (receiver).
     pub duplicate_chunks: u64,
     /// Times the probe timer fired (sender).

@@ -42,6 +42,16 @@ impl Outcome {
         })
     }
 
+    /// How long the client took from its first datagram to holding the verified object: what a
+    /// user waits for. `elapsed` runs on until the server has the client's Done too, up to a
+    /// second later when that Done is lost (the server waits that long before it asks again).
+    pub fn download_time(&self) -> Option<Duration> {
+        self.receiver_events.iter().find_map(|e| match e {
+            Event::Completed(c) => Some(c.duration),
+            _ => None,
+        })
+    }
+
     /// Bytes the server sent per byte of object.
     pub fn overhead(&self, size: usize) -> f64 {
         self.server_bytes_sent as f64 / size.max(1) as f64
