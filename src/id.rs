@@ -3,8 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-use md5::{Digest, Md5};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
+
+use crate::md5::Md5;
 
 /// The name of an object: the digest of its bytes.
 ///
@@ -39,7 +40,7 @@ impl ObjectId {
 
     /// Computes the MD5 id of `bytes` in one go. For streamed data use `IdHasher`.
     pub fn md5_of(bytes: &[u8]) -> Self {
-        ObjectId::Md5(Md5::digest(bytes).into())
+        ObjectId::Md5(Md5::digest(bytes))
     }
 
     /// Computes the SHA-256 id of `bytes` in one go. For streamed data use `IdHasher`.
@@ -130,7 +131,7 @@ impl IdHasher {
     /// The id of everything added.
     pub fn finish(self) -> ObjectId {
         match self {
-            IdHasher::Md5(h) => ObjectId::Md5(h.finalize().into()),
+            IdHasher::Md5(h) => ObjectId::Md5(h.finalize()),
             IdHasher::Sha256(h) => ObjectId::Sha256(h.finalize().into()),
         }
     }

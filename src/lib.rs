@@ -74,6 +74,7 @@ macro_rules! layers {
     )*};
 }
 
+mod md5;
 mod random;
 
 layers! {

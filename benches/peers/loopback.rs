@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
+use common::Md5;
 use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet};
 use udpferry::net::{Client, Driver, FetchOptions, HashThread, Server, ServerConfig};
 use udpferry::store::ContentStore;
@@ -57,7 +57,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn md5(bytes: &[u8]) -> [u8; 16] {
-    Md5::digest(bytes).into()
+    Md5::digest(bytes)
 }
 
 /// One run of one throughput contender.
@@ -243,7 +243,7 @@ fn tcp_fetch(addr: SocketAddr, size: usize, expected: [u8; 16]) -> Result<Latenc
             return Err("deadline passed".into());
         }
     }
-    let digest: [u8; 16] = hasher.finalize().into();
+    let digest: [u8; 16] = hasher.finalize();
     if held.len() != size || digest != expected {
         return Err(format!("got {} bytes, digest mismatch", held.len()));
     }

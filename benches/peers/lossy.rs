@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
+use common::Md5;
 use udpferry::core::CongestionControl;
 use udpferry::net::{Client, FetchOptions, Server, ServerConfig};
 use udpferry::store::ContentStore;
@@ -177,7 +177,7 @@ fn run(
                     &quic[quic.len() - 1].1
                 }
             };
-            let expected: [u8; 16] = Md5::digest(&bytes[..]).into();
+            let expected: [u8; 16] = Md5::digest(&bytes[..]);
             let mut relay = None;
             let r = q.once(bytes.clone(), expected, cap, |server| {
                 let (up, down) = case.links();

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
+use super::common::Md5;
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
@@ -181,7 +181,7 @@ impl Quic {
             held.extend_from_slice(&chunk.bytes);
             received.store(held.len() as u64, Ordering::Relaxed);
         }
-        let digest: [u8; 16] = hasher.finalize().into();
+        let digest: [u8; 16] = hasher.finalize();
         let complete = start.elapsed().as_secs_f64();
         if held.len() != size || digest != expected {
             return Err(format!("got {} bytes, digest mismatch", held.len()));

@@ -27,7 +27,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use md5::{Digest, Md5};
+use crate::md5::Md5;
 
 use super::client::linger_for;
 use super::delta::manifest_job;
@@ -661,7 +661,7 @@ fn liars(
             let r = manifest.block_range(i);
             let len = (r.end - r.start) as usize;
             partial.read_at(r.start, &mut buf[..len]).is_err() || {
-                let d: [u8; 16] = Md5::digest(&buf[..len]).into();
+                let d: [u8; 16] = Md5::digest(&buf[..len]);
                 d[..8] != manifest.blocks[i].1
             }
         });

@@ -29,7 +29,7 @@ use std::convert::Infallible;
 use std::io::{self, Read};
 use std::ops::Range;
 
-use md5::{Digest, Md5};
+use crate::md5::Md5;
 
 use crate::id::ObjectId;
 use crate::wire::cursor::{Reader, Writer};
@@ -138,7 +138,7 @@ impl Rolling {
 }
 
 fn strong(block: &[u8]) -> [u8; 8] {
-    let d: [u8; 16] = Md5::digest(block).into();
+    let d: [u8; 16] = Md5::digest(block);
     let mut s = [0u8; 8];
     s.copy_from_slice(&d[..8]);
     s
@@ -178,7 +178,7 @@ impl Manifest {
                 w.u32(*weak)?;
                 w.bytes(strong)?;
             }
-            let own: [u8; 16] = Md5::digest(w.written()).into();
+            let own: [u8; 16] = Md5::digest(w.written());
             w.bytes(&own)
         }
         let digest = self.object.digest();
@@ -197,7 +197,7 @@ impl Manifest {
             return Err(ManifestError::Malformed);
         }
         let (body, own) = bytes.split_at(bytes.len() - 16);
-        let digest: [u8; 16] = Md5::digest(body).into();
+        let digest: [u8; 16] = Md5::digest(body);
         if digest[..] != *own {
             return Err(ManifestError::BadDigest);
         }
