@@ -199,8 +199,8 @@ fn background_gives_way_to_standard() {
 /// at different addresses), the second about 3 s later, through six bottlenecks (one-way delay
 /// 10 to 45 ms): together they fill each bottleneck and the newcomer is never starved (at least
 /// a quarter of it). The gap between them over seconds 8 to 18 is printed for each path; the
-/// issue's target is 20%, which Standard meets on most paths and Background does not
-/// (docs/ARCHITECTURE.md section 5 has the figures and why: a Background newcomer takes the
+/// issue's target is 20%, which Standard meets on half the paths and Background on one
+/// (docs/ARCHITECTURE.md section 5.8 has the figures and why: a Background newcomer takes the
 /// queue the first download keeps as part of its base delay). Only one endpoint's transfers to
 /// one host share a window (`tests/rates.rs::two_downloads_through_one_bottleneck_converge`).
 #[test]

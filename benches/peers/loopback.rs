@@ -538,7 +538,7 @@ fn main() {
                     received: size,
                 })
             }),
-            note: "md-5 over the object in memory, one core: the limit of any verified download"
+            note: "udpferry's MD5 over the object in memory, one core: the limit of any verified download"
                 .into(),
         });
     }

@@ -16,7 +16,7 @@
 //!   one at 1.25 to look for more, one at 0.75 to drain what that queued, six at 1) and ProbeRtt
 //!   (every `MIN_RTT_WINDOW`, 5 s, without a new minimum: half the bandwidth-delay product in
 //!   flight, at least four datagrams, for 200 ms, so every flow on the path sees its true base
-//!   delay). Startup's window is 2.77 bandwidth-delay products, like its pacing gain.
+//!   delay).
 //! - **Loss is a congestion signal only with a queue behind it.** At the end of each round, the
 //!   fraction of bytes lost in it counts when it is above `LOSS_THRESH` while the queueing delay
 //!   is high, or above `HEAVY_LOSS` whatever the delay; it halves the window, which grows back a
@@ -73,9 +73,7 @@ const MIN_SAMPLE_INTERVAL: Duration = Duration::from_millis(1);
 const MIN_RTT_WINDOW: Duration = Duration::from_secs(5);
 /// How long ProbeRtt holds the window at `PROBE_RTT_WINDOW_DATAGRAMS` (BBR: 200 ms).
 const PROBE_RTT_DURATION: Duration = Duration::from_millis(200);
-/// Startup's pacing gain, 2/ln 2: the rate doubles each round (BBR). Startup's window is the
-/// same multiple of the bandwidth-delay product (Linux BBRv1's high_gain for both), so the
-/// window never holds back the doubling the pacing allows.
+/// Startup's pacing gain, 2/ln 2: the rate doubles each round (BBR).
 const STARTUP_GAIN: f64 = 2.77;
 /// Rounds without 25% more bandwidth that end Startup (BBR: 3).
 const FULL_BW_ROUNDS: u32 = 3;
@@ -789,7 +787,7 @@ impl Controller {
                 let extra = bdp as f64 * (STANDARD_WINDOW_GAIN - 1.0) * self.queue_scale;
                 bdp + extra as u64 + quanta
             }
-            _ => (bdp as f64 * STARTUP_GAIN) as u64 + quanta,
+            _ => (bdp as f64 * STANDARD_WINDOW_GAIN) as u64 + quanta,
         };
         self.window = if self.filled_pipe && self.additive {
             // A sixteenth of the window per round trip (at least one datagram): back from a
