@@ -811,10 +811,10 @@ impl<S: ChunkSource> Sender<S> {
     /// `TAIL_COPIES` per transfer: retransmissions at the end, which a lossy path makes many
     /// of, get none.
     fn tail_copy(&self) -> Option<u64> {
+        // With chunks left that flow control holds back, this is not the tail.
         if self.tail_copies_sent >= TAIL_COPIES
             || self.acked.first_missing_from(self.next_new_chunk) < self.chunks
         {
-            // Flow control holds back new chunks: not the tail.
             return None;
         }
         let newest = self.first_seq + self.sent.len() as u64;
