@@ -74,12 +74,12 @@ macro_rules! layers {
     )*};
 }
 
-mod md5;
 mod random;
 
 layers! {
     core;
     id;
+    md5;
     net;
     store;
     wire;

@@ -72,29 +72,3 @@ pub fn write_report(name: &str, json: &str) {
         Err(e) => eprintln!("could not write {}: {e}", path.display()),
     }
 }
-
-/// MD5 for the contenders that are not udpferry (TCP, QUIC): udpferry's own (src/md5.rs), the
-/// one the CLI verifies with, so that a ratio compares transports and not MD5 code.
-pub struct Md5(udpferry::id::IdHasher);
-
-impl Md5 {
-    pub fn new() -> Self {
-        Md5(udpferry::id::IdHasher::default())
-    }
-
-    pub fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
-    }
-
-    pub fn finalize(self) -> [u8; 16] {
-        let mut out = [0u8; 16];
-        out.copy_from_slice(self.0.finish().digest());
-        out
-    }
-
-    pub fn digest(bytes: &[u8]) -> [u8; 16] {
-        let mut h = Md5::new();
-        h.update(bytes);
-        h.finalize()
-    }
-}
