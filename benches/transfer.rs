@@ -1,7 +1,7 @@
-//! Criterion benches of the core: MD5 (ours against the `md-5` crate), datagram encode/decode, range sets under SACK churn, the pacer,
-//! and whole in-memory transfers through the simulator (no sockets, virtual time) on a clean
-//! link and at 5% loss, with MD5 and without (a hasher that skips hashing, to time the
-//! protocol alone).
+//! Criterion benches of the core: MD5 (ours against the `md-5` crate), datagram encode/decode,
+//! range sets under SACK churn, the pacer, and whole in-memory transfers through the simulator
+//! (no sockets, virtual time) on a clean link and at 5% loss, with MD5 and without (a hasher
+//! that skips hashing, to time the protocol alone).
 //!
 //! `cargo bench --bench transfer`; CI runs each once with `-- --test`.
 
@@ -157,8 +157,8 @@ fn bench_wire(c: &mut Criterion) {
     group.finish();
 }
 
-/// The digest every downloaded byte goes through: udpferry's MD5 (src/md5.rs, through the id
-/// hasher the receiver uses) against the `md-5` crate's portable one, on 1 MiB.
+/// The digest every downloaded byte goes through: udpferry's MD5 (src/md5.rs) against the
+/// `md-5` crate's portable one, on 1 MiB.
 fn bench_md5(c: &mut Criterion) {
     use md5::Digest;
     let mut data = vec![0u8; 1 << 20];

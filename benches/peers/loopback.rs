@@ -20,8 +20,6 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-// udpferry's own MD5 (src/md5.rs), the one the CLI verifies with: the contenders hash with it
-// too, so that a ratio compares transports and not MD5 code.
 use udpferry::core::{Endpoint, EndpointConfig, Event, NoObjects, RangeSet};
 use udpferry::md5::Md5;
 use udpferry::net::{Client, Driver, FetchOptions, HashThread, Server, ServerConfig};
@@ -56,10 +54,6 @@ fn deadline_for(size: usize) -> Duration {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
-}
-
-fn md5(bytes: &[u8]) -> [u8; 16] {
-    Md5::digest(bytes)
 }
 
 /// One run of one throughput contender.
@@ -512,13 +506,13 @@ fn main() {
     Rng::new(0x5eed).fill_bytes(&mut bytes);
     let data: Data = bytes.into();
     let id = ObjectId::md5_of(&data);
-    let expected = md5(&data);
+    let expected = Md5::digest(&data);
 
     let mut small = vec![0u8; LATENCY_SIZE];
     Rng::new(0x5ea1).fill_bytes(&mut small);
     let small: Data = small.into();
     let small_id = ObjectId::md5_of(&small);
-    let small_expected = md5(&small);
+    let small_expected = Md5::digest(&small);
 
     let quic = quic::Quic::new(None);
 
@@ -530,7 +524,7 @@ fn main() {
             name: "MD5 alone",
             outcome: repeat(reps, || {
                 let start = Instant::now();
-                let digest = md5(&data);
+                let digest = Md5::digest(&data);
                 let secs = start.elapsed().as_secs_f64();
                 if digest != expected {
                     return Err("digest changed".into());

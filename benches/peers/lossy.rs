@@ -23,8 +23,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-// udpferry's own MD5 (src/md5.rs), the one the CLI verifies with: the contenders hash with it
-// too, so that a ratio compares transports and not MD5 code.
 use udpferry::core::CongestionControl;
 use udpferry::md5::Md5;
 use udpferry::net::{Client, FetchOptions, Server, ServerConfig};

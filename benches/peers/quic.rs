@@ -8,8 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-// udpferry's own MD5 (src/md5.rs), the one the CLI verifies with: the contenders hash with it
-// too, so that a ratio compares transports and not MD5 code.
 use quinn::crypto::rustls::QuicClientConfig;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use udpferry::md5::Md5;
