@@ -1,6 +1,7 @@
 //! The congestion model against other traffic and a changing path, in the simulator (issue 15):
-//! a Background download gives way to a Standard one through the same bottleneck, and a sender
-//! follows a bottleneck whose rate halves mid-transfer.
+//! a Background download gives way to a Standard one through the same bottleneck, two
+//! independent downloads converge, and a sender follows a bottleneck whose rate halves
+//! mid-transfer.
 //!
 //! `cargo test --release --test congestion -- --nocapture` prints every figure. A failing case
 //! names its seed; `UDPFERRY_SEED=... cargo test --test congestion NAME` replays it.
@@ -196,48 +197,63 @@ fn background_gives_way_to_standard() {
 }
 
 /// Two downloads from separate senders (no shared path state: different servers, or clients
-/// at different addresses), the second about 3 s later, through six bottlenecks (one-way delay
-/// 10 to 45 ms): together they fill each bottleneck and the newcomer is never starved (at least
-/// a quarter of it). The gap between them over seconds 8 to 18 is printed for each path; the
-/// issue's target is 20%, which Standard meets on half the paths and Background on one
-/// (docs/ARCHITECTURE.md section 5.8 has the figures and why: a Background newcomer takes the
-/// queue the first download keeps as part of its base delay). Only one endpoint's transfers to
-/// one host share a window (`tests/rates.rs::two_downloads_through_one_bottleneck_converge`).
+/// at different addresses), the second about 3 s later, through bottlenecks of one-way delay
+/// 10 to 51 ms: together they fill each bottleneck (at least 0.88 of it; Background's additive
+/// increase leaves 0.90 to 0.97 on these paths, Standard 0.95 to 0.97), the newcomer is never starved (at least a
+/// quarter of it), and for Background (the default) the gap between them over seconds 8 to 18
+/// is within the issue's 20% on at least 90% of the 30 paths and within 30% on every one. The
+/// gap for each path is printed. Standard has no such bound yet (docs/ARCHITECTURE.md section
+/// 5.8). Only one endpoint's transfers to one host share a window
+/// (`tests/rates.rs::two_downloads_through_one_bottleneck_converge`).
 #[test]
-fn two_independent_downloads_fill_the_path_and_neither_starves() {
+fn two_independent_downloads_fill_the_path_and_converge() {
     const RATE: u64 = 2 << 20;
     let mut missed = Vec::new();
     for kind in [CongestionControl::default(), CongestionControl::Standard] {
         let seed = seed_from_env(0xba5e_0002);
+        let background = kind != CongestionControl::Standard;
+        // Background: six delays at five offsets; Standard: the first six.
+        let offsets: &[u64] = if background { &[0, 2, 3, 5, 6] } else { &[0] };
         let mut gaps = Vec::new();
-        for path in 0..6u64 {
-            let one_way = Duration::from_millis(10 + 7 * path);
-            let bottleneck = LinkConfig::clean(one_way).with_bottleneck(RATE, (RATE / 10) as usize);
-            let second_from = Duration::from_millis(3000 + 37 * path);
-            let mut pair = two_downloads(seed, bottleneck, (kind, kind), second_from, 48 << 20);
-            let secs = |s| Duration::from_secs(s);
-            let got = received_at(&mut pair, &[secs(8), secs(18)]);
-            let (a, b) = (
-                (got[1].0 - got[0].0) as f64 / 10.0,
-                (got[1].1 - got[0].1) as f64 / 10.0,
-            );
-            let gap = (a - b).abs() / a.max(b);
-            let (total, newcomer) = ((a + b) / RATE as f64, b / RATE as f64);
-            gaps.push(format!(
-                "{} ms: {:.0}% ({total:.2} full)",
-                one_way.as_millis(),
-                gap * 100.0
-            ));
-            if total < 0.9 || newcomer < 0.25 {
-                missed.push(format!(
-                    "{kind:?}, {one_way:?} one way, seed {seed:#x}: {a} and {b} B/s"
+        let (mut within_20, mut count) = (0, 0);
+        for &offset in offsets {
+            for path in 0..6u64 {
+                let one_way = Duration::from_millis(10 + 7 * path + offset);
+                let bottleneck =
+                    LinkConfig::clean(one_way).with_bottleneck(RATE, (RATE / 10) as usize);
+                let second_from = Duration::from_millis(3000 + 37 * path);
+                let mut pair = two_downloads(seed, bottleneck, (kind, kind), second_from, 48 << 20);
+                let secs = |s| Duration::from_secs(s);
+                let got = received_at(&mut pair, &[secs(8), secs(18)]);
+                let (a, b) = (
+                    (got[1].0 - got[0].0) as f64 / 10.0,
+                    (got[1].1 - got[0].1) as f64 / 10.0,
+                );
+                let gap = (a - b).abs() / a.max(b);
+                let (total, newcomer) = ((a + b) / RATE as f64, b / RATE as f64);
+                gaps.push(format!(
+                    "{} ms: {:.0}% ({total:.2} full)",
+                    one_way.as_millis(),
+                    gap * 100.0
                 ));
+                count += 1;
+                within_20 += usize::from(gap <= 0.2);
+                if total < 0.88 || newcomer < 0.25 || (background && gap > 0.3) {
+                    missed.push(format!(
+                        "{kind:?}, {one_way:?} one way, seed {seed:#x}: {a} and {b} B/s"
+                    ));
+                }
             }
         }
         println!(
-            "{kind:?}: two independent downloads, the second from second 3; gap over seconds 8 to 18 by one-way delay: {} (seed {seed:#x})",
+            "{kind:?}: two independent downloads, the second from second 3; gap over seconds 8 to 18 by one-way delay: {}; within 20% on {within_20} of {count} (seed {seed:#x})",
             gaps.join(", ")
         );
+        if background && within_20 * 10 < count * 9 {
+            missed.push(format!(
+                "{kind:?}: within 20% on only {within_20} of {count} paths"
+            ));
+        }
     }
     assert!(missed.is_empty(), "{missed:?}");
 }

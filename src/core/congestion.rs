@@ -27,10 +27,12 @@
 //!
 //! - **Background** (the default) yields to game traffic: it keeps the queueing delay it causes
 //!   near a target (25 ms). Its window is the bandwidth-delay product plus `target` worth of
-//!   bandwidth, Startup ends once the queue reaches half the target, it probes for more only
-//!   while the queue is below half the target, and a queueing delay above the target lowers its
-//!   bandwidth cap every round (the further above, the deeper; halved at four times the target).
-//!   The queueing delay comes from one-way delay samples against the lowest seen (LEDBAT,
+//!   bandwidth, Startup ends once the queue reaches half the target, and it probes for more
+//!   only while the queue is below half the target (it skips ProbeBw's drain round). In
+//!   ProbeBw a bandwidth cap follows the delay per acknowledgement, AIMD as in LEDBAT++: above
+//!   the target it falls in proportion to the excess, below it rises by a few datagrams per
+//!   round trip, so independent Background flows through one bottleneck converge to equal
+//!   shares. The queueing delay comes from one-way delay samples against the lowest seen (LEDBAT,
 //!   RFC 6817), so congestion on the return path does not count.
 //! - **Standard** fills the path: a window of twice the bandwidth-delay product, probing every
 //!   cycle.
@@ -97,9 +99,18 @@ const QUEUE_SCALE_MIN: f64 = 0.25;
 const CAP_GROWTH: f64 = 1.125;
 /// The cap rises only while the path delivers at least this fraction of it.
 const CAP_KEEPING_UP: f64 = 0.85;
-/// Strength of Background's decrease above its target: the cap falls by this times the
-/// relative excess, per round (at most by half).
-const DELAY_DECREASE_GAIN: f64 = 0.25;
+/// Strength of Background's decrease above its target: per round trip's worth of
+/// acknowledgements the cap falls by this times the relative excess (at most by half).
+const DELAY_DECREASE_GAIN: f64 = 0.75;
+/// Background's additive increase below its target, in datagrams per round trip (see
+/// `Controller::delay_control`).
+const ADDITIVE_DATAGRAMS: f64 = 4.0;
+/// Round trips longer than this get a proportionally larger additive step, so the rate grows as
+/// many bytes per second per second as on a path of this round trip: two flows on a long path
+/// converge as fast, in seconds, as on a short one.
+const ADDITIVE_RTT_REF: Duration = Duration::from_millis(40);
+/// Background's cap rises only while the last round delivered at least this fraction of it.
+const ADDITIVE_KEEPING_UP: f64 = 0.95;
 /// The least queueing delay that makes a round's loss above `LOSS_THRESH` a congestion signal
 /// (see `Controller::queue_high`).
 const QUEUE_SIGNAL_MIN: Duration = Duration::from_millis(2);
@@ -494,7 +505,71 @@ impl Controller {
     /// state machine and recompute the window.
     pub fn on_ack_done(&mut self, now: Instant, bytes_in_flight: u64, newly_acked: u64) {
         self.update_phase(now, bytes_in_flight);
+        self.delay_control(newly_acked);
         self.update_window(newly_acked);
+    }
+
+    /// Whether Background's delay control drives the bandwidth cap: in ProbeBw, once Startup
+    /// and Drain have found the path.
+    fn delay_controlled(&self) -> bool {
+        matches!(self.kind, CongestionControl::Background { .. })
+            && matches!(self.phase, Phase::ProbeBw { .. })
+    }
+
+    /// Background's bandwidth cap in ProbeBw, moved by every acknowledgement (LEDBAT++,
+    /// draft-irtf-iccrg-ledbat-plus-plus, on a rate): above the target it falls in proportion
+    /// to the excess and to itself (multiplicative decrease), below the target it rises by
+    /// `ADDITIVE_DATAGRAMS` per round trip (additive increase), each spread over a round trip's
+    /// worth of acknowledgements.
+    ///
+    /// Two independent Background flows through one bottleneck see the same queue, so both
+    /// decrease by the same fraction and increase by the same number of bytes per second: the
+    /// larger one loses more than it gains back and they converge (AIMD). A multiplicative
+    /// increase keeps whatever ratio the flows start with. Acting per acknowledgement, not once
+    /// per round, makes the decrease the same for flows whose rounds end at different points
+    /// of the queue's rise. Before the first excess there is no cap and the model's bandwidth
+    /// (with ProbeBw's probing) rules, as for Standard.
+    fn delay_control(&mut self, newly_acked: u64) {
+        if !self.delay_controlled() || newly_acked == 0 {
+            return;
+        }
+        let (Some(q), Some(min_rtt)) = (self.delay.queueing_delay(), self.min_rtt) else {
+            return;
+        };
+        let rtt = min_rtt.max(MIN_SAMPLE_INTERVAL).as_secs_f64();
+        let target = self.target().as_secs_f64();
+        let q = q.as_secs_f64();
+        // Delay measured on datagrams sent before the last cut (or Drain's end) shows the
+        // queue that was dealt with.
+        let stale = matches!((self.cut_at, self.delay_sample_sent), (Some(c), Some(s)) if s <= c);
+        let cap = match self.bw_cap {
+            Some(cap) => cap as f64,
+            None if q > target && !stale => {
+                let bw = self.bw_filter.get(self.round);
+                if bw == 0 {
+                    return;
+                }
+                self.bw_before_cut = bw;
+                bw as f64
+            }
+            None => return,
+        };
+        // The share of a round trip these acknowledgements are.
+        let share = (newly_acked as f64 / (cap * rtt)).min(1.0);
+        let cap = if q > target {
+            if stale {
+                return;
+            }
+            let excess = (DELAY_DECREASE_GAIN * (q - target) / target).min(0.5);
+            cap * (1.0 - excess * share)
+        } else {
+            if (self.last_round_rate as f64) < cap * ADDITIVE_KEEPING_UP {
+                return;
+            }
+            let scale = (min_rtt.as_secs_f64() / ADDITIVE_RTT_REF.as_secs_f64()).max(1.0);
+            cap + ADDITIVE_DATAGRAMS * scale * self.max_datagram as f64 / rtt * share
+        };
+        self.bw_cap = Some((cap as u64).max(1));
     }
 
     fn start_round(&mut self, now: Instant) {
@@ -547,6 +622,9 @@ impl Controller {
                 self.additive = true;
                 self.mark_cut(now);
             }
+            // Background's delay signal moves the cap per acknowledgement (`delay_control`).
+            Some(Signal::Delay(_)) | None
+                if matches!(self.kind, CongestionControl::Background { .. }) => {}
             Some(Signal::Delay(factor)) => {
                 let cap = (self.bandwidth() as f64 * factor) as u64;
                 self.set_cap(cap, now);
@@ -753,9 +831,10 @@ impl Controller {
             Phase::Drain => 1.0 / STARTUP_GAIN,
             Phase::ProbeBw { cycle, .. } => {
                 let gain = PROBE_BW_GAINS[cycle];
-                // Background looks for more only while its queue is short.
+                // Background looks for more only while its queue is short, and needs no drain
+                // round: its delay control cuts whenever the queue passes the target.
                 let background = matches!(self.kind, CongestionControl::Background { .. });
-                if background && gain > 1.0 && self.queue_high() {
+                if background && (gain < 1.0 || (gain > 1.0 && self.queue_high())) {
                     1.0
                 } else {
                     gain
@@ -1088,6 +1167,34 @@ mod tests {
                 assert!(after >= before * 9 / 10, "standard: {after} after {before}");
             }
         }
+    }
+
+    #[test]
+    fn background_flows_sharing_a_queue_converge() {
+        // Two Background flows on paths that never limit them, held at 3 and 1 MB/s, see the
+        // same queue: above the target for a few rounds, then below it for longer. The
+        // multiplicative decrease takes more from the faster one than the additive increase
+        // gives back, so the ratio shrinks; with the old multiplicative rise it stayed 3.
+        let mut flows = [background(), background()];
+        let mut paths = [path(), path()];
+        for (cc, p) in flows.iter_mut().zip(&mut paths) {
+            p.capacity = 8 << 20;
+            run(cc, p, 40, 0, |_| false);
+            // One round above the target makes the cap.
+            p.round(cc, 40_000, |_| false);
+        }
+        flows[0].bw_cap = Some(3_000_000);
+        flows[1].bw_cap = Some(1_000_000);
+        let ratio = |f: &[Controller; 2]| f[0].bandwidth() as f64 / f[1].bandwidth() as f64;
+        let before = ratio(&flows);
+        for _ in 0..8 {
+            for (cc, p) in flows.iter_mut().zip(&mut paths) {
+                run(cc, p, 2, 40_000, |_| false);
+                run(cc, p, 12, 5_000, |_| false);
+            }
+        }
+        let after = ratio(&flows);
+        assert!(before > 2.9 && after < 1.5, "{before} -> {after}");
     }
 
     #[test]
