@@ -7,8 +7,8 @@
 //!   the rate the path delivered while it was in flight.
 //! - **Bandwidth** is the highest sample over the last `BW_WINDOW_ROUNDS` round trips (samples
 //!   taken while the sender had nothing to send count only if they raise it), held under a cap
-//!   that Background's delay signal lowers and quiet rounds raise again. **Minimum RTT** is the lowest
-//!   round-trip sample of the last `MIN_RTT_WINDOW`.
+//!   that Background's delay control moves and that persistent congestion sets. **Minimum RTT**
+//!   is the lowest round-trip sample of the last `MIN_RTT_WINDOW`.
 //! - **Pacing** at a gain times the bandwidth; the **window** is a multiple of the
 //!   bandwidth-delay product.
 //! - **States:** Startup (gain 2.77 until the bandwidth stops growing by a quarter for three
@@ -28,8 +28,8 @@
 //! - **Background** (the default) yields to game traffic: it keeps the queueing delay it causes
 //!   near a target (25 ms). Its window is the bandwidth-delay product plus `target` worth of
 //!   bandwidth, Startup ends once the queue reaches half the target, and it probes for more
-//!   only while the queue is below half the target (it skips ProbeBw's drain round). In
-//!   ProbeBw a bandwidth cap follows the delay per acknowledgement, AIMD as in LEDBAT++: above
+//!   only while the queue is below half the target. Once the queue passes the target in
+//!   ProbeBw, a bandwidth cap follows the delay per acknowledgement (with no drain round), AIMD as in LEDBAT++: above
 //!   the target it falls in proportion to the excess, below it rises by a few datagrams per
 //!   round trip, so independent Background flows through one bottleneck converge to equal
 //!   shares. The queueing delay comes from one-way delay samples against the lowest seen (LEDBAT,
@@ -240,7 +240,8 @@ pub struct Controller {
     round: u64,
     next_round_delivered: u64,
     bw_filter: MaxFilter,
-    /// Lowered by congestion signals, raised by quiet rounds; `None`: no cap.
+    /// Background: moved by `delay_control`; otherwise set by persistent congestion and raised
+    /// by quiet rounds (`raise_cap`). `None`: no cap.
     bw_cap: Option<u64>,
     min_rtt: Option<Duration>,
     min_rtt_stamp: Option<Instant>,
@@ -549,7 +550,6 @@ impl Controller {
                 if bw == 0 {
                     return;
                 }
-                self.bw_before_cut = bw;
                 bw as f64
             }
             None => return,
@@ -677,7 +677,8 @@ impl Controller {
         })
     }
 
-    /// Caps the bandwidth estimate at `cap`; quiet rounds raise it again (`raise_cap`).
+    /// Caps the bandwidth estimate at `cap`; quiet rounds raise it again (`raise_cap`; for
+    /// Background, `delay_control`).
     fn set_cap(&mut self, cap: u64, now: Instant) {
         if self.bandwidth() == 0 {
             return;
@@ -696,8 +697,8 @@ impl Controller {
         self.cut_at = Some(now);
     }
 
-    /// A round without a congestion signal: while the path delivers what the cap allows, the
-    /// cap rises; once it is back at the bandwidth measured before the cut it goes, and the
+    /// A round without a congestion signal (not Background, whose cap `delay_control` moves):
+    /// while the path delivers what the cap allows, the cap rises; once it is back at the bandwidth measured before the cut it goes, and the
     /// filter (and ProbeBw's probing) takes over again.
     fn raise_cap(&mut self) {
         let Some(cap) = self.bw_cap else {
@@ -831,10 +832,11 @@ impl Controller {
             Phase::Drain => 1.0 / STARTUP_GAIN,
             Phase::ProbeBw { cycle, .. } => {
                 let gain = PROBE_BW_GAINS[cycle];
-                // Background looks for more only while its queue is short, and needs no drain
-                // round: its delay control cuts whenever the queue passes the target.
+                // Background looks for more only while its queue is short, and while its delay
+                // control holds a cap it needs no drain round: the cap falls whenever the queue
+                // passes the target.
                 let background = matches!(self.kind, CongestionControl::Background { .. });
-                if background && (gain < 1.0 || (gain > 1.0 && self.queue_high())) {
+                if background && ((gain < 1.0 && self.bw_cap.is_some()) || (gain > 1.0 && self.queue_high())) {
                     1.0
                 } else {
                     gain
