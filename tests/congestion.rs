@@ -198,8 +198,8 @@ fn background_gives_way_to_standard() {
 
 /// Two downloads from separate senders (no shared path state: different servers, or clients
 /// at different addresses), the second about 3 s later, through bottlenecks of one-way delay
-/// 10 to 51 ms: together they fill each bottleneck (at least 0.88 of it; Background's additive
-/// increase leaves 0.90 to 0.97 on these paths, Standard 0.95 to 0.97), the newcomer is never starved (at least a
+/// 10 to 51 ms: together they fill each bottleneck (at least 0.88 of it; Background leaves 0.91
+/// to 0.97 on these paths, Standard 0.95 to 0.97), the newcomer is never starved (at least a
 /// quarter of it), and for Background (the default) the gap between them over seconds 8 to 18
 /// is within the 20% on at least 90% of the 30 paths and within 30% on every one. The
 /// gap for each path is printed. Standard has no such bound yet (docs/ARCHITECTURE.md section

@@ -29,11 +29,11 @@
 //!   near a target (25 ms). Its window is the bandwidth-delay product plus `target` worth of
 //!   bandwidth, Startup ends once the queue reaches half the target, and it probes for more
 //!   only while the queue is below half the target. Once the queue passes the target in
-//!   ProbeBw, a bandwidth cap follows the delay per acknowledgement (with no drain round), AIMD as in LEDBAT++: above
-//!   the target it falls in proportion to the excess, below it rises by a few datagrams per
-//!   round trip, so independent Background flows through one bottleneck converge to equal
-//!   shares. The queueing delay comes from one-way delay samples against the lowest seen (LEDBAT,
-//!   RFC 6817), so congestion on the return path does not count.
+//!   ProbeBw, a bandwidth cap follows the delay per acknowledgement (with no drain round),
+//!   AIMD as in LEDBAT++: above the target it falls in proportion to the excess, below it rises
+//!   by a few datagrams per round trip, so independent Background flows through one bottleneck
+//!   converge to equal shares. The queueing delay comes from one-way delay samples against the
+//!   lowest seen (LEDBAT, RFC 6817), so congestion on the return path does not count.
 //! - **Standard** fills the path: a window of twice the bandwidth-delay product, probing every
 //!   cycle.
 
@@ -510,13 +510,6 @@ impl Controller {
         self.update_window(newly_acked);
     }
 
-    /// Whether Background's delay control drives the bandwidth cap: in ProbeBw, once Startup
-    /// and Drain have found the path.
-    fn delay_controlled(&self) -> bool {
-        matches!(self.kind, CongestionControl::Background { .. })
-            && matches!(self.phase, Phase::ProbeBw { .. })
-    }
-
     /// Background's bandwidth cap in ProbeBw, moved by every acknowledgement (LEDBAT++,
     /// draft-irtf-iccrg-ledbat-plus-plus, on a rate): above the target it falls in proportion
     /// to the excess and to itself (multiplicative decrease), below the target it rises by
@@ -531,7 +524,9 @@ impl Controller {
     /// of the queue's rise. Before the first excess there is no cap and the model's bandwidth
     /// (with ProbeBw's probing) rules, as for Standard.
     fn delay_control(&mut self, newly_acked: u64) {
-        if !self.delay_controlled() || newly_acked == 0 {
+        // Only in ProbeBw: Startup and Drain find the path and handle their own queue.
+        let background = matches!(self.kind, CongestionControl::Background { .. });
+        if !background || !matches!(self.phase, Phase::ProbeBw { .. }) || newly_acked == 0 {
             return;
         }
         let (Some(q), Some(min_rtt)) = (self.delay.queueing_delay(), self.min_rtt) else {
@@ -698,8 +693,9 @@ impl Controller {
     }
 
     /// A round without a congestion signal (not Background, whose cap `delay_control` moves):
-    /// while the path delivers what the cap allows, the cap rises; once it is back at the bandwidth measured before the cut it goes, and the
-    /// filter (and ProbeBw's probing) takes over again.
+    /// while the path delivers what the cap allows, the cap rises; once it is back at the
+    /// bandwidth measured before the cut it goes, and the filter (and ProbeBw's probing) takes
+    /// over again.
     fn raise_cap(&mut self) {
         let Some(cap) = self.bw_cap else {
             return;
@@ -836,7 +832,8 @@ impl Controller {
                 // control holds a cap it needs no drain round: the cap falls whenever the queue
                 // passes the target.
                 let background = matches!(self.kind, CongestionControl::Background { .. });
-                if background && ((gain < 1.0 && self.bw_cap.is_some()) || (gain > 1.0 && self.queue_high())) {
+                let capped = self.bw_cap.is_some();
+                if background && ((gain < 1.0 && capped) || (gain > 1.0 && self.queue_high())) {
                     1.0
                 } else {
                     gain
@@ -1176,7 +1173,7 @@ mod tests {
         // Two Background flows on paths that never limit them, held at 3 and 1 MB/s, see the
         // same queue: above the target for a few rounds, then below it for longer. The
         // multiplicative decrease takes more from the faster one than the additive increase
-        // gives back, so the ratio shrinks; with the old multiplicative rise it stayed 3.
+        // gives back, so the ratio shrinks (a rise in proportion to the cap would keep it at 3).
         let mut flows = [background(), background()];
         let mut paths = [path(), path()];
         for (cc, p) in flows.iter_mut().zip(&mut paths) {
