@@ -525,8 +525,8 @@ impl Controller {
     /// (with ProbeBw's probing) rules, as for Standard.
     fn delay_control(&mut self, newly_acked: u64) {
         // Only in ProbeBw: Startup and Drain find the path and handle their own queue.
-        let background = matches!(self.kind, CongestionControl::Background { .. });
-        if !background || !matches!(self.phase, Phase::ProbeBw { .. }) || newly_acked == 0 {
+        if !self.is_background() || !matches!(self.phase, Phase::ProbeBw { .. }) || newly_acked == 0
+        {
             return;
         }
         let (Some(q), Some(min_rtt)) = (self.delay.queueing_delay(), self.min_rtt) else {
@@ -535,26 +535,20 @@ impl Controller {
         let rtt = min_rtt.max(MIN_SAMPLE_INTERVAL).as_secs_f64();
         let target = self.target().as_secs_f64();
         let q = q.as_secs_f64();
-        // Delay measured on datagrams sent before the last cut (or Drain's end) shows the
-        // queue that was dealt with.
-        let stale = matches!((self.cut_at, self.delay_sample_sent), (Some(c), Some(s)) if s <= c);
+        if q > target && self.delay_sample_stale() {
+            return;
+        }
         let cap = match self.bw_cap {
             Some(cap) => cap as f64,
-            None if q > target && !stale => {
-                let bw = self.bw_filter.get(self.round);
-                if bw == 0 {
-                    return;
-                }
-                bw as f64
-            }
+            None if q > target => match self.bw_filter.get(self.round) {
+                0 => return,
+                bw => bw as f64,
+            },
             None => return,
         };
         // The share of a round trip these acknowledgements are.
         let share = (newly_acked as f64 / (cap * rtt)).min(1.0);
         let cap = if q > target {
-            if stale {
-                return;
-            }
             let excess = (DELAY_DECREASE_GAIN * (q - target) / target).min(0.5);
             cap * (1.0 - excess * share)
         } else {
@@ -618,8 +612,7 @@ impl Controller {
                 self.mark_cut(now);
             }
             // Background's delay signal moves the cap per acknowledgement (`delay_control`).
-            Some(Signal::Delay(_)) | None
-                if matches!(self.kind, CongestionControl::Background { .. }) => {}
+            Some(Signal::Delay(_)) | None if self.is_background() => {}
             Some(Signal::Delay(factor)) => {
                 let cap = (self.bandwidth() as f64 * factor) as u64;
                 self.set_cap(cap, now);
@@ -647,17 +640,22 @@ impl Controller {
         }
     }
 
+    /// Whether this is the Background mode.
+    fn is_background(&self) -> bool {
+        matches!(self.kind, CongestionControl::Background { .. })
+    }
+
+    /// Whether the latest delay sample came from a datagram sent before the last cut (or
+    /// Drain's end): it shows the queue that cut dealt with.
+    fn delay_sample_stale(&self) -> bool {
+        matches!((self.cut_at, self.delay_sample_sent), (Some(cut), Some(sent)) if sent <= cut)
+    }
+
     /// Background's delay signal: a queueing delay above the target asks for a cut, the further
     /// above the deeper (the factor to cut the bandwidth by).
     fn delay_backoff(&self) -> Option<f64> {
-        if self.kind == CongestionControl::Standard {
+        if !self.is_background() || self.delay_sample_stale() {
             return None;
-        }
-        // Delay measured on datagrams sent before the last cut shows the queue it dealt with.
-        if let (Some(cut), Some(sent)) = (self.cut_at, self.delay_sample_sent) {
-            if sent <= cut {
-                return None;
-            }
         }
         let q = self.delay.queueing_delay()?;
         let target = self.target();
@@ -831,9 +829,10 @@ impl Controller {
                 // Background looks for more only while its queue is short, and while its delay
                 // control holds a cap it needs no drain round: the cap falls whenever the queue
                 // passes the target.
-                let background = matches!(self.kind, CongestionControl::Background { .. });
                 let capped = self.bw_cap.is_some();
-                if background && ((gain < 1.0 && capped) || (gain > 1.0 && self.queue_high())) {
+                if self.is_background()
+                    && ((gain < 1.0 && capped) || (gain > 1.0 && self.queue_high()))
+                {
                     1.0
                 } else {
                     gain
