@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use udpferry::core::{Event, RangeSet, Receiver, TransferConfig, TransferError};
-use udpferry::wire::{self, ConnectionId, Datagram, Frame, Offer};
+use udpferry::wire::{self, ConnectionId, Data, Datagram, Frame, Offer};
 use udpferry::ObjectId;
 use udpferry_sim::{LinkConfig, OneShotServer, Pair, Peer, RunOutcome};
 
@@ -658,4 +658,127 @@ fn a_full_disk_fails_with_a_typed_error_keeps_what_was_written_and_tells_the_ser
         pair.a.events.last(),
         Some(Event::Failed(TransferError::Peer { .. }))
     ));
+}
+
+/// Everything `rx` sends at `now`.
+fn drain(rx: &mut Receiver<Vec<u8>>, now: Instant) -> Vec<Vec<u8>> {
+    let mut buf = [0u8; 1500];
+    std::iter::from_fn(|| rx.poll_transmit(now, &mut buf).map(|n| buf[..n].to_vec())).collect()
+}
+
+fn offer_datagram(id: ObjectId, size: u64) -> Vec<u8> {
+    let mut buf = [0u8; 1500];
+    let offer = Datagram {
+        conn_id: ConnectionId(9),
+        frame: Frame::Offer(Offer {
+            object: id,
+            size,
+            chunk_size: 1166,
+            nonce: 77,
+        }),
+    };
+    let n = offer.encode(&mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+fn kind(datagram: &[u8]) -> &'static str {
+    match wire::decode(datagram).map(|d| d.frame) {
+        Ok(Frame::Request(_)) => "request",
+        Ok(Frame::Start { .. }) => "start",
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// One lost Request or Start used to cost a whole handshake timeout (600 ms before any RTT
+/// sample, three round trips after one); on a 200 ms path with 1% loss that was one download in
+/// a dozen taking 10% longer. The first Request and the first Start are each sent again 10 ms
+/// later unless answered, and the handshake timer and the RTT sample stay with the first send.
+#[test]
+fn the_first_request_and_start_are_sent_twice_on_a_slow_path() {
+    let t0 = Instant::now();
+    let id = ObjectId::md5_of(b"map");
+    let mut rx = fresh_receiver(t0, id);
+    let ms = Duration::from_millis;
+
+    let first = drain(&mut rx, t0);
+    assert_eq!(first.len(), 1);
+    assert_eq!(kind(&first[0]), "request");
+    assert_eq!(rx.poll_timeout(), Some(t0 + ms(10)), "the copy's time");
+    rx.handle_timeout(t0 + ms(10));
+    assert_eq!(drain(&mut rx, t0 + ms(10)), first, "an identical copy");
+    // The timer runs from the first send: 600 ms before any RTT sample.
+    assert_eq!(rx.poll_timeout(), Some(t0 + ms(600)));
+    assert!(drain(&mut rx, t0 + ms(599)).is_empty());
+
+    // The Offer (answering the first copy) 200 ms later: one Start, and its copy 10 ms on.
+    rx.handle_datagram(t0 + ms(200), &offer_datagram(id, 1 << 20));
+    let start = drain(&mut rx, t0 + ms(200));
+    assert_eq!(start.len(), 1);
+    assert_eq!(kind(&start[0]), "start");
+    assert_eq!(rx.poll_timeout(), Some(t0 + ms(210)));
+    rx.handle_timeout(t0 + ms(210));
+    assert_eq!(drain(&mut rx, t0 + ms(210)), start);
+    // The RTT sample is the first Request's 200 ms (not the copy's 190): the Start's timer is
+    // 200 + 4 * 100 ms after the first Start.
+    assert_eq!(rx.poll_timeout(), Some(t0 + ms(800)));
+
+    // The Offer answering the Request's copy asks for one more Start, without another copy.
+    rx.handle_datagram(t0 + ms(215), &offer_datagram(id, 1 << 20));
+    assert_eq!(drain(&mut rx, t0 + ms(215)), start);
+    assert_eq!(rx.poll_timeout(), Some(t0 + ms(815)));
+
+    // When that second Offer comes before the Start's copy is due, its Start is the copy.
+    let mut rx = fresh_receiver(t0, id);
+    drain(&mut rx, t0);
+    rx.handle_timeout(t0 + ms(10));
+    assert_eq!(drain(&mut rx, t0 + ms(10)).len(), 1);
+    rx.handle_datagram(t0 + ms(200), &offer_datagram(id, 1 << 20));
+    assert_eq!(drain(&mut rx, t0 + ms(200)), start);
+    rx.handle_datagram(t0 + ms(205), &offer_datagram(id, 1 << 20));
+    assert_eq!(drain(&mut rx, t0 + ms(205)), start);
+    assert_eq!(rx.poll_timeout(), Some(t0 + ms(805)));
+    rx.handle_timeout(t0 + ms(210));
+    assert!(drain(&mut rx, t0 + ms(210)).is_empty());
+    assert_eq!(rx.stats().datagrams_sent, 4, "two Requests and two Starts");
+}
+
+/// On a path whose round trip is shorter than 10 ms the answer comes first, and nothing is
+/// sent twice.
+#[test]
+fn a_fast_answer_cancels_the_copy() {
+    let t0 = Instant::now();
+    let id = ObjectId::md5_of(b"map");
+    let mut rx = fresh_receiver(t0, id);
+    let ms = Duration::from_millis;
+    assert_eq!(drain(&mut rx, t0).len(), 1);
+    rx.handle_datagram(t0 + ms(4), &offer_datagram(id, 1 << 20));
+    let start = drain(&mut rx, t0 + ms(4));
+    assert_eq!(start.len(), 1);
+    assert_eq!(kind(&start[0]), "start");
+    // The Request's copy is gone; the Start's is due 10 ms after the Start.
+    assert_eq!(rx.poll_timeout(), Some(t0 + ms(14)));
+    // The first Data comes 4 ms later: receiving, no Start copy.
+    let mut buf = [0u8; 1500];
+    let data = Datagram {
+        conn_id: ConnectionId(9),
+        frame: Frame::Data(Data {
+            seq: 0,
+            send_time_us: 0,
+            chunk: 0,
+            payload: &[7u8; 1166],
+        }),
+    };
+    let n = data.encode(&mut buf).unwrap();
+    rx.handle_datagram(t0 + ms(8), &buf[..n]);
+    rx.handle_timeout(t0 + ms(14));
+    for d in drain(&mut rx, t0 + ms(14)) {
+        assert!(
+            !matches!(
+                wire::decode(&d).map(|d| d.frame),
+                Ok(Frame::Start { .. } | Frame::Request(_))
+            ),
+            "no handshake datagram once data flows"
+        );
+    }
+    assert_eq!(rx.stats().datagrams_sent, 2, "one Request and one Start");
 }

@@ -119,12 +119,13 @@ fn standard_mode_keeps_near_the_link_rate_too() {
     }
 }
 
-/// The target here is 0.70. Startup from twenty datagrams takes six 200 ms round trips
-/// to fill an 800 KiB pipe, on top of the two of the handshake, and its last doubling overruns
-/// the 400 KiB queue; over eight seeds the goodput is 0.691 to 0.703, six of them below 0.70
-/// (docs/ARCHITECTURE.md section 5.8 keeps the figures). The bound below catches a regression:
-/// ten initial datagrams gave 0.662 to 0.676, and the controller that halved on loss got 0.05
-/// at 40 ms.
+/// The target here is 0.70, and this asserts it. What it took (docs/ARCHITECTURE.md
+/// section 5.8): Startup from 32 datagrams with a window that keeps up with its pacing until a
+/// queue shows, a copy of the first Request and Start (one lost handshake datagram cost a
+/// 600 ms timeout), and Background probing by at most its target's worth of queue (a 1.25
+/// probe on a 200 ms path queued 50 ms and was taken for congestion). Before those, the test's
+/// seed and seeds 3, 6, 7 and 8 gave 0.628 to 0.695; after, eleven seeds give 0.712 to 0.727
+/// (`UDPFERRY_SEED=...` replays one).
 #[test]
 fn long_round_trip_with_loss() {
     let g = goodput(
@@ -133,7 +134,7 @@ fn long_round_trip_with_loss() {
         Duration::from_millis(200),
         background(),
     );
-    assert!(g.fraction >= 0.685, "{:.3}", g.fraction);
+    assert!(g.fraction >= 0.70, "{:.3}", g.fraction);
 }
 
 #[test]

@@ -20,6 +20,13 @@ use crate::wire::{
 /// hostile Wait cannot make the client flood the server).
 const MIN_WAIT_REPEAT_MS: u16 = 100;
 
+/// How long after the first Request (and the first Start) a copy of it follows, unless the
+/// answer came first. One lost handshake datagram otherwise costs a whole handshake timeout
+/// (600 ms before any RTT sample, three round trips after one), as long as the rest of a
+/// download on a long path; the copy costs one small datagram, and none at all on a path whose
+/// round trip is shorter than this. Far enough behind the first to leave a short loss burst.
+const HANDSHAKE_COPY_GAP: Duration = Duration::from_millis(10);
+
 /// Longest wait between keep-alive acknowledgements while data is missing.
 const MAX_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// Data datagrams in a row whose chunk index or length does not fit the offer: the offer itself
@@ -77,6 +84,19 @@ enum State {
     Lingering { until: Instant },
     /// Over; nothing more to send.
     Closed,
+}
+
+/// The copy of the first Request, and of the first Start (`HANDSHAKE_COPY_GAP`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HandshakeCopy {
+    /// The datagram has not gone out yet.
+    Unsent,
+    /// It went out; its copy follows at this instant unless the answer comes first.
+    Scheduled(Instant),
+    /// The copy goes out with the next `poll_transmit`.
+    Due,
+    /// The copy went out, or none is needed (the server queued the Start).
+    Sent,
 }
 
 /// What the receiver learnt from the offer.
@@ -142,6 +162,8 @@ pub struct Receiver<K> {
     handshake_sent: Option<Instant>,
     handshake_retries: u32,
     handshake_pending: bool,
+    /// The copy of the first Request or Start (`HANDSHAKE_COPY_GAP`).
+    handshake_copy: HandshakeCopy,
     /// Set by a Wait (the server queued our Start): repeat the Start this often instead of on
     /// the handshake timer, and the requests ahead last reported.
     queued: Option<(Duration, u32)>,
@@ -203,6 +225,7 @@ impl<K: ChunkSink> Receiver<K> {
             handshake_sent: None,
             handshake_retries: 0,
             handshake_pending: true,
+            handshake_copy: HandshakeCopy::Unsent,
             queued: None,
             last_heard: now,
             path_response: None,
@@ -397,6 +420,8 @@ impl<K: ChunkSink> Receiver<K> {
     fn on_wait(&mut self, now: Instant, wait: &Wait) {
         let repeat = Duration::from_millis(u64::from(wait.retry_after_ms.max(MIN_WAIT_REPEAT_MS)));
         self.handshake_retries = 0;
+        // The server has the Start: the Wait's own schedule repeats it from now on.
+        self.handshake_copy = HandshakeCopy::Sent;
         if wait.place == 0 {
             // A slot is held for us: start now.
             self.queued = Some((repeat, 0));
@@ -423,6 +448,10 @@ impl<K: ChunkSink> Receiver<K> {
             if known.size == offer.size && u64::from(offer.chunk_size) == known.chunk_size {
                 known.nonce = offer.nonce;
                 self.handshake_pending = true;
+                // The Start this asks for goes out now: it is the first Start's copy too.
+                if let HandshakeCopy::Scheduled(_) = self.handshake_copy {
+                    self.handshake_copy = HandshakeCopy::Sent;
+                }
             } else {
                 // An honest server offers one object one way; one of the offers was damaged,
                 // and which one cannot be told.
@@ -470,6 +499,7 @@ impl<K: ChunkSink> Receiver<K> {
         self.state = State::Starting;
         self.handshake_pending = true;
         self.handshake_retries = 0;
+        self.handshake_copy = HandshakeCopy::Unsent;
         if self.received.covered() == object.chunks {
             // Empty object, or everything was already here: verify and finish without data
             // (and without an ack: no data arrived, and the sender is told by the Done).
@@ -676,9 +706,21 @@ impl<K: ChunkSink> Receiver<K> {
             return emit(self.conn_id, &mut self.stats, buf, Frame::Done);
         }
         match self.state {
-            State::Requesting | State::Starting if self.handshake_pending => {
-                self.handshake_pending = false;
-                self.handshake_sent = Some(now);
+            State::Requesting | State::Starting
+                if self.handshake_pending || self.handshake_copy == HandshakeCopy::Due =>
+            {
+                if self.handshake_pending {
+                    self.handshake_pending = false;
+                    self.handshake_sent = Some(now);
+                    if self.handshake_copy == HandshakeCopy::Unsent {
+                        self.handshake_copy =
+                            HandshakeCopy::Scheduled(later(now, HANDSHAKE_COPY_GAP));
+                    }
+                } else {
+                    // The copy leaves the handshake timer (and the RTT sample the answer
+                    // gives) to the first send.
+                    self.handshake_copy = HandshakeCopy::Sent;
+                }
                 // The Start repeats the request exactly, so a server can check its nonce
                 // against the request without having kept any state.
                 let have = std::mem::take(&mut self.announced);
@@ -789,8 +831,11 @@ impl<K: ChunkSink> Receiver<K> {
             | State::Verifying { acked: None } => {
                 // An idle timeout too long to add to an instant never expires.
                 let idle = self.last_heard.checked_add(self.config.idle_timeout);
-                let handshake = match (self.state, self.handshake_sent) {
-                    (State::Requesting | State::Starting, Some(sent)) => {
+                let handshake = match (self.state, self.handshake_sent, self.handshake_copy) {
+                    (State::Requesting | State::Starting, _, HandshakeCopy::Scheduled(at)) => {
+                        Some(at)
+                    }
+                    (State::Requesting | State::Starting, Some(sent), _) => {
                         Some(later(sent, self.handshake_timeout()))
                     }
                     _ => None,
@@ -884,6 +929,11 @@ impl<K: ChunkSink> Receiver<K> {
                     self.ack_now = true;
                 }
                 if matches!(self.state, State::Requesting | State::Starting) {
+                    if let HandshakeCopy::Scheduled(at) = self.handshake_copy {
+                        if now >= at {
+                            self.handshake_copy = HandshakeCopy::Due;
+                        }
+                    }
                     if let Some(sent) = self.handshake_sent {
                         if now >= later(sent, self.handshake_timeout()) {
                             self.handshake_retries += 1;
