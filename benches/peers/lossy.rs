@@ -14,7 +14,8 @@
 //!
 //! Each run is cut off at 40 s; the goodput is what was delivered (verified, or held when cut
 //! off) per second, as a fraction of the link rate. `UDPFERRY_LOSSY_CASES=40:0.05,200:0.01`
-//! picks other cases (RTT in ms : random loss); `-- --smoke` or `UDPFERRY_BENCH_SMOKE=1` runs
+//! picks other cases (RTT in ms : random loss), `UDPFERRY_LOSSY_ONLY=udpferry` only the
+//! contenders whose name starts with that; `-- --smoke` or `UDPFERRY_BENCH_SMOKE=1` runs
 //! 1 MiB at 40 ms and 0% only. Prints a table and writes `$CARGO_TARGET_DIR/lossy-bench.json`;
 //! with `UDPFERRY_LOSSY_PLOT=docs/lossy.png` also a figure of goodput against random loss at
 //! 40 ms (text in DejaVu Sans from `/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf`).
@@ -253,6 +254,12 @@ fn main() {
             Contender::Quinn(quic::Controller::Bbr),
         ]
     };
+    // `UDPFERRY_LOSSY_ONLY=udpferry` keeps the contenders whose name starts with it.
+    let only = std::env::var("UDPFERRY_LOSSY_ONLY").unwrap_or_default();
+    let contenders: Vec<Contender> = contenders
+        .into_iter()
+        .filter(|c| c.name().starts_with(only.as_str()))
+        .collect();
     let (size, cap) = if smoke {
         (MIB, Duration::from_secs(20))
     } else {

@@ -11,8 +11,9 @@
 //!   is the lowest round-trip sample of the last `MIN_RTT_WINDOW`.
 //! - **Pacing** at a gain times the bandwidth; the **window** is a multiple of the
 //!   bandwidth-delay product.
-//! - **States:** Startup (gain 2.77 until the bandwidth stops growing by a quarter for three
-//!   rounds), Drain (until the queue Startup built is gone), ProbeBw (a cycle of eight rounds:
+//! - **States:** Startup (from 32 datagrams, gain 2.77 until the bandwidth stops growing by a
+//!   quarter for three rounds; the window allows 2.77 bandwidth-delay products until a queue
+//!   shows, then two), Drain (until the queue Startup built is gone), ProbeBw (a cycle of eight rounds:
 //!   one at 1.25 to look for more, one at 0.75 to drain what that queued, six at 1) and ProbeRtt
 //!   (every `MIN_RTT_WINDOW`, 5 s, without a new minimum: half the bandwidth-delay product in
 //!   flight, at least four datagrams, for 200 ms, so every flow on the path sees its true base
@@ -28,7 +29,8 @@
 //! - **Background** (the default) yields to game traffic: it keeps the queueing delay it causes
 //!   near a target (25 ms). Its window is the bandwidth-delay product plus `target` worth of
 //!   bandwidth, Startup ends once the queue reaches half the target, and it probes for more
-//!   only while the queue is below half the target. Once the queue passes the target in
+//!   only while the queue is below half the target, by at most the target's worth of queue
+//!   (gains 1 +- min(0.25, target / minimum RTT)). Once the queue passes the target in
 //!   ProbeBw, a bandwidth cap follows the delay per acknowledgement (with no drain round),
 //!   AIMD as in LEDBAT++: above the target it falls in proportion to the excess, below it rises
 //!   by a few datagrams per round trip, so independent Background flows through one bottleneck
