@@ -641,3 +641,53 @@ fn a_lossy_client_does_not_slow_the_others() {
         );
     }
 }
+
+/// On a 200 ms path the client sends its first Request and its first Start twice, 10 ms apart
+/// (PROTOCOL.md section 5.2.2): the server answers both Requests with the same Offer, admits
+/// one transfer, counts neither copy as a bad Start or against the request rate, and the
+/// download completes.
+#[test]
+fn handshake_copies_reach_the_server_as_one_transfer() {
+    use udpferry_sim::{EndpointPeer, LinkConfig, Pair, RunOutcome};
+    let data = common::object(300_000, 5);
+    let id = ObjectId::md5_of(&data);
+    let (server_addr, client_addr) = (addr(7878), addr(5000));
+    let server: EndpointPeer<Maps, Vec<u8>> = EndpointPeer::new(
+        Endpoint::new(EndpointConfig::default(), maps(&[&data])),
+        client_addr,
+    );
+    let client: EndpointPeer<NoObjects, Vec<u8>> = EndpointPeer::new(
+        Endpoint::new(
+            EndpointConfig {
+                seed: 9,
+                ..EndpointConfig::default()
+            },
+            NoObjects,
+        ),
+        server_addr,
+    );
+    let start = Instant::now();
+    let link = LinkConfig::clean(Duration::from_millis(100));
+    let mut pair = Pair::new(1, start, server, client, link.clone(), link);
+    let t = pair
+        .b
+        .endpoint
+        .fetch(start, server_addr, id, &RangeSet::new(), Vec::new());
+    let outcome = pair.run(u64::MAX, start + Duration::from_secs(60));
+    assert_eq!(outcome, RunOutcome::BothFinished);
+    assert!(
+        pair.b
+            .events
+            .iter()
+            .any(|(_, e)| e.transfer == t && matches!(e.event, Event::Completed(_))),
+        "{:?}",
+        pair.b.events
+    );
+    assert_eq!(pair.b.finished.first(), Some(&data));
+    let s = pair.a.endpoint.stats();
+    assert_eq!(
+        (s.offers, s.accepted, s.bad_starts, s.rate_limited),
+        (2, 1, 0, 0),
+        "{s:?}"
+    );
+}
