@@ -458,17 +458,7 @@ fn offer_to(rx: &mut Receiver<Vec<u8>>, now: Instant, size: u64) -> Vec<Event> {
     else {
         panic!("first datagram must be a request")
     };
-    let offer = Datagram {
-        conn_id,
-        frame: Frame::Offer(Offer {
-            object: req.object,
-            size,
-            chunk_size: 1166,
-            nonce: 77,
-        }),
-    };
-    let n = offer.encode(&mut buf).unwrap();
-    rx.handle_datagram(now, &buf[..n]);
+    rx.handle_datagram(now, &offer_datagram(conn_id, req.object, size));
     receiver_events(rx)
 }
 
@@ -666,10 +656,11 @@ fn drain(rx: &mut Receiver<Vec<u8>>, now: Instant) -> Vec<Vec<u8>> {
     std::iter::from_fn(|| rx.poll_transmit(now, &mut buf).map(|n| buf[..n].to_vec())).collect()
 }
 
-fn offer_datagram(id: ObjectId, size: u64) -> Vec<u8> {
+/// An Offer of `id`, `size` bytes in chunks of 1166, nonce 77, on connection `conn_id`.
+fn offer_datagram(conn_id: ConnectionId, id: ObjectId, size: u64) -> Vec<u8> {
     let mut buf = [0u8; 1500];
     let offer = Datagram {
-        conn_id: ConnectionId(9),
+        conn_id,
         frame: Frame::Offer(Offer {
             object: id,
             size,
@@ -711,7 +702,7 @@ fn the_first_request_and_start_are_sent_twice_on_a_slow_path() {
     assert!(drain(&mut rx, t0 + ms(599)).is_empty());
 
     // The Offer (answering the first copy) 200 ms later: one Start, and its copy 10 ms on.
-    rx.handle_datagram(t0 + ms(200), &offer_datagram(id, 1 << 20));
+    rx.handle_datagram(t0 + ms(200), &offer_datagram(ConnectionId(9), id, 1 << 20));
     let start = drain(&mut rx, t0 + ms(200));
     assert_eq!(start.len(), 1);
     assert_eq!(kind(&start[0]), "start");
@@ -723,7 +714,7 @@ fn the_first_request_and_start_are_sent_twice_on_a_slow_path() {
     assert_eq!(rx.poll_timeout(), Some(t0 + ms(800)));
 
     // The Offer answering the Request's copy asks for one more Start, without another copy.
-    rx.handle_datagram(t0 + ms(215), &offer_datagram(id, 1 << 20));
+    rx.handle_datagram(t0 + ms(215), &offer_datagram(ConnectionId(9), id, 1 << 20));
     assert_eq!(drain(&mut rx, t0 + ms(215)), start);
     assert_eq!(rx.poll_timeout(), Some(t0 + ms(815)));
 
@@ -732,9 +723,9 @@ fn the_first_request_and_start_are_sent_twice_on_a_slow_path() {
     drain(&mut rx, t0);
     rx.handle_timeout(t0 + ms(10));
     assert_eq!(drain(&mut rx, t0 + ms(10)).len(), 1);
-    rx.handle_datagram(t0 + ms(200), &offer_datagram(id, 1 << 20));
+    rx.handle_datagram(t0 + ms(200), &offer_datagram(ConnectionId(9), id, 1 << 20));
     assert_eq!(drain(&mut rx, t0 + ms(200)), start);
-    rx.handle_datagram(t0 + ms(205), &offer_datagram(id, 1 << 20));
+    rx.handle_datagram(t0 + ms(205), &offer_datagram(ConnectionId(9), id, 1 << 20));
     assert_eq!(drain(&mut rx, t0 + ms(205)), start);
     assert_eq!(rx.poll_timeout(), Some(t0 + ms(805)));
     rx.handle_timeout(t0 + ms(210));
@@ -751,7 +742,7 @@ fn a_fast_answer_cancels_the_copy() {
     let mut rx = fresh_receiver(t0, id);
     let ms = Duration::from_millis;
     assert_eq!(drain(&mut rx, t0).len(), 1);
-    rx.handle_datagram(t0 + ms(4), &offer_datagram(id, 1 << 20));
+    rx.handle_datagram(t0 + ms(4), &offer_datagram(ConnectionId(9), id, 1 << 20));
     let start = drain(&mut rx, t0 + ms(4));
     assert_eq!(start.len(), 1);
     assert_eq!(kind(&start[0]), "start");
@@ -781,4 +772,17 @@ fn a_fast_answer_cancels_the_copy() {
         );
     }
     assert_eq!(rx.stats().datagrams_sent, 2, "one Request and one Start");
+
+    // On a 1 ms path the Start's handshake timer (3 ms) runs out before its copy is due: that
+    // resend is the copy, and the next wake-up is the backed-off timer, not a copy.
+    let mut rx = fresh_receiver(t0, id);
+    drain(&mut rx, t0);
+    rx.handle_datagram(t0 + ms(1), &offer_datagram(ConnectionId(9), id, 1 << 20));
+    assert_eq!(drain(&mut rx, t0 + ms(1)).len(), 1);
+    let timer = rx.poll_timeout().expect("the handshake timer");
+    let pto = timer - (t0 + ms(1));
+    assert!(timer < t0 + ms(11), "{pto:?}");
+    rx.handle_timeout(timer);
+    assert_eq!(drain(&mut rx, timer).len(), 1, "the Start again");
+    assert_eq!(rx.poll_timeout(), Some(timer + 2 * pto));
 }

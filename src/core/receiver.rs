@@ -448,10 +448,6 @@ impl<K: ChunkSink> Receiver<K> {
             if known.size == offer.size && u64::from(offer.chunk_size) == known.chunk_size {
                 known.nonce = offer.nonce;
                 self.handshake_pending = true;
-                // The Start this asks for goes out now: it is the first Start's copy too.
-                if let HandshakeCopy::Scheduled(_) = self.handshake_copy {
-                    self.handshake_copy = HandshakeCopy::Sent;
-                }
             } else {
                 // An honest server offers one object one way; one of the offers was damaged,
                 // and which one cannot be told.
@@ -712,10 +708,14 @@ impl<K: ChunkSink> Receiver<K> {
                 if self.handshake_pending {
                     self.handshake_pending = false;
                     self.handshake_sent = Some(now);
-                    if self.handshake_copy == HandshakeCopy::Unsent {
-                        self.handshake_copy =
-                            HandshakeCopy::Scheduled(later(now, HANDSHAKE_COPY_GAP));
-                    }
+                    self.handshake_copy = match self.handshake_copy {
+                        HandshakeCopy::Unsent => {
+                            HandshakeCopy::Scheduled(later(now, HANDSHAKE_COPY_GAP))
+                        }
+                        // A resend before the copy (for a repeated Offer, or on the timer of a
+                        // path faster than the gap) is the copy.
+                        _ => HandshakeCopy::Sent,
+                    };
                 } else {
                     // The copy leaves the handshake timer (and the RTT sample the answer
                     // gives) to the first send.
@@ -831,12 +831,16 @@ impl<K: ChunkSink> Receiver<K> {
             | State::Verifying { acked: None } => {
                 // An idle timeout too long to add to an instant never expires.
                 let idle = self.last_heard.checked_add(self.config.idle_timeout);
-                let handshake = match (self.state, self.handshake_sent, self.handshake_copy) {
-                    (State::Requesting | State::Starting, _, HandshakeCopy::Scheduled(at)) => {
-                        Some(at)
-                    }
-                    (State::Requesting | State::Starting, Some(sent), _) => {
-                        Some(later(sent, self.handshake_timeout()))
+                let handshake = match self.state {
+                    State::Requesting | State::Starting => {
+                        let timer = self
+                            .handshake_sent
+                            .map(|sent| later(sent, self.handshake_timeout()));
+                        let copy = match self.handshake_copy {
+                            HandshakeCopy::Scheduled(at) => Some(at),
+                            _ => None,
+                        };
+                        timer.into_iter().chain(copy).min()
                     }
                     _ => None,
                 };
