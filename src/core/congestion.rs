@@ -59,9 +59,6 @@ const PROBE_RTT_WINDOW_GAIN: f64 = 0.5;
 const CURRENT_FILTER: usize = 4;
 /// Minutes of base-delay history (RFC 6817 BASE_HISTORY), one minimum per minute.
 const BASE_HISTORY: usize = 10;
-/// A queueing delay this many times the target halves Background's bandwidth cap, once per
-/// round.
-const OVERLOAD_FACTOR: u32 = 4;
 /// The largest queueing-delay target honoured (RFC 6817: TARGET MUST NOT exceed 100 ms).
 const MAX_TARGET: Duration = Duration::from_millis(100);
 /// Round trips the bandwidth filter remembers (BBR: 10).
@@ -160,8 +157,9 @@ pub struct Delivery {
 enum Signal {
     /// Its losses (see the module docs).
     Loss,
-    /// Background's queueing delay above the target: cut the bandwidth by this factor.
-    Delay(f64),
+    /// Background's queueing delay above the target. It ends Startup and Drain; in ProbeBw the
+    /// delay control moves the cap per acknowledgement instead (`delay_control`).
+    Delay,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -582,7 +580,7 @@ impl Controller {
         let cut = if loss_signal {
             Some(Signal::Loss)
         } else {
-            self.delay_backoff().map(Signal::Delay)
+            self.delay_above_target().then_some(Signal::Delay)
         };
         // Losses above the threshold without a queue to show for them: radio noise, or a
         // buffer too shallow to show a queue. Either way the queue the window allows beyond the
@@ -614,12 +612,10 @@ impl Controller {
                 self.additive = true;
                 self.mark_cut(now);
             }
-            // Background's delay signal moves the cap per acknowledgement (`delay_control`).
-            Some(Signal::Delay(_)) | None if self.is_background() => {}
-            Some(Signal::Delay(factor)) => {
-                let cap = (self.bandwidth() as f64 * factor) as u64;
-                self.set_cap(cap, now);
-            }
+            // Background's cap moves per acknowledgement (`delay_control`); only Background
+            // has a delay signal.
+            Some(Signal::Delay) => {}
+            None if self.is_background() => {}
             None if !queue_high => self.raise_cap(),
             None => {}
         }
@@ -654,23 +650,15 @@ impl Controller {
         matches!((self.cut_at, self.delay_sample_sent), (Some(cut), Some(sent)) if sent <= cut)
     }
 
-    /// Background's delay signal: a queueing delay above the target asks for a cut, the further
-    /// above the deeper (the factor to cut the bandwidth by).
-    fn delay_backoff(&self) -> Option<f64> {
-        if !self.is_background() || self.delay_sample_stale() {
-            return None;
-        }
-        let q = self.delay.queueing_delay()?;
-        let target = self.target();
-        if q <= target {
-            return None;
-        }
-        let excess = (q.as_secs_f64() - target.as_secs_f64()) / target.as_secs_f64();
-        Some(if q > target.saturating_mul(OVERLOAD_FACTOR) {
-            0.5
-        } else {
-            (1.0 - DELAY_DECREASE_GAIN * excess).max(0.5)
-        })
+    /// Background's delay signal: the queueing delay, measured on a datagram sent since the last
+    /// cut, is above the target.
+    fn delay_above_target(&self) -> bool {
+        self.is_background()
+            && !self.delay_sample_stale()
+            && self
+                .delay
+                .queueing_delay()
+                .is_some_and(|q| q > self.target())
     }
 
     /// Caps the bandwidth estimate at `cap`; quiet rounds raise it again (`raise_cap`; for
