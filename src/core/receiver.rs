@@ -93,6 +93,10 @@ enum HandshakeCopy {
     Unsent,
     /// It went out; its copy follows at this instant unless the answer comes first.
     Scheduled(Instant),
+    /// The copy goes out with the next `poll_transmit`. Its own state, not `Scheduled` with a
+    /// time passed, so that `handle_timeout` spends the timer: a caller that cannot send yet (an
+    /// endpoint's uplink budget) is not woken again and again until it can.
+    Due,
     /// The copy went out, or none is needed (the server queued the Start).
     Sent,
 }
@@ -699,9 +703,10 @@ impl<K: ChunkSink> Receiver<K> {
             self.done_pending = false;
             return emit(self.conn_id, &mut self.stats, buf, Frame::Done);
         }
-        let copy_due = matches!(self.handshake_copy, HandshakeCopy::Scheduled(at) if now >= at);
         match self.state {
-            State::Requesting | State::Starting if self.handshake_pending || copy_due => {
+            State::Requesting | State::Starting
+                if self.handshake_pending || self.handshake_copy == HandshakeCopy::Due =>
+            {
                 if self.handshake_pending {
                     self.handshake_pending = false;
                     self.handshake_sent = Some(now);
@@ -930,6 +935,11 @@ impl<K: ChunkSink> Receiver<K> {
                     self.ack_now = true;
                 }
                 if matches!(self.state, State::Requesting | State::Starting) {
+                    if let HandshakeCopy::Scheduled(at) = self.handshake_copy {
+                        if now >= at {
+                            self.handshake_copy = HandshakeCopy::Due;
+                        }
+                    }
                     if let Some(sent) = self.handshake_sent {
                         if now >= later(sent, self.handshake_timeout()) {
                             self.handshake_retries += 1;
