@@ -1,6 +1,7 @@
 //! The congestion model against other traffic and a changing path, in the simulator (issue 15):
 //! a Background download gives way to a Standard one through the same bottleneck, two
-//! independent downloads converge, and a sender follows a bottleneck whose rate halves
+//! independent downloads converge, Standard shares a deep buffer with a loss-based (CUBIC) flow
+//! and Background gives way to it, and a sender follows a bottleneck whose rate halves
 //! mid-transfer.
 //!
 //! `cargo test --release --test congestion -- --nocapture` prints every figure. A failing case
@@ -14,10 +15,13 @@ use common::object;
 use udpferry::core::{CongestionControl, RangeSet, Receiver, TransferConfig};
 use udpferry::wire::{self, ConnectionId};
 use udpferry::ObjectId;
-use udpferry_sim::{seed_from_env, LinkConfig, OneShotServer, Pair, Peer, RunOutcome};
+use udpferry_sim::{
+    seed_from_env, CubicReceiver, CubicSender, LinkConfig, OneShotServer, Pair, Peer, RunOutcome,
+};
 
 /// Two peers behind one address, datagrams routed by connection id: the first peer's
-/// transfers use `first`, the second's anything else. Sends alternate between them.
+/// transfers use `first`; the second peer gets everything else (another transfer, or a
+/// `udpferry_sim::CubicSender` flow). Sends alternate between them.
 struct Two<P, Q> {
     a: P,
     b: Q,
@@ -30,10 +34,7 @@ struct Two<P, Q> {
 
 impl<P: Peer, Q: Peer> Peer for Two<P, Q> {
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
-        let Ok(d) = wire::decode(datagram) else {
-            return;
-        };
-        if d.conn_id == self.first {
+        if wire::decode(datagram).is_ok_and(|d| d.conn_id == self.first) {
             self.a.handle_datagram(now, datagram);
         } else if now >= self.b_from {
             self.b.handle_datagram(now, datagram);
@@ -198,13 +199,14 @@ fn background_gives_way_to_standard() {
 
 /// Two downloads from separate senders (no shared path state: different servers, or clients
 /// at different addresses), the second about 3 s later, through bottlenecks of one-way delay
-/// 10 to 51 ms: together they fill each bottleneck (at least 0.88 of it; Background leaves 0.91
-/// to 0.97 on these paths, Standard 0.95 to 0.97), the newcomer is never starved (at least a
-/// quarter of it), and for Background (the default) the gap between them over seconds 8 to 18
-/// is within the issue's 20% on at least 90% of the 30 paths and within 30% on every one. The
-/// gap for each path is printed. Standard has no such bound yet (docs/ARCHITECTURE.md section
-/// 5.8). Only one endpoint's transfers to one host share a window
-/// (`tests/rates.rs::two_downloads_through_one_bottleneck_converge`).
+/// 10 to 51 ms (six delays at five offsets, 30 paths): together they fill each bottleneck (at
+/// least 0.88 of it; Background leaves 0.90 to 0.97 on these paths, Standard 0.95 to 0.96) and
+/// the newcomer is never starved (at least a quarter of it). The gap between them over seconds
+/// 8 to 18 is printed for each path. Background (the default) is within the issue's 20% on at
+/// least 90% of the paths and within 30% on every one. Standard falls short of that: within 20%
+/// on 21 of the 30 (15 with its window at 2 BDP), so the test holds it to two thirds as a guard
+/// against losing ground (docs/ARCHITECTURE.md section 5.8). Only one endpoint's transfers to
+/// one host share a window (`tests/rates.rs::two_downloads_through_one_bottleneck_converge`).
 #[test]
 fn two_independent_downloads_fill_the_path_and_converge() {
     const RATE: u64 = 2 << 20;
@@ -212,11 +214,9 @@ fn two_independent_downloads_fill_the_path_and_converge() {
     for kind in [CongestionControl::default(), CongestionControl::Standard] {
         let seed = seed_from_env(0xba5e_0002);
         let background = kind != CongestionControl::Standard;
-        // Background: six delays at five offsets; Standard: the first six.
-        let offsets: &[u64] = if background { &[0, 2, 3, 5, 6] } else { &[0] };
         let mut gaps = Vec::new();
         let (mut within_20, mut count) = (0, 0);
-        for &offset in offsets {
+        for offset in [0, 2, 3, 5, 6] {
             for path in 0..6u64 {
                 let one_way = Duration::from_millis(10 + 7 * path + offset);
                 let bottleneck =
@@ -249,7 +249,9 @@ fn two_independent_downloads_fill_the_path_and_converge() {
             "{kind:?}: two independent downloads, the second from second 3; gap over seconds 8 to 18 by one-way delay: {}; within 20% on {within_20} of {count} (seed {seed:#x})",
             gaps.join(", ")
         );
-        if background && within_20 * 10 < count * 9 {
+        // Background: 90% of the paths; Standard: two thirds (see above).
+        let (num, den) = if background { (9, 10) } else { (2, 3) };
+        if within_20 * den < count * num {
             missed.push(format!(
                 "{kind:?}: within 20% on only {within_20} of {count} paths"
             ));
@@ -311,4 +313,105 @@ fn a_halved_bottleneck_is_followed_within_two_seconds() {
         // Less than a quarter of a second's worth at the new rate.
         assert!(dropped_4s < RATE / 2 / 4 / 1200, "{kind:?}: {dropped_4s}");
     }
+}
+
+/// A udpferry download and a loss-based flow (CUBIC, as Linux's TCP and quinn use by default)
+/// through one bottleneck with a 100 ms drop-tail queue; the CUBIC flow starts `cubic_from`
+/// after the download. Returns the shares of the bottleneck over seconds 10 to 30:
+/// (udpferry, CUBIC), and the queue drops.
+fn against_cubic(
+    seed: u64,
+    kind: CongestionControl,
+    one_way: Duration,
+    cubic_from: Duration,
+) -> (f64, f64, u64) {
+    const RATE: u64 = 2 << 20;
+    let start = Instant::now();
+    let size = 96 << 20;
+    let data = object(size, seed);
+    let id = ObjectId::md5_of(&data);
+    let servers = Two {
+        a: OneShotServer::new(id, size as u64, data, config(kind), seed + 7),
+        b: CubicSender::new(1200),
+        first: ConnectionId(1),
+        b_from: start + cubic_from,
+        b_started: false,
+        turn: false,
+    };
+    let clients = Two {
+        a: Receiver::new(
+            start,
+            ConnectionId(1),
+            id,
+            &RangeSet::new(),
+            Vec::new(),
+            config(kind),
+        ),
+        b: CubicReceiver::default(),
+        first: ConnectionId(1),
+        b_from: start,
+        b_started: false,
+        turn: false,
+    };
+    let down = LinkConfig::clean(one_way).with_bottleneck(RATE, (RATE / 10) as usize);
+    let mut pair = Pair::new(
+        seed,
+        start,
+        servers,
+        clients,
+        down,
+        LinkConfig::clean(one_way),
+    );
+    let mut at = |t: u64| {
+        let outcome = pair.run(u64::MAX, start + Duration::from_secs(t));
+        assert_eq!(outcome, RunOutcome::Deadline, "seed {seed:#x}");
+        (pair.b.a.bytes_received(), pair.b.b.bytes_received)
+    };
+    let (u0, c0) = at(10);
+    let (u1, c1) = at(30);
+    let share = |b: u64| b as f64 / 20.0 / RATE as f64;
+    (
+        share(u1 - u0),
+        share(c1 - c0),
+        pair.a_to_b.stats().queue_dropped,
+    )
+}
+
+/// A loss-based flow (CUBIC) in a 100 ms buffer fills it until it drops, so a model-based
+/// flow's share is what its window holds there. Standard shares about evenly: each gets at
+/// least 0.35 of the bottleneck over seconds 10 to 30, whichever starts first, at one-way delays
+/// of 10, 20 and 40 ms (a window near one BDP would starve it: 0.13 to 0.20 at 1.1 BDP).
+/// Background gives way to the CUBIC flow as it does to a game's traffic: CUBIC gets at least
+/// 0.9. The shares are printed.
+#[test]
+fn standard_shares_a_deep_buffer_with_cubic_and_background_gives_way() {
+    let seed = seed_from_env(0xba5e_0004);
+    let mut lines = Vec::new();
+    let mut missed = Vec::new();
+    for kind in [CongestionControl::Standard, CongestionControl::default()] {
+        for one_way in [10u64, 20, 40] {
+            for cubic_from in [0u64, 3] {
+                let (u, c, drops) = against_cubic(
+                    seed,
+                    kind,
+                    Duration::from_millis(one_way),
+                    Duration::from_secs(cubic_from),
+                );
+                let line = format!(
+                    "{kind:?}, {one_way} ms one way, CUBIC from second {cubic_from}: udpferry {u:.3}, CUBIC {c:.3} of the bottleneck, {drops} queue drops"
+                );
+                let shared = if kind == CongestionControl::Standard {
+                    u >= 0.35 && c >= 0.35
+                } else {
+                    c >= 0.9
+                };
+                if !shared {
+                    missed.push(format!("{line} (seed {seed:#x})"));
+                }
+                lines.push(line);
+            }
+        }
+    }
+    println!("{}", lines.join("\n"));
+    assert!(missed.is_empty(), "{missed:#?}");
 }

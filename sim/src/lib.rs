@@ -14,6 +14,8 @@
 //!   duplication, bit corruption, mutation that passes the CRC32, an MTU,
 //!   and a bandwidth bottleneck with a tail-drop queue. [`LinkStats`]
 //!   counts what happened.
+//! * [`CubicSender`] and [`CubicReceiver`] are a loss-based flow (CUBIC, RFC 9438) to share a
+//!   bottleneck with, as a TCP or QUIC download beside udpferry's would.
 //! * [`Relay`] is the same link model for real sockets: a loopback UDP relay between one
 //!   client and a server, driven by the real clock, for benches of what users run (the
 //!   binaries, the driver, quinn for comparison).
@@ -82,6 +84,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod cubic;
 mod game;
 mod link;
 mod pair;
@@ -89,6 +92,7 @@ mod peers;
 mod relay;
 mod rng;
 
+pub use cubic::{is_cubic_datagram, CubicReceiver, CubicSender};
 pub use game::{EndpointPeer, GameTraffic};
 pub use link::{mutate, GilbertElliott, Link, LinkConfig, LinkStats};
 pub use pair::{Direction, Pair, Peer, RunOutcome};
