@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The `udpferry` binary to run, from `UDPFERRY_BIN`.
 pub fn udpferry_bin() -> Result<PathBuf, String> {
@@ -124,11 +124,24 @@ pub fn udpferry_get(
     scratch: &Path,
     size: usize,
 ) -> Result<f64, String> {
+    udpferry_get_within(bin, addr, id, scratch, size, None)?
+        .ok_or_else(|| "udpferry get did not finish".to_string())
+}
+
+/// [`udpferry_get`], killed once `cap` has passed: `None` then.
+pub fn udpferry_get_within(
+    bin: &Path,
+    addr: &str,
+    id: &str,
+    scratch: &Path,
+    size: usize,
+    cap: Option<Duration>,
+) -> Result<Option<f64>, String> {
     let n = RUN.fetch_add(1, Ordering::Relaxed);
     let cache = scratch.join(format!("cache-{n}"));
     let out = scratch.join(format!("out-{n}"));
     let start = Instant::now();
-    let status = Command::new(bin)
+    let mut child = Command::new(bin)
         .args(["get", addr, id, "-o"])
         .arg(&out)
         .arg("--cache")
@@ -136,18 +149,36 @@ pub fn udpferry_get(
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
-        .status()
+        .spawn()
         .map_err(|e| e.to_string())?;
+    let status = match cap {
+        // No time limit: wait in the kernel, so the time measured is not rounded to a poll.
+        None => Some(child.wait().map_err(|e| e.to_string())?),
+        Some(cap) => loop {
+            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+                break Some(status);
+            }
+            if start.elapsed() >= cap {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(2));
+        },
+    };
     let secs = start.elapsed().as_secs_f64();
     let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
     let _ = std::fs::remove_dir_all(&cache);
     let _ = std::fs::remove_file(&out);
+    let Some(status) = status else {
+        return Ok(None);
+    };
     if !status.success() || len != size as u64 {
         return Err(format!(
             "udpferry get failed: {status}, {len} bytes written"
         ));
     }
-    Ok(secs)
+    Ok(Some(secs))
 }
 
 /// One `curl -o OUT URL` followed by `md5sum OUT` (what a user without udpferry runs to get a

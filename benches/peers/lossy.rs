@@ -9,6 +9,8 @@
 //!
 //! - udpferry: a `net::Server` and `net::Client::fetch` (the library the CLI is made of), with
 //!   their defaults (Background congestion control), and once with Standard;
+//! - the binaries, when `UDPFERRY_BIN` names one (scripts/benchmarks.sh and .ci/run set it):
+//!   `udpferry serve` and a `udpferry get -o` process, timed from its start to its exit;
 //! - quinn 0.11 with Cubic (its default) and with BBR on the server, one stream, MD5 while
 //!   reading.
 //!
@@ -82,6 +84,8 @@ impl Case {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Contender {
     Udpferry(CongestionControl),
+    /// The binaries: `udpferry serve` and one `udpferry get -o` process (defaults: Background).
+    Cli,
     Quinn(quic::Controller),
 }
 
@@ -90,6 +94,7 @@ impl Contender {
         match self {
             Contender::Udpferry(CongestionControl::Standard) => "udpferry Standard",
             Contender::Udpferry(_) => "udpferry",
+            Contender::Cli => "udpferry serve + get",
             Contender::Quinn(quic::Controller::Cubic) => "quinn Cubic",
             Contender::Quinn(quic::Controller::Bbr) => "quinn BBR",
         }
@@ -160,6 +165,38 @@ fn udpferry(
     Ok((secs, delivered, completed, relay))
 }
 
+/// `udpferry serve` and `udpferry get -o` (the binary `UDPFERRY_BIN` names) through the relay,
+/// timed from the `get` process's start to its exit: what a user runs, file writes and MD5
+/// included. Killed at `cap` (then nothing counts as delivered).
+fn cli(
+    case: Case,
+    bytes: &[u8],
+    cap: Duration,
+    seed: u64,
+) -> Result<(f64, u64, bool, Relay), String> {
+    let bin = common::processes::udpferry_bin()?;
+    let dir = common::TempDir::new("lossy-cli").map_err(err)?;
+    let served = dir.join("served");
+    std::fs::create_dir_all(&served).map_err(err)?;
+    common::put_served(&served.join("map.bin"), bytes).map_err(err)?;
+    let id = ObjectId::md5_of(bytes);
+    let (_server, addr) = common::processes::udpferry_serve(&bin, &served)?;
+    let (up, down) = case.links();
+    let relay = Relay::start(addr.parse().map_err(err)?, up, down, seed).map_err(err)?;
+    let secs = common::processes::udpferry_get_within(
+        &bin,
+        &relay.addr().to_string(),
+        &id.to_hex(),
+        &dir.0,
+        bytes.len(),
+        Some(cap),
+    )?;
+    Ok(match secs {
+        Some(secs) => (secs, bytes.len() as u64, true, relay),
+        None => (cap.as_secs_f64(), 0, false, relay),
+    })
+}
+
 fn run(
     quic: &mut Vec<(quic::Controller, quic::Quic)>,
     contender: Contender,
@@ -170,6 +207,7 @@ fn run(
 ) -> Result<Row, String> {
     let (secs, delivered, completed, relay) = match contender {
         Contender::Udpferry(kind) => udpferry(kind, case, bytes, cap, seed)?,
+        Contender::Cli => cli(case, bytes, cap, seed)?,
         Contender::Quinn(controller) => {
             let q = match quic.iter().position(|(c, _)| *c == controller) {
                 Some(i) => &quic[i].1,
@@ -241,7 +279,7 @@ fn cases(smoke: bool) -> Vec<Case> {
 fn main() {
     let smoke = common::smoke();
     let cases = cases(smoke);
-    let contenders: Vec<Contender> = if smoke {
+    let mut contenders: Vec<Contender> = if smoke {
         vec![
             Contender::Udpferry(CongestionControl::default()),
             Contender::Quinn(quic::Controller::Bbr),
@@ -254,6 +292,11 @@ fn main() {
             Contender::Quinn(quic::Controller::Bbr),
         ]
     };
+    // The binaries, when there is one to run.
+    match common::processes::udpferry_bin() {
+        Ok(_) => contenders.insert(1, Contender::Cli),
+        Err(e) => eprintln!("udpferry serve + get: {e}"),
+    }
     // `UDPFERRY_LOSSY_ONLY=udpferry` keeps the contenders whose name starts with it.
     let only = std::env::var("UDPFERRY_LOSSY_ONLY").unwrap_or_default();
     let contenders: Vec<Contender> = contenders
@@ -397,13 +440,14 @@ fn plot(
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 18))
         .draw()?;
-    let colours = [
-        RGBColor(0, 114, 178),
-        RGBColor(86, 180, 233),
-        RGBColor(213, 94, 0),
-        RGBColor(0, 158, 115),
-    ];
-    for (c, colour) in contenders.iter().zip(colours) {
+    for c in contenders {
+        let colour = match c {
+            Contender::Udpferry(CongestionControl::Standard) => RGBColor(86, 180, 233),
+            Contender::Udpferry(_) => RGBColor(0, 114, 178),
+            Contender::Cli => RGBColor(204, 121, 167),
+            Contender::Quinn(quic::Controller::Cubic) => RGBColor(213, 94, 0),
+            Contender::Quinn(quic::Controller::Bbr) => RGBColor(0, 158, 115),
+        };
         let mut points: Vec<(f64, f64)> = rows
             .iter()
             .filter(|r| r.contender == *c && r.case.rtt_ms == 40 && r.case.burst.is_none())
