@@ -263,8 +263,9 @@ w(f"at {lo['cutoff_secs']} s. Goodput is what arrived (verified, or held at the 
 w("of the link rate. udpferry: `net::Server` + `net::Client::fetch` (what the CLI runs), Background")
 w("(the default) and Standard; the binaries, `udpferry serve` and `udpferry get -o`, timed from the")
 w("get process's start to its exit (file written and verified); quinn 0.11: one stream, MD5 while")
-w("reading, Cubic (its default) or BBR on the server. Issue 15's targets for udpferry: >= 0.85 at 0% and 1%, >= 0.80 at 2%,")
-w(">= 0.70 at 5%, >= 0.50 at 10%, >= 0.70 at 200 ms and 1%; bursts within 0.1 of random loss.")
+w("reading, Cubic (its default) or BBR on the server. Issue 15's targets for udpferry: >= 0.85 at")
+w("0% and 1%, >= 0.80 at 2%, >= 0.70 at 5%, >= 0.50 at 10%, >= 0.70 at 200 ms and 1%; bursts")
+w("within 0.1 of random loss.")
 w("")
 names = []
 for row in lo["rows"]:

@@ -22,6 +22,7 @@
 //! with `UDPFERRY_LOSSY_PLOT=docs/lossy.png` also a figure of goodput against random loss at
 //! 40 ms (text in DejaVu Sans from `/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf`).
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -121,6 +122,15 @@ fn err(e: impl std::fmt::Display) -> String {
     e.to_string()
 }
 
+/// A scratch directory with `bytes` served from its `served/` directory, and their id.
+fn serving(name: &str, bytes: &[u8]) -> Result<(common::TempDir, PathBuf, ObjectId), String> {
+    let dir = common::TempDir::new(name).map_err(err)?;
+    let served = dir.join("served");
+    std::fs::create_dir_all(&served).map_err(err)?;
+    common::put_served(&served.join("map.bin"), bytes).map_err(err)?;
+    Ok((dir, served, ObjectId::md5_of(bytes)))
+}
+
 fn udpferry(
     kind: CongestionControl,
     case: Case,
@@ -128,11 +138,7 @@ fn udpferry(
     cap: Duration,
     seed: u64,
 ) -> Result<(f64, u64, bool, Relay), String> {
-    let dir = common::TempDir::new("lossy").map_err(err)?;
-    let served = dir.join("served");
-    std::fs::create_dir_all(&served).map_err(err)?;
-    let id = ObjectId::md5_of(bytes);
-    common::put_served(&served.join("map.bin"), bytes).map_err(err)?;
+    let (dir, served, id) = serving("lossy", bytes)?;
     let store = ContentStore::open(&served).map_err(err)?;
     let mut config = ServerConfig::default();
     config.endpoint.transfer.congestion = kind;
@@ -175,11 +181,7 @@ fn cli(
     seed: u64,
 ) -> Result<(f64, u64, bool, Relay), String> {
     let bin = common::processes::udpferry_bin()?;
-    let dir = common::TempDir::new("lossy-cli").map_err(err)?;
-    let served = dir.join("served");
-    std::fs::create_dir_all(&served).map_err(err)?;
-    common::put_served(&served.join("map.bin"), bytes).map_err(err)?;
-    let id = ObjectId::md5_of(bytes);
+    let (dir, served, id) = serving("lossy-cli", bytes)?;
     let (_server, addr) = common::processes::udpferry_serve(&bin, &served)?;
     let (up, down) = case.links();
     let relay = Relay::start(addr.parse().map_err(err)?, up, down, seed).map_err(err)?;

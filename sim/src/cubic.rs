@@ -30,9 +30,16 @@ const INITIAL_WINDOW: f64 = 10.0;
 /// Smallest window, in datagrams.
 const MIN_WINDOW: f64 = 2.0;
 
-/// Whether `datagram` belongs to a [`CubicSender`] / [`CubicReceiver`] pair.
-pub fn is_cubic_datagram(datagram: &[u8]) -> bool {
-    datagram.len() >= 9 && (datagram[0] == DATA || datagram[0] == ACK)
+/// The packet number a datagram of `kind` (`DATA` or `ACK`) carries.
+fn packet_number(datagram: &[u8], kind: u8) -> Option<u64> {
+    let pn = datagram.get(1..9).filter(|_| datagram[0] == kind)?;
+    Some(u64::from_be_bytes(pn.try_into().ok()?))
+}
+
+/// Writes a datagram of `kind` carrying `pn` into the start of `buf` (at least 9 bytes).
+fn put_packet_number(buf: &mut [u8], kind: u8, pn: u64) {
+    buf[0] = kind;
+    buf[1..9].copy_from_slice(&pn.to_be_bytes());
 }
 
 /// A sender with an endless supply of data, CUBIC congestion control and no pacing.
@@ -85,11 +92,6 @@ impl CubicSender {
             lost: 0,
             reductions: 0,
         }
-    }
-
-    /// The window, in datagrams.
-    pub fn window(&self) -> f64 {
-        self.cwnd
     }
 
     fn on_ack(&mut self, now: Instant, pn: u64) {
@@ -169,10 +171,8 @@ impl CubicSender {
 
 impl Peer for CubicSender {
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
-        if datagram.len() >= 9 && datagram[0] == ACK {
-            let mut pn = [0u8; 8];
-            pn.copy_from_slice(&datagram[1..9]);
-            self.on_ack(now, u64::from_be_bytes(pn));
+        if let Some(pn) = packet_number(datagram, ACK) {
+            self.on_ack(now, pn);
         }
     }
 
@@ -184,8 +184,7 @@ impl Peer for CubicSender {
         self.next_pn += 1;
         self.in_flight.insert(pn, now);
         buf[..self.size].fill(0);
-        buf[0] = DATA;
-        buf[1..9].copy_from_slice(&pn.to_be_bytes());
+        put_packet_number(buf, DATA, pn);
         Some(self.size)
     }
 
@@ -222,10 +221,8 @@ pub struct CubicReceiver {
 
 impl Peer for CubicReceiver {
     fn handle_datagram(&mut self, _now: Instant, datagram: &[u8]) {
-        if datagram.len() >= 9 && datagram[0] == DATA {
-            let mut pn = [0u8; 8];
-            pn.copy_from_slice(&datagram[1..9]);
-            self.pending.push_back(u64::from_be_bytes(pn));
+        if let Some(pn) = packet_number(datagram, DATA) {
+            self.pending.push_back(pn);
             self.bytes_received += datagram.len() as u64;
         }
     }
@@ -235,8 +232,7 @@ impl Peer for CubicReceiver {
             return None;
         }
         let pn = self.pending.pop_front()?;
-        buf[0] = ACK;
-        buf[1..9].copy_from_slice(&pn.to_be_bytes());
+        put_packet_number(buf, ACK, pn);
         Some(9)
     }
 

@@ -92,7 +92,7 @@ mod peers;
 mod relay;
 mod rng;
 
-pub use cubic::{is_cubic_datagram, CubicReceiver, CubicSender};
+pub use cubic::{CubicReceiver, CubicSender};
 pub use game::{EndpointPeer, GameTraffic};
 pub use link::{mutate, GilbertElliott, Link, LinkConfig, LinkStats};
 pub use pair::{Direction, Pair, Peer, RunOutcome};

@@ -86,10 +86,11 @@ const PROBE_BW_GAINS: [f64; 8] = [1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];
 const STARTUP_WINDOW_GAIN: f64 = 2.0;
 /// Standard's window after Startup, in bandwidth-delay products. The window is what divides a
 /// shared bottleneck once flows fill it, so it sets Standard's fairness both ways
-/// (`tests/congestion.rs`, docs/ARCHITECTURE.md section 5.8): two independent Standard flows
-/// settle within 20% of each other on 15 of 30 paths at 2 BDP and 21 of 30 at 1.5, and against a
-/// CUBIC flow in a 100 ms buffer Standard gets 0.55 to 0.62 of the link at 2 BDP, 0.40 to 0.50
-/// at 1.5, 0.29 to 0.39 at 1.25 and 0.13 to 0.20 at 1.1 (a window near one BDP starves it).
+/// (`tests/congestion.rs`; docs/ARCHITECTURE.md sections 5.4 and 5.8): two independent
+/// Standard flows settle within 20% of each other on 15 of 30 paths at 2 BDP and 21 of 30 at
+/// 1.5, and against a CUBIC flow in a 100 ms buffer Standard gets 0.55 to 0.62 of the link at
+/// 2 BDP, 0.40 to 0.50 at 1.5, 0.29 to 0.39 at 1.25 and 0.13 to 0.20 at 1.1 (a window near one
+/// BDP starves it).
 const STANDARD_WINDOW_GAIN: f64 = 1.5;
 /// Standard's window allows at least this much queue beyond the pipe, more than Background's
 /// default target (25 ms): on a short path half a BDP of queue is less than the target, and a
