@@ -277,8 +277,9 @@ pub struct Controller {
     probe_rtt_due: bool,
     /// The latest RTT sample.
     latest_rtt: Duration,
-    /// The share of the window's allowance for queue (Background: target's worth; Standard: a
-    /// second BDP) in use: halved by loss rounds without a queue, restored by quiet ones.
+    /// The share of the window's allowance for queue (Background: target's worth; Standard:
+    /// half a BDP, or 30 ms) in use: halved by loss rounds without a queue, restored by quiet
+    /// ones.
     queue_scale: f64,
     /// The delivery rate over the last whole round.
     last_round_rate: u64,
