@@ -32,6 +32,20 @@ struct Two<P, Q> {
     turn: bool,
 }
 
+impl<P, Q> Two<P, Q> {
+    /// `a` runs the transfers on connection 1; `b` everything else, from `b_from` on.
+    fn new(a: P, b: Q, b_from: Instant) -> Self {
+        Two {
+            a,
+            b,
+            first: ConnectionId(1),
+            b_from,
+            b_started: false,
+            turn: false,
+        }
+    }
+}
+
 impl<P: Peer, Q: Peer> Peer for Two<P, Q> {
     fn handle_datagram(&mut self, now: Instant, datagram: &[u8]) {
         if wire::decode(datagram).is_ok_and(|d| d.conn_id == self.first) {
@@ -93,6 +107,28 @@ fn config(kind: CongestionControl) -> TransferConfig {
     }
 }
 
+/// One download of `data` with `kind` on connection `conn`: its server (address-validation
+/// token `nonce`) and its client.
+fn download(
+    start: Instant,
+    conn: u64,
+    data: Vec<u8>,
+    kind: CongestionControl,
+    nonce: u64,
+) -> (OneShotServer<Vec<u8>>, Receiver<Vec<u8>>) {
+    let id = ObjectId::md5_of(&data);
+    let client = Receiver::new(
+        start,
+        ConnectionId(conn),
+        id,
+        &RangeSet::new(),
+        Vec::new(),
+        config(kind),
+    );
+    let server = OneShotServer::new(id, data.len() as u64, data, config(kind), nonce);
+    (server, client)
+}
+
 /// Two downloads through one bottleneck toward the clients: `first` from the start, `second`
 /// from `second_from` on.
 fn two_downloads(
@@ -103,43 +139,10 @@ fn two_downloads(
     size: usize,
 ) -> Pair<Servers, Clients> {
     let start = Instant::now();
-    let data = [object(size, seed), object(size, seed + 1)];
-    let ids = [ObjectId::md5_of(&data[0]), ObjectId::md5_of(&data[1])];
-    let server = |i: usize, kind| {
-        OneShotServer::new(
-            ids[i],
-            size as u64,
-            data[i].clone(),
-            config(kind),
-            seed + 7 + i as u64,
-        )
-    };
-    let client = |i: usize, kind| {
-        Receiver::new(
-            start,
-            ConnectionId(1 + i as u64),
-            ids[i],
-            &RangeSet::new(),
-            Vec::new(),
-            config(kind),
-        )
-    };
-    let servers = Two {
-        a: server(0, first),
-        b: server(1, second),
-        first: ConnectionId(1),
-        b_from: start,
-        b_started: false,
-        turn: false,
-    };
-    let clients = Two {
-        a: client(0, first),
-        b: client(1, second),
-        first: ConnectionId(1),
-        b_from: start + second_from,
-        b_started: false,
-        turn: false,
-    };
+    let (server_a, client_a) = download(start, 1, object(size, seed), first, seed + 7);
+    let (server_b, client_b) = download(start, 2, object(size, seed + 1), second, seed + 8);
+    let servers = Two::new(server_a, server_b, start);
+    let clients = Two::new(client_a, client_b, start + second_from);
     let up = LinkConfig::clean(bottleneck.latency);
     Pair::new(seed, start, servers, clients, bottleneck, up)
 }
@@ -327,32 +330,9 @@ fn against_cubic(
 ) -> (f64, f64, u64) {
     const RATE: u64 = 2 << 20;
     let start = Instant::now();
-    let size = 96 << 20;
-    let data = object(size, seed);
-    let id = ObjectId::md5_of(&data);
-    let servers = Two {
-        a: OneShotServer::new(id, size as u64, data, config(kind), seed + 7),
-        b: CubicSender::new(1200),
-        first: ConnectionId(1),
-        b_from: start + cubic_from,
-        b_started: false,
-        turn: false,
-    };
-    let clients = Two {
-        a: Receiver::new(
-            start,
-            ConnectionId(1),
-            id,
-            &RangeSet::new(),
-            Vec::new(),
-            config(kind),
-        ),
-        b: CubicReceiver::default(),
-        first: ConnectionId(1),
-        b_from: start,
-        b_started: false,
-        turn: false,
-    };
+    let (server, client) = download(start, 1, object(96 << 20, seed), kind, seed + 7);
+    let servers = Two::new(server, CubicSender::new(1200), start + cubic_from);
+    let clients = Two::new(client, CubicReceiver::default(), start);
     let down = LinkConfig::clean(one_way).with_bottleneck(RATE, (RATE / 10) as usize);
     let mut pair = Pair::new(
         seed,
